@@ -1,0 +1,54 @@
+"""Shared fixtures: a small synthetic Market-1501-layout set and a quick spec for it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config.load import build_spec
+from training.data.synthetic import make_synthetic
+
+torch.set_num_threads(2)
+
+TINY_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(root, identities=16, cameras=2, images_per_identity=6, seed=3)
+    return root
+
+
+def quick_overrides(root: Path, results: Path, **extra) -> list[str]:
+    """Overrides for a seconds-long CPU run of a tiny Swin on ``root``."""
+    base = {
+        "results_dir": str(results),
+        "dataset.train_dataset_dir": str(root / "bounding_box_train"),
+        "dataset.query_dataset_dir": str(root / "query"),
+        "dataset.test_dataset_dir": str(root / "bounding_box_test"),
+        "dataset.num_classes": 8,
+        "dataset.batch_size": 8,
+        "dataset.num_instances": 2,
+        "dataset.num_workers": 0,
+        "model.pretrain_choice": '""',
+        "model.input_height": 64,
+        "model.input_width": 32,
+        "model.feat_dim": 32,
+        "model.backbone_overrides": "{embed_dim: 16, depths: [1, 1, 1, 1], num_heads: [1, 1, 2, 2]}",
+        "train.num_epochs": 2,
+        "train.checkpoint_interval": 1,
+        "train.optim.warmup_epochs": 1,
+        "train.optim.base_lr": 0.01,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture
+def quick_spec(synthetic_root, tmp_path):
+    def make(**extra):
+        return build_spec({}, quick_overrides(synthetic_root, tmp_path / "results", **extra))
+
+    return make

@@ -1,0 +1,105 @@
+"""Spec loading: the TAO example verbatim, overrides, and every error path."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from training.config import load_spec
+from training.config.load import build_spec, parse_override
+from training.errors import ConfigError
+
+TAO_SPEC = Path(__file__).resolve().parents[1] / "specs" / "tao_swin_tiny.yaml"
+
+
+def test_tao_example_spec_loads_verbatim(caplog):
+    with caplog.at_level(logging.WARNING):
+        spec = load_spec(TAO_SPEC)
+    assert spec.model.backbone == "swin_tiny_patch4_window7_224"
+    assert spec.model.input_height == 384 and spec.model.feat_dim == 1024 and spec.model.no_margin is True
+    assert spec.dataset.sampler == "softmax_triplet" and spec.dataset.num_instances == 4
+    assert spec.train.optim.lr_steps == [40, 70] and spec.train.optim.warmup_method == "cosine"
+    assert spec.re_ranking.k1 == 20 and spec.re_ranking.lambda_value == 0.3
+    text = caplog.text
+    assert "encryption_key is ignored" in text
+    assert "model.stride_size has no effect" in text and "model.pretrain_hw_ratio has no effect" in text
+
+
+def test_overrides_parse_types_and_lists():
+    spec = load_spec(TAO_SPEC, ["train.gpu_ids=[0,1]", "train.optim.base_lr=1e-3", "model.with_flip_feature=True",
+                                "results_dir=/tmp/x", "train.num_epochs=3"])
+    assert spec.train.gpu_ids == [0, 1]
+    assert spec.train.optim.base_lr == pytest.approx(1e-3)
+    assert spec.model.with_flip_feature is True
+    assert spec.results_dir == "/tmp/x" and spec.train.num_epochs == 3
+
+
+def test_parse_override_rejects_missing_equals():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("train.num_epochs")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.bacbone=resnet_50", "unknown key model.bacbone"),
+        ("train.optim.lr=0.1", "unknown key train.optim.lr"),
+        ("dataset.num_instances=0", "dataset.num_instances=0 is out of range"),
+        ("dataset.sampler=random", "dataset.sampler='random' is not allowed"),
+        ("train.optim.warmup_method=step", "train.optim.warmup_method='step' is not allowed"),
+        ("model.backbone=vit_base", "model.backbone='vit_base' is not allowed"),
+        ("train.num_epochs=ten", "train.num_epochs must be an integer"),
+        ("train.num_epochs=2.5", "train.num_epochs must be an integer"),
+        ("model.no_margin=yes please", "model.no_margin must be true or false"),
+        ("dataset.pixel_mean=[0.5,0.5]", "dataset.pixel_mean must have 3 items"),
+        ("dataset.pixel_std=[0.5,0,0.5]", r"dataset.pixel_std\[1\]=0.0 is out of range"),
+        ("dataset.prob=1.5", "dataset.prob=1.5 is out of range"),
+        ("train.gpu_ids=0", "train.gpu_ids must be a list"),
+        ("model=3", "model must be a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(TAO_SPEC, [override])
+
+
+def test_non_applicable_keys_rejected_when_changed():
+    with pytest.raises(ConfigError, match="model.stride_size cannot apply to backbone swin_tiny"):
+        load_spec(TAO_SPEC, ["model.stride_size=[12,12]"])
+    with pytest.raises(ConfigError, match="model.last_stride cannot apply"):
+        load_spec(TAO_SPEC, ["model.last_stride=2"])
+    spec = load_spec(TAO_SPEC, ["model.backbone=resnet_50", "model.last_stride=2"])
+    assert spec.model.last_stride == 2
+
+
+def test_center_loss_keys_must_agree():
+    with pytest.raises(ConfigError, match="with_center_loss=True contradicts"):
+        load_spec(TAO_SPEC, ["model.with_center_loss=True"])
+    spec = load_spec(TAO_SPEC, ["model.with_center_loss=True", "model.metric_loss_type=triplet_center"])
+    assert spec.model.with_center_loss
+
+
+def test_batch_must_hold_whole_identities():
+    with pytest.raises(ConfigError, match="multiple of dataset.num_instances"):
+        load_spec(TAO_SPEC, ["dataset.batch_size=30"])
+    assert load_spec(TAO_SPEC, ["dataset.batch_size=30", "dataset.sampler=softmax"]).dataset.batch_size == 30
+
+
+def test_pretrained_choice_needs_a_path():
+    with pytest.raises(ConfigError, match="needs model.pretrained_model_path"):
+        build_spec({"model": {"pretrain_choice": "imagenet"}})
+
+
+def test_lr_steps_must_increase():
+    with pytest.raises(ConfigError, match="must be increasing"):
+        load_spec(TAO_SPEC, ["train.optim.lr_steps=[70,40]"])
+
+
+def test_missing_and_invalid_spec_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(bad)

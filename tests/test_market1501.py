@@ -1,0 +1,57 @@
+"""Market-1501 naming and split rules."""
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from training.data.market1501 import load_gallery, load_query, load_train, parse_name
+from training.data.transforms import read_image
+from training.errors import DataError
+
+
+def _touch(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (8, 16)).save(folder / name)
+
+
+def test_parse_name():
+    assert parse_name("0002_c1s1_000451_03.jpg") == (2, 1)
+    assert parse_name("-1_c3s2_012345_00.jpg") == (-1, 3)
+    assert parse_name("1100_c2s1_000009_00.png") == (1100, 2)
+    with pytest.raises(DataError, match="Market-1501 pattern"):
+        parse_name("person_a.jpg")
+
+
+def test_junk_dropped_and_distractors_only_in_gallery(tmp_path):
+    names = ["0000_c1s1_000001_00.jpg", "-1_c1s1_000002_00.jpg", "0005_c1s1_000003_00.jpg", "0005_c2s1_000004_00.jpg",
+             "0009_c2s1_000005_00.jpg"]
+    _touch(tmp_path / "split", names)
+    (tmp_path / "split" / "notes.txt").write_text("ignored")
+    gallery = load_gallery(tmp_path / "split")
+    assert sorted(r.pid for r in gallery) == [0, 5, 5, 9]
+    assert sorted(r.pid for r in load_query(tmp_path / "split")) == [5, 5, 9]
+    train = load_train(tmp_path / "split", num_classes=2)
+    assert sorted(r.pid for r in train) == [0, 0, 1]  # pids 5 and 9 relabelled, distractor and junk dropped
+    assert [r.camid for r in train] == [1, 2, 2]
+
+
+def test_num_classes_mismatch_is_explained(tmp_path):
+    _touch(tmp_path / "t", ["0001_c1s1_000001_00.jpg", "0002_c1s1_000001_00.jpg"])
+    with pytest.raises(DataError, match="dataset.num_classes=751 but .* holds 2 identities; set dataset.num_classes=2"):
+        load_train(tmp_path / "t", num_classes=751)
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_query(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no Market-1501-named images"):
+        load_query(tmp_path / "empty")
+
+
+def test_corrupt_image_names_its_path(tmp_path):
+    bad = tmp_path / "0001_c1s1_000001_00.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=str(bad)):
+        read_image(str(bad))

@@ -1,0 +1,1 @@
+"""Training stage: spec parsing, data, models, losses and the train/evaluate/inference jobs."""

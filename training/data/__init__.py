@@ -1,0 +1,1 @@
+"""Market-1501-layout datasets, transforms, samplers and the synthetic data generator."""

@@ -1,0 +1,75 @@
+"""Market-1501 folder layout: ``PPPP_cCsS_FFFFFF_BB.jpg`` files, one folder per split.
+
+pid -1 marks junk images (dropped everywhere) and pid 0 distractors (kept only in galleries, where
+they are valid non-matches). CUHK03 and DukeMTMC in Market layout follow the same naming.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.errors import DataError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+JUNK_PID = -1
+DISTRACTOR_PID = 0
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str
+    pid: int
+    camid: int
+
+
+def parse_name(name: str) -> tuple[int, int]:
+    """``0002_c1s1_000451_03.jpg`` -> (pid 2, camera 1)."""
+    match = _NAME.match(name)
+    if not match:
+        raise DataError(f"{name}: file name does not follow the Market-1501 pattern PPPP_cC...")
+    return int(match.group(1)), int(match.group(2))
+
+
+def list_split(folder: str | Path, keep_distractors: bool) -> list[ImageRecord]:
+    """Every usable image of one split folder, sorted by file name; junk is always dropped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"dataset folder {folder} does not exist")
+    records = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        pid, camid = parse_name(path.name)
+        if pid == JUNK_PID or (pid == DISTRACTOR_PID and not keep_distractors):
+            continue
+        records.append(ImageRecord(str(path), pid, camid))
+    if not records:
+        raise DataError(f"dataset folder {folder} holds no Market-1501-named images")
+    return records
+
+
+def relabel(records: list[ImageRecord]) -> tuple[list[ImageRecord], dict[int, int]]:
+    """Map training pids to 0..N-1 (classifier targets), in ascending pid order."""
+    mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
+    return [ImageRecord(r.path, mapping[r.pid], r.camid) for r in records], mapping
+
+
+def load_train(folder: str | Path, num_classes: int | None = None) -> list[ImageRecord]:
+    """Training records with relabelled pids; checks ``num_classes`` against the data."""
+    records, mapping = relabel(list_split(folder, keep_distractors=False))
+    if num_classes is not None and num_classes != len(mapping):
+        raise DataError(
+            f"dataset.num_classes={num_classes} but {folder} holds {len(mapping)} identities; "
+            f"set dataset.num_classes={len(mapping)}"
+        )
+    return records
+
+
+def load_query(folder: str | Path) -> list[ImageRecord]:
+    return list_split(folder, keep_distractors=False)
+
+
+def load_gallery(folder: str | Path) -> list[ImageRecord]:
+    return list_split(folder, keep_distractors=True)

@@ -1,0 +1,56 @@
+"""Image decoding and training/eval transforms.
+
+The transforms end at 0..1 RGB tensors: pixel normalization lives inside the model, so exported
+graphs, the trainer and every serving engine take the same input.
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from training.errors import DataError
+
+
+def read_image(path: str) -> Image.Image:
+    """Decode an image as RGB; a corrupt or unreadable file raises ``DataError`` naming the path."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def build_train_transform(
+    height: int, width: int, flip_prob: float, padding: int, erase_prob: float, fill_mean: list[float]
+) -> T.Compose:
+    """Resize, random flip, pad + random crop, to 0..1 tensor, random erasing with the mean colour."""
+    steps = [T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)]
+    if flip_prob > 0:
+        steps.append(T.RandomHorizontalFlip(flip_prob))
+    if padding > 0:
+        steps += [T.Pad(padding), T.RandomCrop((height, width))]
+    steps.append(T.ToTensor())
+    if erase_prob > 0:
+        # Erased pixels take the dataset mean, i.e. zero after the model's normalization.
+        steps.append(T.RandomErasing(p=erase_prob, value=tuple(fill_mean)))
+    return T.Compose(steps)
+
+
+def build_eval_transform(height: int, width: int) -> T.Compose:
+    return T.Compose([T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()])
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, pid, camid) for a list of ``ImageRecord``."""
+
+    def __init__(self, records, transform):
+        self.records = list(records)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        rec = self.records[index]
+        return self.transform(read_image(rec.path)), rec.pid, rec.camid

@@ -1,0 +1,38 @@
+"""Embed image records with a torch model: shared by validation, ``reid evaluate`` and ``reid inference``."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.checkpoint import load_checkpoint
+from training.data.transforms import ImageDataset, build_eval_transform
+from training.models import ModelArgs, build_model
+from training.models.build import ReIdModel
+
+
+def model_from_checkpoint(path: str) -> tuple[ReIdModel, dict]:
+    """Rebuild the exact trained model (eval mode) from a checkpoint; returns it and the checkpoint."""
+    ckpt = load_checkpoint(path)
+    model = build_model(ModelArgs.from_dict(ckpt["model_args"]))
+    model.load_state_dict(ckpt["model_state"])
+    return model.eval(), ckpt
+
+
+@torch.no_grad()
+def embed_records(
+    model: ReIdModel, records, device: torch.device, batch_size: int = 128, num_workers: int = 0, desc: str | None = None
+) -> np.ndarray:
+    """Eval-mode embeddings (float32, N x D) of ``records`` in order."""
+    args = model.args
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(records, build_eval_transform(args.input_height, args.input_width)),
+        batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    )
+    was_training = model.training
+    model.eval()
+    out = []
+    for images, _, _ in tqdm(loader, desc=desc, disable=desc is None, unit="batch", leave=False):
+        out.append(model(images.to(device)).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, args.feat_dim), dtype=np.float32)

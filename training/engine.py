@@ -1,0 +1,267 @@
+"""The training loop: single process, multi-GPU (one process per GPU) or under ``torchrun``.
+
+Every source of randomness (sampling, augmentation, dropout) is re-seeded from (seed, epoch) at
+the start of each epoch, so resuming from an epoch checkpoint reproduces an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from retrieval.distance import cosine_distance
+from retrieval.metrics import evaluate_rank
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import ExperimentSpec, spec_to_dict
+from training.data.market1501 import load_gallery, load_query, load_train
+from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
+from training.data.transforms import ImageDataset, build_train_transform
+from training.embed import embed_records
+from training.errors import ConfigError
+from training.losses import ReIdLoss, loss_from_spec
+from training.models import build_model, model_args_from_spec
+from training.models.build import load_pretrained
+from training.optim import build_optimizer, lr_factor, set_epoch_lr
+
+log = logging.getLogger(__name__)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def _is_main(rank: int) -> bool:
+    return rank == 0
+
+
+def validate(model, spec: ExperimentSpec, device: torch.device) -> dict:
+    """mAP and rank-1 of ``model`` on the spec's query/test folders (cosine distance)."""
+    d = spec.dataset
+    query, gallery = load_query(d.query_dataset_dir), load_gallery(d.test_dataset_dir)
+    qf = embed_records(model, query, device, d.val_batch_size, d.num_workers)
+    gf = embed_records(model, gallery, device, d.val_batch_size, d.num_workers)
+    cmc, m_ap = evaluate_rank(
+        cosine_distance(qf, gf),
+        np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
+        np.array([r.camid for r in query]), np.array([r.camid for r in gallery]),
+    )
+    return {"mAP": m_ap, "rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)])}
+
+
+def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int):
+    d, m = spec.dataset, spec.model
+    transform = build_train_transform(m.input_height, m.input_width, d.prob, d.padding, d.re_prob, d.pixel_mean)
+    if d.sampler == "softmax":
+        sampler = RandomBatchSampler(len(records), d.batch_size, spec.train.seed, rank, world_size)
+    else:
+        sampler = IdentityBatchSampler(
+            [r.pid for r in records], d.batch_size, d.num_instances, spec.train.seed, rank, world_size
+        )
+    if len(sampler) == 0:
+        raise ConfigError(f"dataset.batch_size={d.batch_size} is larger than one epoch of the training set")
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(records, transform), batch_sampler=sampler, num_workers=d.num_workers,
+        generator=torch.Generator(),
+    )
+    return loader, sampler
+
+
+class Trainer:
+    """One process's share of a training run."""
+
+    def __init__(self, spec: ExperimentSpec, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.spec, self.device, self.rank, self.world_size = spec, device, rank, world_size
+        self.out_dir = Path(spec.results_dir) / "train"
+        torch.manual_seed(spec.train.seed)
+        self.records = load_train(spec.dataset.train_dataset_dir, spec.dataset.num_classes)
+        self.model_args = model_args_from_spec(spec)
+        self.model = build_model(self.model_args).to(device)
+        m = spec.model
+        if m.pretrain_choice:
+            load_pretrained(self.model, m.pretrained_model_path, m.pretrain_choice)
+        self.loss_weights = loss_from_spec(spec)
+        self.loss = ReIdLoss(self.loss_weights, self.model_args.num_classes, self.model_args.feat_dim).to(device)
+        optim = spec.train.optim
+        self.optimizer = build_optimizer(self.model, optim)
+        self.center_optimizer = (
+            torch.optim.SGD(self.loss.center.parameters(), lr=optim.center_lr) if self.loss.center is not None else None
+        )
+        self.use_amp = device.type == "cuda" and spec.train.mixed_precision
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.start_epoch = 0
+        if spec.train.resume_training_checkpoint_path:
+            self._resume(spec.train.resume_training_checkpoint_path)
+        self.net = self.model
+        if world_size > 1:
+            self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.loader, self.sampler = _train_loader(spec, self.records, rank, world_size)
+
+    def _resume(self, path: str) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt["model_args"] != self.model_args.to_dict():
+            raise ConfigError(f"train.resume_training_checkpoint_path={path} was trained with a different model spec")
+        self.model.load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if self.center_optimizer is not None:
+            self.loss.load_state_dict(ckpt["loss_state"])
+            self.center_optimizer.load_state_dict(ckpt["center_optimizer_state"])
+        if ckpt.get("scaler_state"):
+            self.scaler.load_state_dict(ckpt["scaler_state"])
+        self.start_epoch = int(ckpt["epoch"])
+        if _is_main(self.rank):
+            log.info("resumed from %s at epoch %d", path, self.start_epoch)
+
+    def _step(self, images: torch.Tensor, pids: torch.Tensor) -> tuple[float, dict]:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            logits, feats = self.net(images)
+        total, parts = self.loss(logits, feats, pids)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.center_optimizer is not None:
+            self.center_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        clip = self.spec.train.clip_grad_norm
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        if self.center_optimizer is not None:
+            self.scaler.unscale_(self.center_optimizer)
+            for p in self.loss.center.parameters():
+                if self.world_size > 1:  # the loss sits outside DDP: average center gradients by hand
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world_size
+                p.grad *= 1.0 / self.loss_weights.center_weight
+            self.scaler.step(self.center_optimizer)
+        self.scaler.update()
+        return float(total.detach()), parts
+
+    def _save(self, epoch: int, metrics: dict) -> Path:
+        return save_checkpoint(
+            self.out_dir / f"model_epoch_{epoch:03d}.pth",
+            {
+                "epoch": epoch,
+                "model_args": self.model_args.to_dict(),
+                "model_state": self.model.state_dict(),
+                "optimizer_state": self.optimizer.state_dict(),
+                "loss_state": self.loss.state_dict(),
+                "center_optimizer_state": self.center_optimizer.state_dict() if self.center_optimizer else {},
+                "scaler_state": self.scaler.state_dict() if self.use_amp else {},
+                "spec": spec_to_dict(self.spec),
+                "metrics": metrics,
+            },
+        )
+
+    def fit(self) -> Path | None:
+        spec, t = self.spec, self.spec.train
+        main = _is_main(self.rank)
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            log.info(
+                "training %s on %d images of %d identities, %s, loss = %s, %d process(es)",
+                spec.model.backbone, len(self.records), self.model_args.num_classes, self.device,
+                self.loss_weights.describe(), self.world_size,
+            )
+        last_ckpt = None
+        for epoch in range(self.start_epoch, t.num_epochs):
+            seed = _epoch_seed(t.seed, epoch)
+            torch.manual_seed(seed)
+            self.loader.generator.manual_seed(seed)
+            self.sampler.set_epoch(epoch)
+            o = t.optim
+            factor = lr_factor(epoch, o.lr_steps, o.gamma, o.warmup_epochs, o.warmup_factor, o.warmup_method)
+            set_epoch_lr(self.optimizer, factor)
+            self.net.train()
+            sums: dict[str, float] = {}
+            n_images, n_steps, start = 0, 0, time.perf_counter()
+            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not main, unit="batch", mininterval=1.0)
+            for images, pids, _ in bar:
+                total, parts = self._step(images.to(self.device, non_blocking=True), pids.to(self.device))
+                for k, v in {"loss": total, **parts}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_images += images.shape[0] * self.world_size
+                n_steps += 1
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{o.base_lr * factor:.2e}", img_s=f"{n_images / (time.perf_counter() - start):.1f}")
+            metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
+            metrics.update(epoch=epoch + 1, lr=o.base_lr * factor, images=n_images,
+                           images_per_s=n_images / (time.perf_counter() - start), seconds=time.perf_counter() - start)
+            if t.validation_interval and (epoch + 1) % t.validation_interval == 0:
+                if main:
+                    metrics.update(validate(self.model, spec, self.device))
+                if self.world_size > 1:
+                    dist.barrier()
+            if main:
+                with open(self.out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                if (epoch + 1) % t.checkpoint_interval == 0 or epoch + 1 == t.num_epochs:
+                    last_ckpt = self._save(epoch + 1, metrics)
+                    log.info("wrote %s", last_ckpt)
+        return last_ckpt
+
+
+def _device_for(spec: ExperimentSpec, local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        ids = spec.train.gpu_ids
+        return torch.device("cuda", ids[local_rank] if local_rank < len(ids) else local_rank)
+    return torch.device("cpu")
+
+
+def _worker(rank: int, spec: ExperimentSpec, world_size: int, backend: str, port: int, result_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = _device_for(spec, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        ckpt = Trainer(spec, device, rank, world_size).fit()
+        if rank == 0:
+            Path(result_file).write_text(str(ckpt or ""))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_workers(spec: ExperimentSpec, world_size: int, backend: str) -> Path | None:
+    """Run ``world_size`` training processes on this machine (one per GPU, or gloo on CPU)."""
+    result = Path(spec.results_dir) / "train" / ".last_checkpoint"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.spawn(_worker, args=(spec, world_size, backend, _free_port(), str(result)), nprocs=world_size)
+    text = result.read_text().strip()
+    return Path(text) if text else None
+
+
+def train(spec: ExperimentSpec) -> Path | None:
+    """Train per the spec; returns the last checkpoint written (rank 0)."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # launched by torchrun
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = _device_for(spec, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            return Trainer(spec, device, dist.get_rank(), dist.get_world_size()).fit()
+        finally:
+            dist.destroy_process_group()
+    gpus = spec.train.gpu_ids
+    if len(gpus) > 1:
+        if torch.cuda.is_available():
+            return spawn_workers(spec, len(gpus), "nccl")
+        log.warning("train.gpu_ids=%s but no CUDA device is available; training on the CPU in one process", gpus)
+    elif not torch.cuda.is_available():
+        log.info("no CUDA device available; training on the CPU")
+    return Trainer(spec, _device_for(spec, 0)).fit()

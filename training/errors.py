@@ -1,0 +1,13 @@
+"""Errors that the CLI reports as one line and a non-zero exit instead of a stack trace."""
+
+
+class ReidError(Exception):
+    """Base class for user-facing errors (bad spec, bad data, bad model file)."""
+
+
+class ConfigError(ReidError):
+    """The spec or an override is invalid; the message names the key."""
+
+
+class DataError(ReidError):
+    """A dataset folder or image cannot be used; the message names the path."""
