@@ -31,6 +31,22 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from training.config import load_spec
+    from training.evaluate import format_report, run_evaluate
+
+    print(format_report(run_evaluate(load_spec(args.experiment_spec, args.overrides))))
+    return 0
+
+
+def _cmd_inference(args) -> int:
+    from training.config import load_spec
+    from training.inference import run_inference
+
+    print(f"wrote {run_inference(load_spec(args.experiment_spec, args.overrides))}")
+    return 0
+
+
 def _cmd_make_synthetic(args) -> int:
     from tqdm import tqdm
 
@@ -60,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _spec_command(sub, "train", "Train a ReID model from a spec.", _cmd_train)
+    _spec_command(sub, "evaluate", "mAP/CMC of a checkpoint, .onnx, .engine or embeddings file, with plots.", _cmd_evaluate)
+    _spec_command(sub, "inference", "Embed every query and gallery image (JSON or .npz by extension).", _cmd_inference)
     p = sub.add_parser("make-synthetic", help="Write a small synthetic dataset in Market-1501 layout.")
     p.add_argument("out_dir")
     p.add_argument("--identities", type=int, default=40, help="number of people (half train, half test)")

@@ -1,0 +1,1 @@
+"""Export stage: checkpoint -> ONNX -> FP16 ONNX -> TensorRT engine, each step checked for parity."""

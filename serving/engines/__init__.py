@@ -1,0 +1,39 @@
+"""Engines behind one interface: ONNX Runtime (CPU or CUDA) and TensorRT (GPU)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from serving.engines.base import Engine, ImageError, ModelFileError, ModelMetadata, decode_image, preprocess
+
+__all__ = ["Engine", "ImageError", "ModelFileError", "ModelMetadata", "decode_image", "model_kind", "open_engine", "preprocess"]
+
+
+def model_kind(path: str | Path) -> str:
+    """``onnx`` or ``tensorrt`` by content (a TensorRT plan has a sidecar JSON from ``reid-export``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist")
+    if path.with_suffix(path.suffix + ".json").is_file() and path.suffix != ".onnx":
+        return "tensorrt"
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+        return "onnx"
+    except Exception:
+        raise ModelFileError(
+            f"{path} is neither an ONNX model nor a TensorRT engine with its sidecar JSON ({path.name}.json)"
+        ) from None
+
+
+def open_engine(path: str | Path, device: str = "auto", fallback: ModelMetadata | None = None,
+                intra_op_threads: int = 0, max_batch_size: int = 64) -> Engine:
+    """Load the right engine for ``path``; ``fallback`` supplies preprocessing for models without metadata."""
+    kind = model_kind(path)
+    if kind == "tensorrt":
+        from serving.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(path)
+    from serving.engines.onnxruntime import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(path, device, intra_op_threads, fallback, max_batch_size)

@@ -1,0 +1,70 @@
+"""ONNX Runtime engine: CUDA execution provider when available, else CPU."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from serving.engines.base import Engine, ModelFileError, ModelMetadata
+
+
+def metadata_from_graph(session, fallback: ModelMetadata | None) -> ModelMetadata:
+    """Metadata for an ONNX file from another tool: sizes from the graph, preprocessing from the caller."""
+    inp, out = session.get_inputs()[0], session.get_outputs()[0]
+    if len(inp.shape) != 4:
+        raise ModelFileError(f"model input {inp.name!r} has shape {inp.shape}; expected N x 3 x H x W")
+    height, width = inp.shape[2], inp.shape[3]
+    dim = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else 0
+    if fallback is None or not fallback.pixel_mean:
+        raise ModelFileError(
+            "the model carries no reid preprocessing metadata; give its pixel mean/std "
+            "(e.g. --pixel-mean 0.485 0.456 0.406 --pixel-std 0.229 0.224 0.225)"
+        )
+    if not isinstance(height, int) or not isinstance(width, int):
+        height, width = fallback.input_height, fallback.input_width
+    return ModelMetadata(
+        input_height=height, input_width=width, embedding_dim=dim or fallback.embedding_dim,
+        output_normalized=fallback.output_normalized, pixel_mean=list(fallback.pixel_mean),
+        pixel_std=list(fallback.pixel_std), input_name=inp.name, output_name=out.name,
+    )
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0,
+                 fallback: ModelMetadata | None = None, max_batch_size: int = 64):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"model file {path} does not exist")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        available = ort.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "cuda":
+            raise ModelFileError("device cuda asked for, but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelFileError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+        self.providers = self.session.get_providers()
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = ModelMetadata.from_props(props) or metadata_from_graph(self.session, fallback)
+        self.metadata.input_name = self.session.get_inputs()[0].name
+        self.metadata.output_name = self.session.get_outputs()[0].name
+        batch_dim = self.session.get_inputs()[0].shape[0]
+        self.max_batch_size = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else max_batch_size
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self.max_batch_size and len(batch) < self.max_batch_size and self._static_batch:
+            pad = np.zeros((self.max_batch_size - len(batch), *batch.shape[1:]), dtype=batch.dtype)
+            return self.session.run([self.metadata.output_name], {self.metadata.input_name: np.concatenate([batch, pad])})[0][: len(batch)]
+        return self.session.run([self.metadata.output_name], {self.metadata.input_name: batch})[0]
+
+    @property
+    def _static_batch(self) -> bool:
+        return isinstance(self.session.get_inputs()[0].shape[0], int)

@@ -1,0 +1,112 @@
+"""`reid evaluate` and `reid inference` end to end on a synthetic set, and their error paths."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import quick_overrides
+from training.cli import main
+from training.config.load import build_spec
+from training.engine import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_root):
+    out = tmp_path_factory.mktemp("trained")
+    overrides = quick_overrides(synthetic_root, out, **{"train.num_epochs": 1})
+    ckpt = train(build_spec({}, overrides))
+    return ckpt, overrides
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_evaluate_checkpoint_writes_json_and_plots(trained, tmp_path, capsys):
+    ckpt, overrides = trained
+    cmc_png, matches_png = tmp_path / "cmc.png", tmp_path / "m.png"
+    code, out, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", f"evaluate.checkpoint={ckpt}",
+                          "re_ranking.re_ranking=True", "re_ranking.k1=6", "re_ranking.k2=3",
+                          f"evaluate.output_cmc_curve_plot={cmc_png}", f"evaluate.output_sampled_matches_plot={matches_png}")
+    assert code == 0, err
+    report = json.loads((tmp_path / "evaluate" / "results.json").read_text())
+    assert set(report["results"]) == {"without re-ranking", "with re-ranking"}
+    for r in report["results"].values():
+        assert 0.0 < r["mAP"] <= 1.0 and 0.0 <= r["rank1"] <= r["rank5"] <= r["rank10"] <= 1.0
+    assert cmc_png.stat().st_size > 1000 and matches_png.stat().st_size > 1000
+    assert "with re-ranking" in out and "mAP" in out
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_inference_file_scores_like_the_checkpoint(trained, tmp_path, capsys, suffix):
+    ckpt, overrides = trained
+    out_file = tmp_path / f"emb{suffix}"
+    code, _, err = _run(capsys, "inference", *overrides, f"results_dir={tmp_path}", f"inference.checkpoint={ckpt}",
+                        f"inference.output_file={out_file}")
+    assert code == 0, err
+    if suffix == ".json":
+        items = json.loads(out_file.read_text())
+        assert set(items[0]) == {"img_path", "embedding"} and len(items[0]["embedding"]) == 32
+    else:
+        data = np.load(out_file)
+        assert data["embedding"].shape[1] == 32 and set(data["split"]) == {"query", "gallery"}
+    direct, stored = tmp_path / "direct", tmp_path / "stored"
+    assert main(["evaluate", *overrides, f"results_dir={direct}", f"evaluate.checkpoint={ckpt}"]) == 0
+    assert main(["evaluate", *overrides, f"results_dir={stored}", f"evaluate.checkpoint={out_file}"]) == 0
+    a = json.loads((direct / "evaluate" / "results.json").read_text())["results"]
+    b = json.loads((stored / "evaluate" / "results.json").read_text())["results"]
+    assert a["without re-ranking"]["mAP"] == pytest.approx(b["without re-ranking"]["mAP"], abs=1e-6)
+
+
+def test_bad_inputs_give_one_line_and_nonzero_exit(trained, tmp_path, capsys, synthetic_root):
+    ckpt, overrides = trained
+    unknown = tmp_path / "model.bin"
+    unknown.write_bytes(b"\x00garbage" * 10)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad_emb = tmp_path / "bad.json"
+    bad_emb.write_text(json.dumps([{"img_path": "a.jpg", "embedding": [1, 2]}, {"img_path": "b.jpg", "embedding": [1]}]))
+    cases = [
+        ([f"evaluate.checkpoint={unknown}"], "is not a training checkpoint, an ONNX model"),
+        ([f"evaluate.checkpoint={tmp_path / 'absent.pth'}"], "does not exist"),
+        ([f"evaluate.checkpoint={ckpt}", f"evaluate.query_dataset={tmp_path / 'nope'}"], "does not exist"),
+        ([f"evaluate.checkpoint={ckpt}", f"evaluate.query_dataset={empty}"], "no Market-1501-named images"),
+        ([f"evaluate.checkpoint={bad_emb}"], "mismatched lengths"),
+        ([], "evaluate.checkpoint is required"),
+    ]
+    for extra, message in cases:
+        code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", *extra)
+        assert code == 2, (extra, err)
+        lines = err.strip().splitlines()
+        assert message in lines[-1] and lines[-1].startswith("reid evaluate: error:"), err
+        assert "Traceback" not in err
+
+
+def test_corrupt_training_image_is_one_line(tmp_path, capsys, synthetic_root):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    victim = sorted((root / "bounding_box_train").iterdir())[3]
+    victim.write_bytes(b"broken")
+    for workers in (0, 1):
+        code, _, err = _run(capsys, "train", *quick_overrides(root, tmp_path / "r", **{"dataset.num_workers": workers}))
+        assert code == 2
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"reid train: error: cannot read image {victim}: "), err
+        assert "Traceback" not in err
+
+
+def test_mismatched_embedding_dims(synthetic_root):
+    from training.data.market1501 import load_gallery, load_query
+    from training.errors import ReidError
+    from training.evaluate import score
+
+    spec = build_spec({})
+    query, gallery = load_query(synthetic_root / "query"), load_gallery(synthetic_root / "bounding_box_test")
+    with pytest.raises(ReidError, match="query embeddings are 8-d but gallery embeddings 16-d"):
+        score(np.ones((len(query), 8)), np.ones((len(gallery), 16)), query, gallery, spec.re_ranking)

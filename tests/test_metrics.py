@@ -1,0 +1,57 @@
+"""Market-1501 metrics against a brute-force per-query implementation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.metrics import evaluate_rank
+
+
+def brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
+    cmcs, aps, inps = [], [], []
+    for i in range(len(q_pids)):
+        order = np.argsort(distmat[i], kind="stable")
+        keep = ~(((g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])) | (g_pids[order] == -1))
+        matches = (g_pids[order] == q_pids[i])[keep].astype(float)
+        if not matches.any():
+            continue
+        cmc = np.minimum(matches.cumsum(), 1.0)
+        cmc = np.concatenate([cmc, np.ones(max(0, max_rank - len(cmc)))])[:max_rank]
+        cmcs.append(cmc)
+        hits = matches.cumsum()
+        positions = np.flatnonzero(matches) + 1
+        aps.append(np.mean(hits[positions - 1] / positions))
+        inps.append(matches.sum() / positions[-1])
+    return np.mean(cmcs, axis=0), np.mean(aps), np.mean(inps)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_matches_brute_force_with_ties_distractors_junk_and_same_camera(seed):
+    rng = np.random.default_rng(seed)
+    nq, ng = 25, 80
+    q_pids = rng.integers(1, 10, nq)
+    g_pids = rng.integers(-1, 10, ng)  # -1 junk, 0 distractor
+    q_cams, g_cams = rng.integers(1, 3, nq), rng.integers(1, 3, ng)
+    # rounded distances create many ties
+    dist = np.round(rng.random((nq, ng)) * 4) / 4 if seed % 2 else rng.random((nq, ng)).astype(np.float32)
+    q_pids[0] = 99  # a query with no match at all: skipped
+    cmc, m_ap, m_inp = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50, return_minp=True)
+    cmc_ref, ap_ref, inp_ref = brute_force(dist, q_pids, g_pids, q_cams, g_cams, 50)
+    np.testing.assert_allclose(cmc, cmc_ref, atol=1e-6)
+    assert m_ap == pytest.approx(ap_ref, abs=1e-6)
+    assert m_inp == pytest.approx(inp_ref, abs=1e-6)
+
+
+def test_hand_computed_example():
+    # gallery order by distance: g0 (other pid), g1 (match), g2 (same pid same cam: removed), g3 (match)
+    dist = np.array([[0.1, 0.2, 0.3, 0.4]])
+    cmc, m_ap = evaluate_rank(dist, np.array([1]), np.array([2, 1, 1, 1]), np.array([1]), np.array([2, 2, 1, 2]), max_rank=3)
+    np.testing.assert_allclose(cmc, [0.0, 1.0, 1.0])
+    assert m_ap == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_no_valid_query_and_shape_errors():
+    with pytest.raises(ValueError, match="no query has a matching gallery item"):
+        evaluate_rank(np.zeros((1, 2)), np.array([1]), np.array([1, 2]), np.array([1]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="distmat is 1x2"):
+        evaluate_rank(np.zeros((1, 2)), np.array([1, 2]), np.array([1, 2]), np.array([1]), np.array([1, 2]))

@@ -1,0 +1,45 @@
+"""Sparse k-reciprocal re-ranking against the dense oracle written from the paper."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.rerank import k_reciprocal_rerank
+from tests.rerank_oracle import dense_rerank
+
+
+def _clustered(rng, nq, ng, dim, ids=20, noise=0.8):
+    centers = rng.normal(size=(ids, dim))
+    q = centers[rng.integers(0, ids, nq)] + rng.normal(size=(nq, dim)) * noise
+    g = centers[rng.integers(0, ids, ng)] + rng.normal(size=(ng, dim)) * noise
+    return q.astype(np.float32), g.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "nq, ng, dim, k1, k2, lam",
+    [(30, 150, 16, 20, 6, 0.3), (40, 260, 32, 10, 3, 0.5), (12, 50, 8, 5, 1, 0.0), (25, 90, 64, 7, 6, 1.0), (5, 12, 4, 20, 6, 0.3)],
+)
+def test_matches_dense_oracle(nq, ng, dim, k1, k2, lam):
+    rng = np.random.default_rng(nq + ng)
+    q, g = _clustered(rng, nq, ng, dim)
+    expected = dense_rerank(q, g, k1, k2, lam)
+    got = k_reciprocal_rerank(q, g, k1, k2, lam)
+    assert got.shape == (nq, ng)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_array_equal(np.argsort(got, axis=1, kind="stable")[:, :10],
+                                  np.argsort(expected, axis=1, kind="stable")[:, :10])
+
+
+def test_small_memory_budget_gives_the_same_answer():
+    rng = np.random.default_rng(1)
+    q, g = _clustered(rng, 30, 200, 16)
+    np.testing.assert_allclose(
+        k_reciprocal_rerank(q, g, max_memory=64 * 1024), k_reciprocal_rerank(q, g), atol=1e-6
+    )
+
+
+def test_rejects_bad_input():
+    with pytest.raises(ValueError, match="equal widths"):
+        k_reciprocal_rerank(np.zeros((2, 3)), np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="k1 >= 1"):
+        k_reciprocal_rerank(np.zeros((2, 3)), np.zeros((4, 3)), k1=0)

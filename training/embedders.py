@@ -1,0 +1,147 @@
+"""Where embeddings come from for offline jobs: a training checkpoint, an exported model file
+(through the serving engines, so the deployed artifact is scored with its own runtime and
+preprocessing), or a file of stored embeddings from ``reid inference``. Chosen by content.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.data.market1501 import ImageRecord
+from training.errors import ReidError
+
+KINDS = ("checkpoint", "onnx", "tensorrt", "embeddings")
+
+
+class Embedder(Protocol):
+    description: str
+
+    def embed(self, records: list[ImageRecord], desc: str) -> np.ndarray: ...
+
+
+def detect_kind(path: str | Path) -> str:
+    """One of ``KINDS`` by looking at the file's content, not its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReidError(f"model file {path} does not exist")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if any(n.endswith("data.pkl") for n in names):
+            return "checkpoint"
+        if names and all(n.endswith(".npy") for n in names):
+            return "embeddings"
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head[:1] == b"[":
+        return "embeddings"
+    from serving.engines import ModelFileError, model_kind
+
+    try:
+        return model_kind(path)
+    except ModelFileError:
+        raise ReidError(
+            f"{path} is not a training checkpoint, an ONNX model, a TensorRT engine (with its .json sidecar) "
+            "or an embeddings file from `reid inference`"
+        ) from None
+
+
+def _device(gpu_id: int) -> torch.device:
+    return torch.device("cuda", gpu_id) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class CheckpointEmbedder:
+    def __init__(self, path: str, gpu_id: int, batch_size: int, num_workers: int):
+        from training.embed import model_from_checkpoint
+
+        self.device = _device(gpu_id)
+        self.model, _ = model_from_checkpoint(path)
+        self.model.to(self.device)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.description = f"checkpoint {path} ({self.model.args.backbone}) on {self.device}"
+
+    def embed(self, records, desc):
+        from training.embed import embed_records
+
+        return embed_records(self.model, records, self.device, self.batch_size, self.num_workers, desc=desc)
+
+
+class EngineEmbedder:
+    """An exported model through the serving engine: same decode, resize and runtime as live serving."""
+
+    def __init__(self, path: str, spec, gpu_id: int, batch_size: int):
+        from serving.engines import ModelFileError, ModelMetadata, open_engine
+
+        fallback = ModelMetadata(
+            input_height=spec.model.input_height, input_width=spec.model.input_width, embedding_dim=0,
+            pixel_mean=list(spec.dataset.pixel_mean), pixel_std=list(spec.dataset.pixel_std),
+        )
+        try:
+            self.engine = open_engine(path, device="cuda" if torch.cuda.is_available() else "cpu", fallback=fallback,
+                                      max_batch_size=batch_size)
+        except ModelFileError as exc:
+            raise ReidError(str(exc)) from None
+        md = self.engine.metadata
+        self.batch_size = min(batch_size, self.engine.max_batch_size)
+        self.description = f"{self.engine.name} engine {path} (input {md.input_height}x{md.input_width})"
+
+    def embed(self, records, desc):
+        from serving.engines import ImageError, decode_image
+
+        out = []
+        for start in tqdm(range(0, len(records), self.batch_size), desc=desc, unit="batch", leave=False):
+            chunk = records[start : start + self.batch_size]
+            images = []
+            for rec in chunk:
+                try:
+                    images.append(decode_image(Path(rec.path).read_bytes()))
+                except (ImageError, OSError) as exc:
+                    raise ReidError(f"cannot read image {rec.path}: {exc}") from None
+            out.append(self.engine.embed_images(images))
+        return np.concatenate(out) if out else np.zeros((0, self.engine.metadata.embedding_dim), np.float32)
+
+
+class StoredEmbedder:
+    """Embeddings written by ``reid inference`` (.npz or TAO JSON), looked up by image path."""
+
+    def __init__(self, path: str):
+        p = Path(path)
+        if zipfile.is_zipfile(p):
+            data = np.load(p, allow_pickle=False)
+            paths, feats = [str(x) for x in data["img_path"]], data["embedding"]
+        else:
+            try:
+                items = json.loads(p.read_text())
+                paths = [item["img_path"] for item in items]
+                vectors = [item["embedding"] for item in items]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ReidError(f"{path} is not a `reid inference` embeddings file: {exc}") from None
+            if len({len(v) for v in vectors}) > 1:
+                raise ReidError(f"{path}: embeddings have mismatched lengths {sorted({len(v) for v in vectors})}")
+            feats = np.asarray(vectors, dtype=np.float32)
+        if feats.ndim != 2 or len(feats) != len(paths):
+            raise ReidError(f"{path}: expected one embedding vector per image path")
+        self.lookup = {str(Path(x).resolve()): i for i, x in enumerate(paths)}
+        self.feats = feats.astype(np.float32)
+        self.description = f"stored embeddings {path} ({len(paths)} images, {feats.shape[1]}-d)"
+
+    def embed(self, records, desc):
+        missing = [r.path for r in records if str(Path(r.path).resolve()) not in self.lookup]
+        if missing:
+            raise ReidError(f"the embeddings file lacks {len(missing)} of the {desc} images (e.g. {missing[0]}); re-run reid inference")
+        return self.feats[[self.lookup[str(Path(r.path).resolve())] for r in records]]
+
+
+def open_embedder(path: str, spec, gpu_id: int, batch_size: int) -> Embedder:
+    kind = detect_kind(path)
+    if kind == "checkpoint":
+        return CheckpointEmbedder(path, gpu_id, batch_size, spec.dataset.num_workers)
+    if kind == "embeddings":
+        return StoredEmbedder(path)
+    return EngineEmbedder(path, spec, gpu_id, batch_size)

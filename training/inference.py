@@ -1,0 +1,39 @@
+"""``reid inference``: embeddings of every query and gallery image, in TAO's JSON or a compact .npz."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from training.data.market1501 import load_gallery, load_query
+from training.embedders import open_embedder
+from training.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def run_inference(spec) -> Path:
+    i = spec.inference
+    if not i.checkpoint:
+        raise ConfigError("inference.checkpoint is required (a .pth checkpoint, .onnx or .engine file)")
+    out = Path(i.output_file or Path(spec.results_dir) / "inference" / "embeddings.json")
+    if out.suffix not in (".json", ".npz"):
+        raise ConfigError(f"inference.output_file={out} must end in .json (TAO format) or .npz (compact)")
+    query = load_query(i.query_dataset or spec.dataset.query_dataset_dir)
+    gallery = load_gallery(i.test_dataset or spec.dataset.test_dataset_dir)
+    embedder = open_embedder(i.checkpoint, spec, i.gpu_id, i.batch_size or spec.dataset.val_batch_size)
+    log.info("embedding %d query and %d gallery images with %s", len(query), len(gallery), embedder.description)
+    records = query + gallery
+    feats = np.concatenate([embedder.embed(query, "query"), embedder.embed(gallery, "gallery")])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npz":
+        np.savez(
+            out, img_path=np.array([r.path for r in records]), pid=np.array([r.pid for r in records]),
+            camid=np.array([r.camid for r in records]), split=np.array(["query"] * len(query) + ["gallery"] * len(gallery)),
+            embedding=feats.astype(np.float32),
+        )
+    else:
+        out.write_text(json.dumps([{"img_path": r.path, "embedding": f.tolist()} for r, f in zip(records, feats)]))
+    return out
