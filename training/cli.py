@@ -47,6 +47,26 @@ def _cmd_inference(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from export.errors import ExportError
+    from export.pipeline import run_pipeline
+    from training.config import load_spec
+
+    spec = load_spec(args.experiment_spec, args.overrides)
+    x = spec.export
+    if not x.checkpoint:
+        raise ReidError("export.checkpoint is required")
+    onnx_path = Path(x.onnx_file) if x.onnx_file else Path(x.checkpoint).with_suffix(".onnx")
+    try:
+        stages = run_pipeline(Path(x.checkpoint), onnx_path)
+    except ExportError as exc:
+        raise ReidError(str(exc)) from None
+    print(f"onnx: {stages[0].output}")
+    return 0
+
+
 def _cmd_make_synthetic(args) -> int:
     from tqdm import tqdm
 
@@ -77,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _spec_command(sub, "train", "Train a ReID model from a spec.", _cmd_train)
     _spec_command(sub, "evaluate", "mAP/CMC of a checkpoint, .onnx, .engine or embeddings file, with plots.", _cmd_evaluate)
+    _spec_command(sub, "export", "Export a checkpoint to ONNX with a parity check (TAO form of reid-export).", _cmd_export)
     _spec_command(sub, "inference", "Embed every query and gallery image (JSON or .npz by extension).", _cmd_inference)
     p = sub.add_parser("make-synthetic", help="Write a small synthetic dataset in Market-1501 layout.")
     p.add_argument("out_dir")

@@ -1,0 +1,62 @@
+"""``reid-export``: checkpoint -> ONNX -> FP16 ONNX -> TensorRT engine, each stage checked."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.errors import ExportError
+from export.fp16 import TOOLS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reid-export", description=__doc__)
+    p.add_argument("--checkpoint", type=Path, help="training checkpoint (.pth); omit to start from an existing --onnx")
+    p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write (or to read, without --checkpoint)")
+    p.add_argument("--engine", type=Path, help="TensorRT engine to build (GPU machines only)")
+    p.add_argument("--fp16", action="store_true", help="also write NAME.fp16.onnx (mixed precision); the engine is built from it")
+    p.add_argument("--fp16-tool", choices=TOOLS, default="ort", help="FP16 converter (default: ort)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalize the exported embeddings (recorded in metadata)")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--workspace-gb", type=float, default=4.0)
+    p.add_argument("--timing-cache", type=Path, help="timing cache file reused across builds (default: next to the engine)")
+    p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing of an ONNX file from another tool")
+    p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing of an ONNX file from another tool")
+    p.add_argument("--verify-only", action="store_true", help="re-check existing files against each other; write nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from export.pipeline import run_pipeline, verify_only
+
+    try:
+        if args.verify_only:
+            stages = verify_only(args.checkpoint, args.onnx, args.engine, args.fp16)
+        else:
+            stages = run_pipeline(
+                args.checkpoint, args.onnx, args.engine, args.fp16, args.fp16_tool, args.normalize,
+                (args.min_batch, args.opt_batch, args.max_batch), args.workspace_gb, args.timing_cache,
+                args.pixel_mean, args.pixel_std,
+            )
+    except ExportError as exc:
+        print(f"reid-export: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a checkpoint/ONNX file that cannot be read
+        from training.errors import ReidError
+
+        if isinstance(exc, ReidError):
+            print(f"reid-export: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print("summary:")
+    for s in stages:
+        parity = ", ".join(f"batch {n}: {c:.6f}" for n, c in s.parity.items())
+        print(f"  {s.name:10s} {s.output}  ({s.seconds:.1f} s; worst row cosine {parity})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The export stages in order, each checked against the one before it:
+checkpoint -> ONNX (vs PyTorch) -> FP16 ONNX (vs FP32 ONNX) -> TensorRT engine (vs FP32 ONNX)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from export.errors import ExportError
+from export.fp16 import convert_fp16
+from export.onnx import CHECK_BATCHES, export_onnx, run_onnx
+from export.verify import check_inputs, check_parity
+from serving.engines.base import ModelMetadata
+
+FP16_PARITY = 0.999
+ENGINE_PARITY = 0.999
+
+
+@dataclass
+class Stage:
+    name: str
+    output: str
+    seconds: float
+    parity: dict = field(default_factory=dict)
+
+
+def fp16_path_for(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.stem + ".fp16.onnx")
+
+
+def onnx_input_size(path: Path) -> tuple[int, int]:
+    dims = [d.dim_value for d in onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or not dims[2] or not dims[3]:
+        raise ExportError(f"{path}: input must be N x 3 x H x W with static H and W, got {dims}")
+    return dims[2], dims[3]
+
+
+def compare_onnx(reference: Path, candidate: Path, threshold: float, what: str) -> dict:
+    h, w = onnx_input_size(reference)
+    return {n: check_parity(run_onnx(reference, b), run_onnx(candidate, b), threshold, f"{what} at batch {n}")
+            for n, b in check_inputs(CHECK_BATCHES, h, w).items()}
+
+
+def ensure_metadata(onnx_path: Path, pixel_mean: list | None, pixel_std: list | None) -> dict:
+    """The reid metadata of an ONNX file; for files from other tools, built from the graph and the
+    preprocessing given on the command line (without it the engine could not be served)."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if ModelMetadata.from_props(props) is not None:
+        return props
+    if not pixel_mean or not pixel_std:
+        raise ExportError(f"{onnx_path} carries no reid metadata: give --pixel-mean and --pixel-std "
+                          "(e.g. 0.485 0.456 0.406 / 0.229 0.224 0.225 for ImageNet-normalized models)")
+    h, w = onnx_input_size(onnx_path)
+    out_dims = [d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim]
+    return ModelMetadata(input_height=h, input_width=w, embedding_dim=out_dims[-1], pixel_mean=list(pixel_mean),
+                         pixel_std=list(pixel_std), input_name=proto.graph.input[0].name,
+                         output_name=proto.graph.output[0].name).to_props()
+
+
+def engine_parity(engine_path: Path, reference_onnx: Path) -> dict:
+    from serving.engines.tensorrt import TensorRTEngine
+
+    engine = TensorRTEngine(engine_path)
+    h, w = onnx_input_size(reference_onnx)
+    results = {}
+    for n, batch in check_inputs(CHECK_BATCHES + (engine.max_batch_size,), h, w).items():
+        if n > engine.max_batch_size:
+            continue
+        expected = run_onnx(reference_onnx, _normalized(batch, engine.metadata))
+        results[n] = check_parity(expected, engine.run(batch), ENGINE_PARITY, f"TensorRT vs ONNX Runtime FP32 at batch {n}")
+    return results
+
+
+def _normalized(batch: np.ndarray, md: ModelMetadata) -> np.ndarray:
+    if not md.pixel_mean:
+        return batch
+    mean = np.asarray(md.pixel_mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(md.pixel_std, np.float32).reshape(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def write_sidecar_metadata(engine_path: Path, props: dict) -> None:
+    sidecar = Path(str(engine_path) + ".json")
+    info = json.loads(sidecar.read_text())
+    info["metadata"] = props
+    sidecar.write_text(json.dumps(info, indent=2))
+
+
+def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | None = None, fp16: bool = False,
+                 fp16_tool: str = "ort", normalize: bool = False, batches: tuple[int, int, int] = (1, 16, 64),
+                 workspace_gb: float = 4.0, timing_cache: Path | None = None, pixel_mean=None, pixel_std=None,
+                 log=print) -> list[Stage]:
+    stages: list[Stage] = []
+    if checkpoint is not None:
+        log(f"[1] ONNX export of {checkpoint} ...")
+        report = export_onnx(checkpoint, onnx_path, normalize_output=normalize)
+        stages.append(Stage("onnx", str(onnx_path), report["export_seconds"], report["parity_min_cosine"]))
+        log(f"    wrote {onnx_path} ({report['size_bytes'] / 2**20:.1f} MiB) in {report['export_seconds']:.1f} s; "
+            f"ONNX Runtime vs PyTorch worst row cosine {min(report['parity_min_cosine'].values()):.6f}")
+    elif not onnx_path.is_file():
+        raise ExportError(f"{onnx_path} does not exist (give --checkpoint to export it)")
+    built_from = onnx_path
+    if fp16:
+        start = time.perf_counter()
+        dst = fp16_path_for(onnx_path)
+        log(f"[2] FP16 mixed-precision ONNX with {fp16_tool} ...")
+        convert_fp16(onnx_path, dst, fp16_tool)
+        parity = compare_onnx(onnx_path, dst, FP16_PARITY, "FP16 ONNX vs FP32 ONNX (ONNX Runtime CPU)")
+        stages.append(Stage("fp16_onnx", str(dst), time.perf_counter() - start, parity))
+        log(f"    wrote {dst}; worst row cosine vs FP32 {min(parity.values()):.6f}")
+        built_from = dst
+    if engine_path is not None:
+        from export.tensorrt import build_engine, gpu_available
+
+        ok, why = gpu_available()
+        if not ok:
+            raise ExportError(f"cannot build a TensorRT engine here: {why}")
+        props = ensure_metadata(onnx_path, pixel_mean, pixel_std)
+        log(f"[3] TensorRT engine from {built_from} (batch {batches[0]}/{batches[1]}/{batches[2]}) ...")
+        info = build_engine(built_from, engine_path, *batches, workspace_gb=workspace_gb, timing_cache=timing_cache)
+        write_sidecar_metadata(engine_path, props)
+        try:
+            parity = engine_parity(engine_path, onnx_path)
+        except ExportError:
+            engine_path.unlink(missing_ok=True)
+            raise
+        stages.append(Stage("tensorrt", str(engine_path), info["build_seconds"], parity))
+        log(f"    wrote {engine_path} in {info['build_seconds']:.1f} s; worst row cosine vs ONNX FP32 {min(parity.values()):.6f}")
+    return stages
+
+
+def verify_only(checkpoint: Path | None, onnx_path: Path, engine_path: Path | None, fp16: bool, log=print) -> list[Stage]:
+    """Re-run every applicable parity check on existing files; writes nothing."""
+    import torch
+
+    from training.embed import model_from_checkpoint
+
+    for path in [checkpoint, onnx_path, fp16_path_for(onnx_path) if fp16 else None, engine_path]:
+        if path is not None and not Path(path).is_file():
+            raise ExportError(f"--verify-only: {path} does not exist")
+    stages = []
+    if checkpoint is not None:
+        model, _ = model_from_checkpoint(str(checkpoint))
+        md = ModelMetadata.from_props({p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props})
+        parity = {}
+        for n, batch in check_inputs(CHECK_BATCHES, model.args.input_height, model.args.input_width).items():
+            with torch.no_grad():
+                expected = model(torch.from_numpy(batch))
+                if md is not None and md.output_normalized:
+                    expected = torch.nn.functional.normalize(expected, dim=1)
+            parity[n] = check_parity(expected.numpy(), run_onnx(onnx_path, batch), 0.9999, f"ONNX vs PyTorch at batch {n}")
+        stages.append(Stage("onnx", str(onnx_path), 0.0, parity))
+    if fp16:
+        stages.append(Stage("fp16_onnx", str(fp16_path_for(onnx_path)), 0.0,
+                            compare_onnx(onnx_path, fp16_path_for(onnx_path), FP16_PARITY, "FP16 vs FP32 ONNX")))
+    if engine_path is not None:
+        stages.append(Stage("tensorrt", str(engine_path), 0.0, engine_parity(engine_path, onnx_path)))
+    for s in stages:
+        log(f"    {s.name}: {s.output} worst row cosine {min(s.parity.values()):.6f}")
+    return stages

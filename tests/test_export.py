@@ -1,0 +1,147 @@
+"""Export: ONNX per backbone, dynamic batch, metadata, FP16 parity, failure paths, TensorRT (GPU only)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from export.cli import main as export_main
+from export.errors import ExportError
+from export.onnx import check_graph, export_onnx, read_metadata, run_onnx
+from export.pipeline import compare_onnx, run_pipeline
+from export.tensorrt import gpu_available
+from serving.engines.onnxruntime import OnnxRuntimeEngine
+from tests.conftest import quick_overrides
+from training.checkpoint import file_sha256
+from training.config.load import build_spec
+from training.data.market1501 import load_query
+from training.data.transforms import build_eval_transform, read_image
+from training.embed import model_from_checkpoint
+from training.engine import Trainer
+
+BACKBONES = ["resnet_50", "swin_base_patch4_window7_224", "swin_small_patch4_window7_224", "swin_tiny_patch4_window7_224"]
+
+
+def _checkpoint(root, out, backbone="swin_tiny_patch4_window7_224", **extra):
+    overrides = {"model.backbone": backbone, "train.num_epochs": 1}
+    if backbone == "resnet_50":
+        overrides["model.backbone_overrides"] = "{}"
+    overrides.update(extra)
+    spec = build_spec({}, quick_overrides(root, out, **overrides))
+    return Trainer(spec, torch.device("cpu")).fit()
+
+
+@pytest.fixture(scope="module")
+def swin_ckpt(tmp_path_factory, synthetic_root):
+    return _checkpoint(synthetic_root, tmp_path_factory.mktemp("swin"))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_exports_with_parity(backbone, synthetic_root, tmp_path):
+    ckpt = _checkpoint(synthetic_root, tmp_path, backbone)
+    report = export_onnx(ckpt, tmp_path / "m.onnx")
+    assert set(report["parity_min_cosine"]) == {1, 7}
+    assert min(report["parity_min_cosine"].values()) >= 0.9999
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+
+
+def test_dynamic_batch_metadata_and_values(swin_ckpt, tmp_path):
+    path = tmp_path / "m.onnx"
+    export_onnx(swin_ckpt, path, normalize_output=True)
+    model, ckpt = model_from_checkpoint(str(swin_ckpt))
+    for n in (1, 3, 64):
+        batch = np.random.default_rng(n).random((n, 3, 64, 32), dtype=np.float32)
+        out = run_onnx(path, batch)
+        with torch.no_grad():
+            ref = torch.nn.functional.normalize(model(torch.from_numpy(batch)), dim=1).numpy()
+        assert out.shape == (n, 32)
+        np.testing.assert_allclose(out, ref, atol=1e-4)
+        np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    md = read_metadata(path)
+    assert (md.input_height, md.input_width, md.embedding_dim) == (64, 32, 32)
+    assert md.output_normalized and md.backbone == "swin_tiny_patch4_window7_224" and md.pixel_mean == []
+    assert md.checkpoint_sha256 == file_sha256(swin_ckpt) and len(md.spec_sha256) == 64
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["images"] and [o.name for o in proto.graph.output] == ["embeddings"]
+    assert proto.opset_import[0].version >= 17
+
+
+def test_normalization_happens_exactly_once(swin_ckpt, synthetic_root, tmp_path):
+    """An image through training transforms + PyTorch equals the same file through serving preprocessing + ONNX."""
+    path = tmp_path / "m.onnx"
+    export_onnx(swin_ckpt, path)
+    model, _ = model_from_checkpoint(str(swin_ckpt))
+    records = load_query(synthetic_root / "query")[:4]
+    transform = build_eval_transform(64, 32)
+    with torch.no_grad():
+        expected = model(torch.stack([transform(read_image(r.path)) for r in records])).numpy()
+    engine = OnnxRuntimeEngine(path)
+    from serving.engines import decode_image
+
+    got = engine.embed_images([decode_image(open(r.path, "rb").read()) for r in records])
+    cos = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() >= 0.9999
+    # normalizing a second time outside the graph would visibly change the embedding
+    engine.metadata.pixel_mean, engine.metadata.pixel_std = [0.5] * 3, [0.5] * 3
+    twice = engine.embed_images([decode_image(open(r.path, "rb").read()) for r in records])
+    assert np.abs(twice - expected).max() > 1e-2
+
+
+def test_fp16_onnx_parity(swin_ckpt, tmp_path):
+    stages = run_pipeline(swin_ckpt, tmp_path / "m.onnx", fp16=True, log=lambda *_: None)
+    assert [s.name for s in stages] == ["onnx", "fp16_onnx"]
+    fp16 = onnx.load(str(tmp_path / "m.fp16.onnx"))
+    assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # FP32 I/O
+    assert min(stages[1].parity.values()) >= 0.999
+    assert read_metadata(tmp_path / "m.fp16.onnx") == read_metadata(tmp_path / "m.onnx")
+
+
+def test_parity_failure_leaves_no_file(swin_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr("export.onnx.ONNX_PARITY", 1.5)  # unreachable: every row fails
+    with pytest.raises(ExportError, match="parity check failed"):
+        export_onnx(swin_ckpt, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checker_rejects_a_broken_graph():
+    node = helper.make_node("Relu", ["missing"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(ExportError, match="fails onnx.checker"):
+        check_graph(helper.make_model(graph), "broken graph")
+
+
+def test_fp16_comparison_catches_a_wrong_model(swin_ckpt, synthetic_root, tmp_path):
+    export_onnx(swin_ckpt, tmp_path / "a.onnx")
+    other = _checkpoint(synthetic_root, tmp_path / "other", **{"train.seed": 99})
+    export_onnx(other, tmp_path / "b.onnx")
+    with pytest.raises(ExportError, match="parity check failed"):
+        compare_onnx(tmp_path / "a.onnx", tmp_path / "b.onnx", 0.999, "different models")
+
+
+@pytest.mark.skipif(gpu_available()[0], reason="checks the no-GPU message")
+def test_engine_without_gpu_is_one_line_and_keeps_onnx(swin_ckpt, tmp_path, capsys):
+    code = export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(tmp_path / "m.onnx"), "--engine", str(tmp_path / "m.engine")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot build a TensorRT engine here" in err[0]
+    assert (tmp_path / "m.onnx").is_file() and not (tmp_path / "m.engine").exists()
+
+
+def test_tao_form_writes_onnx_next_to_checkpoint(swin_ckpt, synthetic_root, tmp_path, capsys):
+    from training.cli import main
+
+    code = main(["export", *quick_overrides(synthetic_root, tmp_path), f"export.checkpoint={swin_ckpt}"])
+    assert code == 0
+    assert swin_ckpt.with_suffix(".onnx").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available()[0], reason=f"needs TensorRT and an NVIDIA GPU: {gpu_available()[1]}")
+def test_tensorrt_engine_matches_onnx(swin_ckpt, tmp_path):
+    stages = run_pipeline(swin_ckpt, tmp_path / "m.onnx", tmp_path / "m.engine", fp16=True, batches=(1, 8, 16),
+                          log=lambda *_: None)
+    assert stages[-1].name == "tensorrt" and min(stages[-1].parity.values()) >= 0.999
+    assert (tmp_path / "m.engine.json").is_file()
