@@ -103,7 +103,7 @@ def k_reciprocal_rerank(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
-    max_memory: int = 512 * 2**20,
+    max_memory: int = 256 * 2**20,
 ) -> np.ndarray:
     """Re-ranked query x gallery distance matrix (float32).
 

@@ -52,3 +52,22 @@ def quick_spec(synthetic_root, tmp_path):
         return build_spec({}, quick_overrides(synthetic_root, tmp_path / "results", **extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, synthetic_root) -> Path:
+    """A one-epoch tiny Swin checkpoint (64x32 input, 32-d embeddings)."""
+    from training.engine import Trainer
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    spec = build_spec({}, quick_overrides(synthetic_root, out, **{"train.num_epochs": 1}))
+    return Trainer(spec, torch.device("cpu")).fit()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_checkpoint) -> Path:
+    from export.onnx import export_onnx
+
+    path = tmp_path_factory.mktemp("tiny_onnx") / "model.onnx"
+    export_onnx(tiny_checkpoint, path)
+    return path

@@ -70,6 +70,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except ImageError:
         raise
+    except Image.UnidentifiedImageError:
+        raise ImageError("cannot decode image: not a JPEG, PNG or other supported image") from None
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ImageError(f"cannot decode image: {exc}") from None
 

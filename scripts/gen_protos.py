@@ -1,0 +1,41 @@
+"""Generate the Python gRPC stubs for protos/ into serving/proto/ with package-relative imports.
+
+protoc writes ``from reid.v1 import reid_pb2`` into the service stub, which only works when
+``reid`` is a top-level package; the stubs live inside ``serving.proto``, so that import is
+rewritten to a relative one. tests/test_protos.py fails when the committed stubs are stale.
+Usage: python scripts/gen_protos.py [OUT_DIR]
+"""
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO = "reid/v1/reid.proto"
+
+
+def generate(out_dir: Path) -> list[Path]:
+    from grpc_tools import protoc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        code = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp}", f"--pyi_out={tmp}",
+                            f"--grpc_python_out={tmp}", str(ROOT / "protos" / PROTO)])
+        if code != 0:
+            raise SystemExit(f"protoc failed with exit code {code}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for src in sorted((Path(tmp) / "reid" / "v1").iterdir()):
+            text = src.read_text()
+            text = re.sub(r"^from reid\.v1 import reid_pb2 as", "from . import reid_pb2 as", text, flags=re.M)
+            dst = out_dir / src.name
+            dst.write_text(text)
+            written.append(dst)
+    return written
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "serving" / "proto"
+    for path in generate(target):
+        print(f"wrote {path}")

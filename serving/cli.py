@@ -1,0 +1,121 @@
+"""``reid-serve`` (the gRPC server) and ``reid-client`` (embed images from the command line)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from serving.engines import ModelFileError, ModelMetadata, open_engine
+from serving.server import ServerConfig, serve_forever
+from serving.service import Limits
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reid-serve", description="Serve ReID embeddings over gRPC with dynamic batching.")
+    p.add_argument("--model", required=True, help="ONNX file or TensorRT engine (with its .json sidecar)")
+    p.add_argument("--config", type=Path, help="YAML file with any of the options below (command line wins)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port (default: off)")
+    p.add_argument("--max-batch-size", type=int, help="images per engine call (default 32)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 2)")
+    p.add_argument("--queue-capacity", type=int, help="images that may wait; beyond it calls fail with RESOURCE_EXHAUSTED (default 1024)")
+    p.add_argument("--workers", type=int, help="preprocessing threads (default 2)")
+    p.add_argument("--no-batching", action="store_true", help="run each request on its own (for comparison)")
+    p.add_argument("--max-images-per-request", type=int, help="default 256")
+    p.add_argument("--max-image-pixels", type=int, help="largest decoded image, width x height (default 16M)")
+    p.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
+    p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
+    p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the graph's is dynamic")
+    return p
+
+
+def build_config(args) -> ServerConfig:
+    values = yaml.safe_load(args.config.read_text()) if args.config else {}
+    values = {k.replace("-", "_"): v for k, v in (values or {}).items()}
+    for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "queue_capacity", "workers",
+                "max_message_bytes"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.no_batching:
+        values["batching"] = False
+    limits = {k: values.pop(k) for k in ("max_images_per_request", "max_image_pixels") if k in values}
+    for key in ("max_images_per_request", "max_image_pixels"):
+        if getattr(args, key) is not None:
+            limits[key] = getattr(args, key)
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
+    return ServerConfig(**values, limits=Limits(**limits))
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = serve_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = build_config(args)
+        fallback = None
+        if args.pixel_mean or args.pixel_std:
+            h, w = args.input_size or (256, 128)
+            fallback = ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean or [0.0] * 3, pixel_std=args.pixel_std or [1.0] * 3)
+        engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size)
+    except (ModelFileError, ValueError, OSError, yaml.YAMLError) as exc:
+        print(f"reid-serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve_forever(engine, config))
+    except OSError as exc:
+        print(f"reid-serve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    import grpc
+    import numpy as np
+
+    from serving.client import ReidClient
+
+    p = argparse.ArgumentParser(prog="reid-client", description="Call a reid-serve server.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("embed", help="embed image files; print embeddings or write them as .npy")
+    e.add_argument("images", nargs="+", type=Path)
+    e.add_argument("--server", default="127.0.0.1:50051")
+    e.add_argument("--output", type=Path, help=".npy file for the N x D embeddings (rows of failed images are NaN)")
+    e.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args(argv)
+    missing = [str(x) for x in args.images if not x.is_file()]
+    if missing:
+        print(f"reid-client: error: no such file: {missing[0]}", file=sys.stderr)
+        return 2
+    try:
+        with ReidClient(args.server, timeout=args.timeout) as client:
+            outcomes = client.embed(args.images)
+    except grpc.RpcError as exc:
+        print(f"reid-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    failed = 0
+    dim = next((len(o.embedding) for o in outcomes if o.ok), 0)
+    rows = []
+    for path, o in zip(args.images, outcomes):
+        if o.ok:
+            rows.append(o.embedding)
+            if args.output is None:
+                print(f"{path}: " + " ".join(f"{v:.5f}" for v in o.embedding))
+        else:
+            failed += 1
+            rows.append(np.full(dim, np.nan, dtype=np.float32))
+            print(f"{path}: error {o.error_code}: {o.error}", file=sys.stderr)
+    if args.output is not None:
+        np.save(args.output, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+        print(f"wrote {args.output} ({len(rows)} x {dim})")
+    return 1 if failed else 0

@@ -1,0 +1,27 @@
+"""Prometheus metrics of one server (own registry, so several servers can live in one process)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("reid_requests_total", "RPCs by method and final status code", ["method", "code"], registry=r)
+        self.images = Counter("reid_images_total", "Images received, by outcome", ["outcome"], registry=r)
+        self.images_inferred = Counter("reid_images_inferred_total", "Images that went through the engine", registry=r)
+        self.batch_size = Histogram("reid_batch_size", "Images per engine call", buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("reid_queue_depth", "Images waiting for the engine", registry=r)
+        self.stage_seconds = Histogram("reid_stage_seconds", "Latency per stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("reid_errors_total", "Errors by gRPC status code (per call and per image)", ["code"], registry=r)
+
+    def serve_http(self, port: int, host: str = "0.0.0.0"):
+        return start_http_server(port, addr=host, registry=self.registry)
+
+    def value(self, name: str, **labels) -> float:
+        """Current value of a sample (tests and benchmarks read figures without scraping HTTP)."""
+        return self.registry.get_sample_value(name, labels) or 0.0

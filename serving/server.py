@@ -1,0 +1,121 @@
+"""Server assembly: engine warm-up, gRPC health and reflection, metrics endpoint, graceful shutdown.
+
+Health reports NOT_SERVING until the engine is loaded and warmed, and again from the moment a
+shutdown starts; SIGTERM/SIGINT turn health NOT_SERVING, keep the port open for
+``shutdown_delay_seconds`` (so balancers notice), then refuse new calls, let in-flight ones finish
+(up to ``grace_seconds``), and the process exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.batcher import DynamicBatcher
+from serving.engines.base import Engine
+from serving.metrics import ServerMetrics
+from serving.proto import reid_pb2, reid_pb2_grpc
+from serving.service import Limits, ReIdentificationService
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = reid_pb2.DESCRIPTOR.services_by_name["ReIdentification"].full_name
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 0  # 0 = no metrics HTTP endpoint
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    queue_capacity: int = 1024
+    workers: int = 2
+    batching: bool = True
+    max_message_bytes: int = 64 * 2**20
+    limits: Limits = field(default_factory=Limits)
+    grace_seconds: float = 10.0
+    # After health turns NOT_SERVING, keep accepting calls this long so load balancers and health
+    # probes see it before the port closes.
+    shutdown_delay_seconds: float = 1.0
+
+
+class ReidServer:
+    """One engine behind one gRPC port. ``await start()``, then ``await wait()`` or ``await stop()``."""
+
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine, self.config = engine, config
+        self.metrics = ServerMetrics()
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = config.port
+        self.batcher: DynamicBatcher | None = None
+        self._stopping: asyncio.Event | None = None
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        c = self.config
+        self._stopping = asyncio.Event()
+        opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes)]
+        self.server = grpc.aio.server(options=opts)
+        self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
+                                      c.batching, self.metrics)
+        service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers)
+        reid_pb2_grpc.add_ReIdentificationServicer_to_server(service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {c.host}:{c.port}")
+        await self.server.start()
+        if c.metrics_port:
+            self.metrics.serve_http(c.metrics_port, c.host)
+        self.batcher.start()
+        await self._warm_up()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d (%s, max batch %d, queue delay %.1f ms)", SERVICE_NAME, c.host, self.port,
+                 self.engine.name, self.batcher.max_batch_size, c.max_queue_delay_ms)
+        return self.port
+
+    async def _warm_up(self) -> None:
+        """Run the engine once at the largest batch so the first caller does not pay for allocation."""
+        md = self.engine.metadata
+        batch = np.zeros((self.batcher.max_batch_size, 3, md.input_height, md.input_width), dtype=np.float32)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.run, batch)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, finish in-flight ones, stop."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if grace is None or grace > 0:
+            await asyncio.sleep(self.config.shutdown_delay_seconds)
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        await self.batcher.stop()
+        log.info("server stopped")
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s: draining", s.name),
+                                                        asyncio.ensure_future(self.stop())))
+
+
+async def serve_forever(engine: Engine, config: ServerConfig) -> None:
+    server = ReidServer(engine, config)
+    await server.start()
+    server.install_signal_handlers()
+    await server.wait()

@@ -1,0 +1,136 @@
+"""The ReIdentification gRPC service: request validation, preprocessing, batching, responses.
+
+One result per input image. Problems with one image become that image's error; problems with the
+whole call (too many images, queue full, deadline, engine failure) become a gRPC status for unary
+calls, and the same code on every result of that request on a stream (a stream stays open).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from serving.batcher import DeadlineExpired, DynamicBatcher, EngineFailed, QueueFull
+from serving.engines.base import Engine
+from serving.metrics import ServerMetrics
+from serving.preprocessing import count_images, prepare
+from serving.proto import reid_pb2, reid_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    max_images_per_request: int = 256
+    max_image_pixels: int = 4096 * 4096
+
+
+class RequestError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class ReIdentificationService(reid_pb2_grpc.ReIdentificationServicer):
+    def __init__(self, engine: Engine, batcher: DynamicBatcher, metrics: ServerMetrics, limits: Limits, workers: int = 2):
+        self.engine, self.batcher, self.metrics, self.limits = engine, batcher, metrics, limits
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
+        md = engine.metadata
+        self.model_name = md.backbone or "model"
+
+    async def embed_arrays(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> reid_pb2.EmbedResponse:
+        n = count_images(request)
+        if n == 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no images and no frame boxes")
+        if n > self.limits.max_images_per_request:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request has {n} images; the limit is {self.limits.max_images_per_request}")
+        md = self.engine.metadata
+        loop = asyncio.get_running_loop()
+        start = time.monotonic()
+        prepared = await loop.run_in_executor(self.pool, prepare, request, md.input_height, md.input_width,
+                                              self.limits.max_image_pixels)
+        self.metrics.stage_seconds.labels("preprocess").observe(time.monotonic() - start)
+        valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
+        rows = {}
+        if valid:
+            try:
+                futures = self.batcher.submit([prepared[i] for i in valid], deadline)
+            except QueueFull as exc:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            try:
+                outs = await asyncio.gather(*futures)
+            except DeadlineExpired as exc:
+                self.batcher.discard(futures)
+                raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+            except EngineFailed as exc:
+                self.batcher.discard(futures)
+                raise RequestError(grpc.StatusCode.INTERNAL, str(exc)) from None
+            except asyncio.CancelledError:
+                self.batcher.discard(futures)
+                raise
+            rows = dict(zip(valid, outs))
+        response = reid_pb2.EmbedResponse(dimension=md.embedding_dim, normalized=md.output_normalized,
+                                          request_id=request.request_id, model=self.model_name)
+        for i, p in enumerate(prepared):
+            if i in rows:
+                response.results.add(embedding=reid_pb2.Embedding(values=rows[i].tolist()))
+                self.metrics.images.labels("ok").inc()
+            else:
+                response.results.add(error=reid_pb2.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(p)))
+                self.metrics.images.labels("invalid").inc()
+                self.metrics.errors.labels("INVALID_ARGUMENT").inc()
+        return response
+
+    @staticmethod
+    def _deadline(context) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    async def Embed(self, request, context):
+        start = time.monotonic()
+        try:
+            response = await self.embed_arrays(request, self._deadline(context))
+        except RequestError as exc:
+            self._count("Embed", exc.code)
+            await context.abort(exc.code, exc.message)
+        self._count("Embed", grpc.StatusCode.OK)
+        self.metrics.stage_seconds.labels("total").observe(time.monotonic() - start)
+        return response
+
+    async def EmbedStream(self, request_iterator, context):
+        """Requests are processed concurrently (so they batch together) and answered in order."""
+        pending: asyncio.Queue = asyncio.Queue(maxsize=64)
+
+        async def one(request):
+            try:
+                response = await self.embed_arrays(request, self._deadline(context))
+                self._count("EmbedStream", grpc.StatusCode.OK)
+                return response
+            except RequestError as exc:
+                self._count("EmbedStream", exc.code)
+                response = reid_pb2.EmbedResponse(request_id=request.request_id, model=self.model_name)
+                for _ in range(max(count_images(request), 1)):
+                    response.results.add(error=reid_pb2.Error(code=exc.code.value[0], message=exc.message))
+                return response
+
+        async def reader():
+            async for request in request_iterator:
+                await pending.put(asyncio.ensure_future(one(request)))
+            await pending.put(None)
+
+        read_task = asyncio.ensure_future(reader())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+        finally:
+            read_task.cancel()
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.requests.labels(method, code.name).inc()
+        if code != grpc.StatusCode.OK:
+            self.metrics.errors.labels(code.name).inc()

@@ -1,0 +1,61 @@
+"""Helpers for tests that start a real gRPC server in-process (on a free loopback port)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+
+from serving.engines.base import Engine
+from serving.server import ReidServer, ServerConfig
+
+
+class ServerThread:
+    """A ``ReidServer`` on its own event loop in a background thread."""
+
+    def __init__(self, engine: Engine, config: ServerConfig | None = None):
+        self.config = config or ServerConfig(port=0)
+        self.server = ReidServer(engine, self.config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=60)
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def metrics(self):
+        return self.server.metrics
+
+    def stop(self, grace: float = 0.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(timeout=60)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class SlowEngine(Engine):
+    """Wraps an engine, sleeping before each batch and optionally failing the n-th call."""
+
+    name = "slow"
+
+    def __init__(self, inner: Engine, delay: float = 0.3, fail_on_call: int | None = None):
+        self.inner, self.delay, self.fail_on_call = inner, delay, fail_on_call
+        self.metadata = inner.metadata
+        self.max_batch_size = inner.max_batch_size
+        self.calls: list[int] = []
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(len(batch))
+        time.sleep(self.delay)
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise RuntimeError("injected engine failure")
+        return self.inner._run(batch)

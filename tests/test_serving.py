@@ -1,0 +1,245 @@
+"""The gRPC server, started for real on a free port: inputs, errors, batching, backpressure, health."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from serving.client import ReidClient, build_request
+from serving.engines import decode_image
+from serving.engines.onnxruntime import OnnxRuntimeEngine
+from serving.proto import reid_pb2, reid_pb2_grpc
+from serving.server import ServerConfig
+from serving.service import Limits
+from tests.serving_support import ServerThread, SlowEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _jpeg(seed: int, size=(40, 90)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _cos(a, b):
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_onnx):
+    return OnnxRuntimeEngine(tiny_onnx)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with ServerThread(engine, ServerConfig(port=0, max_queue_delay_ms=20)) as s:
+        yield s
+
+
+def test_encoded_raw_and_frame_inputs_match_the_engine(server, engine):
+    images = [_jpeg(i) for i in range(3)]
+    decoded = [decode_image(b) for b in images]
+    expected = engine.embed_images(decoded)
+    frame = np.zeros((200, 300, 3), dtype=np.uint8)
+    frame[10:100, 20:60] = decoded[0]
+    frame[50:140, 200:240] = decoded[1]
+    with ReidClient(server.target) as client:
+        encoded = client.embed(images)
+        raw = client.embed([decoded[2]])
+        bgr = client.embed([decoded[2][:, :, ::-1]], bgr=True)
+        boxes = client.embed(frame=frame, boxes=[(20, 10, 60, 100), (200, 50, 240, 140)])
+    for got, want in zip(encoded, expected):
+        assert got.ok and _cos(got.embedding, want) >= 0.9999
+    assert _cos(raw[0].embedding, expected[2]) >= 0.9999 and _cos(bgr[0].embedding, expected[2]) >= 0.9999
+    assert _cos(boxes[0].embedding, expected[0]) >= 0.9999 and _cos(boxes[1].embedding, expected[1]) >= 0.9999
+
+
+def test_one_bad_image_fails_alone(server):
+    request = build_request([_jpeg(1), b"not an image", _jpeg(2)], frame=np.zeros((50, 50, 3), np.uint8),
+                            boxes=[(10, 10, 30, 40), (60, 60, 90, 90), (-5, -5, 20, 20)])
+    request.images.add(raw=reid_pb2.RawImage(pixels=b"\x00" * 10, height=4, width=4))
+    stub = reid_pb2_grpc.ReIdentificationStub(grpc.insecure_channel(server.target))
+    response = stub.Embed(request, timeout=30)
+    kinds = [r.WhichOneof("result") for r in response.results]
+    # images: ok, bad, ok, bad raw; boxes: ok, outside the frame, clipped
+    assert kinds == ["embedding", "error", "embedding", "error", "embedding", "error", "embedding"]
+    assert response.results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "cannot decode image" in response.results[1].error.message
+    assert "needs 48 bytes, got 10" in response.results[3].error.message
+    assert "no pixels inside" in response.results[5].error.message
+    assert response.dimension == 32 and len(response.results[0].embedding.values) == 32
+
+
+def test_concurrent_callers_are_batched_and_answers_stay_in_order(server, engine):
+    images = [_jpeg(100 + i) for i in range(24)]
+    expected = engine.embed_images([decode_image(b) for b in images])
+    before_batches = server.metrics.value("reid_batch_size_count")
+    before_images = server.metrics.value("reid_batch_size_sum")
+    client = ReidClient(server.target)
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda i: client.embed([images[i], images[(i + 1) % 24]]), range(24)))
+    for i, (a, b) in enumerate(results):
+        assert _cos(a.embedding, expected[i]) >= 0.9999 and _cos(b.embedding, expected[(i + 1) % 24]) >= 0.9999
+    batches = server.metrics.value("reid_batch_size_count") - before_batches
+    imgs = server.metrics.value("reid_batch_size_sum") - before_images
+    assert imgs == 48 and imgs / batches > 2.0, (imgs, batches)
+
+
+def test_stream_answers_each_request_in_order(server, engine):
+    images = [_jpeg(200 + i) for i in range(6)]
+    expected = engine.embed_images([decode_image(b) for b in images])
+    stub = reid_pb2_grpc.ReIdentificationStub(grpc.insecure_channel(server.target))
+    requests = [build_request([img], request_id=f"r{i}") for i, img in enumerate(images)]
+    requests.insert(3, build_request([b"junk"], request_id="bad"))
+    responses = list(stub.EmbedStream(iter(requests), timeout=30))
+    assert [r.request_id for r in responses] == [r.request_id for r in requests]
+    good = [r for r in responses if r.request_id != "bad"]
+    for r, want in zip(good, expected):
+        assert _cos(np.array(r.results[0].embedding.values), want) >= 0.9999
+    assert responses[3].results[0].WhichOneof("result") == "error"
+
+
+def test_request_limits(engine):
+    config = ServerConfig(port=0, max_message_bytes=200_000, limits=Limits(max_images_per_request=4, max_image_pixels=100 * 100))
+    with ServerThread(engine, config) as s, ReidClient(s.target, max_message_bytes=10 * 2**20) as client:
+        with pytest.raises(grpc.RpcError) as too_many:
+            client.embed([_jpeg(i) for i in range(5)])
+        assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit is 4" in too_many.value.details()
+        with pytest.raises(grpc.RpcError) as empty:
+            client.embed([])
+        assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as huge:
+            client.embed([np.zeros((400, 400, 3), np.uint8)])  # 480 kB message
+        assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        big = client.embed([_jpeg(1, size=(200, 200)), _jpeg(2)])  # decoded size checked before decoding
+        assert not big[0].ok and "exceeds the limit" in big[0].error and big[1].ok
+
+
+def test_full_queue_fails_fast_with_resource_exhausted(engine):
+    slow = SlowEngine(engine, delay=0.6)
+    config = ServerConfig(port=0, queue_capacity=4, max_batch_size=4, max_queue_delay_ms=0)
+    with ServerThread(slow, config) as s:
+        client = ReidClient(s.target)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.embed, [_jpeg(i) for i in range(3)])
+            time.sleep(0.2)  # first batch is now running; the queue is empty
+            second = pool.submit(client.embed, [_jpeg(i) for i in range(3)])
+            time.sleep(0.1)  # 3 of 4 slots taken
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                client.embed([_jpeg(i) for i in range(3)])
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - start < 0.4  # refused at once, not after the queue drains
+            assert all(o.ok for o in first.result()) and all(o.ok for o in second.result())
+
+
+def test_expired_deadline_is_not_inferred(engine):
+    slow = SlowEngine(engine, delay=0.8)
+    with ServerThread(slow, ServerConfig(port=0, max_batch_size=2, max_queue_delay_ms=0)) as s:
+        client = ReidClient(s.target)
+        late = ReidClient(s.target, timeout=0.3)
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(client.embed, [_jpeg(1), _jpeg(2)])
+            time.sleep(0.2)
+            with pytest.raises(grpc.RpcError) as err:
+                late.embed([_jpeg(3)])
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert busy.result()[0].ok
+        time.sleep(0.3)
+        assert slow.calls[1:] == [2]  # warm-up, then only the busy batch: the late image never ran
+        assert s.metrics.value("reid_images_inferred_total") == 2
+
+
+def test_engine_failure_fails_that_batch_only(engine):
+    failing = SlowEngine(engine, delay=0.0, fail_on_call=2)  # call 1 is the warm-up
+    with ServerThread(failing, ServerConfig(port=0, max_queue_delay_ms=0)) as s, ReidClient(s.target) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.embed([_jpeg(1)])
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "injected engine failure" in err.value.details()
+        assert client.embed([_jpeg(2)])[0].ok
+
+
+def test_health_serving_then_not_serving_during_shutdown(engine):
+    slow = SlowEngine(engine, delay=0.8)
+    s = ServerThread(slow, ServerConfig(port=0, max_queue_delay_ms=0)).__enter__()
+    channel = grpc.insecure_channel(s.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="reid.v1.ReIdentification")).status == health_pb2.HealthCheckResponse.SERVING
+    client = ReidClient(s.target)
+    with ThreadPoolExecutor(1) as pool:
+        inflight = pool.submit(client.embed, [_jpeg(5)])
+        time.sleep(0.2)
+        stopper = threading.Thread(target=s.stop, kwargs={"grace": 5.0})
+        stopper.start()
+        time.sleep(0.1)
+        status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert inflight.result()[0].ok  # in-flight work finished during the drain
+        stopper.join()
+    s.loop.call_soon_threadsafe(s.loop.stop)
+
+
+def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                             "--model", str(tiny_onnx), "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if " on 127.0.0.1:" in line:
+                port = int(line.split("127.0.0.1:")[1].split()[0])
+        assert port, "server did not report its port"
+        with ReidClient(f"127.0.0.1:{port}") as client:
+            assert client.embed([_jpeg(1)])[0].ok
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_startup_with_bad_model_is_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    for path in (bad, tmp_path / "missing.onnx"):
+        result = subprocess.run([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                                 "--model", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("reid-serve: error:"), result.stderr
+
+
+def test_committed_stubs_are_current(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gen_protos import generate
+
+    for path in generate(tmp_path):
+        assert path.read_text() == (ROOT / "serving" / "proto" / path.name).read_text(), f"{path.name} is stale: run scripts/gen_protos.py"
+
+
+def test_client_cli_writes_npy(server, tmp_path, capsys):
+    from serving.cli import client_main
+
+    files = []
+    for i in range(2):
+        f = tmp_path / f"{i}.png"
+        f.write_bytes(_jpeg(i))
+        files.append(str(f))
+    out = tmp_path / "emb.npy"
+    assert client_main(["embed", *files, "--server", server.target, "--output", str(out)]) == 0
+    assert np.load(out).shape == (2, 32)
