@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from retrieval.gallery import FaissGalleryStore, GalleryError
 from serving.engines import ModelFileError, ModelMetadata, open_engine
 from serving.server import ServerConfig, serve_forever
 from serving.service import Limits
@@ -35,6 +36,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the graph's is dynamic")
+    p.add_argument("--gallery-dir", type=Path, default=Path("galleries"),
+                   help="where FAISS galleries live (snapshots + write-ahead logs); default ./galleries")
+    p.add_argument("--no-gallery", action="store_true", help="serve embeddings only")
     return p
 
 
@@ -47,7 +51,8 @@ def build_config(args) -> ServerConfig:
             values[key] = getattr(args, key)
     if args.no_batching:
         values["batching"] = False
-    limits = {k: values.pop(k) for k in ("max_images_per_request", "max_image_pixels") if k in values}
+    limit_keys = ("max_images_per_request", "max_image_pixels", "max_search_queries", "max_top_k")
+    limits = {k: values.pop(k) for k in limit_keys if k in values}
     for key in ("max_images_per_request", "max_image_pixels"):
         if getattr(args, key) is not None:
             limits[key] = getattr(args, key)
@@ -68,11 +73,12 @@ def serve_main(argv: list[str] | None = None) -> int:
             h, w = args.input_size or (256, 128)
             fallback = ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean or [0.0] * 3, pixel_std=args.pixel_std or [1.0] * 3)
         engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size)
-    except (ModelFileError, ValueError, OSError, yaml.YAMLError) as exc:
+        store = None if args.no_gallery else FaissGalleryStore(args.gallery_dir)
+    except (ModelFileError, GalleryError, ValueError, OSError, yaml.YAMLError) as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve_forever(engine, config))
+        asyncio.run(serve_forever(engine, config, store))
     except OSError as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)
         return 2

@@ -101,3 +101,63 @@ class AsyncReidClient:
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+def metadata_message(person_id: str = "", camera_id: str = "", timestamp: float = 0.0, labels: dict | None = None):
+    return reid_pb2.EntryMetadata(person_id=person_id, camera_id=camera_id, timestamp=timestamp, labels=labels or {})
+
+
+def embeddings_message(vectors) -> list:
+    return [reid_pb2.Embedding(values=np.asarray(v, dtype=np.float32).tolist()) for v in vectors]
+
+
+class GalleryClient:
+    """Blocking client for the gallery RPCs; failures raise ``grpc.RpcError``."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 60.0, max_message_bytes: int = 256 * 2**20):
+        opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        self.channel = grpc.insecure_channel(target, options=opts)
+        self.stub = reid_pb2_grpc.ReIdentificationStub(self.channel)
+        self.timeout = timeout
+
+    def create(self, name: str, dimension: int = 0, index_type: str = "flat") -> reid_pb2.GalleryInfo:
+        index = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}[index_type]
+        return self.stub.CreateGallery(reid_pb2.CreateGalleryRequest(name=name, dimension=dimension, index_type=index), timeout=self.timeout)
+
+    def drop(self, name: str) -> None:
+        self.stub.DropGallery(reid_pb2.DropGalleryRequest(name=name), timeout=self.timeout)
+
+    def list(self) -> list:
+        return list(self.stub.ListGalleries(reid_pb2.ListGalleriesRequest(), timeout=self.timeout).galleries)
+
+    def info(self, name: str) -> reid_pb2.GalleryInfo:
+        return self.stub.GetGalleryInfo(reid_pb2.GetGalleryInfoRequest(name=name), timeout=self.timeout)
+
+    def add(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, metadata: Sequence = (),
+            ids: Sequence[int] = (), replace: bool = False) -> list[int]:
+        request = reid_pb2.AddToGalleryRequest(gallery=gallery, images=[to_image(i) for i in images], metadata=list(metadata),
+                                               ids=list(ids), replace_existing=replace)
+        if embeddings is not None:
+            request.embeddings.extend(embeddings_message(embeddings))
+        return list(self.stub.AddToGallery(request, timeout=self.timeout).ids)
+
+    def remove(self, gallery: str, ids: Sequence[int]) -> reid_pb2.RemoveFromGalleryResponse:
+        return self.stub.RemoveFromGallery(reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids)), timeout=self.timeout)
+
+    def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
+               filters: Sequence = (), rerank: dict | None = None) -> list:
+        request = reid_pb2.SearchRequest(gallery=gallery, images=[to_image(i) for i in images], top_k=top_k, filters=list(filters))
+        if embeddings is not None:
+            request.embeddings.extend(embeddings_message(embeddings))
+        if rerank is not None:
+            request.rerank.CopyFrom(reid_pb2.RerankOptions(enabled=True, **rerank))
+        return list(self.stub.Search(request, timeout=self.timeout).results)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

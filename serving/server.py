@@ -17,6 +17,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from retrieval.gallery import GalleryBackend
 from serving.batcher import DynamicBatcher
 from serving.engines.base import Engine
 from serving.metrics import ServerMetrics
@@ -48,8 +49,8 @@ class ServerConfig:
 class ReidServer:
     """One engine behind one gRPC port. ``await start()``, then ``await wait()`` or ``await stop()``."""
 
-    def __init__(self, engine: Engine, config: ServerConfig):
-        self.engine, self.config = engine, config
+    def __init__(self, engine: Engine, config: ServerConfig, store: GalleryBackend | None = None):
+        self.engine, self.config, self.store = engine, config, store
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
@@ -68,7 +69,7 @@ class ReidServer:
         self.server = grpc.aio.server(options=opts)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
                                       c.batching, self.metrics)
-        service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers)
+        service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store)
         reid_pb2_grpc.add_ReIdentificationServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -102,6 +103,8 @@ class ReidServer:
             await asyncio.sleep(self.config.shutdown_delay_seconds)
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.batcher.stop()
+        if self.store is not None:
+            self.store.close()  # snapshots every gallery; the logs already hold every acknowledged change
         log.info("server stopped")
 
     async def wait(self) -> None:
@@ -114,8 +117,8 @@ class ReidServer:
                                                         asyncio.ensure_future(self.stop())))
 
 
-async def serve_forever(engine: Engine, config: ServerConfig) -> None:
-    server = ReidServer(engine, config)
+async def serve_forever(engine: Engine, config: ServerConfig, store: GalleryBackend | None = None) -> None:
+    server = ReidServer(engine, config, store)
     await server.start()
     server.install_signal_handlers()
     await server.wait()

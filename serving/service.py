@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from retrieval.gallery import GalleryBackend
 from serving.batcher import DeadlineExpired, DynamicBatcher, EngineFailed, QueueFull
 from serving.engines.base import Engine
+from serving.gallery_service import GalleryRpcs
 from serving.metrics import ServerMetrics
 from serving.preprocessing import count_images, prepare
 from serving.proto import reid_pb2, reid_pb2_grpc
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 class Limits:
     max_images_per_request: int = 256
     max_image_pixels: int = 4096 * 4096
+    max_search_queries: int = 4096
+    max_top_k: int = 100_000
 
 
 class RequestError(Exception):
@@ -35,9 +39,10 @@ class RequestError(Exception):
         self.code, self.message = code, message
 
 
-class ReIdentificationService(reid_pb2_grpc.ReIdentificationServicer):
-    def __init__(self, engine: Engine, batcher: DynamicBatcher, metrics: ServerMetrics, limits: Limits, workers: int = 2):
-        self.engine, self.batcher, self.metrics, self.limits = engine, batcher, metrics, limits
+class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationServicer):
+    def __init__(self, engine: Engine, batcher: DynamicBatcher, metrics: ServerMetrics, limits: Limits, workers: int = 2,
+                 store: GalleryBackend | None = None):
+        self.engine, self.batcher, self.metrics, self.limits, self.store = engine, batcher, metrics, limits, store
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
         md = engine.metadata
         self.model_name = md.backbone or "model"

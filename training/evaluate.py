@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
@@ -47,25 +48,86 @@ def score(qf: np.ndarray, gf: np.ndarray, query, gallery, rerank_cfg) -> tuple[d
     return results, curves, dists
 
 
+def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -> tuple[dict, dict, dict, int]:
+    """Enroll the gallery into a temporary gallery on a running server, search every query, score.
+
+    Hits come back as distances (1 - cosine, or re-ranked); the Market-1501 protocol (same person
+    and camera removed) is applied to the returned ranking by ``evaluate_rank``, as offline.
+    """
+    import uuid
+
+    import grpc
+
+    from serving.client import GalleryClient, ReidClient, metadata_message
+
+    name = f"eval-{uuid.uuid4().hex[:12]}"
+    client, gallery_client = ReidClient(target, timeout=300), GalleryClient(target, timeout=600)
+    try:
+        qf = []
+        for start in tqdm(range(0, len(query), chunk), desc="query (server)", unit="batch", leave=False):
+            for rec, out in zip(query[start:start + chunk], client.embed([r.path for r in query[start:start + chunk]])):
+                if not out.ok:
+                    raise ReidError(f"the server could not embed {rec.path}: {out.error}")
+                qf.append(out.embedding)
+        qf = np.stack(qf)
+        gallery_client.create(name)
+        try:
+            for start in tqdm(range(0, len(gallery), chunk), desc="gallery (server)", unit="batch", leave=False):
+                part = gallery[start:start + chunk]
+                gallery_client.add(name, images=[r.path for r in part], ids=range(start + 1, start + len(part) + 1),
+                                   metadata=[metadata_message(str(r.pid), str(r.camid)) for r in part])
+            ids = (np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
+                   np.array([r.camid for r in query]), np.array([r.camid for r in gallery]))
+            variants = {"without re-ranking": None}
+            if rerank_cfg.re_ranking:
+                variants["with re-ranking"] = {"k1": rerank_cfg.k1, "k2": rerank_cfg.k2,
+                                               "lambda_value": rerank_cfg.lambda_value, "pool": len(gallery)}
+            results, curves, dists = {}, {}, {}
+            for label, rerank in variants.items():
+                answers = gallery_client.search(name, embeddings=qf, top_k=len(gallery), rerank=rerank)
+                dist = np.full((len(query), len(gallery)), np.inf, dtype=np.float32)
+                for qi, answer in enumerate(answers):
+                    for hit in answer.hits:
+                        dist[qi, hit.id - 1] = hit.distance
+                cmc, m_ap, m_inp = evaluate_rank(dist, *ids, max_rank=50, return_minp=True)
+                results[label], curves[label], dists[label] = _summary(cmc, m_ap, m_inp), cmc, dist
+            return results, curves, dists, qf.shape[1]
+        finally:
+            gallery_client.drop(name)
+    except grpc.RpcError as exc:
+        raise ReidError(f"server {target}: {exc.code().name}: {exc.details()}") from None
+    finally:
+        client.close()
+        gallery_client.close()
+
+
 def run_evaluate(spec) -> dict:
     e = spec.evaluate
-    if not e.checkpoint:
-        raise ConfigError("evaluate.checkpoint is required (a .pth checkpoint, .onnx, .engine or embeddings file)")
+    if not e.checkpoint and not e.server:
+        raise ConfigError("evaluate.checkpoint is required (a .pth checkpoint, .onnx, .engine or embeddings file), "
+                          "or evaluate.server to evaluate through a running server")
     query = load_query(e.query_dataset or spec.dataset.query_dataset_dir)
     gallery = load_gallery(e.test_dataset or spec.dataset.test_dataset_dir)
-    embedder = open_embedder(e.checkpoint, spec, e.gpu_id, e.batch_size or spec.dataset.val_batch_size)
-    log.info("evaluating %s on %d query and %d gallery images", embedder.description, len(query), len(gallery))
-    qf = embedder.embed(query, "query")
-    gf = embedder.embed(gallery, "gallery")
-    results, curves, dists = score(qf, gf, query, gallery, spec.re_ranking)
+    if e.server:
+        source = f"server {e.server}"
+        log.info("evaluating through %s on %d query and %d gallery images", e.server, len(query), len(gallery))
+        results, curves, dists, dim = score_via_server(e.server, query, gallery, spec.re_ranking)
+    else:
+        embedder = open_embedder(e.checkpoint, spec, e.gpu_id, e.batch_size or spec.dataset.val_batch_size)
+        source = embedder.description
+        log.info("evaluating %s on %d query and %d gallery images", embedder.description, len(query), len(gallery))
+        qf = embedder.embed(query, "query")
+        gf = embedder.embed(gallery, "gallery")
+        results, curves, dists = score(qf, gf, query, gallery, spec.re_ranking)
+        dim = int(qf.shape[1])
     out_dir = Path(spec.results_dir) / "evaluate"
     out_dir.mkdir(parents=True, exist_ok=True)
     cmc_path = plot_cmc(curves, e.output_cmc_curve_plot or out_dir / "cmc_curve.png")
     best = dists.get("with re-ranking", dists["without re-ranking"])
     matches_path = plot_matches(query, gallery, best, e.output_sampled_matches_plot or out_dir / "sampled_matches.png")
     report = {
-        "model": str(e.checkpoint), "source": embedder.description,
-        "num_query": len(query), "num_gallery": len(gallery), "embedding_dim": int(qf.shape[1]),
+        "model": str(e.checkpoint or e.server), "source": source,
+        "num_query": len(query), "num_gallery": len(gallery), "embedding_dim": dim,
         "results": results,
         "re_ranking": {"k1": spec.re_ranking.k1, "k2": spec.re_ranking.k2, "lambda_value": spec.re_ranking.lambda_value}
         if spec.re_ranking.re_ranking else None,

@@ -12,9 +12,18 @@ class PixelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIXEL_FORMAT_UNSPECIFIED: _ClassVar[PixelFormat]
     RGB8: _ClassVar[PixelFormat]
     BGR8: _ClassVar[PixelFormat]
+
+class IndexType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INDEX_TYPE_UNSPECIFIED: _ClassVar[IndexType]
+    FLAT: _ClassVar[IndexType]
+    HNSW: _ClassVar[IndexType]
 PIXEL_FORMAT_UNSPECIFIED: PixelFormat
 RGB8: PixelFormat
 BGR8: PixelFormat
+INDEX_TYPE_UNSPECIFIED: IndexType
+FLAT: IndexType
+HNSW: IndexType
 
 class RawImage(_message.Message):
     __slots__ = ("pixels", "height", "width", "format")
@@ -101,3 +110,187 @@ class EmbedResponse(_message.Message):
     request_id: str
     model: str
     def __init__(self, results: _Optional[_Iterable[_Union[EmbedResult, _Mapping]]] = ..., dimension: _Optional[int] = ..., normalized: _Optional[bool] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class EntryMetadata(_message.Message):
+    __slots__ = ("person_id", "camera_id", "timestamp", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    person_id: str
+    camera_id: str
+    timestamp: float
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, person_id: _Optional[str] = ..., camera_id: _Optional[str] = ..., timestamp: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreateGalleryRequest(_message.Message):
+    __slots__ = ("name", "dimension", "index_type")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dimension: int
+    index_type: IndexType
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[_Union[IndexType, str]] = ...) -> None: ...
+
+class GalleryInfo(_message.Message):
+    __slots__ = ("name", "dimension", "size", "index_type", "backend", "device")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dimension: int
+    size: int
+    index_type: IndexType
+    backend: str
+    device: str
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., size: _Optional[int] = ..., index_type: _Optional[_Union[IndexType, str]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class DropGalleryRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DropGalleryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListGalleriesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListGalleriesResponse(_message.Message):
+    __slots__ = ("galleries",)
+    GALLERIES_FIELD_NUMBER: _ClassVar[int]
+    galleries: _containers.RepeatedCompositeFieldContainer[GalleryInfo]
+    def __init__(self, galleries: _Optional[_Iterable[_Union[GalleryInfo, _Mapping]]] = ...) -> None: ...
+
+class GetGalleryInfoRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class AddToGalleryRequest(_message.Message):
+    __slots__ = ("gallery", "images", "embeddings", "metadata", "ids", "replace_existing")
+    GALLERY_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_EXISTING_FIELD_NUMBER: _ClassVar[int]
+    gallery: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    metadata: _containers.RepeatedCompositeFieldContainer[EntryMetadata]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    replace_existing: bool
+    def __init__(self, gallery: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., metadata: _Optional[_Iterable[_Union[EntryMetadata, _Mapping]]] = ..., ids: _Optional[_Iterable[int]] = ..., replace_existing: _Optional[bool] = ...) -> None: ...
+
+class AddToGalleryResponse(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RemoveFromGalleryRequest(_message.Message):
+    __slots__ = ("gallery", "ids")
+    GALLERY_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    gallery: str
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, gallery: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RemoveFromGalleryResponse(_message.Message):
+    __slots__ = ("removed", "missing")
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    missing: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, removed: _Optional[int] = ..., missing: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SearchFilter(_message.Message):
+    __slots__ = ("exclude_camera_id", "time_from", "time_to", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    EXCLUDE_CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FROM_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    exclude_camera_id: str
+    time_from: float
+    time_to: float
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, exclude_camera_id: _Optional[str] = ..., time_from: _Optional[float] = ..., time_to: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RerankOptions(_message.Message):
+    __slots__ = ("enabled", "k1", "k2", "lambda_value", "pool")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    K1_FIELD_NUMBER: _ClassVar[int]
+    K2_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_VALUE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    k1: int
+    k2: int
+    lambda_value: float
+    pool: int
+    def __init__(self, enabled: _Optional[bool] = ..., k1: _Optional[int] = ..., k2: _Optional[int] = ..., lambda_value: _Optional[float] = ..., pool: _Optional[int] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("gallery", "images", "embeddings", "top_k", "filters", "rerank")
+    GALLERY_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    gallery: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    top_k: int
+    filters: _containers.RepeatedCompositeFieldContainer[SearchFilter]
+    rerank: RerankOptions
+    def __init__(self, gallery: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[SearchFilter, _Mapping]]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ...) -> None: ...
+
+class SearchHit(_message.Message):
+    __slots__ = ("id", "score", "distance", "metadata")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    score: float
+    distance: float
+    metadata: EntryMetadata
+    def __init__(self, id: _Optional[int] = ..., score: _Optional[float] = ..., distance: _Optional[float] = ..., metadata: _Optional[_Union[EntryMetadata, _Mapping]] = ...) -> None: ...
+
+class SearchResult(_message.Message):
+    __slots__ = ("hits", "error")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    error: Error
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SearchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SearchResult, _Mapping]]] = ...) -> None: ...

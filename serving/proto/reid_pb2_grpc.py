@@ -44,6 +44,41 @@ class ReIdentificationStub:
                 request_serializer=reid_dot_v1_dot_reid__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=reid_dot_v1_dot_reid__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.CreateGallery = channel.unary_unary(
+                '/reid.v1.ReIdentification/CreateGallery',
+                request_serializer=reid_dot_v1_dot_reid__pb2.CreateGalleryRequest.SerializeToString,
+                response_deserializer=reid_dot_v1_dot_reid__pb2.GalleryInfo.FromString,
+                _registered_method=True)
+        self.DropGallery = channel.unary_unary(
+                '/reid.v1.ReIdentification/DropGallery',
+                request_serializer=reid_dot_v1_dot_reid__pb2.DropGalleryRequest.SerializeToString,
+                response_deserializer=reid_dot_v1_dot_reid__pb2.DropGalleryResponse.FromString,
+                _registered_method=True)
+        self.ListGalleries = channel.unary_unary(
+                '/reid.v1.ReIdentification/ListGalleries',
+                request_serializer=reid_dot_v1_dot_reid__pb2.ListGalleriesRequest.SerializeToString,
+                response_deserializer=reid_dot_v1_dot_reid__pb2.ListGalleriesResponse.FromString,
+                _registered_method=True)
+        self.GetGalleryInfo = channel.unary_unary(
+                '/reid.v1.ReIdentification/GetGalleryInfo',
+                request_serializer=reid_dot_v1_dot_reid__pb2.GetGalleryInfoRequest.SerializeToString,
+                response_deserializer=reid_dot_v1_dot_reid__pb2.GalleryInfo.FromString,
+                _registered_method=True)
+        self.AddToGallery = channel.unary_unary(
+                '/reid.v1.ReIdentification/AddToGallery',
+                request_serializer=reid_dot_v1_dot_reid__pb2.AddToGalleryRequest.SerializeToString,
+                response_deserializer=reid_dot_v1_dot_reid__pb2.AddToGalleryResponse.FromString,
+                _registered_method=True)
+        self.RemoveFromGallery = channel.unary_unary(
+                '/reid.v1.ReIdentification/RemoveFromGallery',
+                request_serializer=reid_dot_v1_dot_reid__pb2.RemoveFromGalleryRequest.SerializeToString,
+                response_deserializer=reid_dot_v1_dot_reid__pb2.RemoveFromGalleryResponse.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/reid.v1.ReIdentification/Search',
+                request_serializer=reid_dot_v1_dot_reid__pb2.SearchRequest.SerializeToString,
+                response_deserializer=reid_dot_v1_dot_reid__pb2.SearchResponse.FromString,
+                _registered_method=True)
 
 
 class ReIdentificationServicer:
@@ -63,6 +98,50 @@ class ReIdentificationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateGallery(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropGallery(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGalleries(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGalleryInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddToGallery(self, request, context):
+        """Errors: NOT_FOUND (gallery), INVALID_ARGUMENT (dimension, NaN/inf, bad image, counts),
+        ALREADY_EXISTS (id present and replace_existing false), UNAVAILABLE (storage not writable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveFromGallery(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReIdentificationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +154,41 @@ def add_ReIdentificationServicer_to_server(servicer, server):
                     servicer.EmbedStream,
                     request_deserializer=reid_dot_v1_dot_reid__pb2.EmbedRequest.FromString,
                     response_serializer=reid_dot_v1_dot_reid__pb2.EmbedResponse.SerializeToString,
+            ),
+            'CreateGallery': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGallery,
+                    request_deserializer=reid_dot_v1_dot_reid__pb2.CreateGalleryRequest.FromString,
+                    response_serializer=reid_dot_v1_dot_reid__pb2.GalleryInfo.SerializeToString,
+            ),
+            'DropGallery': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropGallery,
+                    request_deserializer=reid_dot_v1_dot_reid__pb2.DropGalleryRequest.FromString,
+                    response_serializer=reid_dot_v1_dot_reid__pb2.DropGalleryResponse.SerializeToString,
+            ),
+            'ListGalleries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGalleries,
+                    request_deserializer=reid_dot_v1_dot_reid__pb2.ListGalleriesRequest.FromString,
+                    response_serializer=reid_dot_v1_dot_reid__pb2.ListGalleriesResponse.SerializeToString,
+            ),
+            'GetGalleryInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGalleryInfo,
+                    request_deserializer=reid_dot_v1_dot_reid__pb2.GetGalleryInfoRequest.FromString,
+                    response_serializer=reid_dot_v1_dot_reid__pb2.GalleryInfo.SerializeToString,
+            ),
+            'AddToGallery': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddToGallery,
+                    request_deserializer=reid_dot_v1_dot_reid__pb2.AddToGalleryRequest.FromString,
+                    response_serializer=reid_dot_v1_dot_reid__pb2.AddToGalleryResponse.SerializeToString,
+            ),
+            'RemoveFromGallery': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveFromGallery,
+                    request_deserializer=reid_dot_v1_dot_reid__pb2.RemoveFromGalleryRequest.FromString,
+                    response_serializer=reid_dot_v1_dot_reid__pb2.RemoveFromGalleryResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=reid_dot_v1_dot_reid__pb2.SearchRequest.FromString,
+                    response_serializer=reid_dot_v1_dot_reid__pb2.SearchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +245,195 @@ class ReIdentification:
             '/reid.v1.ReIdentification/EmbedStream',
             reid_dot_v1_dot_reid__pb2.EmbedRequest.SerializeToString,
             reid_dot_v1_dot_reid__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGallery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reid.v1.ReIdentification/CreateGallery',
+            reid_dot_v1_dot_reid__pb2.CreateGalleryRequest.SerializeToString,
+            reid_dot_v1_dot_reid__pb2.GalleryInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropGallery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reid.v1.ReIdentification/DropGallery',
+            reid_dot_v1_dot_reid__pb2.DropGalleryRequest.SerializeToString,
+            reid_dot_v1_dot_reid__pb2.DropGalleryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGalleries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reid.v1.ReIdentification/ListGalleries',
+            reid_dot_v1_dot_reid__pb2.ListGalleriesRequest.SerializeToString,
+            reid_dot_v1_dot_reid__pb2.ListGalleriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGalleryInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reid.v1.ReIdentification/GetGalleryInfo',
+            reid_dot_v1_dot_reid__pb2.GetGalleryInfoRequest.SerializeToString,
+            reid_dot_v1_dot_reid__pb2.GalleryInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddToGallery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reid.v1.ReIdentification/AddToGallery',
+            reid_dot_v1_dot_reid__pb2.AddToGalleryRequest.SerializeToString,
+            reid_dot_v1_dot_reid__pb2.AddToGalleryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveFromGallery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reid.v1.ReIdentification/RemoveFromGallery',
+            reid_dot_v1_dot_reid__pb2.RemoveFromGalleryRequest.SerializeToString,
+            reid_dot_v1_dot_reid__pb2.RemoveFromGalleryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reid.v1.ReIdentification/Search',
+            reid_dot_v1_dot_reid__pb2.SearchRequest.SerializeToString,
+            reid_dot_v1_dot_reid__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,

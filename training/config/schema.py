@@ -123,6 +123,7 @@ class EvaluateConfig:
     output_sampled_matches_plot: str = ""
     gpu_id: int = ranged(0, 0)
     batch_size: int = ranged(0, 0, doc="0 = dataset.val_batch_size")
+    server: str = field(default="", metadata={"doc": "host:port of a reid-serve server: evaluate through its gallery"})
 
 
 @dataclass

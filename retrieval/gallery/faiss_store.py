@@ -1,0 +1,388 @@
+"""FAISS galleries on local disk that survive crashes: snapshot + write-ahead log per gallery.
+
+Layout: ``ROOT/<gallery>/gallery.json`` (dimension, index type), ``snapshot.npz`` (ids, vectors,
+metadata; written to a temporary file, fsync'ed and renamed), ``wal.log`` (every add/remove since
+the snapshot). An add or remove is in the log, fsync'ed, before it is applied and acknowledged. On
+start a gallery is its snapshot plus the log replayed. A corrupt snapshot stops the start with a
+message naming the file (the log alone cannot rebuild what the snapshot held).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.distance import l2_normalize
+from retrieval.faiss_setup import import_faiss
+from retrieval.gallery.base import (
+    INDEX_TYPES, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
+    InvalidEntry, RerankOptions, SearchFilter, StorageError,
+)
+from retrieval.gallery.wal import WriteAheadLog, fsync_dir
+from retrieval.rerank import k_reciprocal_rerank
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_ID = 2**63 - 1
+HNSW_M = 32
+
+
+def _storage(exc: OSError, what: str) -> StorageError:
+    return StorageError(f"{what}: {exc.strerror or exc}")
+
+
+class _Gallery:
+    """One gallery: rows of vectors and metadata, a FAISS index over the live rows, its log."""
+
+    def __init__(self, directory: Path, dim: int, index_type: str, snapshot_every: int):
+        self.dir, self.dim, self.index_type, self.snapshot_every = directory, dim, index_type, snapshot_every
+        self.lock = threading.RLock()
+        self.faiss = import_faiss()
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.vectors = np.zeros((0, dim), dtype=np.float32)
+        self.meta: list[EntryMetadata] = []
+        self.alive = np.zeros(0, dtype=bool)
+        self.cams = np.zeros(0, dtype=str)  # columns of the metadata used by filters, row-aligned
+        self.times = np.zeros(0, dtype=np.float64)
+        self.row: dict[int, int] = {}
+        self.changes_since_snapshot = 0
+        self.device = "cpu"
+        self.wal = WriteAheadLog(directory / "wal.log")
+        self._load()
+
+    # ---- persistence -------------------------------------------------------------------------
+    def _load(self) -> None:
+        snap = self.dir / "snapshot.npz"
+        if snap.exists():
+            try:
+                with np.load(snap, allow_pickle=False) as data:
+                    ids, vectors, meta = data["ids"], data["vectors"], json.loads(str(data["meta"]))
+            except Exception as exc:  # noqa: BLE001 - any unreadable snapshot
+                raise GalleryError(f"snapshot {snap} is corrupt ({exc}); refusing to start: restore it from a backup "
+                                   "or move the gallery directory aside") from None
+            self._append_rows(ids.astype(np.int64), vectors.astype(np.float32), [EntryMetadata(**m) for m in meta])
+        replayed = 0
+        for payload in self.wal.replay():
+            self._apply(payload)
+            replayed += 1
+        self._rebuild_index()
+        if replayed:
+            log.info("gallery %s: replayed %d log records", self.dir.name, replayed)
+
+    @staticmethod
+    def _encode(op: dict, vectors: np.ndarray | None = None) -> bytes:
+        header = json.dumps(op).encode()
+        body = vectors.astype(np.float32).tobytes() if vectors is not None else b""
+        return len(header).to_bytes(4, "little") + header + body
+
+    def _apply(self, payload: bytes) -> None:
+        n = int.from_bytes(payload[:4], "little")
+        op = json.loads(payload[4 : 4 + n])
+        ids = np.asarray(op["ids"], dtype=np.int64)
+        if op["op"] == "add":
+            vectors = np.frombuffer(payload[4 + n :], dtype=np.float32).reshape(len(ids), self.dim)
+            self._apply_add(ids, vectors, [EntryMetadata(**m) for m in op["meta"]])
+        else:
+            self._apply_remove(ids)
+
+    def _log(self, payload: bytes) -> None:
+        try:
+            self.wal.append(payload)
+        except OSError as exc:
+            self.wal.close()
+            raise _storage(exc, f"cannot write the log of gallery {self.dir.name}") from None
+
+    def snapshot(self) -> None:
+        """Write live rows atomically, then empty the log."""
+        with self.lock:
+            keep = self.alive
+            tmp = self.dir / "snapshot.npz.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    np.savez(f, ids=self.ids[keep], vectors=self.vectors[keep],
+                             meta=np.array(json.dumps([m.to_dict() for m, a in zip(self.meta, keep) if a])))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.dir / "snapshot.npz")
+                fsync_dir(self.dir)
+                self.wal.truncate()
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise _storage(exc, f"cannot write the snapshot of gallery {self.dir.name}") from None
+            self._compact()
+            self.changes_since_snapshot = 0
+
+    # ---- in-memory state -----------------------------------------------------------------------
+    def _append_rows(self, ids, vectors, meta) -> None:
+        start = len(self.ids)
+        self.ids = np.concatenate([self.ids, ids])
+        self.vectors = np.concatenate([self.vectors, vectors])
+        self.meta += list(meta)
+        self.cams = np.concatenate([self.cams, np.array([m.camera_id for m in meta], dtype=str)])
+        self.times = np.concatenate([self.times, np.array([m.timestamp for m in meta], dtype=np.float64)])
+        self.alive = np.concatenate([self.alive, np.ones(len(ids), dtype=bool)])
+        for offset, i in enumerate(ids.tolist()):
+            self.row[i] = start + offset
+
+    def _apply_add(self, ids, vectors, meta) -> None:
+        self._apply_remove(ids[[i in self.row for i in ids.tolist()]])
+        self._append_rows(ids, vectors, meta)
+        if hasattr(self, "index"):
+            self.index.add_with_ids(vectors, ids)
+
+    def _apply_remove(self, ids) -> None:
+        present = [i for i in ids.tolist() if i in self.row]
+        if not present:
+            return
+        for i in present:
+            self.alive[self.row.pop(i)] = False
+        if hasattr(self, "index") and self.index_type == "flat":
+            self.index.remove_ids(np.asarray(present, dtype=np.int64))
+        # HNSW cannot delete: dead rows are filtered out at search time and dropped at the next snapshot
+
+    def _compact(self) -> None:
+        keep = self.alive
+        self.ids, self.vectors = self.ids[keep], self.vectors[keep]
+        self.meta = [m for m, a in zip(self.meta, keep) if a]
+        self.cams, self.times = self.cams[keep], self.times[keep]
+        self.alive = np.ones(len(self.ids), dtype=bool)
+        self.row = {i: r for r, i in enumerate(self.ids.tolist())}
+        self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        f = self.faiss
+        if self.index_type == "hnsw":
+            inner = f.IndexHNSWFlat(self.dim, HNSW_M, f.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = 80
+        else:
+            inner = f.IndexFlatIP(self.dim)
+            if f.get_num_gpus() > 0:  # index_cpu_to_all_gpus returns an empty replica set without GPUs
+                inner = f.index_cpu_to_all_gpus(inner)
+                self.device = "cuda"
+        self._inner = inner
+        self.index = f.IndexIDMap2(inner)
+        live = self.alive
+        if live.any():
+            self.index.add_with_ids(self.vectors[live], self.ids[live])
+
+    # ---- operations ----------------------------------------------------------------------------
+    def add(self, ids: np.ndarray, vectors: np.ndarray, meta: list[EntryMetadata], replace: bool) -> np.ndarray:
+        with self.lock:
+            ids = np.asarray(ids, dtype=np.int64).copy()
+            if len(ids) != len(vectors) or len(meta) != len(vectors):
+                raise InvalidEntry(f"{len(vectors)} vectors but {len(ids)} ids and {len(meta)} metadata entries")
+            if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+                raise InvalidEntry(f"gallery {self.dir.name} holds {self.dim}-d embeddings, got {vectors.shape[-1]}-d")
+            if not np.isfinite(vectors).all():
+                raise InvalidEntry("embeddings contain NaN or inf")
+            if (ids < 0).any():
+                raise InvalidEntry(f"ids must be between 1 and {MAX_ID}")
+            given = ids[ids > 0]
+            if len(np.unique(given)) != len(given):
+                raise InvalidEntry("the request repeats an id")
+            if not replace:
+                clash = [i for i in given.tolist() if i in self.row]
+                if clash:
+                    raise GalleryExists(f"ids already in gallery {self.dir.name}: {clash[:10]}; set replace to overwrite")
+            free = ids == 0
+            if free.any():
+                start = max(int(self.ids.max()) if len(self.ids) else 0, int(given.max()) if len(given) else 0) + 1
+                ids[free] = np.arange(start, start + int(free.sum()))
+            vectors = l2_normalize(vectors)
+            self._log(self._encode({"op": "add", "ids": ids.tolist(), "meta": [m.to_dict() for m in meta]}, vectors))
+            self._apply_add(ids, vectors, meta)
+            self._after_change(len(ids))
+            return ids
+
+    def remove(self, ids: np.ndarray) -> tuple[int, list[int]]:
+        with self.lock:
+            ids = np.asarray(ids, dtype=np.int64)
+            missing = [i for i in ids.tolist() if i not in self.row]
+            present = np.asarray([i for i in ids.tolist() if i in self.row], dtype=np.int64)
+            if len(present):
+                self._log(self._encode({"op": "remove", "ids": present.tolist()}))
+                self._apply_remove(present)
+                self._after_change(len(present))
+            return len(present), missing
+
+    def _after_change(self, n: int) -> None:
+        self.changes_since_snapshot += n
+        if self.changes_since_snapshot >= self.snapshot_every:
+            try:
+                self.snapshot()
+            except StorageError as exc:  # the change itself is durable in the log
+                log.warning("%s", exc)
+
+    def _allowed(self, flt: SearchFilter) -> np.ndarray:
+        mask = self.alive.copy()
+        if flt.exclude_camera_id:
+            mask &= self.cams != flt.exclude_camera_id
+        if flt.time_from:
+            mask &= self.times >= flt.time_from
+        if flt.time_to:
+            mask &= self.times <= flt.time_to
+        if flt.labels:
+            mask &= np.array([all(m.labels.get(k) == v for k, v in flt.labels.items()) for m in self.meta], dtype=bool)
+        return mask
+
+    def _search(self, queries: np.ndarray, k: int, filters: list[SearchFilter]) -> tuple[np.ndarray, np.ndarray]:
+        f = self.faiss
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        groups: dict[tuple, list[int]] = {}
+        for i, flt in enumerate(filters):
+            groups.setdefault(flt.key(), []).append(i)
+        for rows in groups.values():
+            flt = filters[rows[0]]
+            params = None
+            if not flt.is_empty() or not self.alive.all():
+                allowed = self.ids[self._allowed(flt)]
+                sel = f.IDSelectorBatch(allowed)
+                params = f.SearchParametersHNSW(sel=sel, efSearch=max(64, k)) if self.index_type == "hnsw" else f.SearchParameters(sel=sel)
+            elif self.index_type == "hnsw":
+                params = f.SearchParametersHNSW(efSearch=max(64, k))
+            d, i = self.index.search(queries[rows], k, params=params)
+            scores[rows], ids[rows] = d, i
+        return scores, ids
+
+    def search(self, queries: np.ndarray, top_k: int, filters: list[SearchFilter], rerank: RerankOptions | None) -> list[list[Hit]]:
+        with self.lock:
+            if queries.ndim != 2 or queries.shape[1] != self.dim:
+                raise InvalidEntry(f"gallery {self.dir.name} holds {self.dim}-d embeddings, got {queries.shape[-1]}-d queries")
+            if not np.isfinite(queries).all():
+                raise InvalidEntry("query embeddings contain NaN or inf")
+            if len(filters) not in (1, len(queries)):
+                raise InvalidEntry(f"give one filter for all queries or one per query, got {len(filters)} for {len(queries)}")
+            if len(filters) == 1:
+                filters = filters * len(queries)
+            live = int(self.alive.sum())
+            queries = l2_normalize(queries)
+            k = min(top_k, live)
+            if k <= 0:
+                return [[] for _ in queries]
+            if rerank is None:
+                scores, ids = self._search(queries, k, filters)
+                return [[Hit(int(i), float(s), 1.0 - float(s), self.meta[self.row[int(i)]])
+                         for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
+            return self._search_reranked(queries, top_k, filters, rerank, live)
+
+    def _search_reranked(self, queries, top_k, filters, opts: RerankOptions, live: int) -> list[list[Hit]]:
+        """k-reciprocal re-ranking of a bounded candidate pool: each query's top ``pool`` plus
+        the ``k1`` nearest neighbours of those candidates (so their reciprocal sets are complete)."""
+        pool = min(max(opts.pool, top_k), live)
+        _, first = self._search(queries, pool, filters)
+        cand = np.unique(first[first >= 0])
+        if len(cand) < live:
+            rows = np.array([self.row[i] for i in cand.tolist()])
+            _, neigh = self._search(self.vectors[rows], min(opts.k1 + 1, live), [SearchFilter()] * len(rows))
+            cand = np.unique(np.concatenate([cand, neigh[neigh >= 0]]))
+        rows = np.array([self.row[i] for i in cand.tolist()])
+        gallery = self.vectors[rows]
+        dist = k_reciprocal_rerank(queries, gallery, opts.k1, opts.k2, opts.lambda_value)
+        cos = queries @ gallery.T
+        out = []
+        for qi, flt in enumerate(filters):
+            allowed = self._allowed(flt)[rows]
+            d = np.where(allowed, dist[qi], np.inf)
+            order = np.argsort(d, kind="stable")[: min(top_k, int(allowed.sum()))]
+            out.append([Hit(int(cand[j]), float(cos[qi, j]), float(d[j]), self.meta[rows[j]]) for j in order])
+        return out
+
+    def info(self, name: str) -> GalleryInfo:
+        return GalleryInfo(name, self.dim, int(self.alive.sum()), self.index_type, "faiss", self.device)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.changes_since_snapshot:
+                try:
+                    self.snapshot()
+                except StorageError as exc:
+                    log.warning("%s (the log still holds every change)", exc)
+            self.wal.close()
+
+
+class FaissGalleryStore(GalleryBackend):
+    """Named FAISS galleries under one directory."""
+
+    def __init__(self, root: str | Path, snapshot_every: int = 50_000):
+        self.root = Path(root)
+        self.snapshot_every = snapshot_every
+        self.lock = threading.Lock()
+        self.galleries: dict[str, _Gallery] = {}
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _storage(exc, f"cannot create gallery directory {self.root}") from None
+        for cfg in sorted(self.root.glob("*/gallery.json")):
+            meta = json.loads(cfg.read_text())
+            self.galleries[cfg.parent.name] = _Gallery(cfg.parent, meta["dim"], meta["index_type"], snapshot_every)
+
+    def _get(self, name: str) -> _Gallery:
+        try:
+            return self.galleries[name]
+        except KeyError:
+            raise GalleryNotFound(f"no gallery named {name!r}") from None
+
+    def create(self, name: str, dim: int, index_type: str = "flat") -> GalleryInfo:
+        if not _NAME.match(name or ""):
+            raise InvalidEntry(f"gallery name {name!r} must be 1-128 letters, digits, '_', '.' or '-'")
+        if dim < 1 or dim > 65536:
+            raise InvalidEntry(f"dimension {dim} is out of range 1..65536")
+        if index_type not in INDEX_TYPES:
+            raise InvalidEntry(f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}")
+        with self.lock:
+            if name in self.galleries:
+                raise GalleryExists(f"gallery {name!r} already exists")
+            directory = self.root / name
+            try:
+                directory.mkdir()
+                tmp = directory / "gallery.json.tmp"
+                tmp.write_text(json.dumps({"dim": dim, "index_type": index_type}))
+                os.replace(tmp, directory / "gallery.json")
+                fsync_dir(directory)
+            except OSError as exc:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise _storage(exc, f"cannot create gallery {name!r}") from None
+            self.galleries[name] = _Gallery(directory, dim, index_type, self.snapshot_every)
+            return self.galleries[name].info(name)
+
+    def drop(self, name: str) -> None:
+        with self.lock:
+            gallery = self._get(name)
+            gallery.wal.close()
+            try:
+                shutil.rmtree(gallery.dir)
+            except OSError as exc:
+                raise _storage(exc, f"cannot drop gallery {name!r}") from None
+            del self.galleries[name]
+
+    def list(self) -> list[GalleryInfo]:
+        with self.lock:
+            return [g.info(n) for n, g in sorted(self.galleries.items())]
+
+    def info(self, name: str) -> GalleryInfo:
+        return self._get(name).info(name)
+
+    def add(self, name, ids, vectors, metadata, replace=False):
+        return self._get(name).add(ids, np.asarray(vectors, dtype=np.float32), metadata, replace)
+
+    def remove(self, name, ids):
+        return self._get(name).remove(ids)
+
+    def search(self, name, queries, top_k, filters, rerank=None):
+        if top_k < 1:
+            raise InvalidEntry("top_k must be at least 1")
+        return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters or [SearchFilter()], rerank)
+
+    def snapshot(self, name: str) -> None:
+        self._get(name).snapshot()
+
+    def close(self) -> None:
+        for gallery in self.galleries.values():
+            gallery.close()

@@ -1,0 +1,170 @@
+"""Gallery RPCs of the ReIdentification service, over any ``GalleryBackend``.
+
+Store calls block (fsync, FAISS), so they run in a thread pool; each gallery serializes its own
+writes and searches with a lock, so concurrent adds and searches stay consistent.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from retrieval.gallery import EntryMetadata, GalleryError, GalleryInfo, RerankOptions, SearchFilter
+from serving.proto import reid_pb2
+
+_INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}
+_INDEX_ENUMS = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}
+
+
+def _info(info: GalleryInfo) -> reid_pb2.GalleryInfo:
+    return reid_pb2.GalleryInfo(name=info.name, dimension=info.dim, size=info.size,
+                                index_type=_INDEX_ENUMS.get(info.index_type, reid_pb2.INDEX_TYPE_UNSPECIFIED),
+                                backend=info.backend, device=info.device)
+
+
+def _meta(m: reid_pb2.EntryMetadata) -> EntryMetadata:
+    return EntryMetadata(m.person_id, m.camera_id, m.timestamp, dict(m.labels))
+
+
+def _filter(f: reid_pb2.SearchFilter) -> SearchFilter:
+    return SearchFilter(f.exclude_camera_id, f.time_from, f.time_to, dict(f.labels))
+
+
+class GalleryRpcs:
+    """Mixed into the service; needs ``self.store``, ``self.limits``, ``self.engine`` and ``embed_arrays``."""
+
+    store = None
+    _gallery_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gallery")
+
+    async def _call(self, context, method: str, fn, *args):
+        if self.store is None:
+            await self._fail(context, method, grpc.StatusCode.UNAVAILABLE, "this server has no gallery store configured")
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._gallery_pool, fn, *args)
+        except GalleryError as exc:
+            await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
+        self._count(method, grpc.StatusCode.OK)
+        return result
+
+    async def _fail(self, context, method: str, code: grpc.StatusCode, message: str):
+        self._count(method, code)
+        await context.abort(code, message)
+
+    async def _embed_images(self, images, context, method: str) -> tuple[np.ndarray, list]:
+        """Embed request images through the batcher; returns (rows for good images, per-image errors)."""
+        from serving.service import RequestError
+
+        try:
+            response = await self.embed_arrays(reid_pb2.EmbedRequest(images=images), self._deadline(context))
+        except RequestError as exc:
+            await self._fail(context, method, exc.code, exc.message)
+        rows, errors = [], []
+        for r in response.results:
+            if r.WhichOneof("result") == "embedding":
+                rows.append(np.asarray(r.embedding.values, dtype=np.float32))
+                errors.append(None)
+            else:
+                rows.append(None)
+                errors.append(r.error)
+        return rows, errors
+
+    async def CreateGallery(self, request, context):
+        dim = request.dimension or self.engine.metadata.embedding_dim
+        info = await self._call(context, "CreateGallery", self.store.create if self.store else None,
+                                request.name, dim, _INDEX_NAMES.get(request.index_type, "flat"))
+        return _info(info)
+
+    async def DropGallery(self, request, context):
+        await self._call(context, "DropGallery", self.store.drop if self.store else None, request.name)
+        return reid_pb2.DropGalleryResponse()
+
+    async def ListGalleries(self, request, context):
+        infos = await self._call(context, "ListGalleries", self.store.list if self.store else None)
+        return reid_pb2.ListGalleriesResponse(galleries=[_info(i) for i in infos])
+
+    async def GetGalleryInfo(self, request, context):
+        return _info(await self._call(context, "GetGalleryInfo", self.store.info if self.store else None, request.name))
+
+    async def AddToGallery(self, request, context):
+        method = "AddToGallery"
+        if bool(request.images) == bool(request.embeddings):
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "give either images or embeddings (exactly one)")
+        n = len(request.images) or len(request.embeddings)
+        if len(request.metadata) not in (0, n) or len(request.ids) not in (0, n):
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{n} entries need {n} metadata and {n} ids (or none), got {len(request.metadata)} and {len(request.ids)}")
+        if request.images:
+            rows, errors = await self._embed_images(request.images, context, method)
+            bad = [(i, e) for i, e in enumerate(errors) if e is not None]
+            if bad:
+                i, e = bad[0]
+                await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"image {i}: {e.message} ({len(bad)} of {n} images unusable; nothing was added)")
+            vectors = np.stack(rows)
+        else:
+            lengths = {len(e.values) for e in request.embeddings}
+            if len(lengths) != 1:
+                await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"embeddings have mismatched lengths {sorted(lengths)}")
+            vectors = np.asarray([e.values for e in request.embeddings], dtype=np.float32)
+        ids = np.asarray(list(request.ids) or [0] * n, dtype=np.uint64)
+        if (ids > np.uint64(2**63 - 1)).any():
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "ids must be below 2^63")
+        meta = [_meta(m) for m in request.metadata] or [EntryMetadata() for _ in range(n)]
+        out = await self._call(context, method, self.store.add if self.store else None, request.gallery,
+                               ids.astype(np.int64), vectors, meta, request.replace_existing)
+        return reid_pb2.AddToGalleryResponse(ids=[int(i) for i in out])
+
+    async def RemoveFromGallery(self, request, context):
+        removed, missing = await self._call(context, "RemoveFromGallery", self.store.remove if self.store else None,
+                                            request.gallery, np.asarray(list(request.ids), dtype=np.uint64).astype(np.int64))
+        return reid_pb2.RemoveFromGalleryResponse(removed=removed, missing=missing)
+
+    async def Search(self, request, context):
+        method = "Search"
+        if bool(request.images) == bool(request.embeddings):
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "give either query images or query embeddings (exactly one)")
+        n = len(request.images) or len(request.embeddings)
+        if n > self.limits.max_search_queries:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{n} queries; the limit is {self.limits.max_search_queries}")
+        top_k = request.top_k or 10
+        if top_k > self.limits.max_top_k:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"top_k {top_k} exceeds the limit {self.limits.max_top_k}")
+        if len(request.filters) not in (0, 1, n):
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"give no filter, one, or one per query ({n}); got {len(request.filters)}")
+        filters = [_filter(f) for f in request.filters] or [SearchFilter()]
+        errors: list = [None] * n
+        if request.images:
+            rows, errors = await self._embed_images(request.images, context, method)
+            good = [i for i, e in enumerate(errors) if e is None]
+            queries = np.stack([rows[i] for i in good]) if good else None
+        else:
+            lengths = {len(e.values) for e in request.embeddings}
+            if len(lengths) != 1:
+                await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"embeddings have mismatched lengths {sorted(lengths)}")
+            good = list(range(n))
+            queries = np.asarray([e.values for e in request.embeddings], dtype=np.float32)
+        r = request.rerank
+        rerank = RerankOptions(r.k1 or 20, r.k2 or 6, r.lambda_value if r.lambda_value else 0.3, r.pool or 100) if r.enabled else None
+        if rerank and not 0.0 <= rerank.lambda_value <= 1.0:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "rerank.lambda_value must be within 0..1")
+        hits = []
+        if good:
+            query_filters = filters if len(filters) == 1 else [filters[i] for i in good]
+            hits = await self._call(context, method, self.store.search if self.store else None, request.gallery,
+                                    queries, top_k, query_filters, rerank)
+        response = reid_pb2.SearchResponse()
+        found = dict(zip(good, hits))
+        for i in range(n):
+            result = response.results.add()
+            if errors[i] is not None:
+                result.error.CopyFrom(errors[i])
+                continue
+            for h in found.get(i, []):
+                m = h.metadata
+                result.hits.add(id=h.id, score=h.score, distance=h.distance, metadata=reid_pb2.EntryMetadata(
+                    person_id=m.person_id, camera_id=m.camera_id, timestamp=m.timestamp, labels=m.labels))
+        return response

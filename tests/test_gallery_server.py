@@ -1,0 +1,173 @@
+"""Gallery RPCs against a real server: round trips, errors, crash durability, concurrency,
+and `reid evaluate` through the server agreeing with offline evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from retrieval.distance import l2_normalize
+from retrieval.gallery import FaissGalleryStore
+from serving.client import GalleryClient, metadata_message
+from serving.engines.onnxruntime import OnnxRuntimeEngine
+from serving.proto import reid_pb2
+from serving.server import ServerConfig
+from tests.conftest import quick_overrides
+from tests.serving_support import ServerThread
+from training.cli import main as reid_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server(tiny_onnx, tmp_path):
+    store = FaissGalleryStore(tmp_path / "galleries")
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0))
+    thread.server.store = store
+    with thread as s:
+        yield s
+
+
+def test_round_trip_filters_and_errors(server):
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(50, 32)).astype(np.float32)
+    with GalleryClient(server.target) as g:
+        info = g.create("people")
+        assert info.dimension == 32 and info.backend == "faiss"
+        ids = g.add("people", embeddings=vecs, metadata=[metadata_message(str(i), f"c{i % 2}", float(i)) for i in range(50)])
+        assert ids == list(range(1, 51)) and g.info("people").size == 50
+        results = g.search("people", embeddings=vecs[:3], top_k=5)
+        sims = l2_normalize(vecs[:3]) @ l2_normalize(vecs).T
+        for q, r in enumerate(results):
+            assert [h.id for h in r.hits] == (np.argsort(-sims[q], kind="stable")[:5] + 1).tolist()
+            np.testing.assert_allclose([h.score for h in r.hits], np.sort(sims[q])[::-1][:5], atol=1e-5)
+        filtered = g.search("people", embeddings=vecs[:1], top_k=50, filters=[reid_pb2.SearchFilter(exclude_camera_id="c0")])
+        assert len(filtered[0].hits) == 25 and all(h.metadata.camera_id == "c1" for h in filtered[0].hits)
+        removed = g.remove("people", [1, 2, 999])
+        assert removed.removed == 2 and list(removed.missing) == [999]
+        assert all(h.id not in (1, 2) for h in g.search("people", embeddings=vecs[:1], top_k=50)[0].hits)
+        for call, code in [
+            (lambda: g.add("people", embeddings=vecs[:1, :8]), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: g.add("people", embeddings=np.full((1, 32), np.nan)), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: g.add("people", embeddings=vecs[:1], ids=[5]), grpc.StatusCode.ALREADY_EXISTS),
+            (lambda: g.search("nobody", embeddings=vecs[:1]), grpc.StatusCode.NOT_FOUND),
+            (lambda: g.search("people", embeddings=vecs[:1], top_k=10**6), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: g.create("people"), grpc.StatusCode.ALREADY_EXISTS),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == code, err.value.details()
+        assert g.add("people", embeddings=vecs[:1], ids=[5], replace=True) == [5]
+        assert [i.name for i in g.list()] == ["people"]
+        g.drop("people")
+        assert g.list() == []
+
+
+def test_images_are_embedded_by_the_server(server, synthetic_root):
+    files = sorted((synthetic_root / "bounding_box_test").iterdir())[:6]
+    with GalleryClient(server.target) as g:
+        g.create("imgs")
+        ids = g.add("imgs", images=[str(f) for f in files])
+        results = g.search("imgs", images=[str(files[2]), str(files[4])], top_k=1)
+        assert [r.hits[0].id for r in results] == [ids[2], ids[4]]
+        assert results[0].hits[0].score == pytest.approx(1.0, abs=1e-4)
+        bad = g.search("imgs", images=[b"junk", str(files[0])], top_k=1)
+        assert bad[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and bad[1].hits[0].id == ids[0]
+        with pytest.raises(grpc.RpcError) as err:
+            g.add("imgs", images=[str(files[0]), b"junk"])
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image 1" in err.value.details()
+        assert g.info("imgs").size == 6  # the failed add added nothing
+
+
+def test_concurrent_adds_and_searches_stay_consistent(server):
+    rng = np.random.default_rng(1)
+    with GalleryClient(server.target) as g:
+        g.create("busy")
+
+        def writer(w):
+            vecs = rng.normal(size=(20, 32)).astype(np.float32)
+            return g.add("busy", embeddings=vecs, ids=range(w * 1000 + 1, w * 1000 + 21))
+
+        def reader(_):
+            r = g.search("busy", embeddings=rng.normal(size=(2, 32)), top_k=5)
+            return all(len(x.hits) <= 5 for x in r)
+
+        with ThreadPoolExecutor(8) as pool:
+            writes = [pool.submit(writer, w) for w in range(10)]
+            reads = [pool.submit(reader, i) for i in range(30)]
+            assert all(f.result() for f in reads)
+            written = sorted(i for f in writes for i in f.result())
+        assert g.info("busy").size == 200 == len(set(written))
+
+
+def test_kill_9_loses_no_acknowledged_entry(tiny_onnx, tmp_path):
+    gallery_dir = tmp_path / "g"
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                                 "--model", str(tiny_onnx), "--port", "0", "--gallery-dir", str(gallery_dir)],
+                                cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if " on 127.0.0.1:" in line:
+                return proc, f"127.0.0.1:{int(line.split('127.0.0.1:')[1].split()[0])}"
+        proc.kill()
+        raise AssertionError("server did not start")
+
+    proc, target = start()
+    acked: list[int] = []
+    rng = np.random.default_rng(2)
+    try:
+        with GalleryClient(target, timeout=10) as g:
+            g.create("crash")
+            import threading
+
+            def killer():
+                time.sleep(1.0)
+                proc.send_signal(signal.SIGKILL)
+
+            threading.Thread(target=killer).start()
+            for i in range(100000):
+                try:
+                    acked += g.add("crash", embeddings=rng.normal(size=(3, 32)), ids=[3 * i + 1, 3 * i + 2, 3 * i + 3])
+                except grpc.RpcError:
+                    break
+        proc.wait(timeout=10)
+        assert proc.returncode == -signal.SIGKILL and len(acked) > 0
+    finally:
+        proc.kill()
+    proc, target = start()
+    try:
+        with GalleryClient(target) as g:
+            size = g.info("crash").size
+            assert size >= len(acked)  # every acknowledged entry survived
+            assert size - len(acked) in (0, 3)  # at most the one in-flight request, whole, never a partial one
+            hits = g.search("crash", embeddings=rng.normal(size=(1, 32)), top_k=size)[0].hits
+            assert set(acked) <= {h.id for h in hits}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_evaluate_through_server_agrees_with_offline(server, tiny_onnx, synthetic_root, tmp_path):
+    overrides = quick_overrides(synthetic_root, tmp_path, **{"re_ranking.re_ranking": "True", "re_ranking.k1": 6,
+                                                            "re_ranking.k2": 3})
+    assert reid_main(["evaluate", *overrides, f"results_dir={tmp_path / 'offline'}", f"evaluate.checkpoint={tiny_onnx}"]) == 0
+    assert reid_main(["evaluate", *overrides, f"results_dir={tmp_path / 'served'}", f"evaluate.server={server.target}"]) == 0
+    offline = json.loads((tmp_path / "offline" / "evaluate" / "results.json").read_text())["results"]
+    served = json.loads((tmp_path / "served" / "evaluate" / "results.json").read_text())["results"]
+    for label in ("without re-ranking", "with re-ranking"):
+        assert served[label]["mAP"] == pytest.approx(offline[label]["mAP"], abs=1e-3), label
+        assert served[label]["rank1"] == pytest.approx(offline[label]["rank1"], abs=1e-3), label
+    with GalleryClient(server.target) as g:
+        assert g.list() == []  # the temporary gallery is gone
