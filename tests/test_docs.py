@@ -1,0 +1,76 @@
+"""The docs' commands and flags are the real ones: every --flag in README.md and docs/ exists in
+some command's parser (or is another tool's, listed below), and every spec key in the training
+guide's tables exists in the schema."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+from export.cli import build_parser as export_parser
+from serving.cli import serve_parser
+from training.cli import build_parser as reid_parser
+from training.config.schema import ExperimentSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+# Flags of other programs that the docs show (docker, torchrun, grpcurl, pip, bash).
+EXTERNAL = {"--gpus", "--build-arg", "--nproc_per_node", "--no-deps", "--rm"}
+
+
+def _parser_flags(parser) -> set[str]:
+    flags = set()
+    for action in parser._actions:
+        flags.update(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(getattr(action, "choices", None), dict):  # subcommands
+            for sub in action.choices.values():
+                flags |= _parser_flags(sub)
+    return flags
+
+
+def _client_flags() -> set[str]:
+    import serving.cli as cli
+
+    text = Path(cli.__file__).read_text()
+    return set(re.findall(r'"(--[a-z-]+)"', text))
+
+
+def _doc_texts():
+    yield ROOT / "README.md"
+    yield from sorted((ROOT / "docs").glob("*.md"))
+
+
+def test_every_documented_flag_exists():
+    known = _parser_flags(reid_parser()) | _parser_flags(export_parser()) | _parser_flags(serve_parser()) | _client_flags()
+    missing = {}
+    for path in _doc_texts():
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", path.read_text()):
+            if flag not in known and flag not in EXTERNAL:
+                missing.setdefault(flag, path.name)
+    assert not missing, f"documented flags that no command has: {missing}"
+
+
+def _schema_keys(cls, prefix="") -> set[str]:
+    keys = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= _schema_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.add(prefix + f.name)
+    return keys
+
+
+def test_training_guide_documents_every_spec_key():
+    text = (ROOT / "docs" / "training.md").read_text()
+    section, documented = "", set()
+    for line in text.splitlines():
+        heading = re.match(r"^### `([a-z_.]+)`", line)
+        if heading:
+            section = heading.group(1) + "."
+        cell = re.match(r"^\| ([a-z_, ]+) \|", line)
+        if cell and section and cell.group(1).strip() != "key":
+            documented |= {section + k.strip() for k in cell.group(1).split(",")}
+    keys = {k for k in _schema_keys(ExperimentSpec) if k.split(".")[0] in ("model", "dataset", "train")}
+    assert keys - documented == set(), f"spec keys missing from docs/training.md: {sorted(keys - documented)}"
+    assert documented - keys == set(), f"docs/training.md documents keys the schema lacks: {sorted(documented - keys)}"
