@@ -12,6 +12,7 @@ import yaml
 
 from retrieval.gallery import FaissGalleryStore, GalleryError
 from serving.engines import ModelFileError, ModelMetadata, open_engine
+from serving.security import SecurityError, load_tokens
 from serving.server import ServerConfig, serve_forever
 from serving.service import Limits
 
@@ -39,6 +40,12 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-dir", type=Path, default=Path("galleries"),
                    help="where FAISS galleries live (snapshots + write-ahead logs); default ./galleries")
     p.add_argument("--no-gallery", action="store_true", help="serve embeddings only")
+    p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
+    p.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address (logs a warning)")
+    p.add_argument("--tokens-file", type=Path, help="bearer tokens, one 'TOKEN read|write' per line")
+    p.add_argument("--tokens-env", help="environment variable holding 'TOKEN:read|write,...'")
     return p
 
 
@@ -51,6 +58,13 @@ def build_config(args) -> ServerConfig:
             values[key] = getattr(args, key)
     if args.no_batching:
         values["batching"] = False
+    for key in ("tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(args, key):
+            values[key] = getattr(args, key)
+    if args.insecure:
+        values["insecure"] = True
+    if args.tokens_file or args.tokens_env:
+        values["tokens"] = load_tokens(args.tokens_file, args.tokens_env)
     limit_keys = ("max_images_per_request", "max_image_pixels", "max_search_queries", "max_top_k")
     limits = {k: values.pop(k) for k in limit_keys if k in values}
     for key in ("max_images_per_request", "max_image_pixels"):
@@ -74,12 +88,12 @@ def serve_main(argv: list[str] | None = None) -> int:
             fallback = ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean or [0.0] * 3, pixel_std=args.pixel_std or [1.0] * 3)
         engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size)
         store = None if args.no_gallery else FaissGalleryStore(args.gallery_dir)
-    except (ModelFileError, GalleryError, ValueError, OSError, yaml.YAMLError) as exc:
+    except (ModelFileError, GalleryError, SecurityError, ValueError, OSError, yaml.YAMLError) as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(serve_forever(engine, config, store))
-    except OSError as exc:
+    except (OSError, SecurityError) as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -98,13 +112,19 @@ def client_main(argv: list[str] | None = None) -> int:
     e.add_argument("--server", default="127.0.0.1:50051")
     e.add_argument("--output", type=Path, help=".npy file for the N x D embeddings (rows of failed images are NaN)")
     e.add_argument("--timeout", type=float, default=30.0)
+    e.add_argument("--token", help="bearer token (or set REID_TOKEN)")
+    e.add_argument("--tls-ca", help="CA (PEM) to verify the server; enables TLS")
     args = p.parse_args(argv)
     missing = [str(x) for x in args.images if not x.is_file()]
     if missing:
         print(f"reid-client: error: no such file: {missing[0]}", file=sys.stderr)
         return 2
     try:
-        with ReidClient(args.server, timeout=args.timeout) as client:
+        import os
+
+        ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+        with ReidClient(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"),
+                        root_certificates=ca) as client:
             outcomes = client.embed(args.images)
     except grpc.RpcError as exc:
         print(f"reid-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)

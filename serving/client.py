@@ -59,17 +59,25 @@ def parse_response(response: reid_pb2.EmbedResponse) -> list[EmbedOutcome]:
     return out
 
 
-class ReidClient:
-    """Blocking client. ``embed`` raises ``grpc.RpcError`` for call-level failures."""
+class _Connection:
+    """Channel options shared by the clients: message size, TLS (CA, optional client pair), token."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20):
+    def __init__(self, target: str, timeout: float | None, max_message_bytes: int, token: str | None = None,
+                 root_certificates: bytes | None = None, client_cert: bytes | None = None, client_key: bytes | None = None,
+                 aio: bool = False):
         opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options=opts)
+        mod = grpc.aio if aio else grpc
+        if root_certificates or client_cert:
+            creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
+            self.channel = mod.secure_channel(target, creds, options=opts)
+        else:
+            self.channel = mod.insecure_channel(target, options=opts)
         self.stub = reid_pb2_grpc.ReIdentificationStub(self.channel)
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
-    def embed(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(), **kw) -> list[EmbedOutcome]:
-        return parse_response(self.stub.Embed(build_request(images, frame, boxes, **kw), timeout=self.timeout))
+    def _kw(self) -> dict:
+        return {"timeout": self.timeout, "metadata": self.metadata}
 
     def close(self) -> None:
         self.channel.close()
@@ -81,17 +89,25 @@ class ReidClient:
         self.close()
 
 
-class AsyncReidClient:
+class ReidClient(_Connection):
+    """Blocking client. ``embed`` raises ``grpc.RpcError`` for call-level failures."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20, **tls_and_token):
+        super().__init__(target, timeout, max_message_bytes, **tls_and_token)
+
+    def embed(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(), **kw) -> list[EmbedOutcome]:
+        return parse_response(self.stub.Embed(build_request(images, frame, boxes, **kw), **self._kw()))
+
+
+
+class AsyncReidClient(_Connection):
     """asyncio client; use ``async with AsyncReidClient(target) as c: await c.embed([...])``."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20):
-        opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.aio.insecure_channel(target, options=opts)
-        self.stub = reid_pb2_grpc.ReIdentificationStub(self.channel)
-        self.timeout = timeout
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20, **tls_and_token):
+        super().__init__(target, timeout, max_message_bytes, aio=True, **tls_and_token)
 
     async def embed(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(), **kw) -> list[EmbedOutcome]:
-        return parse_response(await self.stub.Embed(build_request(images, frame, boxes, **kw), timeout=self.timeout))
+        return parse_response(await self.stub.Embed(build_request(images, frame, boxes, **kw), **self._kw()))
 
     async def close(self) -> None:
         await self.channel.close()
@@ -111,27 +127,24 @@ def embeddings_message(vectors) -> list:
     return [reid_pb2.Embedding(values=np.asarray(v, dtype=np.float32).tolist()) for v in vectors]
 
 
-class GalleryClient:
+class GalleryClient(_Connection):
     """Blocking client for the gallery RPCs; failures raise ``grpc.RpcError``."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 60.0, max_message_bytes: int = 256 * 2**20):
-        opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options=opts)
-        self.stub = reid_pb2_grpc.ReIdentificationStub(self.channel)
-        self.timeout = timeout
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 60.0, max_message_bytes: int = 256 * 2**20, **tls_and_token):
+        super().__init__(target, timeout, max_message_bytes, **tls_and_token)
 
     def create(self, name: str, dimension: int = 0, index_type: str = "flat") -> reid_pb2.GalleryInfo:
         index = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}[index_type]
-        return self.stub.CreateGallery(reid_pb2.CreateGalleryRequest(name=name, dimension=dimension, index_type=index), timeout=self.timeout)
+        return self.stub.CreateGallery(reid_pb2.CreateGalleryRequest(name=name, dimension=dimension, index_type=index), **self._kw())
 
     def drop(self, name: str) -> None:
-        self.stub.DropGallery(reid_pb2.DropGalleryRequest(name=name), timeout=self.timeout)
+        self.stub.DropGallery(reid_pb2.DropGalleryRequest(name=name), **self._kw())
 
     def list(self) -> list:
-        return list(self.stub.ListGalleries(reid_pb2.ListGalleriesRequest(), timeout=self.timeout).galleries)
+        return list(self.stub.ListGalleries(reid_pb2.ListGalleriesRequest(), **self._kw()).galleries)
 
     def info(self, name: str) -> reid_pb2.GalleryInfo:
-        return self.stub.GetGalleryInfo(reid_pb2.GetGalleryInfoRequest(name=name), timeout=self.timeout)
+        return self.stub.GetGalleryInfo(reid_pb2.GetGalleryInfoRequest(name=name), **self._kw())
 
     def add(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, metadata: Sequence = (),
             ids: Sequence[int] = (), replace: bool = False) -> list[int]:
@@ -139,10 +152,10 @@ class GalleryClient:
                                                ids=list(ids), replace_existing=replace)
         if embeddings is not None:
             request.embeddings.extend(embeddings_message(embeddings))
-        return list(self.stub.AddToGallery(request, timeout=self.timeout).ids)
+        return list(self.stub.AddToGallery(request, **self._kw()).ids)
 
     def remove(self, gallery: str, ids: Sequence[int]) -> reid_pb2.RemoveFromGalleryResponse:
-        return self.stub.RemoveFromGallery(reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids)), timeout=self.timeout)
+        return self.stub.RemoveFromGallery(reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids)), **self._kw())
 
     def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
                filters: Sequence = (), rerank: dict | None = None) -> list:
@@ -151,13 +164,4 @@ class GalleryClient:
             request.embeddings.extend(embeddings_message(embeddings))
         if rerank is not None:
             request.rerank.CopyFrom(reid_pb2.RerankOptions(enabled=True, **rerank))
-        return list(self.stub.Search(request, timeout=self.timeout).results)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        return list(self.stub.Search(request, **self._kw()).results)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -22,6 +23,7 @@ from serving.batcher import DynamicBatcher
 from serving.engines.base import Engine
 from serving.metrics import ServerMetrics
 from serving.proto import reid_pb2, reid_pb2_grpc
+from serving.security import TokenAuthInterceptor, check_bind, server_credentials
 from serving.service import Limits, ReIdentificationService
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ class ServerConfig:
     batching: bool = True
     max_message_bytes: int = 64 * 2**20
     limits: Limits = field(default_factory=Limits)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False
+    tokens: dict = field(default_factory=dict)  # token -> "read" | "write"; empty = no authentication
     grace_seconds: float = 10.0
     # After health turns NOT_SERVING, keep accepting calls this long so load balancers and health
     # probes see it before the port closes.
@@ -66,7 +73,10 @@ class ReidServer:
         c = self.config
         self._stopping = asyncio.Event()
         opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes)]
-        self.server = grpc.aio.server(options=opts)
+        creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
+        check_bind(c.host, creds is not None, c.insecure)
+        interceptors = [TokenAuthInterceptor(c.tokens)] if c.tokens else []
+        self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
                                       c.batching, self.metrics)
         service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store)
@@ -74,7 +84,8 @@ class ReidServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        address = f"{c.host}:{c.port}"
+        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {c.host}:{c.port}")
         await self.server.start()
@@ -83,8 +94,10 @@ class ReidServer:
         self.batcher.start()
         await self._warm_up()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (%s, max batch %d, queue delay %.1f ms)", SERVICE_NAME, c.host, self.port,
-                 self.engine.name, self.batcher.max_batch_size, c.max_queue_delay_ms)
+        log.info("serving %s on %s:%d (%s, max batch %d, queue delay %.1f ms, %s, %s)", SERVICE_NAME, c.host, self.port,
+                 self.engine.name, self.batcher.max_batch_size, c.max_queue_delay_ms,
+                 ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext",
+                 f"{len(c.tokens)} token(s)" if c.tokens else "no authentication")
         return self.port
 
     async def _warm_up(self) -> None:

@@ -171,3 +171,29 @@ def test_evaluate_through_server_agrees_with_offline(server, tiny_onnx, syntheti
         assert served[label]["rank1"] == pytest.approx(offline[label]["rank1"], abs=1e-3), label
     with GalleryClient(server.target) as g:
         assert g.list() == []  # the temporary gallery is gone
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS"])
+def test_unwritable_storage_fails_writes_clearly_and_reads_go_on(server, monkeypatch, errno_name):
+    """Disk full / read-only directory, injected at the log write (root ignores file permissions here)."""
+    import errno
+
+    from retrieval.gallery.wal import WriteAheadLog
+
+    vecs = np.random.default_rng(3).normal(size=(4, 32)).astype(np.float32)
+    with GalleryClient(server.target) as g:
+        g.create("full")
+        g.add("full", embeddings=vecs[:2])
+
+        def broken(self, payload):
+            raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+        monkeypatch.setattr(WriteAheadLog, "append", broken)
+        with pytest.raises(grpc.RpcError) as err:
+            g.add("full", embeddings=vecs[2:])
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot write the log of gallery full" in err.value.details()
+        assert g.info("full").size == 2  # nothing half-applied
+        assert [h.id for h in g.search("full", embeddings=vecs[:1], top_k=2)[0].hits][0] == 1  # reads go on
+        monkeypatch.undo()
+        assert g.add("full", embeddings=vecs[2:]) == [3, 4]  # and writes resume once the disk is back

@@ -1,0 +1,103 @@
+"""Shared load generation for the serving benchmarks: a reid-serve subprocess on loopback and
+asyncio clients that each loop on Embed calls for a bounded time."""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.client import AsyncReidClient  # noqa: E402
+from serving.healthcheck import wait_serving  # noqa: E402
+
+
+def crops(n: int, size=(64, 128), seed: int = 0) -> list[bytes]:
+    """JPEG person-crop-sized test images."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def start_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """Start reid-serve on a free loopback port; returns (process, target) once it is SERVING."""
+    proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                             "--model", model, "--port", "0", "--no-gallery", *extra], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"reid-serve exited with {proc.returncode}")
+        if " on 127.0.0.1:" in line:
+            target = f"127.0.0.1:{int(line.split('127.0.0.1:')[1].split()[0])}"
+            if wait_serving(target, 60):
+                return proc, target
+    proc.kill()
+    raise RuntimeError("reid-serve did not come up")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.terminate()
+    return proc.wait(timeout=60)
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _client(target: str, images: list[bytes], stop_at: float, timeout: float, lat: list, codes: Counter) -> None:
+    async with AsyncReidClient(target, timeout=timeout) as client:
+        while time.monotonic() < stop_at:
+            start = time.monotonic()
+            try:
+                await client.embed(images)
+                lat.append(time.monotonic() - start)
+                codes["OK"] += 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    await asyncio.sleep(0.01)  # a client backing off, as the docs advise
+
+
+def run_load(target: str, clients: int, crops_per_request: int, seconds: float, timeout: float = 30.0) -> dict:
+    """``clients`` concurrent callers for ``seconds``; images/s counts successful images only."""
+    images = crops(crops_per_request)
+    lat: list[float] = []
+    codes: Counter = Counter()
+
+    async def main():
+        stop_at = time.monotonic() + seconds
+        await asyncio.gather(*(_client(target, images, stop_at, timeout, lat, codes) for _ in range(clients)))
+
+    start = time.monotonic()
+    asyncio.run(main())
+    elapsed = time.monotonic() - start
+    pct = np.percentile(lat, [50, 95, 99]) * 1000 if lat else [float("nan")] * 3
+    return {"clients": clients, "crops": crops_per_request, "images_per_s": codes["OK"] * crops_per_request / elapsed,
+            "p50_ms": pct[0], "p95_ms": pct[1], "p99_ms": pct[2], "codes": dict(codes)}
+
+
+def fmt(r: dict) -> str:
+    errors = {k: v for k, v in r["codes"].items() if k != "OK"}
+    return (f"{r['clients']:3d} clients x {r['crops']} crops: {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:7.1f} ms  "
+            f"p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  ok {r['codes'].get('OK', 0)}"
+            + (f"  errors {errors}" if errors else ""))

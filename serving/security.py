@@ -1,0 +1,136 @@
+"""Transport security and token authentication for reid-serve.
+
+- TLS with ``--tls-cert/--tls-key``; mutual TLS when ``--tls-client-ca`` is given (clients must
+  present a certificate signed by that CA).
+- Bearer tokens (``authorization: Bearer TOKEN`` metadata) from a file (``--tokens-file``, one
+  ``TOKEN ROLE`` per line) or an environment variable (``--tokens-env VAR``: ``TOKEN:ROLE,...``).
+  Role ``read`` may embed and search; ``write`` may also change galleries. Tokens are compared in
+  constant time against every known token. Health checks and reflection stay open.
+- Plaintext is allowed on loopback; on any other address it needs ``--insecure`` and logs a warning.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+ROLES = ("read", "write")
+WRITE_METHODS = {"CreateGallery", "DropGallery", "AddToGallery", "RemoveFromGallery"}
+SERVICE_PREFIX = "/reid.v1.ReIdentification/"
+
+
+class SecurityError(ValueError):
+    """Bad security configuration; reid-serve reports it in one line."""
+
+
+def parse_tokens(lines: list[str], source: str) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.replace(":", " ").split()
+        if len(parts) != 2 or parts[1] not in ROLES:
+            raise SecurityError(f"{source}: entry {n} must be 'TOKEN read' or 'TOKEN write'")
+        if len(parts[0]) < 16:
+            raise SecurityError(f"{source}: entry {n}: tokens must be at least 16 characters")
+        tokens[parts[0]] = parts[1]
+    if not tokens:
+        raise SecurityError(f"{source} holds no tokens")
+    return tokens
+
+
+def load_tokens(tokens_file: Path | None, tokens_env: str | None) -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    if tokens_file is not None:
+        try:
+            tokens.update(parse_tokens(tokens_file.read_text().splitlines(), str(tokens_file)))
+        except OSError as exc:
+            raise SecurityError(f"cannot read tokens file {tokens_file}: {exc.strerror}") from None
+    if tokens_env:
+        value = os.environ.get(tokens_env)
+        if not value:
+            raise SecurityError(f"environment variable {tokens_env} is not set")
+        tokens.update(parse_tokens(value.split(","), f"${tokens_env}"))
+    return tokens
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None):
+    """``grpc.ServerCredentials`` for TLS (mutual when ``client_ca``), or None for plaintext."""
+    if not cert and not key:
+        if client_ca:
+            raise SecurityError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (cert and key):
+        raise SecurityError("TLS needs both --tls-cert and --tls-key")
+    try:
+        pair = (key.read_bytes(), cert.read_bytes())
+        ca = client_ca.read_bytes() if client_ca else None
+    except OSError as exc:
+        raise SecurityError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def check_bind(host: str, tls: bool, insecure: bool) -> None:
+    if tls or is_loopback(host):
+        return
+    if not insecure:
+        raise SecurityError(f"refusing plaintext on {host}: give --tls-cert/--tls-key, or --insecure to serve "
+                            "unencrypted beyond localhost")
+    log.warning("serving PLAINTEXT on %s (--insecure): anyone on the network can read and send requests", host)
+
+
+def _abort(code: grpc.StatusCode, message: str):
+    async def handler(request_or_iterator, context):
+        await context.abort(code, message)
+
+    return handler
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer-token check per call; read tokens may not call gallery-changing methods."""
+
+    def __init__(self, tokens: dict[str, str]):
+        self._tokens = [(t.encode(), role) for t, role in tokens.items()]
+
+    def _role(self, presented: str) -> str | None:
+        given = presented.encode()
+        found = None
+        for token, role in self._tokens:  # no early exit: time does not depend on which token matched
+            if hmac.compare_digest(given, token):
+                found = role
+        return found
+
+    async def intercept_service(self, continuation, details):
+        method = details.method
+        if not method.startswith(SERVICE_PREFIX):
+            return await continuation(details)  # health and reflection stay open
+        header = dict(details.invocation_metadata or ()).get("authorization", "")
+        role = self._role(header[7:]) if header.startswith("Bearer ") else None
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if role is None:
+            failure = _abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        elif method[len(SERVICE_PREFIX):] in WRITE_METHODS and role != "write":
+            failure = _abort(grpc.StatusCode.PERMISSION_DENIED, "this token may read (embed, search) but not change galleries")
+        else:
+            return handler
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(failure, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(failure, handler.request_deserializer, handler.response_serializer)

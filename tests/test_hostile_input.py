@@ -1,0 +1,124 @@
+"""Property-based checks that malformed input becomes a per-item error or a clear message, never a crash."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from retrieval.gallery import EntryMetadata, FaissGalleryStore, InvalidEntry, SearchFilter
+from serving.engines.base import ImageError, decode_image
+from serving.preprocessing import prepare
+from serving.proto import reid_pb2
+from training.config.load import build_spec
+from training.errors import ConfigError
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@FAST
+@given(st.binary(max_size=2048))
+def test_random_bytes_never_crash_the_decoder(data):
+    try:
+        out = decode_image(data, max_pixels=1 << 20)
+        assert out.ndim == 3 and out.shape[2] == 3
+    except ImageError:
+        pass
+
+
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+
+
+@FAST
+@given(boxes=st.lists(st.tuples(floats, floats, floats, floats), max_size=6),
+       raw_len=st.integers(0, 200), raw_h=st.integers(0, 10), raw_w=st.integers(0, 10), truncate=st.integers(0, 60))
+def test_requests_yield_one_outcome_per_image(boxes, raw_len, raw_h, raw_w, truncate):
+    png = _png(30, 40)
+    request = reid_pb2.EmbedRequest(images=[
+        reid_pb2.Image(encoded=png[: len(png) - truncate]),
+        reid_pb2.Image(raw=reid_pb2.RawImage(pixels=b"\x07" * raw_len, height=raw_h, width=raw_w)),
+        reid_pb2.Image(),
+    ])
+    request.frame.image.encoded = png
+    for x1, y1, x2, y2 in boxes:
+        request.frame.boxes.add(x1=x1, y1=y1, x2=x2, y2=y2)
+    out = prepare(request, 16, 8, max_pixels=10_000)
+    assert len(out) == 3 + len(boxes)
+    for item in out:
+        assert isinstance(item, ImageError) or (item.shape == (3, 16, 8) and np.isfinite(item).all())
+    assert isinstance(out[2], ImageError)  # an image with neither bytes nor pixels
+    assert isinstance(out[1], ImageError) == (raw_h * raw_w == 0 or raw_len != raw_h * raw_w * 3)
+    for (x1, y1, x2, y2), item in zip(boxes, out[3:]):
+        finite = all(math.isfinite(v) for v in (x1, y1, x2, y2))
+        inside = finite and min(x2, 30) > max(x1, 0) and min(y2, 40) > max(y1, 0)
+        if not inside:
+            assert isinstance(item, ImageError)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    bomb = _png(5000, 5000)  # 25 Mpx of one colour: a few kB compressed
+    assert len(bomb) < 200_000
+    with pytest.raises(ImageError, match="exceeds the limit"):
+        decode_image(bomb, max_pixels=4096 * 4096)
+
+
+@FAST
+@given(vec=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=12),
+       top_k=st.integers(-5, 10**7))
+def test_gallery_rejects_bad_vectors_and_sizes(tmp_path_factory, vec, top_k):
+    store = FaissGalleryStore(tmp_path_factory.mktemp("g"))
+    store.create("g", 8)
+    store.add("g", np.array([1]), np.ones((1, 8)), [EntryMetadata()])
+    arr = np.asarray([vec], dtype=np.float32)
+    try:
+        store.add("g", np.array([0]), arr, [EntryMetadata()])
+        assert arr.shape[1] == 8 and np.isfinite(arr).all()
+    except InvalidEntry:
+        assert arr.shape[1] != 8 or not np.isfinite(arr).all()
+    try:
+        hits = store.search("g", arr, top_k, [SearchFilter()])
+        assert top_k >= 1 and len(hits[0]) <= min(top_k, 2)
+    except InvalidEntry:
+        assert top_k < 1 or arr.shape[1] != 8 or not np.isfinite(arr).all()
+
+
+spec_values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=8),
+                        st.lists(st.integers(-3, 3), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+spec_keys = st.sampled_from(["model.backbone", "model.feat_dim", "dataset.batch_size", "dataset.num_instances", "dataset.sampler",
+                             "dataset.pixel_std", "train.optim.lr_steps", "train.gpu_ids", "model.stride_size", "re_ranking.k1",
+                             "model", "train", "bogus", "train.optim.warmup_method", "model.backbone_overrides"])
+
+
+@FAST
+@given(st.dictionaries(spec_keys, spec_values, max_size=4))
+def test_malformed_specs_fail_with_config_error_only(entries):
+    tree: dict = {}
+    for key, value in entries.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[parts[-1]] = value
+    try:
+        build_spec(tree)
+    except ConfigError:
+        pass
+
+
+@FAST
+@given(st.text(max_size=40))
+def test_malformed_overrides_fail_with_config_error_only(text):
+    try:
+        build_spec({}, [text])
+    except ConfigError:
+        pass

@@ -1,0 +1,106 @@
+"""TLS, mutual TLS and token authentication with read/write permissions."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from retrieval.gallery import FaissGalleryStore
+from serving.client import GalleryClient, ReidClient
+from serving.engines.onnxruntime import OnnxRuntimeEngine
+from serving.security import SecurityError, check_bind, load_tokens, parse_tokens
+from serving.server import ServerConfig
+from tests.serving_support import ServerThread
+
+READ, WRITE = "r" * 24, "w" * 24
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make test certificates")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem",
+            "-days", "2", "-extfile", f"{name}.ext")
+    return d
+
+
+def _image():
+    return np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8)
+
+
+def test_tls_and_mutual_tls(tiny_onnx, pki):
+    engine = OnnxRuntimeEngine(tiny_onnx)
+    ca = (pki / "ca.pem").read_bytes()
+    config = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    with ServerThread(engine, config) as s:
+        with ReidClient(s.target, root_certificates=ca) as c:
+            assert c.embed([_image()])[0].ok
+        with ReidClient(s.target, timeout=3) as plain, pytest.raises(grpc.RpcError):
+            plain.embed([_image()])  # a plaintext client cannot talk to a TLS port
+    mtls = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tls_client_ca=str(pki / "ca.pem"))
+    with ServerThread(engine, mtls) as s:
+        with ReidClient(s.target, root_certificates=ca, client_cert=(pki / "client.pem").read_bytes(),
+                        client_key=(pki / "client.key").read_bytes()) as c:
+            assert c.embed([_image()])[0].ok
+        with ReidClient(s.target, root_certificates=ca, timeout=3) as no_cert, pytest.raises(grpc.RpcError):
+            no_cert.embed([_image()])
+
+
+def test_tokens_separate_read_and_write(tiny_onnx, tmp_path):
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, tokens={READ: "read", WRITE: "write"}))
+    thread.server.store = FaissGalleryStore(tmp_path)
+    with thread as s:
+        with ReidClient(s.target) as anonymous, pytest.raises(grpc.RpcError) as err:
+            anonymous.embed([_image()])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with ReidClient(s.target, token="x" * 24) as wrong, pytest.raises(grpc.RpcError) as err:
+            wrong.embed([_image()])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with ReidClient(s.target, token=READ) as reader:
+            assert reader.embed([_image()])[0].ok
+        with GalleryClient(s.target, token=READ) as reader, pytest.raises(grpc.RpcError) as err:
+            reader.create("g")
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with GalleryClient(s.target, token=WRITE) as writer:
+            writer.create("g")
+            writer.add("g", embeddings=np.ones((1, 32)))
+        with GalleryClient(s.target, token=READ) as reader:
+            assert reader.search("g", embeddings=np.ones((1, 32)), top_k=1)[0].hits[0].id == 1
+        # health stays open without a token
+        status = health_pb2_grpc.HealthStub(grpc.insecure_channel(s.target)).Check(health_pb2.HealthCheckRequest()).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_token_sources_and_errors(tmp_path, monkeypatch):
+    f = tmp_path / "tokens"
+    f.write_text(f"# comment\n{READ} read\n{WRITE} write\n")
+    monkeypatch.setenv("REID_TOKENS", f"{'e' * 20}:write")
+    assert load_tokens(f, "REID_TOKENS") == {READ: "read", WRITE: "write", "e" * 20: "write"}
+    with pytest.raises(SecurityError, match="'TOKEN read' or 'TOKEN write'"):
+        parse_tokens(["abcdefghijklmnopqrstuvwxyz admin"], "x")
+    with pytest.raises(SecurityError, match="at least 16"):
+        parse_tokens(["short read"], "x")
+    with pytest.raises(SecurityError, match="not set"):
+        load_tokens(None, "REID_NO_SUCH_VAR")
+
+
+def test_plaintext_beyond_localhost_needs_insecure(caplog):
+    check_bind("127.0.0.1", tls=False, insecure=False)
+    check_bind("::1", tls=False, insecure=False)
+    check_bind("0.0.0.0", tls=True, insecure=False)
+    with pytest.raises(SecurityError, match="refusing plaintext on 0.0.0.0"):
+        check_bind("0.0.0.0", tls=False, insecure=False)
+    check_bind("0.0.0.0", tls=False, insecure=True)
+    assert "PLAINTEXT" in caplog.text
