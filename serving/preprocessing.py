@@ -39,6 +39,8 @@ def crop(frame: np.ndarray, box: reid_pb2.BoundingBox) -> np.ndarray:
     coords = (box.x1, box.y1, box.x2, box.y2)
     if not all(math.isfinite(c) for c in coords):
         raise ImageError(f"box {coords} has non-finite coordinates")
+    if box.x2 <= box.x1 or box.y2 <= box.y1:
+        raise ImageError(f"box {coords} has zero or negative size")
     h, w = frame.shape[:2]
     x1, x2 = max(0, int(math.floor(box.x1))), min(w, int(math.ceil(box.x2)))
     y1, y2 = max(0, int(math.floor(box.y1))), min(h, int(math.ceil(box.y2)))

@@ -62,6 +62,12 @@ class SearchFilter:
     def key(self) -> tuple:
         return (self.exclude_camera_id, self.time_from, self.time_to, tuple(sorted(self.labels.items())))
 
+    def matches(self, m: EntryMetadata) -> bool:
+        return ((not self.exclude_camera_id or m.camera_id != self.exclude_camera_id)
+                and (not self.time_from or m.timestamp >= self.time_from)
+                and (not self.time_to or m.timestamp <= self.time_to)
+                and all(m.labels.get(k) == v for k, v in self.labels.items()))
+
 
 @dataclass
 class RerankOptions:
@@ -90,6 +96,38 @@ class GalleryInfo:
 
 
 INDEX_TYPES = ("flat", "hnsw")
+MAX_ID = 2**63 - 1
+
+
+def check_entries(gallery: str, dim: int, ids: np.ndarray, vectors: np.ndarray, metadata: list) -> np.ndarray:
+    """Validate an add request (any backend); returns the ids as int64."""
+    ids = np.asarray(ids, dtype=np.int64).copy()
+    if len(ids) != len(vectors) or len(metadata) != len(vectors):
+        raise InvalidEntry(f"{len(vectors)} vectors but {len(ids)} ids and {len(metadata)} metadata entries")
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise InvalidEntry(f"gallery {gallery} holds {dim}-d embeddings, got {vectors.shape[-1]}-d")
+    if not np.isfinite(vectors).all():
+        raise InvalidEntry("embeddings contain NaN or inf")
+    if (ids < 0).any():
+        raise InvalidEntry(f"ids must be between 1 and {MAX_ID}")
+    given = ids[ids > 0]
+    if len(np.unique(given)) != len(given):
+        raise InvalidEntry("the request repeats an id")
+    return ids
+
+
+def check_queries(gallery: str, dim: int, queries: np.ndarray, filters: list, top_k: int) -> list:
+    """Validate a search (any backend); returns one filter per query."""
+    if top_k < 1:
+        raise InvalidEntry("top_k must be at least 1")
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise InvalidEntry(f"gallery {gallery} holds {dim}-d embeddings, got {queries.shape[-1]}-d queries")
+    if not np.isfinite(queries).all():
+        raise InvalidEntry("query embeddings contain NaN or inf")
+    filters = list(filters) or [SearchFilter()]
+    if len(filters) not in (1, len(queries)):
+        raise InvalidEntry(f"give one filter for all queries or one per query, got {len(filters)} for {len(queries)}")
+    return filters * len(queries) if len(filters) == 1 else filters
 
 
 class GalleryBackend(abc.ABC):

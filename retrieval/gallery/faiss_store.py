@@ -21,15 +21,14 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from retrieval.faiss_setup import import_faiss
 from retrieval.gallery.base import (
-    INDEX_TYPES, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
+    INDEX_TYPES, EntryMetadata, check_entries, check_queries, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
     InvalidEntry, RerankOptions, SearchFilter, StorageError,
 )
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
-from retrieval.rerank import k_reciprocal_rerank
+from retrieval.gallery.pool_rerank import pool_rerank
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-MAX_ID = 2**63 - 1
 HNSW_M = 32
 
 
@@ -174,18 +173,8 @@ class _Gallery:
     # ---- operations ----------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray, meta: list[EntryMetadata], replace: bool) -> np.ndarray:
         with self.lock:
-            ids = np.asarray(ids, dtype=np.int64).copy()
-            if len(ids) != len(vectors) or len(meta) != len(vectors):
-                raise InvalidEntry(f"{len(vectors)} vectors but {len(ids)} ids and {len(meta)} metadata entries")
-            if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-                raise InvalidEntry(f"gallery {self.dir.name} holds {self.dim}-d embeddings, got {vectors.shape[-1]}-d")
-            if not np.isfinite(vectors).all():
-                raise InvalidEntry("embeddings contain NaN or inf")
-            if (ids < 0).any():
-                raise InvalidEntry(f"ids must be between 1 and {MAX_ID}")
+            ids = check_entries(self.dir.name, self.dim, ids, vectors, meta)
             given = ids[ids > 0]
-            if len(np.unique(given)) != len(given):
-                raise InvalidEntry("the request repeats an id")
             if not replace:
                 clash = [i for i in given.tolist() if i in self.row]
                 if clash:
@@ -228,7 +217,7 @@ class _Gallery:
         if flt.time_to:
             mask &= self.times <= flt.time_to
         if flt.labels:
-            mask &= np.array([all(m.labels.get(k) == v for k, v in flt.labels.items()) for m in self.meta], dtype=bool)
+            mask &= np.array([flt.matches(m) for m in self.meta], dtype=bool)
         return mask
 
     def _search(self, queries: np.ndarray, k: int, filters: list[SearchFilter]) -> tuple[np.ndarray, np.ndarray]:
@@ -253,14 +242,7 @@ class _Gallery:
 
     def search(self, queries: np.ndarray, top_k: int, filters: list[SearchFilter], rerank: RerankOptions | None) -> list[list[Hit]]:
         with self.lock:
-            if queries.ndim != 2 or queries.shape[1] != self.dim:
-                raise InvalidEntry(f"gallery {self.dir.name} holds {self.dim}-d embeddings, got {queries.shape[-1]}-d queries")
-            if not np.isfinite(queries).all():
-                raise InvalidEntry("query embeddings contain NaN or inf")
-            if len(filters) not in (1, len(queries)):
-                raise InvalidEntry(f"give one filter for all queries or one per query, got {len(filters)} for {len(queries)}")
-            if len(filters) == 1:
-                filters = filters * len(queries)
+            filters = check_queries(self.dir.name, self.dim, queries, filters, top_k)
             live = int(self.alive.sum())
             queries = l2_normalize(queries)
             k = min(top_k, live)
@@ -270,29 +252,11 @@ class _Gallery:
                 scores, ids = self._search(queries, k, filters)
                 return [[Hit(int(i), float(s), 1.0 - float(s), self.meta[self.row[int(i)]])
                          for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
-            return self._search_reranked(queries, top_k, filters, rerank, live)
+            return pool_rerank(queries, top_k, filters, rerank, live, self._search, self._fetch)
 
-    def _search_reranked(self, queries, top_k, filters, opts: RerankOptions, live: int) -> list[list[Hit]]:
-        """k-reciprocal re-ranking of a bounded candidate pool: each query's top ``pool`` plus
-        the ``k1`` nearest neighbours of those candidates (so their reciprocal sets are complete)."""
-        pool = min(max(opts.pool, top_k), live)
-        _, first = self._search(queries, pool, filters)
-        cand = np.unique(first[first >= 0])
-        if len(cand) < live:
-            rows = np.array([self.row[i] for i in cand.tolist()])
-            _, neigh = self._search(self.vectors[rows], min(opts.k1 + 1, live), [SearchFilter()] * len(rows))
-            cand = np.unique(np.concatenate([cand, neigh[neigh >= 0]]))
-        rows = np.array([self.row[i] for i in cand.tolist()])
-        gallery = self.vectors[rows]
-        dist = k_reciprocal_rerank(queries, gallery, opts.k1, opts.k2, opts.lambda_value)
-        cos = queries @ gallery.T
-        out = []
-        for qi, flt in enumerate(filters):
-            allowed = self._allowed(flt)[rows]
-            d = np.where(allowed, dist[qi], np.inf)
-            order = np.argsort(d, kind="stable")[: min(top_k, int(allowed.sum()))]
-            out.append([Hit(int(cand[j]), float(cos[qi, j]), float(d[j]), self.meta[rows[j]]) for j in order])
-        return out
+    def _fetch(self, ids: np.ndarray) -> tuple[np.ndarray, list[EntryMetadata]]:
+        rows = [self.row[i] for i in ids.tolist()]
+        return self.vectors[rows], [self.meta[r] for r in rows]
 
     def info(self, name: str) -> GalleryInfo:
         return GalleryInfo(name, self.dim, int(self.alive.sum()), self.index_type, "faiss", self.device)
@@ -376,9 +340,7 @@ class FaissGalleryStore(GalleryBackend):
         return self._get(name).remove(ids)
 
     def search(self, name, queries, top_k, filters, rerank=None):
-        if top_k < 1:
-            raise InvalidEntry("top_k must be at least 1")
-        return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters or [SearchFilter()], rerank)
+        return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank)
 
     def snapshot(self, name: str) -> None:
         self._get(name).snapshot()

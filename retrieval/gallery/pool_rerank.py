@@ -1,0 +1,41 @@
+"""Re-ranked gallery search over a bounded candidate pool, for any backend.
+
+The pool is each query's top ``pool`` hits (filters applied) plus the ``k1`` nearest neighbours
+of those candidates, so each candidate's reciprocal neighbourhood is present; k-reciprocal
+re-ranking then runs on queries x pool. Its cost depends on ``pool`` and ``k1``, not on the
+gallery size; when the pool covers the gallery the result equals offline re-ranking.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from retrieval.gallery.base import EntryMetadata, Hit, RerankOptions, SearchFilter
+from retrieval.rerank import k_reciprocal_rerank
+
+# (queries, k, per-query filters) -> (scores, ids) with -1 for missing hits
+SearchFn = Callable[[np.ndarray, int, list], tuple]
+# ids -> (L2-normalized vectors in that order, metadata in that order)
+FetchFn = Callable[[np.ndarray], "tuple[np.ndarray, list[EntryMetadata]]"]
+
+
+def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], opts: RerankOptions, live: int,
+                search: SearchFn, fetch: FetchFn) -> list[list[Hit]]:
+    pool = min(max(opts.pool, top_k), live)
+    _, first = search(queries, pool, filters)
+    cand = np.unique(first[first >= 0])
+    if len(cand) < live:
+        vectors, _ = fetch(cand)
+        _, neigh = search(vectors, min(opts.k1 + 1, live), [SearchFilter()] * len(cand))
+        cand = np.unique(np.concatenate([cand, neigh[neigh >= 0]]))
+    gallery, meta = fetch(cand)
+    dist = k_reciprocal_rerank(queries, gallery, opts.k1, opts.k2, opts.lambda_value)
+    cos = queries @ gallery.T
+    out = []
+    for qi, flt in enumerate(filters):
+        allowed = np.array([flt.matches(m) for m in meta], dtype=bool)
+        d = np.where(allowed, dist[qi], np.inf)
+        order = np.argsort(d, kind="stable")[: min(top_k, int(allowed.sum()))]
+        out.append([Hit(int(cand[j]), float(cos[qi, j]), float(d[j]), meta[j]) for j in order])
+    return out
