@@ -24,8 +24,9 @@ def make_problem(nq: int, ng: int, dim: int, ids: int = 751, seed: int = 0):
     centers = rng.normal(size=(ids, dim)).astype(np.float32)
     q_pids, g_pids = rng.integers(0, ids, nq), rng.integers(0, ids, ng)
     q_cams, g_cams = rng.integers(0, 6, nq), rng.integers(0, 6, ng)
-    # hard enough that mAP is far from 1 (about 0.5), so agreement of the metrics means something
-    noise = 2.0 * (dim / 256) ** 0.5
+    # Hard enough that mAP is well below 1, so agreement of the metrics means something. Both the
+    # distance between two centers and the noise grow with sqrt(dim), so one level suits every width.
+    noise = 2.0
     q = centers[q_pids] + rng.normal(size=(nq, dim)).astype(np.float32) * noise
     g = centers[g_pids] + rng.normal(size=(ng, dim)).astype(np.float32) * noise
     return q, g, q_pids, g_pids, q_cams, g_cams

@@ -40,6 +40,11 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-dir", type=Path, default=Path("galleries"),
                    help="where FAISS galleries live (snapshots + write-ahead logs); default ./galleries")
     p.add_argument("--no-gallery", action="store_true", help="serve embeddings only")
+    p.add_argument("--gallery-backend", choices=["faiss", "milvus"], default="faiss",
+                   help="faiss: in-process galleries under --gallery-dir; milvus: collections in --milvus-uri")
+    p.add_argument("--milvus-uri", help="Milvus Lite file path, or http(s)://host:port of a Milvus server/cluster")
+    p.add_argument("--milvus-token", help="Milvus token ('user:password' or an API key); or set MILVUS_TOKEN")
+    p.add_argument("--milvus-ca", help="CA (PEM) to verify a Milvus server over TLS")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
@@ -77,6 +82,19 @@ def build_config(args) -> ServerConfig:
     return ServerConfig(**values, limits=Limits(**limits))
 
 
+def open_store(args):
+    if args.gallery_backend == "faiss":
+        return FaissGalleryStore(args.gallery_dir)
+    if not args.milvus_uri:
+        raise ValueError("--gallery-backend milvus needs --milvus-uri (a file path for Milvus Lite, or http(s)://host:port)")
+    from retrieval.gallery.milvus_store import MilvusGalleryStore
+
+    import os
+
+    kwargs = {"server_pem_path": args.milvus_ca, "secure": True} if args.milvus_ca else {}
+    return MilvusGalleryStore(args.milvus_uri, token=args.milvus_token or os.environ.get("MILVUS_TOKEN", ""), **kwargs)
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,7 +105,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             h, w = args.input_size or (256, 128)
             fallback = ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean or [0.0] * 3, pixel_std=args.pixel_std or [1.0] * 3)
         engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size)
-        store = None if args.no_gallery else FaissGalleryStore(args.gallery_dir)
+        store = None if args.no_gallery else open_store(args)
     except (ModelFileError, GalleryError, SecurityError, ValueError, OSError, yaml.YAMLError) as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""The FAISS gallery store: brute-force agreement, filters, durability, re-ranking, HNSW recall."""
+"""Gallery stores: brute-force agreement, filters, validation, re-ranking and HNSW recall on every
+backend (FAISS, and Milvus through Milvus Lite); FAISS durability (log, snapshot) at the end."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,21 @@ from retrieval.gallery import (
 )
 from retrieval.rerank import k_reciprocal_rerank
 
+BACKENDS = ["faiss", "milvus"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request, tmp_path):
+    if request.param == "faiss":
+        s = FaissGalleryStore(tmp_path / "faiss")
+    else:
+        pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+        from retrieval.gallery.milvus_store import MilvusGalleryStore
+
+        s = MilvusGalleryStore(str(tmp_path / "milvus.db"))
+    yield s
+    s.close()
+
 
 def _data(n=200, dim=16, seed=0):
     rng = np.random.default_rng(seed)
@@ -20,8 +36,7 @@ def _data(n=200, dim=16, seed=0):
     return vecs, meta
 
 
-def test_search_equals_brute_force_cosine(tmp_path):
-    store = FaissGalleryStore(tmp_path)
+def test_search_equals_brute_force_cosine(store):
     store.create("g", 16)
     vecs, meta = _data()
     ids = store.add("g", np.zeros(len(vecs), dtype=np.int64), vecs, meta)
@@ -34,8 +49,7 @@ def test_search_equals_brute_force_cosine(tmp_path):
         np.testing.assert_allclose([h.score for h in row], np.sort(sims[q])[::-1][:15], atol=1e-5)
 
 
-def test_filters(tmp_path):
-    store = FaissGalleryStore(tmp_path)
+def test_filters(store):
     store.create("g", 16)
     vecs, meta = _data()
     store.add("g", np.arange(1, 201), vecs, meta)
@@ -55,8 +69,7 @@ def test_filters(tmp_path):
     assert all(h.metadata.camera_id != "c0" for h in per_query[0]) and all(h.metadata.camera_id != "c1" for h in per_query[1])
 
 
-def test_validation_errors(tmp_path):
-    store = FaissGalleryStore(tmp_path)
+def test_validation_errors(store):
     store.create("g", 4)
     with pytest.raises(GalleryExists):
         store.create("g", 4)
@@ -122,12 +135,24 @@ def test_corrupt_snapshot_refuses_to_start(tmp_path):
         FaissGalleryStore(tmp_path)
 
 
-def test_reranked_search_matches_offline_when_the_pool_covers_the_gallery(tmp_path):
+def test_remove_and_info(store):
+    vecs, meta = _data(30)
+    store.create("g", 16)
+    store.add("g", np.arange(1, 31), vecs, meta)
+    assert store.remove("g", np.array([2, 3, 99])) == (2, [99])
+    assert store.info("g").size == 28 and [i.name for i in store.list()] == ["g"]
+    assert all(h.id not in (2, 3) for h in store.search("g", vecs[:3], 30, [])[0])
+    store.drop("g")
+    assert store.list() == []
+    with pytest.raises(GalleryNotFound):
+        store.info("g")
+
+
+def test_reranked_search_matches_offline_when_the_pool_covers_the_gallery(store):
     rng = np.random.default_rng(4)
     centers = rng.normal(size=(10, 16))
     gallery = (centers[rng.integers(0, 10, 80)] + rng.normal(size=(80, 16)) * 0.6).astype(np.float32)
     queries = (centers[rng.integers(0, 10, 6)] + rng.normal(size=(6, 16)) * 0.6).astype(np.float32)
-    store = FaissGalleryStore(tmp_path)
     store.create("g", 16)
     ids = store.add("g", np.arange(1, 81), gallery, [EntryMetadata()] * 80)
     hits = store.search("g", queries, 80, [], RerankOptions(k1=8, k2=3, lambda_value=0.3, pool=80))
@@ -137,9 +162,8 @@ def test_reranked_search_matches_offline_when_the_pool_covers_the_gallery(tmp_pa
         np.testing.assert_allclose([h.distance for h in row], np.sort(offline[q]), atol=1e-5)
 
 
-def test_hnsw_recall_against_flat(tmp_path):
+def test_hnsw_recall_against_flat(store):
     vecs, meta = _data(3000, 32, seed=2)
-    store = FaissGalleryStore(tmp_path)
     store.create("flat", 32)
     store.create("hnsw", 32, "hnsw")
     for name in ("flat", "hnsw"):

@@ -28,9 +28,15 @@ from training.cli import main as reid_main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def server(tiny_onnx, tmp_path):
-    store = FaissGalleryStore(tmp_path / "galleries")
+@pytest.fixture(params=["faiss", "milvus"])
+def server(request, tiny_onnx, tmp_path):
+    if request.param == "faiss":
+        store = FaissGalleryStore(tmp_path / "galleries")
+    else:
+        pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+        from retrieval.gallery.milvus_store import MilvusGalleryStore
+
+        store = MilvusGalleryStore(str(tmp_path / "milvus.db"))
     thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0))
     thread.server.store = store
     with thread as s:
@@ -42,9 +48,13 @@ def test_round_trip_filters_and_errors(server):
     vecs = rng.normal(size=(50, 32)).astype(np.float32)
     with GalleryClient(server.target) as g:
         info = g.create("people")
-        assert info.dimension == 32 and info.backend == "faiss"
-        ids = g.add("people", embeddings=vecs, metadata=[metadata_message(str(i), f"c{i % 2}", float(i)) for i in range(50)])
+        assert info.dimension == 32 and info.backend in ("faiss", "milvus")
+        ids = g.add("people", embeddings=vecs, metadata=[metadata_message(str(i), f"c{i % 2}", float(i)) for i in range(50)],
+                    ids=range(1, 51))
         assert ids == list(range(1, 51)) and g.info("people").size == 50
+        assigned = g.add("people", embeddings=vecs[:2])  # ids chosen by the server
+        assert len(set(assigned)) == 2 and not set(assigned) & set(ids)
+        assert g.remove("people", assigned).removed == 2
         results = g.search("people", embeddings=vecs[:3], top_k=5)
         sims = l2_normalize(vecs[:3]) @ l2_normalize(vecs).T
         for q, r in enumerate(results):
@@ -177,6 +187,9 @@ def test_evaluate_through_server_agrees_with_offline(server, tiny_onnx, syntheti
 def test_unwritable_storage_fails_writes_clearly_and_reads_go_on(server, monkeypatch, errno_name):
     """Disk full / read-only directory, injected at the log write (root ignores file permissions here)."""
     import errno
+
+    if not isinstance(server.server.store, FaissGalleryStore):
+        pytest.skip("the write-ahead log belongs to the FAISS backend")
 
     from retrieval.gallery.wal import WriteAheadLog
 

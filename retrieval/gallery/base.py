@@ -6,6 +6,7 @@ metadata: person/track id, camera id, timestamp and free-form labels.
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +98,16 @@ class GalleryInfo:
 
 INDEX_TYPES = ("flat", "hnsw")
 MAX_ID = 2**63 - 1
+GALLERY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_new_gallery(name: str, dim: int, index_type: str, max_dim: int) -> None:
+    if not GALLERY_NAME.match(name or ""):
+        raise InvalidEntry(f"gallery name {name!r} must be 1-128 letters, digits, '_', '.' or '-'")
+    if dim < 1 or dim > max_dim:
+        raise InvalidEntry(f"dimension {dim} is out of range 1..{max_dim}")
+    if index_type not in INDEX_TYPES:
+        raise InvalidEntry(f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}")
 
 
 def check_entries(gallery: str, dim: int, ids: np.ndarray, vectors: np.ndarray, metadata: list) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 from pathlib import Path
@@ -21,14 +20,13 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from retrieval.faiss_setup import import_faiss
 from retrieval.gallery.base import (
-    INDEX_TYPES, EntryMetadata, check_entries, check_queries, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
+    EntryMetadata, check_entries, check_new_gallery, check_queries, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
     InvalidEntry, RerankOptions, SearchFilter, StorageError,
 )
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
 from retrieval.gallery.pool_rerank import pool_rerank
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 HNSW_M = 32
 
 
@@ -294,12 +292,7 @@ class FaissGalleryStore(GalleryBackend):
             raise GalleryNotFound(f"no gallery named {name!r}") from None
 
     def create(self, name: str, dim: int, index_type: str = "flat") -> GalleryInfo:
-        if not _NAME.match(name or ""):
-            raise InvalidEntry(f"gallery name {name!r} must be 1-128 letters, digits, '_', '.' or '-'")
-        if dim < 1 or dim > 65536:
-            raise InvalidEntry(f"dimension {dim} is out of range 1..65536")
-        if index_type not in INDEX_TYPES:
-            raise InvalidEntry(f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}")
+        check_new_gallery(name, dim, index_type, max_dim=65536)
         with self.lock:
             if name in self.galleries:
                 raise GalleryExists(f"gallery {name!r} already exists")

@@ -1,0 +1,236 @@
+"""Milvus gallery backend: the same galleries and calls as the FAISS store, in a Milvus collection.
+
+``uri`` is a local file path (Milvus Lite, in process: tests and single machines) or
+``http(s)://host:port`` (a Milvus server or cluster, with ``token`` and TLS options), so several
+reid-serve replicas can share one gallery.
+
+One collection per gallery, named ``reid_`` + the gallery name in hex (Milvus names allow only
+letters, digits and '_'); the collection description holds the gallery name. Fields: ``id``
+(INT64 primary key), ``vector`` (FLOAT_VECTOR, L2-normalized, metric IP = cosine),
+``person_id``/``camera_id`` (VARCHAR), ``timestamp`` (DOUBLE), ``labels`` (JSON). Filters become
+Milvus boolean expressions. Consistency level Strong: a search sees every add acknowledged before it.
+
+What an acknowledged add means: Milvus accepted the insert and ``flush`` returned, so the rows
+are persisted (Milvus Lite: in its database file; a Milvus server: sealed segments in its object
+storage). Ids the server assigns (id 0 in a request) are random 63-bit values, since Milvus has
+no atomic counter shared by replicas.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+
+import numpy as np
+
+from retrieval.distance import l2_normalize
+from retrieval.gallery.base import (
+    MAX_ID, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
+    RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
+)
+from retrieval.gallery.pool_rerank import pool_rerank
+
+log = logging.getLogger(__name__)
+PREFIX = "reid_"
+META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
+HNSW_PARAMS = {"M": 32, "efConstruction": 80}
+
+
+def _collection(name: str) -> str:
+    return PREFIX + name.encode().hex()
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value)  # a double-quoted string with escapes, as Milvus expressions expect
+
+
+def filter_expression(flt: SearchFilter) -> str:
+    """A SearchFilter as a Milvus boolean expression ("" = no condition)."""
+    terms = []
+    if flt.exclude_camera_id:
+        terms.append(f"camera_id != {_quote(flt.exclude_camera_id)}")
+    if flt.time_from:
+        terms.append(f"timestamp >= {float(flt.time_from)!r}")
+    if flt.time_to:
+        terms.append(f"timestamp <= {float(flt.time_to)!r}")
+    for key, value in sorted(flt.labels.items()):
+        terms.append(f"labels[{_quote(key)}] == {_quote(value)}")
+    return " and ".join(terms)
+
+
+class MilvusGalleryStore(GalleryBackend):
+    def __init__(self, uri: str, token: str = "", **client_kwargs):
+        try:
+            from pymilvus import MilvusClient
+        except ImportError:
+            raise GalleryError("the Milvus backend needs pymilvus (pip install '.[milvus]')") from None
+        try:
+            self.client = MilvusClient(uri=uri, token=token, **client_kwargs)
+        except Exception as exc:  # noqa: BLE001 - connection errors come in several types
+            raise StorageError(f"cannot connect to Milvus at {uri}: {exc}") from None
+        self.uri = uri
+        self.lock = threading.RLock()
+        self._dims: dict[str, tuple[int, str]] = {}
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GalleryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MilvusException and transport errors
+            raise StorageError(f"Milvus {what} failed: {exc}") from None
+
+    def _describe(self, name: str) -> tuple[int, str]:
+        if name in self._dims:
+            return self._dims[name]
+        coll = _collection(name)
+        if not self._call("has_collection", self.client.has_collection, coll):
+            raise GalleryNotFound(f"no gallery named {name!r}")
+        desc = self._call("describe_collection", self.client.describe_collection, coll)
+        dim = next(int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector")
+        index = json.loads(desc.get("description") or "{}").get("index_type", "flat")
+        self._call("load_collection", self.client.load_collection, coll)
+        self._dims[name] = (dim, index)
+        return dim, index
+
+    def _count(self, name: str) -> int:
+        rows = self._call("count", self.client.query, _collection(name), filter="", output_fields=["count(*)"])
+        return int(rows[0]["count(*)"])
+
+    def _existing(self, name: str, ids: list[int]) -> set[int]:
+        if not ids:
+            return set()
+        rows = self._call("get", self.client.get, _collection(name), ids=ids, output_fields=["id"])
+        return {int(r["id"]) for r in rows}
+
+    # ---- GalleryBackend ------------------------------------------------------------------------
+    def create(self, name: str, dim: int, index_type: str = "flat") -> GalleryInfo:
+        from pymilvus import DataType, MilvusClient
+
+        check_new_gallery(name, dim, index_type, max_dim=32768)
+        with self.lock:
+            coll = _collection(name)
+            if self._call("has_collection", self.client.has_collection, coll):
+                raise GalleryExists(f"gallery {name!r} already exists")
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
+                                                description=json.dumps({"name": name, "index_type": index_type}))
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            schema.add_field("person_id", DataType.VARCHAR, max_length=512)
+            schema.add_field("camera_id", DataType.VARCHAR, max_length=512)
+            schema.add_field("timestamp", DataType.DOUBLE)
+            schema.add_field("labels", DataType.JSON)
+            index = self.client.prepare_index_params()
+            if index_type == "hnsw":
+                index.add_index(field_name="vector", index_type="HNSW", metric_type="IP", params=HNSW_PARAMS)
+            else:
+                index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+            self._call("create_collection", self.client.create_collection, coll, schema=schema, index_params=index,
+                       consistency_level="Strong")
+            self._dims[name] = (dim, index_type)
+            return GalleryInfo(name, dim, 0, index_type, "milvus")
+
+    def drop(self, name: str) -> None:
+        with self.lock:
+            self._describe(name)
+            self._call("drop_collection", self.client.drop_collection, _collection(name))
+            self._dims.pop(name, None)
+
+    def list(self) -> list[GalleryInfo]:
+        names = []
+        for coll in self._call("list_collections", self.client.list_collections):
+            if coll.startswith(PREFIX):
+                try:
+                    names.append(bytes.fromhex(coll[len(PREFIX):]).decode())
+                except ValueError:
+                    continue
+        return [self.info(n) for n in sorted(names)]
+
+    def info(self, name: str) -> GalleryInfo:
+        dim, index_type = self._describe(name)
+        return GalleryInfo(name, dim, self._count(name), index_type, "milvus")
+
+    def add(self, name, ids, vectors, metadata, replace=False):
+        with self.lock:
+            dim, _ = self._describe(name)
+            vectors = np.asarray(vectors, dtype=np.float32)
+            ids = check_entries(name, dim, ids, vectors, metadata)
+            given = [int(i) for i in ids if i > 0]
+            if not replace:
+                clash = sorted(self._existing(name, given))
+                if clash:
+                    raise GalleryExists(f"ids already in gallery {name}: {clash[:10]}; set replace to overwrite")
+            free = ids == 0
+            ids[free] = [secrets.randbelow(MAX_ID) + 1 for _ in range(int(free.sum()))]
+            vectors = l2_normalize(vectors)
+            rows = [{"id": int(i), "vector": v.tolist(), **m.to_dict()} for i, v, m in zip(ids, vectors, metadata)]
+            coll = _collection(name)
+            self._call("upsert" if replace else "insert", self.client.upsert if replace else self.client.insert, coll, rows)
+            self._call("flush", self.client.flush, coll)
+            return ids
+
+    def remove(self, name, ids):
+        with self.lock:
+            self._describe(name)
+            ids = [int(i) for i in np.asarray(ids, dtype=np.int64)]
+            present = self._existing(name, ids)
+            if present:
+                coll = _collection(name)
+                self._call("delete", self.client.delete, coll, ids=sorted(present))
+                self._call("flush", self.client.flush, coll)
+            return len(present), [i for i in ids if i not in present]
+
+    def _search(self, name: str, index_type: str, queries: np.ndarray, k: int, filters: list[SearchFilter]):
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        meta: dict[int, EntryMetadata] = {}
+        groups: dict[str, list[int]] = {}
+        for i, flt in enumerate(filters):
+            groups.setdefault(filter_expression(flt), []).append(i)
+        params = {"metric_type": "IP", **({"params": {"ef": max(64, k)}} if index_type == "hnsw" else {})}
+        for expr, rows in groups.items():
+            answers = self._call("search", self.client.search, _collection(name), data=queries[rows].tolist(), limit=k,
+                                 filter=expr, output_fields=META_FIELDS, search_params=params)
+            for row, hits in zip(rows, answers):
+                for j, hit in enumerate(hits):
+                    ids[row, j], scores[row, j] = int(hit["id"]), float(hit["distance"])
+                    e = hit["entity"]
+                    meta[int(hit["id"])] = EntryMetadata(e["person_id"], e["camera_id"], e["timestamp"], dict(e["labels"] or {}))
+        return scores, ids, meta
+
+    def _fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, list[EntryMetadata]]:
+        rows = self._call("get", self.client.get, _collection(name), ids=[int(i) for i in ids],
+                          output_fields=["vector", *META_FIELDS])
+        by_id = {int(r["id"]): r for r in rows}
+        ordered = [by_id[int(i)] for i in ids]
+        vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), -1)
+        return vectors, [EntryMetadata(r["person_id"], r["camera_id"], r["timestamp"], dict(r["labels"] or {})) for r in ordered]
+
+    def search(self, name, queries, top_k, filters, rerank: RerankOptions | None = None):
+        with self.lock:
+            dim, index_type = self._describe(name)
+            queries = np.asarray(queries, dtype=np.float32)
+            filters = check_queries(name, dim, queries, filters, top_k)
+            queries = l2_normalize(queries)
+            live = self._count(name)
+            k = min(top_k, live, 16384)  # Milvus caps limit at 16384
+            if k <= 0:
+                return [[] for _ in queries]
+            if rerank is None:
+                scores, ids, meta = self._search(name, index_type, queries, k, filters)
+                return [[Hit(int(i), float(s), 1.0 - float(s), meta[int(i)]) for s, i in zip(srow, irow) if i >= 0]
+                        for srow, irow in zip(scores, ids)]
+
+            def search_fn(q, kk, flts):
+                scores, ids, _ = self._search(name, index_type, q, min(kk, 16384), flts)
+                return scores, ids
+
+            return pool_rerank(queries, top_k, filters, rerank, min(live, 16384), search_fn, lambda ids: self._fetch(name, ids))
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001
+            pass
