@@ -19,8 +19,11 @@ def main() -> None:
     p.add_argument("--crops", type=int, default=4)
     p.add_argument("--queue-capacity", type=int, default=256)
     p.add_argument("--timeout", type=float, default=2.0, help="client deadline per call")
+    p.add_argument("--pixel-mean", type=float, nargs=3, help="for a model without reid metadata")
+    p.add_argument("--pixel-std", type=float, nargs=3)
     args = p.parse_args()
-    proc, target = start_server(args.model, "--queue-capacity", str(args.queue_capacity))
+    extra = ["--pixel-mean", *map(str, args.pixel_mean), "--pixel-std", *map(str, args.pixel_std)] if args.pixel_mean else []
+    proc, target = start_server(args.model, "--queue-capacity", str(args.queue_capacity), *extra)
     try:
         print(f"server RSS after warm-up: {rss_mib(proc.pid):.0f} MiB")
         print("ramp:")

@@ -36,7 +36,7 @@ def crops(n: int, size=(64, 128), seed: int = 0) -> list[bytes]:
 def start_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
     """Start reid-serve on a free loopback port; returns (process, target) once it is SERVING."""
     proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
-                             "--model", model, "--port", "0", "--no-gallery", *extra], cwd=ROOT,
+                             "--model", str(Path(model).resolve()), "--port", "0", "--no-gallery", *extra], cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
