@@ -56,6 +56,46 @@ def _row_max_sq_dist(feats: np.ndarray, sq: np.ndarray, max_memory: int) -> np.n
     return out
 
 
+def _torch_device(device: str):
+    """None for the numpy/FAISS path; else the torch device that runs the dense passes.
+
+    torch is imported only here and only when asked for (or, with "auto", when installed), so
+    the serving process, which leaves ``device`` at "cpu", never loads it.
+    """
+    if device == "cpu":
+        return None
+    try:
+        import torch
+    except ImportError:
+        if device == "auto":
+            return None
+        raise ValueError(f"re-ranking device {device!r} needs torch") from None
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else None
+    try:
+        return torch.device(device.removeprefix("torch:"))
+    except RuntimeError as exc:
+        raise ValueError(f"unknown re-ranking device {device!r}: {exc}") from None
+
+
+def _dense_pass_torch(feats: np.ndarray, k: int, max_memory: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """Row maxima and k nearest neighbours from one blockwise pass on a torch device (GPU)."""
+    import torch
+
+    x = torch.from_numpy(feats).to(device)
+    sq = (x * x).sum(1)
+    n = len(feats)
+    step = _chunk_rows(n, max_memory)
+    row_max = np.empty(n, dtype=np.float32)
+    rank = np.empty((n, k), dtype=np.int64)
+    with torch.no_grad():
+        for start in range(0, n, step):
+            d = sq[start : start + step, None] + sq[None, :] - 2.0 * (x[start : start + step] @ x.T)
+            row_max[start : start + step] = d.max(dim=1).values.cpu().numpy()
+            rank[start : start + step] = torch.topk(d, k, dim=1, largest=False, sorted=True).indices.cpu().numpy()
+    return row_max, rank
+
+
 def _reciprocal_sets(rank: np.ndarray, k: int) -> np.ndarray:
     """Boolean N x k mask: rank[i, j] is in i's k-reciprocal set (i is among its k nearest too)."""
     n = rank.shape[0]
@@ -104,11 +144,14 @@ def k_reciprocal_rerank(
     k2: int = 6,
     lambda_value: float = 0.3,
     max_memory: int = 256 * 2**20,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Re-ranked query x gallery distance matrix (float32).
 
     ``max_memory`` bounds the bytes of each dense block (distance chunks); the sparse structures
-    grow linearly with the number of items.
+    grow linearly with the number of items. ``device``: "cpu" (numpy + FAISS), "auto" (CUDA
+    through torch when available, else cpu), or a torch device ("cuda", "cuda:1", "torch:cpu")
+    for the two dense passes (row maxima and nearest neighbours); the sparse steps stay on the CPU.
     """
     q = np.ascontiguousarray(query_feats, dtype=np.float32)
     g = np.ascontiguousarray(gallery_feats, dtype=np.float32)
@@ -120,9 +163,13 @@ def k_reciprocal_rerank(
     n, nq = len(feats), len(q)
     kk = min(k1 + 1, n)
     sq = (feats * feats).sum(axis=1)
-    row_max = _row_max_sq_dist(feats, sq, max_memory)
+    accel = _torch_device(device)
+    if accel is None:
+        row_max = _row_max_sq_dist(feats, sq, max_memory)
+        rank = _neighbours(feats, max(kk, k2))
+    else:
+        row_max, rank = _dense_pass_torch(feats, max(kk, k2), max_memory, accel)
     row_max[row_max <= 0] = 1.0  # all items identical: every distance is 0 anyway
-    rank = _neighbours(feats, max(kk, k2))
 
     rows, cols = _expansion_pairs(rank, kk - 1)
     d = ((feats[rows] - feats[cols]) ** 2).sum(axis=1) / row_max[rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--milvus-uri", help="Milvus Lite file path, or http(s)://host:port of a Milvus server/cluster")
     p.add_argument("--milvus-token", help="Milvus token ('user:password' or an API key); or set MILVUS_TOKEN")
     p.add_argument("--milvus-ca", help="CA (PEM) to verify a Milvus server over TLS")
+    p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object per line")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
@@ -52,6 +54,17 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-file", type=Path, help="bearer tokens, one 'TOKEN read|write' per line")
     p.add_argument("--tokens-env", help="environment variable holding 'TOKEN:read|write,...'")
     return p
+
+
+class JsonFormatter(logging.Formatter):
+    """Structured logs for collectors: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
 def build_config(args) -> ServerConfig:
@@ -97,7 +110,10 @@ def open_store(args):
 
 def serve_main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         config = build_config(args)
         fallback = None

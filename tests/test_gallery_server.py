@@ -210,3 +210,20 @@ def test_unwritable_storage_fails_writes_clearly_and_reads_go_on(server, monkeyp
         assert [h.id for h in g.search("full", embeddings=vecs[:1], top_k=2)[0].hits][0] == 1  # reads go on
         monkeypatch.undo()
         assert g.add("full", embeddings=vecs[2:]) == [3, 4]  # and writes resume once the disk is back
+
+
+def test_second_server_on_one_milvus_lite_file_is_refused_clearly(tiny_onnx, tmp_path):
+    """Milvus Lite is single-process: sharing a gallery between replicas needs a Milvus server."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    from retrieval.gallery.milvus_store import MilvusGalleryStore
+
+    uri = str(tmp_path / "shared.db")
+    first = MilvusGalleryStore(uri)
+    try:
+        result = subprocess.run([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                                 "--model", str(tiny_onnx), "--port", "0", "--gallery-backend", "milvus", "--milvus-uri", uri],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1].startswith("reid-serve: error: cannot connect to Milvus at")
+    finally:
+        first.close()

@@ -43,3 +43,24 @@ def test_rejects_bad_input():
         k_reciprocal_rerank(np.zeros((2, 3)), np.zeros((4, 5)))
     with pytest.raises(ValueError, match="k1 >= 1"):
         k_reciprocal_rerank(np.zeros((2, 3)), np.zeros((4, 3)), k1=0)
+
+
+def test_torch_dense_pass_gives_the_same_answer():
+    """The accelerated path (CUDA on a GPU machine) exercised on torch's CPU device."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    q, g = _clustered(rng, 25, 140, 16)
+    np.testing.assert_allclose(k_reciprocal_rerank(q, g, device="torch:cpu", max_memory=32 * 1024),
+                               k_reciprocal_rerank(q, g), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown re-ranking device"):
+        k_reciprocal_rerank(q, g, device="tpu:7")
+
+
+@pytest.mark.gpu
+def test_cuda_rerank_matches_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(3)
+    q, g = _clustered(rng, 40, 300, 32)
+    np.testing.assert_allclose(k_reciprocal_rerank(q, g, device="cuda"), k_reciprocal_rerank(q, g), atol=1e-4)

@@ -24,7 +24,7 @@ def _summary(cmc: np.ndarray, m_ap: float, m_inp: float) -> dict:
     return {"mAP": m_ap, "mINP": m_inp, **{f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}}
 
 
-def score(qf: np.ndarray, gf: np.ndarray, query, gallery, rerank_cfg) -> tuple[dict, dict, dict]:
+def score(qf: np.ndarray, gf: np.ndarray, query, gallery, rerank_cfg, device: str = "auto") -> tuple[dict, dict, dict]:
     """Metrics, CMC curves and distance matrices for plain cosine ranking and (if enabled) re-ranking.
 
     Features are L2-normalized first; re-ranking then works on squared Euclidean distances of unit
@@ -37,7 +37,8 @@ def score(qf: np.ndarray, gf: np.ndarray, query, gallery, rerank_cfg) -> tuple[d
            np.array([r.camid for r in query]), np.array([r.camid for r in gallery]))
     dists = {"without re-ranking": compute_distance(qf, gf, "cosine")}
     if rerank_cfg.re_ranking:
-        dists["with re-ranking"] = k_reciprocal_rerank(qf, gf, rerank_cfg.k1, rerank_cfg.k2, rerank_cfg.lambda_value)
+        dists["with re-ranking"] = k_reciprocal_rerank(qf, gf, rerank_cfg.k1, rerank_cfg.k2, rerank_cfg.lambda_value,
+                                                       device=device)
     results, curves = {}, {}
     for label, dist in dists.items():
         try:
@@ -101,6 +102,12 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
         gallery_client.close()
 
 
+def _rerank_device(gpu_id: int) -> str:
+    import torch
+
+    return f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
+
+
 def run_evaluate(spec) -> dict:
     e = spec.evaluate
     if not e.checkpoint and not e.server:
@@ -118,7 +125,7 @@ def run_evaluate(spec) -> dict:
         log.info("evaluating %s on %d query and %d gallery images", embedder.description, len(query), len(gallery))
         qf = embedder.embed(query, "query")
         gf = embedder.embed(gallery, "gallery")
-        results, curves, dists = score(qf, gf, query, gallery, spec.re_ranking)
+        results, curves, dists = score(qf, gf, query, gallery, spec.re_ranking, _rerank_device(e.gpu_id))
         dim = int(qf.shape[1])
     out_dir = Path(spec.results_dir) / "evaluate"
     out_dir.mkdir(parents=True, exist_ok=True)

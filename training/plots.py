@@ -23,12 +23,7 @@ def plot_cmc(curves: dict[str, np.ndarray], path: str | Path, max_rank: int = 50
     ax.set_title("CMC curve")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 def plot_matches(query, gallery, distmat: np.ndarray, path: str | Path, num_queries: int = 8, top_k: int = 8,
@@ -55,9 +50,13 @@ def plot_matches(query, gallery, distmat: np.ndarray, path: str | Path, num_quer
             ax.set_title(("query\n" if correct is None else f"#{col}\n") + f"id {rec.pid} c{rec.camid}", fontsize=7)
             if correct is not None:
                 ax.add_patch(Rectangle((0, 0), 63, 127, fill=False, lw=3, edgecolor="limegreen" if correct else "red"))
+    return _save(fig, path, dpi=100)
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
