@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import os
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def rss_mib(pid: int) -> float:
 
 
 async def _client(target: str, images: list[bytes], stop_at: float, timeout: float, lat: list, codes: Counter) -> None:
+    backoff = 0.01
     async with AsyncReidClient(target, timeout=timeout) as client:
         while time.monotonic() < stop_at:
             start = time.monotonic()
@@ -72,10 +74,13 @@ async def _client(target: str, images: list[bytes], stop_at: float, timeout: flo
                 await client.embed(images)
                 lat.append(time.monotonic() - start)
                 codes["OK"] += 1
+                backoff = 0.01
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    await asyncio.sleep(0.01)  # a client backing off, as the docs advise
+                    # exponential backoff with jitter, as the docs advise clients to do
+                    await asyncio.sleep(backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, 1.0)
 
 
 def run_load(target: str, clients: int, crops_per_request: int, seconds: float, timeout: float = 30.0) -> dict:

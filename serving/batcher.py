@@ -52,6 +52,7 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._next_request = 0
+        self._reserved = 0
         self.images_inferred = 0
 
     @property
@@ -75,10 +76,21 @@ class DynamicBatcher:
             pass
         self._pool.shutdown(wait=True)
 
+    def reserve(self, n: int) -> None:
+        """Claim room for ``n`` images before decoding them, so a full server refuses a call
+        without spending CPU on it. Pair with ``release`` once the images are submitted or dropped."""
+        if len(self._pending) + self._reserved + n > self.queue_capacity:
+            raise QueueFull(f"queue holds {len(self._pending) + self._reserved} of {self.queue_capacity} images; "
+                            f"no room for {n} more")
+        self._reserved += n
+
+    def release(self, n: int) -> None:
+        self._reserved -= n
+
     def submit(self, arrays: list[np.ndarray], deadline: float | None) -> list[asyncio.Future]:
         """Queue preprocessed images (3 x H x W float32); ``deadline`` is a ``time.monotonic()`` value."""
-        if len(self._pending) + len(arrays) > self.queue_capacity:
-            raise QueueFull(f"queue holds {len(self._pending)} of {self.queue_capacity} images; "
+        if len(self._pending) + self._reserved + len(arrays) > self.queue_capacity:
+            raise QueueFull(f"queue holds {len(self._pending) + self._reserved} of {self.queue_capacity} images; "
                             f"no room for {len(arrays)} more")
         loop = asyncio.get_running_loop()
         request = self._next_request

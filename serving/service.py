@@ -56,10 +56,17 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                                f"request has {n} images; the limit is {self.limits.max_images_per_request}")
         md = self.engine.metadata
         loop = asyncio.get_running_loop()
-        start = time.monotonic()
-        prepared = await loop.run_in_executor(self.pool, prepare, request, md.input_height, md.input_width,
-                                              self.limits.max_image_pixels)
-        self.metrics.stage_seconds.labels("preprocess").observe(time.monotonic() - start)
+        try:
+            self.batcher.reserve(n)  # refuse before spending CPU on decoding
+        except QueueFull as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        try:
+            start = time.monotonic()
+            prepared = await loop.run_in_executor(self.pool, prepare, request, md.input_height, md.input_width,
+                                                  self.limits.max_image_pixels)
+            self.metrics.stage_seconds.labels("preprocess").observe(time.monotonic() - start)
+        finally:
+            self.batcher.release(n)
         valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         rows = {}
         if valid:

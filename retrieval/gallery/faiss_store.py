@@ -34,6 +34,31 @@ def _storage(exc: OSError, what: str) -> StorageError:
     return StorageError(f"{what}: {exc.strerror or exc}")
 
 
+class _Column:
+    """A row-aligned array that grows by doubling, so adding n entries copies O(n), not O(n * size)."""
+
+    def __init__(self, dtype, width: int | None = None):
+        self._buf = np.empty((16,) if width is None else (16, width), dtype=dtype)
+        self.n = 0
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buf[: self.n]
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.n + len(values)
+        if need > len(self._buf):
+            grown = np.empty((max(need, 2 * len(self._buf)),) + self._buf.shape[1:], dtype=self._buf.dtype)
+            grown[: self.n] = self._buf[: self.n]
+            self._buf = grown
+        self._buf[self.n : need] = values
+        self.n = need
+
+    def keep(self, mask: np.ndarray) -> None:
+        kept = self.view[mask]
+        self._buf, self.n = kept.copy(), len(kept)
+
+
 class _Gallery:
     """One gallery: rows of vectors and metadata, a FAISS index over the live rows, its log."""
 
@@ -41,17 +66,23 @@ class _Gallery:
         self.dir, self.dim, self.index_type, self.snapshot_every = directory, dim, index_type, snapshot_every
         self.lock = threading.RLock()
         self.faiss = import_faiss()
-        self.ids = np.zeros(0, dtype=np.int64)
-        self.vectors = np.zeros((0, dim), dtype=np.float32)
+        self._ids = _Column(np.int64)
+        self._vectors = _Column(np.float32, dim)
         self.meta: list[EntryMetadata] = []
-        self.alive = np.zeros(0, dtype=bool)
-        self.cams = np.zeros(0, dtype=str)  # columns of the metadata used by filters, row-aligned
-        self.times = np.zeros(0, dtype=np.float64)
+        self._alive = _Column(bool)
+        self._cams = _Column(object)  # columns of the metadata used by filters, row-aligned
+        self._times = _Column(np.float64)
         self.row: dict[int, int] = {}
         self.changes_since_snapshot = 0
         self.device = "cpu"
         self.wal = WriteAheadLog(directory / "wal.log")
         self._load()
+
+    ids = property(lambda self: self._ids.view)
+    vectors = property(lambda self: self._vectors.view)
+    alive = property(lambda self: self._alive.view)
+    cams = property(lambda self: self._cams.view)
+    times = property(lambda self: self._times.view)
 
     # ---- persistence -------------------------------------------------------------------------
     def _load(self) -> None:
@@ -118,12 +149,12 @@ class _Gallery:
     # ---- in-memory state -----------------------------------------------------------------------
     def _append_rows(self, ids, vectors, meta) -> None:
         start = len(self.ids)
-        self.ids = np.concatenate([self.ids, ids])
-        self.vectors = np.concatenate([self.vectors, vectors])
+        self._ids.extend(ids)
+        self._vectors.extend(vectors)
         self.meta += list(meta)
-        self.cams = np.concatenate([self.cams, np.array([m.camera_id for m in meta], dtype=str)])
-        self.times = np.concatenate([self.times, np.array([m.timestamp for m in meta], dtype=np.float64)])
-        self.alive = np.concatenate([self.alive, np.ones(len(ids), dtype=bool)])
+        self._cams.extend(np.array([m.camera_id for m in meta], dtype=object))
+        self._times.extend(np.array([m.timestamp for m in meta], dtype=np.float64))
+        self._alive.extend(np.ones(len(ids), dtype=bool))
         for offset, i in enumerate(ids.tolist()):
             self.row[i] = start + offset
 
@@ -144,11 +175,10 @@ class _Gallery:
         # HNSW cannot delete: dead rows are filtered out at search time and dropped at the next snapshot
 
     def _compact(self) -> None:
-        keep = self.alive
-        self.ids, self.vectors = self.ids[keep], self.vectors[keep]
+        keep = self.alive.copy()
         self.meta = [m for m, a in zip(self.meta, keep) if a]
-        self.cams, self.times = self.cams[keep], self.times[keep]
-        self.alive = np.ones(len(self.ids), dtype=bool)
+        for column in (self._ids, self._vectors, self._cams, self._times, self._alive):
+            column.keep(keep)
         self.row = {i: r for r, i in enumerate(self.ids.tolist())}
         self._rebuild_index()
 
