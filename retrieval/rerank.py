@@ -96,6 +96,17 @@ def _dense_pass_torch(feats: np.ndarray, k: int, max_memory: int, device) -> tup
     return row_max, rank
 
 
+def _pair_sq_dist(feats: np.ndarray, rows: np.ndarray, cols: np.ndarray, max_memory: int) -> np.ndarray:
+    """Squared distance of each (row, col) pair, gathered in chunks: the pairs number about
+    N * 25, and gathering all their vectors at once would take 2 * pairs * dim * 4 bytes."""
+    out = np.empty(len(rows), dtype=np.float32)
+    step = max(1, max_memory // (3 * feats.shape[1] * 4))
+    for start in range(0, len(rows), step):
+        diff = feats[rows[start : start + step]] - feats[cols[start : start + step]]
+        out[start : start + step] = np.einsum("ij,ij->i", diff, diff)
+    return out
+
+
 def _reciprocal_sets(rank: np.ndarray, k: int) -> np.ndarray:
     """Boolean N x k mask: rank[i, j] is in i's k-reciprocal set (i is among its k nearest too)."""
     n = rank.shape[0]
@@ -172,7 +183,7 @@ def k_reciprocal_rerank(
     row_max[row_max <= 0] = 1.0  # all items identical: every distance is 0 anyway
 
     rows, cols = _expansion_pairs(rank, kk - 1)
-    d = ((feats[rows] - feats[cols]) ** 2).sum(axis=1) / row_max[rows]
+    d = _pair_sq_dist(feats, rows, cols, max_memory) / row_max[rows]
     w = np.exp(-d)
     w /= np.bincount(rows, weights=w, minlength=n)[rows]
     v = sp.csr_matrix((w.astype(np.float64), (rows, cols)), shape=(n, n))
