@@ -92,3 +92,20 @@ def test_tiny_swin_learns_far_above_chance(tmp_path):
     # Chance: each query has 6 true matches among 400 gallery images (mAP about 0.02, rank-1 about 0.015).
     assert metrics["mAP"] > 0.3, metrics
     assert metrics["rank1"] > 0.25, metrics
+
+
+def test_tao_example_spec_trains_with_small_overrides(synthetic_root, tmp_path, capsys):
+    """`reid train -e specs/tao_swin_tiny.yaml` with paths pointed at a synthetic set and sizes made small."""
+    from pathlib import Path
+
+    from training.cli import main
+
+    spec = Path(__file__).resolve().parents[1] / "specs" / "tao_swin_tiny.yaml"
+    overrides = quick_overrides(synthetic_root, tmp_path, **{"train.num_epochs": 1, "dataset.batch_size": 8})
+    # keep the spec's own model keys (feat_dim 1024, soft margin, bnneck...) except the input size and depth
+    overrides = [o for o in overrides if not o.startswith("model.feat_dim")]
+    assert main(["train", "-e", str(spec), *overrides]) == 0
+    out = capsys.readouterr().out
+    ckpt = Path(out.strip().splitlines()[-1].removeprefix("checkpoint: "))
+    payload = load_checkpoint(ckpt)
+    assert payload["model_args"]["feat_dim"] == 1024 and payload["spec"]["model"]["no_margin"] is True
