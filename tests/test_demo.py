@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end(tmp_path):
     result = subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = result.stdout
-    assert "enrolled 40 gallery images over gRPC" in text
+    assert "enrolled 80 gallery images over gRPC" in text
     assert "queries found the right person first" in text
     for artifact in ["results/evaluate/results.json", "results/evaluate/cmc_curve.png", "model.onnx", "model.fp16.onnx",
                      "galleries/demo/snapshot.npz"]:
