@@ -33,16 +33,16 @@ def _filter(f: reid_pb2.SearchFilter) -> SearchFilter:
 
 
 class GalleryRpcs:
-    """Mixed into the service; needs ``self.store``, ``self.limits``, ``self.engine`` and ``embed_arrays``."""
+    """Mixed into the service; needs ``store``, ``gallery_pool``, ``limits``, ``engine`` and ``embed_outcomes``."""
 
     store = None
-    _gallery_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gallery")
+    gallery_pool: ThreadPoolExecutor | None = None
 
     async def _call(self, context, method: str, fn, *args):
         if self.store is None:
             await self._fail(context, method, grpc.StatusCode.UNAVAILABLE, "this server has no gallery store configured")
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._gallery_pool, fn, *args)
+            result = await asyncio.get_running_loop().run_in_executor(self.gallery_pool, fn, *args)
         except GalleryError as exc:
             await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
         self._count(method, grpc.StatusCode.OK)
@@ -52,22 +52,17 @@ class GalleryRpcs:
         self._count(method, code)
         await context.abort(code, message)
 
-    async def _embed_images(self, images, context, method: str) -> tuple[np.ndarray, list]:
+    async def _embed_images(self, images, context, method: str) -> tuple[list, list]:
         """Embed request images through the batcher; returns (rows for good images, per-image errors)."""
         from serving.service import RequestError
 
         try:
-            response = await self.embed_arrays(reid_pb2.EmbedRequest(images=images), self._deadline(context))
+            outcomes = await self.embed_outcomes(reid_pb2.EmbedRequest(images=images), self._deadline(context))
         except RequestError as exc:
             await self._fail(context, method, exc.code, exc.message)
-        rows, errors = [], []
-        for r in response.results:
-            if r.WhichOneof("result") == "embedding":
-                rows.append(np.asarray(r.embedding.values, dtype=np.float32))
-                errors.append(None)
-            else:
-                rows.append(None)
-                errors.append(r.error)
+        rows = [None if isinstance(o, Exception) else o for o in outcomes]
+        errors = [reid_pb2.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(o))
+                  if isinstance(o, Exception) else None for o in outcomes]
         return rows, errors
 
     async def CreateGallery(self, request, context):

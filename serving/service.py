@@ -44,10 +44,16 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                  store: GalleryBackend | None = None):
         self.engine, self.batcher, self.metrics, self.limits, self.store = engine, batcher, metrics, limits, store
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
+        self.gallery_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gallery") if store is not None else None
         md = engine.metadata
         self.model_name = md.backbone or "model"
 
-    async def embed_arrays(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> reid_pb2.EmbedResponse:
+    async def embed_outcomes(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> list:
+        """One outcome per requested image, in order: an embedding (numpy row) or its ``ImageError``.
+
+        Call-level failures raise ``RequestError``. Shared by Embed and the gallery RPCs, which
+        use the rows directly.
+        """
         n = count_images(request)
         if n == 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "request has no images and no frame boxes")
@@ -86,16 +92,23 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                 self.batcher.discard(futures)
                 raise
             rows = dict(zip(valid, outs))
+        outcomes = [rows.get(i, p) for i, p in enumerate(prepared)]
+        invalid = len(outcomes) - len(rows)
+        self.metrics.images.labels("ok").inc(len(rows))
+        if invalid:
+            self.metrics.images.labels("invalid").inc(invalid)
+            self.metrics.errors.labels("INVALID_ARGUMENT").inc(invalid)
+        return outcomes
+
+    async def embed_arrays(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> reid_pb2.EmbedResponse:
+        md = self.engine.metadata
         response = reid_pb2.EmbedResponse(dimension=md.embedding_dim, normalized=md.output_normalized,
                                           request_id=request.request_id, model=self.model_name)
-        for i, p in enumerate(prepared):
-            if i in rows:
-                response.results.add(embedding=reid_pb2.Embedding(values=rows[i].tolist()))
-                self.metrics.images.labels("ok").inc()
+        for outcome in await self.embed_outcomes(request, deadline):
+            if isinstance(outcome, Exception):
+                response.results.add(error=reid_pb2.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(outcome)))
             else:
-                response.results.add(error=reid_pb2.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(p)))
-                self.metrics.images.labels("invalid").inc()
-                self.metrics.errors.labels("INVALID_ARGUMENT").inc()
+                response.results.add(embedding=reid_pb2.Embedding(values=outcome.tolist()))
         return response
 
     @staticmethod
