@@ -9,10 +9,14 @@ import numpy as np
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Row-wise L2 normalization (rows of zeros stay zero instead of becoming NaN)."""
+    """Row-wise L2 normalization (rows of zeros stay zero instead of becoming NaN).
+
+    Norms are taken in float64: squaring float32 values above about 1.8e19 overflows, which would
+    turn a finite vector into zeros.
+    """
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, eps)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    return (x / np.maximum(norms, eps)).astype(np.float32)
 
 
 def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:

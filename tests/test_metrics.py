@@ -55,3 +55,10 @@ def test_no_valid_query_and_shape_errors():
         evaluate_rank(np.zeros((1, 2)), np.array([1]), np.array([1, 2]), np.array([1]), np.array([1, 2]))
     with pytest.raises(ValueError, match="distmat is 1x2"):
         evaluate_rank(np.zeros((1, 2)), np.array([1, 2]), np.array([1, 2]), np.array([1]), np.array([1, 2]))
+
+
+def test_l2_normalize_survives_huge_finite_values():
+    from retrieval.distance import l2_normalize
+
+    out = l2_normalize(np.array([[3e30, 4e30], [0.0, 0.0]], dtype=np.float32))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
