@@ -7,6 +7,7 @@ Usage: python benchmarks/load.py MODEL.onnx [--soak-seconds 600] [--step-seconds
 from __future__ import annotations
 
 import argparse
+import threading
 
 from loadgen import fmt, rss_mib, run_load, start_server, stop_server
 
@@ -37,10 +38,21 @@ def main() -> None:
         print(f"capacity about {capacity:.1f} img/s; soak at {overload_clients} clients for {args.soak_seconds:.0f} s "
               f"(offered load well above 2x capacity; deadline {args.timeout} s)")
         rss_start = rss_mib(proc.pid)
+        samples: list[float] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(args.soak_seconds / 10):
+                samples.append(rss_mib(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         soak = run_load(target, overload_clients, args.crops, args.soak_seconds, args.timeout)
+        stop.set()
         rss_end = rss_mib(proc.pid)
         print(f"  soak: {fmt(soak)}")
-        print(f"  server RSS start {rss_start:.0f} MiB, end {rss_end:.0f} MiB")
+        print(f"  server RSS start {rss_start:.0f} MiB, end {rss_end:.0f} MiB; every tenth of the soak: "
+              + ", ".join(f"{v:.0f}" for v in samples))
         unexpected = {k: v for k, v in soak["codes"].items() if k not in ("OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")}
         print(f"  error codes other than RESOURCE_EXHAUSTED/DEADLINE_EXCEEDED: {unexpected or 'none'}")
         after = run_load(target, 8, args.crops, args.step_seconds, args.timeout)
