@@ -48,6 +48,15 @@ def check_graph(proto: onnx.ModelProto, what: str) -> None:
         raise ExportError(f"{what} fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
 
 
+def static_input(proto: onnx.ModelProto, path) -> tuple[str, int, int, int]:
+    """(name, channels, height, width) of the graph's input, which must be N x C x H x W with static H, W."""
+    graph_input = proto.graph.input[0]
+    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    if len(dims) != 4 or not dims[2] or not dims[3]:
+        raise ExportError(f"{path}: input {graph_input.name!r} must be N x 3 x H x W with static H and W, got {dims}")
+    return graph_input.name, dims[1], dims[2], dims[3]
+
+
 def run_onnx(path: str | Path, batch: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 

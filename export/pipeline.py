@@ -7,12 +7,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from export.errors import ExportError
 from export.fp16 import convert_fp16
-from export.onnx import CHECK_BATCHES, export_onnx, run_onnx
+from export.onnx import CHECK_BATCHES, export_onnx, run_onnx, static_input
 from export.verify import check_inputs, check_parity
 from serving.engines.base import ModelMetadata
 
@@ -33,10 +32,8 @@ def fp16_path_for(onnx_path: Path) -> Path:
 
 
 def onnx_input_size(path: Path) -> tuple[int, int]:
-    dims = [d.dim_value for d in onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or not dims[2] or not dims[3]:
-        raise ExportError(f"{path}: input must be N x 3 x H x W with static H and W, got {dims}")
-    return dims[2], dims[3]
+    _, _, h, w = static_input(onnx.load(str(path), load_external_data=False), path)
+    return h, w
 
 
 def compare_onnx(reference: Path, candidate: Path, threshold: float, what: str) -> dict:
@@ -71,17 +68,9 @@ def engine_parity(engine_path: Path, reference_onnx: Path) -> dict:
     for n, batch in check_inputs(CHECK_BATCHES + (engine.max_batch_size,), h, w).items():
         if n > engine.max_batch_size:
             continue
-        expected = run_onnx(reference_onnx, _normalized(batch, engine.metadata))
+        expected = run_onnx(reference_onnx, engine.metadata.normalize(batch))
         results[n] = check_parity(expected, engine.run(batch), ENGINE_PARITY, f"TensorRT vs ONNX Runtime FP32 at batch {n}")
     return results
-
-
-def _normalized(batch: np.ndarray, md: ModelMetadata) -> np.ndarray:
-    if not md.pixel_mean:
-        return batch
-    mean = np.asarray(md.pixel_mean, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(md.pixel_std, np.float32).reshape(1, 3, 1, 1)
-    return (batch - mean) / std
 
 
 def write_sidecar_metadata(engine_path: Path, props: dict) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from export.errors import ExportError
+from export.onnx import static_input
 
 
 def gpu_available() -> tuple[bool, str]:
@@ -47,11 +48,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, min_batch: int 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     proto = onnx.load(str(onnx_path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
-    graph_input = proto.graph.input[0]
-    dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
-    if len(dims) != 4 or not dims[2] or not dims[3]:
-        raise ExportError(f"{onnx_path}: input {graph_input.name!r} must be N x 3 x H x W with static H and W")
-    _, channels, height, width = dims
+    input_name, channels, height, width = static_input(proto, onnx_path)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -69,7 +66,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, min_batch: int 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     profile = builder.create_optimization_profile()
-    profile.set_shape(graph_input.name, (min_batch, channels, height, width), (opt_batch, channels, height, width),
+    profile.set_shape(input_name, (min_batch, channels, height, width), (opt_batch, channels, height, width),
                       (max_batch, channels, height, width))
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else engine_path.with_name("timing.cache")

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -102,8 +103,6 @@ def open_store(args):
         raise ValueError("--gallery-backend milvus needs --milvus-uri (a file path for Milvus Lite, or http(s)://host:port)")
     from retrieval.gallery.milvus_store import MilvusGalleryStore
 
-    import os
-
     kwargs = {"server_pem_path": args.milvus_ca, "secure": True} if args.milvus_ca else {}
     return MilvusGalleryStore(args.milvus_uri, token=args.milvus_token or os.environ.get("MILVUS_TOKEN", ""), **kwargs)
 
@@ -154,8 +153,6 @@ def client_main(argv: list[str] | None = None) -> int:
         print(f"reid-client: error: no such file: {missing[0]}", file=sys.stderr)
         return 2
     try:
-        import os
-
         ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
         with ReidClient(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"),
                         root_certificates=ca) as client:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
 from retrieval.rerank import k_reciprocal_rerank
-from training.data.market1501 import load_gallery, load_query
+from training.data.market1501 import id_arrays, load_gallery, load_query
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
 from training.plots import plot_cmc, plot_matches
@@ -20,8 +20,19 @@ from training.plots import plot_cmc, plot_matches
 log = logging.getLogger(__name__)
 
 
-def _summary(cmc: np.ndarray, m_ap: float, m_inp: float) -> dict:
-    return {"mAP": m_ap, "mINP": m_inp, **{f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}}
+def _protocol_ids(query, gallery) -> tuple:
+    (q_pids, q_cams), (g_pids, g_cams) = id_arrays(query), id_arrays(gallery)
+    return q_pids, g_pids, q_cams, g_cams
+
+
+def _rank(dist: np.ndarray, ids: tuple) -> tuple[dict, np.ndarray]:
+    """Summary figures (mAP, mINP, rank-1/5/10) and the CMC curve of one distance matrix."""
+    try:
+        cmc, m_ap, m_inp = evaluate_rank(dist, *ids, max_rank=50, return_minp=True)
+    except ValueError as exc:
+        raise ReidError(str(exc)) from None
+    summary = {"mAP": m_ap, "mINP": m_inp, **{f"rank{k}": float(cmc[min(k, len(cmc)) - 1]) for k in (1, 5, 10)}}
+    return summary, cmc
 
 
 def score(qf: np.ndarray, gf: np.ndarray, query, gallery, rerank_cfg, device: str = "auto") -> tuple[dict, dict, dict]:
@@ -33,19 +44,14 @@ def score(qf: np.ndarray, gf: np.ndarray, query, gallery, rerank_cfg, device: st
     if qf.shape[1] != gf.shape[1]:
         raise ReidError(f"query embeddings are {qf.shape[1]}-d but gallery embeddings {gf.shape[1]}-d")
     qf, gf = l2_normalize(qf), l2_normalize(gf)
-    ids = (np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
-           np.array([r.camid for r in query]), np.array([r.camid for r in gallery]))
+    ids = _protocol_ids(query, gallery)
     dists = {"without re-ranking": compute_distance(qf, gf, "cosine")}
     if rerank_cfg.re_ranking:
         dists["with re-ranking"] = k_reciprocal_rerank(qf, gf, rerank_cfg.k1, rerank_cfg.k2, rerank_cfg.lambda_value,
                                                        device=device)
     results, curves = {}, {}
     for label, dist in dists.items():
-        try:
-            cmc, m_ap, m_inp = evaluate_rank(dist, *ids, max_rank=50, return_minp=True)
-        except ValueError as exc:
-            raise ReidError(str(exc)) from None
-        results[label], curves[label] = _summary(cmc, m_ap, m_inp), cmc
+        results[label], curves[label] = _rank(dist, ids)
     return results, curves, dists
 
 
@@ -77,8 +83,7 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
                 part = gallery[start:start + chunk]
                 gallery_client.add(name, images=[r.path for r in part], ids=range(start + 1, start + len(part) + 1),
                                    metadata=[metadata_message(str(r.pid), str(r.camid)) for r in part])
-            ids = (np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
-                   np.array([r.camid for r in query]), np.array([r.camid for r in gallery]))
+            ids = _protocol_ids(query, gallery)
             variants = {"without re-ranking": None}
             if rerank_cfg.re_ranking:
                 variants["with re-ranking"] = {"k1": rerank_cfg.k1, "k2": rerank_cfg.k2,
@@ -90,8 +95,8 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
                 for qi, answer in enumerate(answers):
                     for hit in answer.hits:
                         dist[qi, hit.id - 1] = hit.distance
-                cmc, m_ap, m_inp = evaluate_rank(dist, *ids, max_rank=50, return_minp=True)
-                results[label], curves[label], dists[label] = _summary(cmc, m_ap, m_inp), cmc, dist
+                results[label], curves[label] = _rank(dist, ids)
+                dists[label] = dist
             return results, curves, dists, qf.shape[1]
         finally:
             gallery_client.drop(name)

@@ -20,8 +20,8 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from retrieval.faiss_setup import import_faiss
 from retrieval.gallery.base import (
-    EntryMetadata, check_entries, check_new_gallery, check_queries, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
-    InvalidEntry, RerankOptions, SearchFilter, StorageError,
+    EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit, RerankOptions,
+    SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
 )
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
 from retrieval.gallery.pool_rerank import pool_rerank

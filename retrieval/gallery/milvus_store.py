@@ -45,6 +45,10 @@ def _quote(value: str) -> str:
     return json.dumps(value)  # a double-quoted string with escapes, as Milvus expressions expect
 
 
+def _entry_metadata(row: dict) -> EntryMetadata:
+    return EntryMetadata(row["person_id"], row["camera_id"], row["timestamp"], dict(row["labels"] or {}))
+
+
 def filter_expression(flt: SearchFilter) -> str:
     """A SearchFilter as a Milvus boolean expression ("" = no condition)."""
     terms = []
@@ -196,8 +200,7 @@ class MilvusGalleryStore(GalleryBackend):
             for row, hits in zip(rows, answers):
                 for j, hit in enumerate(hits):
                     ids[row, j], scores[row, j] = int(hit["id"]), float(hit["distance"])
-                    e = hit["entity"]
-                    meta[int(hit["id"])] = EntryMetadata(e["person_id"], e["camera_id"], e["timestamp"], dict(e["labels"] or {}))
+                    meta[int(hit["id"])] = _entry_metadata(hit["entity"])
         return scores, ids, meta
 
     def _fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, list[EntryMetadata]]:
@@ -206,7 +209,7 @@ class MilvusGalleryStore(GalleryBackend):
         by_id = {int(r["id"]): r for r in rows}
         ordered = [by_id[int(i)] for i in ids]
         vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), -1)
-        return vectors, [EntryMetadata(r["person_id"], r["camera_id"], r["timestamp"], dict(r["labels"] or {})) for r in ordered]
+        return vectors, [_entry_metadata(r) for r in ordered]
 
     def search(self, name, queries, top_k, filters, rerank: RerankOptions | None = None):
         with self.lock:

@@ -45,6 +45,14 @@ class ModelMetadata:
     spec_sha256: str = ""
     checkpoint_sha256: str = ""
 
+    def normalize(self, batch: np.ndarray) -> np.ndarray:
+        """0..1 input -> what the graph expects: unchanged when normalization is inside the graph."""
+        if not self.pixel_mean:
+            return batch
+        mean = np.asarray(self.pixel_mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.pixel_std, dtype=np.float32).reshape(1, 3, 1, 1)
+        return (batch - mean) / std
+
     def to_props(self) -> dict[str, str]:
         """As ONNX ``metadata_props`` / sidecar JSON: string values under the ``reid.`` prefix."""
         return {METADATA_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
@@ -103,12 +111,8 @@ class Engine(abc.ABC):
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Model input in 0..1 -> embeddings; applies the metadata's normalization if the graph lacks it."""
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
         md = self.metadata
-        if md.pixel_mean:
-            mean = np.asarray(md.pixel_mean, dtype=np.float32).reshape(1, 3, 1, 1)
-            std = np.asarray(md.pixel_std, dtype=np.float32).reshape(1, 3, 1, 1)
-            batch = (batch - mean) / std
+        batch = md.normalize(np.ascontiguousarray(batch, dtype=np.float32))
         outs = [self._run(batch[i : i + self.max_batch_size]) for i in range(0, len(batch), self.max_batch_size)]
         return np.concatenate(outs).astype(np.float32, copy=False) if outs else np.zeros((0, md.embedding_dim), np.float32)
 

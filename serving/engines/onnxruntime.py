@@ -57,14 +57,11 @@ class OnnxRuntimeEngine(Engine):
         self.metadata.input_name = self.session.get_inputs()[0].name
         self.metadata.output_name = self.session.get_outputs()[0].name
         batch_dim = self.session.get_inputs()[0].shape[0]
-        self.max_batch_size = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else max_batch_size
+        self._static_batch = isinstance(batch_dim, int) and batch_dim > 0
+        self.max_batch_size = batch_dim if self._static_batch else max_batch_size
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        if self.max_batch_size and len(batch) < self.max_batch_size and self._static_batch:
+        if self._static_batch and len(batch) < self.max_batch_size:  # a fixed-batch graph: pad, then trim
             pad = np.zeros((self.max_batch_size - len(batch), *batch.shape[1:]), dtype=batch.dtype)
             return self.session.run([self.metadata.output_name], {self.metadata.input_name: np.concatenate([batch, pad])})[0][: len(batch)]
         return self.session.run([self.metadata.output_name], {self.metadata.input_name: batch})[0]
-
-    @property
-    def _static_batch(self) -> bool:
-        return isinstance(self.session.get_inputs()[0].shape[0], int)

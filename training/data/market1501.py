@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from training.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -48,6 +50,11 @@ def list_split(folder: str | Path, keep_distractors: bool) -> list[ImageRecord]:
     if not records:
         raise DataError(f"dataset folder {folder} holds no Market-1501-named images")
     return records
+
+
+def id_arrays(records: list[ImageRecord]):
+    """(pids, camids) as numpy arrays, the form the ranking metrics take."""
+    return np.array([r.pid for r in records]), np.array([r.camid for r in records])
 
 
 def relabel(records: list[ImageRecord]) -> tuple[list[ImageRecord], dict[int, int]]:
