@@ -1,10 +1,14 @@
 """Dynamic batching across callers (the Triton dynamic-batcher idea, for one engine).
 
-Images from every request join one bounded queue. A single worker forms batches of up to
+Images from every request join one bounded queue. A worker forms batches of up to
 ``max_batch_size`` images, waiting at most ``max_queue_delay`` after the oldest image for more,
 and runs them on the engine in its own thread while the event loop keeps decoding and queueing.
-Results go back to each image's future, so requests larger than a batch are split and order is
-kept. Images whose deadline passed are dropped before inference; cancelled requests leave the queue.
+With ``instances`` > 1 (Triton's instance count) that many workers keep batches in flight at once,
+for engines whose ``run`` is thread-safe: on a CPU, two single-threaded runs lose less to
+preemption by decoding than one run split over two threads.
+Each request gets one future, resolved with its rows in order once its last image is embedded,
+so requests larger than a batch are split and reassembled. Images whose deadline passed are
+dropped before inference; cancelled requests leave the queue.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import asyncio
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,29 +33,57 @@ class EngineFailed(Exception):
     """The engine raised on the batch that held this image."""
 
 
-@dataclass
+@dataclass(eq=False)
+class _Request:
+    future: asyncio.Future  # resolves to a len(arrays) x D float32 array
+    size: int
+    deadline: float | None
+    rows: np.ndarray | None = None  # allocated when the first row arrives
+    remaining: int = 0
+
+    def deliver(self, index: int, row: np.ndarray) -> None:
+        if self.future.done():  # cancelled, expired or failed meanwhile
+            return
+        if self.rows is None:
+            self.rows = np.empty((self.size, row.shape[0]), dtype=np.float32)
+        self.rows[index] = row
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.future.set_result(self.rows)
+
+    def fail(self, exc: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass(eq=False)
 class _Item:
     array: np.ndarray
-    future: asyncio.Future
-    deadline: float | None
-    request: int
-    enqueued: float = field(default_factory=time.monotonic)
+    request: _Request
+    index: int
+    enqueued: float
 
 
 class DynamicBatcher:
     def __init__(self, engine, max_batch_size: int = 32, max_queue_delay: float = 0.002, queue_capacity: int = 1024,
-                 batching: bool = True, metrics=None):
+                 batching: bool = True, metrics=None, instances: int = 0):
+        instances = instances or engine.instances  # 0: the engine's choice
+        if instances < 1:
+            raise ValueError(f"instances must be at least 1, got {instances}")
+        if instances > 1 and not engine.thread_safe_run:
+            raise ValueError(f"the {engine.name} engine runs one batch at a time; use 1 instance, not {instances}")
         self.engine = engine
+        self.instances = instances
         self.max_batch_size = max(1, min(max_batch_size, engine.max_batch_size))
         self.max_queue_delay = max_queue_delay
         self.queue_capacity = queue_capacity
         self.batching = batching
         self.metrics = metrics
         self._pending: deque[_Item] = deque()
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._next_request = 0
+        self._wakeup: asyncio.Event | None = None  # set when images arrive for idle workers
+        self._filling: list[asyncio.Future] = []  # workers waiting for a full batch or their delay
+        self._tasks: list[asyncio.Task] = []
+        self._pool = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="inference")
         self._reserved = 0
         self.images_inferred = 0
 
@@ -61,19 +93,19 @@ class DynamicBatcher:
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run()) for _ in range(self.instances)]
 
     async def stop(self) -> None:
-        """Finish everything queued, then stop the worker."""
-        if self._task is None:
+        """Finish everything queued, then stop the workers."""
+        if not self._tasks:
             return
         while self._pending:
             await asyncio.sleep(0.005)
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         self._pool.shutdown(wait=True)
 
     def reserve(self, n: int) -> None:
@@ -87,29 +119,27 @@ class DynamicBatcher:
     def release(self, n: int) -> None:
         self._reserved -= n
 
-    def submit(self, arrays: list[np.ndarray], deadline: float | None) -> list[asyncio.Future]:
-        """Queue preprocessed images (3 x H x W float32); ``deadline`` is a ``time.monotonic()`` value."""
+    def submit(self, arrays: list[np.ndarray], deadline: float | None) -> asyncio.Future:
+        """Queue preprocessed images (H x W x 3 uint8 at the input size); ``deadline`` is a ``time.monotonic()``
+        value. The future resolves to their embeddings, one row per image in order."""
         if len(self._pending) + self._reserved + len(arrays) > self.queue_capacity:
             raise QueueFull(f"queue holds {len(self._pending) + self._reserved} of {self.queue_capacity} images; "
                             f"no room for {len(arrays)} more")
-        loop = asyncio.get_running_loop()
-        request = self._next_request
-        self._next_request += 1
-        futures = []
-        for array in arrays:
-            fut = loop.create_future()
-            self._pending.append(_Item(array, fut, deadline, request))
-            futures.append(fut)
+        request = _Request(asyncio.get_running_loop().create_future(), len(arrays), deadline, remaining=len(arrays))
+        now = time.monotonic()
+        self._pending.extend(_Item(array, request, i, now) for i, array in enumerate(arrays))
         self._gauge()
         self._wakeup.set()
-        return futures
+        if len(self._pending) >= self.max_batch_size:
+            for waiter in self._filling:
+                if not waiter.done():
+                    waiter.set_result(None)
+        return request.future
 
-    def discard(self, futures: list[asyncio.Future]) -> None:
-        """Drop a cancelled request's images that have not reached the engine."""
-        gone = set(map(id, futures))
-        self._pending = deque(item for item in self._pending if id(item.future) not in gone)
-        for fut in futures:
-            fut.cancel()
+    def discard(self, future: asyncio.Future) -> None:
+        """Drop a cancelled or failed request's images that have not reached the engine."""
+        self._pending = deque(item for item in self._pending if item.request.future is not future)
+        future.cancel()
         self._gauge()
 
     def _gauge(self) -> None:
@@ -117,37 +147,59 @@ class DynamicBatcher:
             self.metrics.queue_depth.set(len(self._pending))
 
     async def _wait_for_more(self) -> None:
-        oldest = self._pending[0].enqueued
-        while len(self._pending) < self.max_batch_size:
-            remaining = oldest + self.max_queue_delay - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                return
+        """Until the batch is full or the oldest image has waited ``max_queue_delay``.
+
+        One timer per batch, not one wake-up per arriving request: with single-image callers the
+        per-request wake-ups cost the event loop more than the batching saved.
+        """
+        if len(self._pending) >= self.max_batch_size:
+            return
+        remaining = self._pending[0].enqueued + self.max_queue_delay - time.monotonic()
+        if remaining <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(remaining, lambda: waiter.done() or waiter.set_result(None))
+        self._filling.append(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._filling.remove(waiter)
 
     def _take_batch(self) -> list[_Item]:
         batch: list[_Item] = []
+        if not self._pending:
+            return batch
         now = time.monotonic()
         first_request = self._pending[0].request
         while self._pending and len(batch) < self.max_batch_size:
             item = self._pending[0]
-            if not self.batching and item.request != first_request:
+            if not self.batching and item.request is not first_request:
                 break
             self._pending.popleft()
-            if item.future.done():  # cancelled caller
+            request = item.request
+            if request.future.done():  # cancelled, expired or failed
                 continue
-            if item.deadline is not None and now > item.deadline:
-                item.future.set_exception(DeadlineExpired("deadline passed while queued; not run"))
+            if request.deadline is not None and now > request.deadline:
+                request.fail(DeadlineExpired("deadline passed while queued; not run"))
                 continue
             batch.append(item)
         self._gauge()
         return batch
 
+    def _infer(self, batch: list[_Item]) -> np.ndarray:
+        """In an inference thread: stack (a few MB; kept off the event loop) and run."""
+        out = self.engine.run_pixels(np.stack([item.array for item in batch]))
+        if out.shape[0] != len(batch):
+            raise RuntimeError(f"engine returned {out.shape[0]} rows for {len(batch)} images")
+        return out
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        metrics = self.metrics
+        queue_seconds = metrics.stage_seconds.labels("queue") if metrics else None
+        inference_seconds = metrics.stage_seconds.labels("inference") if metrics else None
         while True:
             if not self._pending:
                 self._wakeup.clear()
@@ -159,23 +211,19 @@ class DynamicBatcher:
             if not batch:
                 continue
             started = time.monotonic()
-            if self.metrics:
+            if metrics:
                 for item in batch:
-                    self.metrics.stage_seconds.labels("queue").observe(started - item.enqueued)
-                self.metrics.batch_size.observe(len(batch))
+                    queue_seconds.observe(started - item.enqueued)
+                metrics.batch_size.observe(len(batch))
             try:
-                out = await loop.run_in_executor(self._pool, self.engine.run, np.stack([i.array for i in batch]))
-                if out.shape[0] != len(batch):
-                    raise RuntimeError(f"engine returned {out.shape[0]} rows for {len(batch)} images")
-            except Exception as exc:  # noqa: BLE001 - any engine failure fails this batch only
+                out = await loop.run_in_executor(self._pool, self._infer, batch)
+            except Exception as exc:  # noqa: BLE001 - any engine failure fails this batch's requests only
                 for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(EngineFailed(f"engine failed on this batch: {exc}"))
+                    item.request.fail(EngineFailed(f"engine failed on this batch: {exc}"))
                 continue
             self.images_inferred += len(batch)
-            if self.metrics:
-                self.metrics.stage_seconds.labels("inference").observe(time.monotonic() - started)
-                self.metrics.images_inferred.inc(len(batch))
+            if metrics:
+                inference_seconds.observe(time.monotonic() - started)
+                metrics.images_inferred.inc(len(batch))
             for item, row in zip(batch, out):
-                if not item.future.done():
-                    item.future.set_result(row)
+                item.request.deliver(item.index, row)

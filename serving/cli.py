@@ -30,12 +30,15 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 2)")
     p.add_argument("--queue-capacity", type=int, help="images that may wait; beyond it calls fail with RESOURCE_EXHAUSTED (default 1024)")
     p.add_argument("--workers", type=int, help="preprocessing threads (default 2)")
+    p.add_argument("--instances", type=int,
+                   help="engine runs in flight at once (default: 2 for ONNX Runtime on a CPU, else 1)")
     p.add_argument("--no-batching", action="store_true", help="run each request on its own (for comparison)")
     p.add_argument("--max-images-per-request", type=int, help="default 256")
     p.add_argument("--max-image-pixels", type=int, help="largest decoded image, width x height (default 16M)")
     p.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
-    p.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads (0 = its default)")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="ONNX Runtime threads per run (default: the CPU cores divided among the instances)")
     p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the graph's is dynamic")
@@ -72,7 +75,7 @@ def build_config(args) -> ServerConfig:
     values = yaml.safe_load(args.config.read_text()) if args.config else {}
     values = {k.replace("-", "_"): v for k, v in (values or {}).items()}
     for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "queue_capacity", "workers",
-                "max_message_bytes"):
+                "instances", "max_message_bytes"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.no_batching:
@@ -119,7 +122,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         if args.pixel_mean or args.pixel_std:
             h, w = args.input_size or (256, 128)
             fallback = ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean or [0.0] * 3, pixel_std=args.pixel_std or [1.0] * 3)
-        engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size)
+        engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size,
+                             config.instances)
         store = None if args.no_gallery else open_store(args)
     except (ModelFileError, GalleryError, SecurityError, ValueError, OSError, yaml.YAMLError) as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)

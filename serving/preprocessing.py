@@ -1,7 +1,8 @@
 """Request images -> model-ready arrays, one outcome per image (an array or an ``ImageError``).
 
 Decoding, cropping and resizing run here, in a thread pool off the event loop; the resize itself
-is ``engines.base.preprocess``, the function the offline evaluation path uses too.
+is ``engines.base.resize``, the function training and offline evaluation use too. Images leave as
+uint8 pixels at the model's input size; the engine converts a whole batch to floats at once.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 
 import numpy as np
 
-from serving.engines.base import ImageError, decode_image, preprocess
+from serving.engines.base import ImageError, decode_image, resize
 from serving.proto import reid_pb2
 
 
@@ -50,11 +51,11 @@ def crop(frame: np.ndarray, box: reid_pb2.BoundingBox) -> np.ndarray:
 
 
 def prepare(request: reid_pb2.EmbedRequest, height: int, width: int, max_pixels: int) -> list:
-    """One entry per requested image (crops first, then frame boxes): an array or an ``ImageError``."""
+    """One entry per requested image (crops first, then frame boxes): height x width x 3 uint8 or an ``ImageError``."""
     out: list = []
     for image in request.images:
         try:
-            out.append(preprocess(to_rgb(image, max_pixels), height, width))
+            out.append(resize(to_rgb(image, max_pixels), height, width))
         except ImageError as exc:
             out.append(exc)
     if request.frame.boxes:
@@ -65,7 +66,7 @@ def prepare(request: reid_pb2.EmbedRequest, height: int, width: int, max_pixels:
             return out
         for box in request.frame.boxes:
             try:
-                out.append(preprocess(crop(frame, box), height, width))
+                out.append(resize(crop(frame, box), height, width))
             except ImageError as exc:
                 out.append(exc)
     return out

@@ -13,6 +13,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,6 +40,7 @@ class ServerConfig:
     max_queue_delay_ms: float = 2.0
     queue_capacity: int = 1024
     workers: int = 2
+    instances: int = 0  # engine runs in flight at once; 0 = the engine's choice (Engine.instances)
     batching: bool = True
     max_message_bytes: int = 64 * 2**20
     limits: Limits = field(default_factory=Limits)
@@ -72,13 +74,14 @@ class ReidServer:
     async def start(self) -> int:
         c = self.config
         self._stopping = asyncio.Event()
+        cv2.setNumThreads(1)  # preprocessing already runs on `workers` threads; OpenCV's pool would only contend
         opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes)]
         creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
         check_bind(c.host, creds is not None, c.insecure)
         interceptors = [TokenAuthInterceptor(c.tokens)] if c.tokens else []
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
-                                      c.batching, self.metrics)
+                                      c.batching, self.metrics, c.instances)
         service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store)
         reid_pb2_grpc.add_ReIdentificationServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -94,8 +97,8 @@ class ReidServer:
         self.batcher.start()
         await self._warm_up()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (%s, max batch %d, queue delay %.1f ms, %s, %s)", SERVICE_NAME, c.host, self.port,
-                 self.engine.name, self.batcher.max_batch_size, c.max_queue_delay_ms,
+        log.info("serving %s on %s:%d (%s x %d, max batch %d, queue delay %.1f ms, %s, %s)", SERVICE_NAME, c.host,
+                 self.port, self.engine.name, self.batcher.instances, self.batcher.max_batch_size, c.max_queue_delay_ms,
                  ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext",
                  f"{len(c.tokens)} token(s)" if c.tokens else "no authentication")
         return self.port
@@ -103,8 +106,8 @@ class ReidServer:
     async def _warm_up(self) -> None:
         """Run the engine once at the largest batch so the first caller does not pay for allocation."""
         md = self.engine.metadata
-        batch = np.zeros((self.batcher.max_batch_size, 3, md.input_height, md.input_width), dtype=np.float32)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.run, batch)
+        batch = np.zeros((self.batcher.max_batch_size, md.input_height, md.input_width, 3), dtype=np.uint8)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.run_pixels, batch)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, finish in-flight ones, stop."""

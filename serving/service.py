@@ -47,6 +47,9 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
         self.gallery_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gallery") if store is not None else None
         md = engine.metadata
         self.model_name = md.backbone or "model"
+        self._preprocess_seconds = metrics.stage_seconds.labels("preprocess")
+        self._total_seconds = metrics.stage_seconds.labels("total")
+        self._images_ok = metrics.images.labels("ok")
 
     async def embed_outcomes(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> list:
         """One outcome per requested image, in order: an embedding (numpy row) or its ``ImageError``.
@@ -70,31 +73,31 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
             start = time.monotonic()
             prepared = await loop.run_in_executor(self.pool, prepare, request, md.input_height, md.input_width,
                                                   self.limits.max_image_pixels)
-            self.metrics.stage_seconds.labels("preprocess").observe(time.monotonic() - start)
+            self._preprocess_seconds.observe(time.monotonic() - start)
         finally:
             self.batcher.release(n)
         valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         rows = {}
         if valid:
             try:
-                futures = self.batcher.submit([prepared[i] for i in valid], deadline)
+                future = self.batcher.submit([prepared[i] for i in valid], deadline)
             except QueueFull as exc:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
             try:
-                outs = await asyncio.gather(*futures)
+                embedded = await future
             except DeadlineExpired as exc:
-                self.batcher.discard(futures)
+                self.batcher.discard(future)
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
             except EngineFailed as exc:
-                self.batcher.discard(futures)
+                self.batcher.discard(future)
                 raise RequestError(grpc.StatusCode.INTERNAL, str(exc)) from None
             except asyncio.CancelledError:
-                self.batcher.discard(futures)
+                self.batcher.discard(future)
                 raise
-            rows = dict(zip(valid, outs))
+            rows = dict(zip(valid, embedded))
         outcomes = [rows.get(i, p) for i, p in enumerate(prepared)]
         invalid = len(outcomes) - len(rows)
-        self.metrics.images.labels("ok").inc(len(rows))
+        self._images_ok.inc(len(rows))
         if invalid:
             self.metrics.images.labels("invalid").inc(invalid)
             self.metrics.errors.labels("INVALID_ARGUMENT").inc(invalid)
@@ -124,7 +127,7 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
             self._count("Embed", exc.code)
             await context.abort(exc.code, exc.message)
         self._count("Embed", grpc.StatusCode.OK)
-        self.metrics.stage_seconds.labels("total").observe(time.monotonic() - start)
+        self._total_seconds.observe(time.monotonic() - start)
         return response
 
     async def EmbedStream(self, request_iterator, context):

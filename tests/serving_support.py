@@ -47,15 +47,26 @@ class SlowEngine(Engine):
 
     name = "slow"
 
-    def __init__(self, inner: Engine, delay: float = 0.3, fail_on_call: int | None = None):
+    def __init__(self, inner: Engine, delay: float = 0.3, fail_on_call: int | None = None, thread_safe: bool = False):
         self.inner, self.delay, self.fail_on_call = inner, delay, fail_on_call
         self.metadata = inner.metadata
         self.max_batch_size = inner.max_batch_size
+        self.thread_safe_run = thread_safe
         self.calls: list[int] = []
+        self.running = self.most_running = 0
+        self._lock = threading.Lock()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        self.calls.append(len(batch))
-        time.sleep(self.delay)
-        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
-            raise RuntimeError("injected engine failure")
-        return self.inner._run(batch)
+        with self._lock:
+            self.calls.append(len(batch))
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            call = len(self.calls)
+        try:
+            time.sleep(self.delay)
+            if self.fail_on_call is not None and call == self.fail_on_call:
+                raise RuntimeError("injected engine failure")
+            return self.inner._run(batch)
+        finally:
+            with self._lock:
+                self.running -= 1

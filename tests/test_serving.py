@@ -164,6 +164,44 @@ def test_expired_deadline_is_not_inferred(engine):
         assert s.metrics.value("reid_images_inferred_total") == 2
 
 
+def test_instances_run_batches_at_once_and_keep_answers_apart(engine):
+    slow = SlowEngine(engine, delay=0.4, thread_safe=True)
+    images = [_jpeg(300 + i) for i in range(4)]
+    expected = engine.embed_images([decode_image(b) for b in images])
+    config = ServerConfig(port=0, instances=2, max_batch_size=2, max_queue_delay_ms=0)
+    with ServerThread(slow, config) as s, ReidClient(s.target) as client:
+        assert s.server.batcher.instances == 2
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda i: client.embed(images[2 * i: 2 * i + 2]), range(2)))
+    assert slow.most_running == 2  # two batches were inside the engine at the same time
+    got = [o.embedding for pair in results for o in pair]
+    assert all(_cos(g, e) >= 0.9999 for g, e in zip(got, expected))
+
+
+def test_instances_need_an_engine_that_allows_concurrent_runs(engine, tmp_path, capsys):
+    from serving.batcher import DynamicBatcher
+    from serving.cli import serve_main
+
+    with pytest.raises(ValueError, match="one batch at a time"):
+        DynamicBatcher(SlowEngine(engine), instances=2)
+    plan = tmp_path / "model.engine"  # looks like a TensorRT plan: refused before TensorRT is imported
+    plan.write_bytes(b"plan")
+    Path(str(plan) + ".json").write_text("{}")
+    assert serve_main(["--model", str(plan), "--instances", "2", "--no-gallery"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one batch at a time" in err[0]
+
+
+def test_onnxruntime_on_cpu_picks_two_instances_sharing_the_cores(tiny_onnx):
+    cores = len(os.sched_getaffinity(0))
+    auto = OnnxRuntimeEngine(tiny_onnx, device="cpu", instances=0)
+    assert auto.instances == min(2, cores)
+    threads = auto.session.get_session_options().intra_op_num_threads
+    assert threads == (max(1, cores // 2) if cores >= 2 else 0)
+    single = OnnxRuntimeEngine(tiny_onnx, device="cpu")  # a lone caller (offline evaluation) keeps every core
+    assert single.instances == 1 and single.session.get_session_options().intra_op_num_threads == 0
+
+
 def test_engine_failure_fails_that_batch_only(engine):
     failing = SlowEngine(engine, delay=0.0, fail_on_call=2)  # call 1 is the warm-up
     with ServerThread(failing, ServerConfig(port=0, max_queue_delay_ms=0)) as s, ReidClient(s.target) as client:

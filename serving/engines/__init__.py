@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.engines.base import Engine, ImageError, ModelFileError, ModelMetadata, decode_image, preprocess
+from serving.engines.base import Engine, ImageError, ModelFileError, ModelMetadata, decode_image, resize
 
-__all__ = ["Engine", "ImageError", "ModelFileError", "ModelMetadata", "decode_image", "model_kind", "open_engine", "preprocess"]
+__all__ = ["Engine", "ImageError", "ModelFileError", "ModelMetadata", "decode_image", "model_kind", "open_engine", "resize"]
 
 
 def model_kind(path: str | Path) -> str:
@@ -27,13 +27,20 @@ def model_kind(path: str | Path) -> str:
 
 
 def open_engine(path: str | Path, device: str = "auto", fallback: ModelMetadata | None = None,
-                intra_op_threads: int = 0, max_batch_size: int = 64) -> Engine:
-    """Load the right engine for ``path``; ``fallback`` supplies preprocessing for models without metadata."""
+                intra_op_threads: int = 0, max_batch_size: int = 64, instances: int = 1) -> Engine:
+    """Load the right engine for ``path``; ``fallback`` supplies preprocessing for models without metadata.
+
+    ``instances``: batches the caller keeps in flight at once (the server may run several; 0 = the
+    engine picks what suits its hardware, which it reports as ``Engine.instances``).
+    """
     kind = model_kind(path)
     if kind == "tensorrt":
+        if instances > 1:
+            raise ValueError(f"{instances} instances asked for, but a TensorRT engine here runs one batch at a time "
+                             "(one execution context): use 1")
         from serving.engines.tensorrt import TensorRTEngine
 
         return TensorRTEngine(path)
     from serving.engines.onnxruntime import OnnxRuntimeEngine
 
-    return OnnxRuntimeEngine(path, device, intra_op_threads, fallback, max_batch_size)
+    return OnnxRuntimeEngine(path, device, intra_op_threads, fallback, max_batch_size, instances)

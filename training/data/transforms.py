@@ -5,10 +5,12 @@ graphs, the trainer and every serving engine take the same input.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from serving.engines.base import resize
 from training.errors import DataError
 
 
@@ -21,11 +23,24 @@ def read_image(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
+class Resize:
+    """The serving resize on a PIL image, so training, evaluation and serving see identical pixels."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return Image.fromarray(resize(np.asarray(img.convert("RGB")), self.height, self.width))
+
+    def __repr__(self) -> str:
+        return f"Resize(height={self.height}, width={self.width})"
+
+
 def build_train_transform(
     height: int, width: int, flip_prob: float, padding: int, erase_prob: float, fill_mean: list[float]
 ) -> T.Compose:
     """Resize, random flip, pad + random crop, to 0..1 tensor, random erasing with the mean colour."""
-    steps = [T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC)]
+    steps = [Resize(height, width)]
     if flip_prob > 0:
         steps.append(T.RandomHorizontalFlip(flip_prob))
     if padding > 0:
@@ -38,7 +53,7 @@ def build_train_transform(
 
 
 def build_eval_transform(height: int, width: int) -> T.Compose:
-    return T.Compose([T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor()])
+    return T.Compose([Resize(height, width), T.ToTensor()])
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -1,0 +1,96 @@
+"""Decoding, resizing and the uint8 -> model-input conversion that training, evaluation and serving share."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.engines.base import ImageError, ModelMetadata, decode_image, resize
+from training.data.transforms import build_eval_transform
+
+IMAGENET = {"pixel_mean": [0.485, 0.456, 0.406], "pixel_std": [0.229, 0.224, 0.225]}
+
+
+def _encode(pixels: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(h=90, w=40, seed=0) -> np.ndarray:
+    """Smooth colour gradients plus noise: JPEG-friendly and not symmetric in any channel."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // w, y * 255 // h, (x + y) * 127 // (h + w)], axis=2)
+    return np.clip(base + rng.integers(-10, 10, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"])
+def test_decode_matches_pillow_in_rgb_order(fmt):
+    pixels = _photo()
+    data = _encode(pixels, fmt)
+    with Image.open(io.BytesIO(data)) as img:
+        expected = np.asarray(img.convert("RGB"))
+    got = decode_image(data)
+    assert got.dtype == np.uint8 and got.shape == (90, 40, 3)
+    np.testing.assert_array_equal(got, expected)  # same libjpeg-turbo output; RGB, not OpenCV's BGR
+
+
+def test_truncated_jpeg_is_refused_not_grey_filled():
+    data = _encode(_photo(200, 100), "JPEG", quality=90)
+    assert decode_image(data).shape == (200, 100, 3)
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(data[: len(data) * 2 // 3])
+
+
+def test_exif_orientation_is_ignored_as_in_training():
+    pixels = _photo(60, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees": a decoder that applies it would return 30 x 60
+    data = _encode(pixels, "JPEG", exif=exif.tobytes(), quality=95)
+    assert decode_image(data).shape == (60, 30, 3)
+
+
+def test_resize_shrinks_with_area_averaging():
+    checker = (np.indices((256, 128)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    out = resize(np.repeat(checker[:, :, None], 3, axis=2), 64, 32)
+    assert out.shape == (64, 32, 3) and out.dtype == np.uint8
+    assert abs(float(out.mean()) - 127.5) < 1.0 and out.std() < 1.0  # aliasing would give 0s and 255s
+
+
+def test_resize_enlarges_smoothly_and_keeps_the_input_size_untouched():
+    ramp = np.repeat(np.linspace(0, 255, 32).astype(np.uint8)[None, :, None], 16, axis=0).repeat(3, axis=2)
+    big = resize(ramp, 64, 128).astype(int)
+    assert big.shape == (64, 128, 3)
+    assert (np.diff(big[0, :, 0]) >= 0).all() and (np.diff(big[0, :, 0]) <= 3).all()  # monotone, no steps
+    same = _photo(64, 32)
+    np.testing.assert_array_equal(resize(same, 64, 32), same)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((0, 5, 3), np.uint8), np.zeros((5, 5), np.uint8),
+                                 np.zeros((5, 5, 3), np.float32)])
+def test_resize_refuses_what_is_not_an_rgb_image(bad):
+    with pytest.raises(ImageError):
+        resize(bad, 8, 4)
+
+
+def test_training_eval_transform_sees_the_serving_pixels():
+    img = _photo(150, 70)
+    tensor = build_eval_transform(64, 32)(Image.fromarray(img)).numpy()
+    np.testing.assert_allclose(tensor, resize(img, 64, 32).transpose(2, 0, 1) / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [{}, IMAGENET], ids=["in-graph", "imagenet"])
+def test_to_input_equals_scaling_then_normalize(norm):
+    md = ModelMetadata(8, 4, 1, **norm)
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 8, 4, 3), dtype=np.uint8)
+    floats = pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    got = md.to_input(pixels)
+    assert got.shape == (3, 3, 8, 4) and got.dtype == np.float32 and got.flags.c_contiguous
+    np.testing.assert_allclose(got, md.normalize(floats), atol=1e-6)
+    if norm:
+        mean = np.array(norm["pixel_mean"], np.float32).reshape(1, 3, 1, 1)
+        std = np.array(norm["pixel_std"], np.float32).reshape(1, 3, 1, 1)
+        np.testing.assert_allclose(md.normalize(floats), (floats - mean) / std, atol=1e-6)
