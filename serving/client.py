@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Union
 
 import grpc
 import numpy as np
@@ -98,6 +98,13 @@ class ReidClient(_Connection):
     def embed(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(), **kw) -> list[EmbedOutcome]:
         return parse_response(self.stub.Embed(build_request(images, frame, boxes, **kw), **self._kw()))
 
+    def embed_stream(self, batches: Iterable[Sequence[ImageInput]], timeout: float | None = None) -> Iterator[list[EmbedOutcome]]:
+        """One long-lived EmbedStream: each item of ``batches`` (e.g. one frame's crops) is one request;
+        answers come back in order. Cheaper per message than unary calls (docs/performance.md).
+        ``timeout`` bounds the whole stream (default: none)."""
+        requests = (build_request(images) for images in batches)
+        for response in self.stub.EmbedStream(requests, timeout=timeout, metadata=self.metadata):
+            yield parse_response(response)
 
 
 class AsyncReidClient(_Connection):
@@ -108,6 +115,21 @@ class AsyncReidClient(_Connection):
 
     async def embed(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(), **kw) -> list[EmbedOutcome]:
         return parse_response(await self.stub.Embed(build_request(images, frame, boxes, **kw), **self._kw()))
+
+    async def embed_stream(self, batches: AsyncIterable[Sequence[ImageInput]] | Iterable[Sequence[ImageInput]],
+                           timeout: float | None = None) -> AsyncIterator[list[EmbedOutcome]]:
+        """As ``ReidClient.embed_stream``; ``batches`` may be an async iterable (e.g. a frame queue)."""
+
+        async def requests():
+            if isinstance(batches, AsyncIterable):
+                async for images in batches:
+                    yield build_request(images)
+            else:
+                for images in batches:
+                    yield build_request(images)
+
+        async for response in self.stub.EmbedStream(requests(), timeout=timeout, metadata=self.metadata):
+            yield parse_response(response)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -74,7 +74,7 @@ class ReidServer:
     async def start(self) -> int:
         c = self.config
         self._stopping = asyncio.Event()
-        cv2.setNumThreads(1)  # preprocessing already runs on `workers` threads; OpenCV's pool would only contend
+        cv2.setNumThreads(0)  # sequential: preprocessing already runs on `workers` threads; a pool would contend
         opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes)]
         creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
         check_bind(c.host, creds is not None, c.insecure)

@@ -113,6 +113,35 @@ def test_stream_answers_each_request_in_order(server, engine):
     assert responses[3].results[0].WhichOneof("result") == "error"
 
 
+def test_client_streams_sync_and_async(server, engine):
+    import asyncio
+
+    from serving.client import AsyncReidClient
+
+    images = [_jpeg(400 + i) for i in range(5)]
+    expected = engine.embed_images([decode_image(b) for b in images])
+    batches = [images[:2], [b"junk", images[2]], images[3:]]
+    with ReidClient(server.target) as client:
+        answers = list(client.embed_stream(iter(batches)))
+    assert [len(a) for a in answers] == [2, 2, 2]
+    assert not answers[1][0].ok and answers[1][0].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    got = [o.embedding for a in answers for o in a if o.ok]
+    assert all(_cos(g, e) >= 0.9999 for g, e in zip(got, expected))
+
+    async def frames():
+        for batch in batches:
+            await asyncio.sleep(0.01)
+            yield batch
+
+    async def run():
+        async with AsyncReidClient(server.target) as client:
+            return [a async for a in client.embed_stream(frames())]
+
+    again = asyncio.run(run())
+    assert [[o.ok for o in a] for a in again] == [[o.ok for o in a] for a in answers]
+    assert all(_cos(x.embedding, y.embedding) >= 0.9999 for a, b in zip(answers, again) for x, y in zip(a, b) if x.ok)
+
+
 def test_request_limits(engine):
     config = ServerConfig(port=0, max_message_bytes=200_000, limits=Limits(max_images_per_request=4, max_image_pixels=100 * 100))
     with ServerThread(engine, config) as s, ReidClient(s.target, max_message_bytes=10 * 2**20) as client:

@@ -5,6 +5,7 @@ graphs, the trainer and every serving engine take the same input.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -12,6 +13,10 @@ from torchvision import transforms as T
 
 from serving.engines.base import resize
 from training.errors import DataError
+
+# DataLoader workers already use the cores; OpenCV's own thread pool would oversubscribe them and
+# is not safe to carry across the fork that starts the workers.
+cv2.setNumThreads(0)
 
 
 def read_image(path: str) -> Image.Image:
