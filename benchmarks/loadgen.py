@@ -19,7 +19,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.client import AsyncReidClient  # noqa: E402
+from serving.client import AsyncReidClient, build_request  # noqa: E402
 from serving.healthcheck import wait_serving  # noqa: E402
 
 
@@ -65,15 +65,32 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+async def _stream_client(target: str, images: list[bytes], stop_at: float, lat: list, codes: Counter) -> None:
+    """One EmbedStream per client, one request in flight on it (send, wait for the answer, repeat)."""
+    request = build_request(images)
+    async with AsyncReidClient(target) as client:
+        call = client.stub.EmbedStream()
+        while time.monotonic() < stop_at:
+            start = time.monotonic()
+            await call.write(request)
+            response = await call.read()
+            codes["OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"] += 1
+            lat.append(time.monotonic() - start)
+        await call.done_writing()
+
+
 async def _client(target: str, images: list[bytes], stop_at: float, timeout: float, lat: list, codes: Counter) -> None:
+    """Unary Embed calls in a loop. The request is built once and answers are not unpacked into
+    arrays: the load generator shares the server's cores and should take as little as it can."""
     backoff = 0.01
-    async with AsyncReidClient(target, timeout=timeout) as client:
+    request = build_request(images)
+    async with AsyncReidClient(target) as client:
         while time.monotonic() < stop_at:
             start = time.monotonic()
             try:
-                await client.embed(images)
+                response = await client.stub.Embed(request, timeout=timeout)
                 lat.append(time.monotonic() - start)
-                codes["OK"] += 1
+                codes["OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"] += 1
                 backoff = 0.01
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1
@@ -83,26 +100,31 @@ async def _client(target: str, images: list[bytes], stop_at: float, timeout: flo
                     backoff = min(backoff * 2, 1.0)
 
 
-def run_load(target: str, clients: int, crops_per_request: int, seconds: float, timeout: float = 30.0) -> dict:
-    """``clients`` concurrent callers for ``seconds``; images/s counts successful images only."""
+def run_load(target: str, clients: int, crops_per_request: int, seconds: float, timeout: float = 30.0,
+             stream: bool = False) -> dict:
+    """``clients`` concurrent callers for ``seconds`` (unary Embed calls, or one EmbedStream each with
+    ``stream``); images/s counts successful images only."""
     images = crops(crops_per_request)
     lat: list[float] = []
     codes: Counter = Counter()
 
     async def main():
         stop_at = time.monotonic() + seconds
-        await asyncio.gather(*(_client(target, images, stop_at, timeout, lat, codes) for _ in range(clients)))
+        if stream:
+            await asyncio.gather(*(_stream_client(target, images, stop_at, lat, codes) for _ in range(clients)))
+        else:
+            await asyncio.gather(*(_client(target, images, stop_at, timeout, lat, codes) for _ in range(clients)))
 
     start = time.monotonic()
     asyncio.run(main())
     elapsed = time.monotonic() - start
     pct = np.percentile(lat, [50, 95, 99]) * 1000 if lat else [float("nan")] * 3
-    return {"clients": clients, "crops": crops_per_request, "images_per_s": codes["OK"] * crops_per_request / elapsed,
+    return {"clients": clients, "crops": crops_per_request, "stream": stream, "images_per_s": codes["OK"] * crops_per_request / elapsed,
             "p50_ms": pct[0], "p95_ms": pct[1], "p99_ms": pct[2], "codes": dict(codes)}
 
 
 def fmt(r: dict) -> str:
     errors = {k: v for k, v in r["codes"].items() if k != "OK"}
-    return (f"{r['clients']:3d} clients x {r['crops']} crops: {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:7.1f} ms  "
+    return (f"{r['clients']:3d} {'streams' if r.get('stream') else 'clients'} x {r['crops']} crops: {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:7.1f} ms  "
             f"p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  ok {r['codes'].get('OK', 0)}"
             + (f"  errors {errors}" if errors else ""))

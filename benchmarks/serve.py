@@ -1,12 +1,20 @@
 """Server throughput and latency vs the engine's own best, with batching on and off.
 
-For each model: the engine alone (no gRPC, no decoding; best batch size), then reid-serve with
-1, 4, 16 and 64 concurrent clients each sending 1 and 8 crops per call, batching on and off.
-Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--pixel-mean ... --pixel-std ...]
+For each model and each engine instance count (runs in flight at once; the CPU cores are divided
+among them): the engine alone (no gRPC, no decoding; best batch size), then reid-serve with
+1, 4, 16 and 64 concurrent clients each sending 1 and 8 crops per call, batching on and off, and
+(batching on) 16 and 64 EmbedStream callers sending 1 crop per message.
+Every "x engine" ratio divides by the best engine figure over all instance counts, so a server
+configuration only looks good if it beats the engine's best configuration, not just its own.
+Each server runs with --max-batch-size set to its instance count's best engine batch size (on a
+CPU, ONNX Runtime is often slower per image at large batches), as an operator would tune it.
+Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--instances 1 2]
+       [--pixel-mean ... --pixel-std ...]
 """
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 import numpy as np
@@ -15,19 +23,29 @@ from loadgen import fmt, run_load, start_server, stop_server
 from serving.engines import ModelMetadata, open_engine
 
 
-def engine_best(path: str, fallback, batches=(1, 8, 16, 32, 64), seconds: float = 3.0) -> tuple[int, float]:
-    engine = open_engine(path, "cpu", fallback)
+def engine_best(path: str, fallback, instances: int, batches=(1, 8, 16, 32, 64), seconds: float = 3.0) -> tuple[int, float]:
+    """Best images/s of the engine alone with ``instances`` runs in flight, as reid-serve would configure it."""
+    engine = open_engine(path, "cpu", fallback, instances=instances)
     md = engine.metadata
     best = (0, 0.0)
     for b in batches:
         x = np.random.default_rng(0).random((b, 3, md.input_height, md.input_width), dtype=np.float32)
         engine.run(x)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            engine.run(x)
-            n += b
-        ips = n / (time.perf_counter() - start)
-        print(f"  engine alone, batch {b:2d}: {ips:8.1f} img/s")
+        counts = [0] * instances
+        start = time.perf_counter()
+
+        def loop(i: int) -> None:
+            while time.perf_counter() - start < seconds:
+                engine.run(x)
+                counts[i] += b
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        ips = sum(counts) / (time.perf_counter() - start)
+        print(f"  engine alone, {instances} instance(s), batch {b:2d}: {ips:8.1f} img/s")
         best = max(best, (b, ips), key=lambda t: t[1])
     return best
 
@@ -38,6 +56,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16, 64])
     p.add_argument("--crops", type=int, nargs="*", default=[1, 8])
+    p.add_argument("--instances", type=int, nargs="*", default=[1, 2])
     p.add_argument("--pixel-mean", type=float, nargs=3)
     p.add_argument("--pixel-std", type=float, nargs=3)
     args = p.parse_args()
@@ -48,18 +67,26 @@ def main() -> None:
         fallback = ModelMetadata(256, 128, 0, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
     for model in args.models:
         print(f"model {model}")
-        best_batch, best = engine_best(model, fallback)
-        print(f"  engine best: {best:.1f} img/s at batch {best_batch}")
-        for batching in (True, False):
-            proc, target = start_server(model, *extra, *([] if batching else ["--no-batching"]))
-            print(f"  server, batching {'on' if batching else 'off'}:")
-            try:
-                for crops in args.crops:
-                    for clients in args.clients:
-                        r = run_load(target, clients, crops, args.seconds, timeout=120)
+        engine = {n: engine_best(model, fallback, n) for n in args.instances}
+        best_n = max(engine, key=lambda n: engine[n][1])
+        best = engine[best_n][1]
+        for n, (b, ips) in engine.items():
+            print(f"  engine best, {n} instance(s): {ips:.1f} img/s at batch {b}")
+        print(f"  engine best overall: {best:.1f} img/s ({best_n} instance(s)); ratios below divide by it")
+        for n in args.instances:
+            for batching in (True, False):
+                proc, target = start_server(model, *extra, "--instances", str(n), "--max-batch-size", str(engine[n][0]),
+                                            *([] if batching else ["--no-batching"]))
+                print(f"  server, {n} instance(s), max batch {engine[n][0]}, batching {'on' if batching else 'off'}:")
+                try:
+                    loads = [(clients, crops, False) for crops in args.crops for clients in args.clients]
+                    if batching:
+                        loads += [(clients, 1, True) for clients in args.clients if clients >= 16]
+                    for clients, crops, stream in loads:
+                        r = run_load(target, clients, crops, args.seconds, timeout=120, stream=stream)
                         print(f"    {fmt(r)}  ({r['images_per_s'] / best:.2f}x engine)")
-            finally:
-                stop_server(proc)
+                finally:
+                    stop_server(proc)
 
 
 if __name__ == "__main__":
