@@ -65,6 +65,11 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _outcome(response) -> str:
+    """OK when every image of the answer has an embedding, else ERROR (an image was refused)."""
+    return "OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"
+
+
 async def _stream_client(target: str, images: list[bytes], stop_at: float, lat: list, codes: Counter) -> None:
     """One EmbedStream per client, one request in flight on it (send, wait for the answer, repeat)."""
     request = build_request(images)
@@ -74,7 +79,7 @@ async def _stream_client(target: str, images: list[bytes], stop_at: float, lat: 
             start = time.monotonic()
             await call.write(request)
             response = await call.read()
-            codes["OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"] += 1
+            codes[_outcome(response)] += 1
             lat.append(time.monotonic() - start)
         await call.done_writing()
 
@@ -90,7 +95,7 @@ async def _client(target: str, images: list[bytes], stop_at: float, timeout: flo
             try:
                 response = await client.stub.Embed(request, timeout=timeout)
                 lat.append(time.monotonic() - start)
-                codes["OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"] += 1
+                codes[_outcome(response)] += 1
                 backoff = 0.01
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1

@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,7 +39,10 @@ class _Request:
     size: int
     deadline: float | None
     rows: np.ndarray | None = None  # allocated when the first row arrives
-    remaining: int = 0
+    remaining: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.remaining = self.size
 
     def deliver(self, index: int, row: np.ndarray) -> None:
         if self.future.done():  # cancelled, expired or failed meanwhile
@@ -111,10 +114,13 @@ class DynamicBatcher:
     def reserve(self, n: int) -> None:
         """Claim room for ``n`` images before decoding them, so a full server refuses a call
         without spending CPU on it. Pair with ``release`` once the images are submitted or dropped."""
-        if len(self._pending) + self._reserved + n > self.queue_capacity:
-            raise QueueFull(f"queue holds {len(self._pending) + self._reserved} of {self.queue_capacity} images; "
-                            f"no room for {n} more")
+        self._check_room(n)
         self._reserved += n
+
+    def _check_room(self, n: int) -> None:
+        held = len(self._pending) + self._reserved
+        if held + n > self.queue_capacity:
+            raise QueueFull(f"queue holds {held} of {self.queue_capacity} images; no room for {n} more")
 
     def release(self, n: int) -> None:
         self._reserved -= n
@@ -122,10 +128,8 @@ class DynamicBatcher:
     def submit(self, arrays: list[np.ndarray], deadline: float | None) -> asyncio.Future:
         """Queue preprocessed images (H x W x 3 uint8 at the input size); ``deadline`` is a ``time.monotonic()``
         value. The future resolves to their embeddings, one row per image in order."""
-        if len(self._pending) + self._reserved + len(arrays) > self.queue_capacity:
-            raise QueueFull(f"queue holds {len(self._pending) + self._reserved} of {self.queue_capacity} images; "
-                            f"no room for {len(arrays)} more")
-        request = _Request(asyncio.get_running_loop().create_future(), len(arrays), deadline, remaining=len(arrays))
+        self._check_room(len(arrays))
+        request = _Request(asyncio.get_running_loop().create_future(), len(arrays), deadline)
         now = time.monotonic()
         self._pending.extend(_Item(array, request, i, now) for i, array in enumerate(arrays))
         self._gauge()
