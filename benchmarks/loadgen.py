@@ -65,6 +65,36 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+STAGES = ("inference", "preprocess", "gallery")
+GRPC_THREADS = ("event_engine", "grpc", "lifeguard")
+
+
+def cpu_by_stage(pid: int) -> Counter:
+    """CPU seconds used so far by each stage of a reid-serve process (Linux /proc).
+
+    Its pools name their OS threads after their stage (serving/threads.py); the main thread runs
+    the event loop (gRPC's Python side, batching, responses); "grpc" is gRPC's C threads; "runtime"
+    is every unnamed thread, on a CPU ONNX Runtime's own pool when one run uses several threads
+    (with 1 instance), whose share of inference work (and spinning) shows up there.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: Counter = Counter()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+        if int(tid) == pid:
+            stage = "loop"
+        else:
+            stage = next((s for s in STAGES if name.startswith(s)), "grpc" if name.startswith(GRPC_THREADS) else "runtime")
+        out[stage] += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return out
+
+
 def _outcome(response) -> str:
     """OK when every image of the answer has an embedding, else ERROR (an image was refused)."""
     return "OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"
@@ -106,9 +136,10 @@ async def _client(target: str, images: list[bytes], stop_at: float, timeout: flo
 
 
 def run_load(target: str, clients: int, crops_per_request: int, seconds: float, timeout: float = 30.0,
-             stream: bool = False) -> dict:
+             stream: bool = False, server_pid: int | None = None) -> dict:
     """``clients`` concurrent callers for ``seconds`` (unary Embed calls, or one EmbedStream each with
-    ``stream``); images/s counts successful images only."""
+    ``stream``); images/s counts successful images only. With ``server_pid`` the result also says how
+    many cores each server stage and the load generator itself used meanwhile."""
     images = crops(crops_per_request)
     lat: list[float] = []
     codes: Counter = Counter()
@@ -120,16 +151,22 @@ def run_load(target: str, clients: int, crops_per_request: int, seconds: float, 
         else:
             await asyncio.gather(*(_client(target, images, stop_at, timeout, lat, codes) for _ in range(clients)))
 
+    server_before = cpu_by_stage(server_pid) if server_pid else Counter()
+    client_before = time.process_time()
     start = time.monotonic()
     asyncio.run(main())
     elapsed = time.monotonic() - start
+    client_cpu = time.process_time() - client_before
+    server_cpu = cpu_by_stage(server_pid) - server_before if server_pid else Counter()
     pct = np.percentile(lat, [50, 95, 99]) * 1000 if lat else [float("nan")] * 3
     return {"clients": clients, "crops": crops_per_request, "stream": stream, "images_per_s": codes["OK"] * crops_per_request / elapsed,
-            "p50_ms": pct[0], "p95_ms": pct[1], "p99_ms": pct[2], "codes": dict(codes)}
+            "p50_ms": pct[0], "p95_ms": pct[1], "p99_ms": pct[2], "codes": dict(codes),
+            "cores": {**{k: v / elapsed for k, v in server_cpu.items()}, "client": client_cpu / elapsed}}
 
 
 def fmt(r: dict) -> str:
     errors = {k: v for k, v in r["codes"].items() if k != "OK"}
     return (f"{r['clients']:3d} {'streams' if r.get('stream') else 'clients'} x {r['crops']} crops: {r['images_per_s']:8.1f} img/s  p50 {r['p50_ms']:7.1f} ms  "
             f"p95 {r['p95_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  ok {r['codes'].get('OK', 0)}"
-            + (f"  errors {errors}" if errors else ""))
+            + (f"  errors {errors}" if errors else "")
+            + "  cores: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cores"].items(), key=lambda kv: -kv[1])))

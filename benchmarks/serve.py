@@ -8,6 +8,10 @@ Every "x engine" ratio divides by the best engine figure over all instance count
 configuration only looks good if it beats the engine's best configuration, not just its own.
 Each server runs with --max-batch-size set to its instance count's best engine batch size (on a
 CPU, ONNX Runtime is often slower per image at large batches), as an operator would tune it.
+Every server row also lists the cores each server stage and the load generator used, and the
+inference threads' (with ONNX Runtime's own pool) images per core-second against the engine
+alone's: when that is about 1.00x, the server's shortfall is the CPU share the other stages take,
+not slower inference.
 Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--instances 1 2]
        [--pixel-mean ... --pixel-std ...]
 """
@@ -23,15 +27,18 @@ from loadgen import fmt, run_load, start_server, stop_server
 from serving.engines import ModelMetadata, open_engine
 
 
-def engine_best(path: str, fallback, instances: int, batches=(1, 8, 16, 32, 64), seconds: float = 3.0) -> tuple[int, float]:
-    """Best images/s of the engine alone with ``instances`` runs in flight, as reid-serve would configure it."""
+def engine_best(path: str, fallback, instances: int, batches=(1, 8, 16, 32, 64),
+                seconds: float = 3.0) -> tuple[int, float, float]:
+    """(batch, images/s, images per CPU-second) at the best batch size of the engine alone with
+    ``instances`` runs in flight, as reid-serve would configure it."""
     engine = open_engine(path, "cpu", fallback, instances=instances)
     md = engine.metadata
-    best = (0, 0.0)
+    best = (0, 0.0, 0.0)
     for b in batches:
         x = np.random.default_rng(0).random((b, 3, md.input_height, md.input_width), dtype=np.float32)
         engine.run(x)
         counts = [0] * instances
+        cpu_start = time.process_time()
         start = time.perf_counter()
 
         def loop(i: int) -> None:
@@ -45,8 +52,9 @@ def engine_best(path: str, fallback, instances: int, batches=(1, 8, 16, 32, 64),
         for w in workers:
             w.join()
         ips = sum(counts) / (time.perf_counter() - start)
-        print(f"  engine alone, {instances} instance(s), batch {b:2d}: {ips:8.1f} img/s")
-        best = max(best, (b, ips), key=lambda t: t[1])
+        per_core = sum(counts) / (time.process_time() - cpu_start)
+        print(f"  engine alone, {instances} instance(s), batch {b:2d}: {ips:8.1f} img/s, {per_core:6.1f} per core-second")
+        best = max(best, (b, ips, per_core), key=lambda t: t[1])
     return best
 
 
@@ -70,7 +78,7 @@ def main() -> None:
         engine = {n: engine_best(model, fallback, n) for n in args.instances}
         best_n = max(engine, key=lambda n: engine[n][1])
         best = engine[best_n][1]
-        for n, (b, ips) in engine.items():
+        for n, (b, ips, _) in engine.items():
             print(f"  engine best, {n} instance(s): {ips:.1f} img/s at batch {b}")
         print(f"  engine best overall: {best:.1f} img/s ({best_n} instance(s)); ratios below divide by it")
         for n in args.instances:
@@ -83,8 +91,11 @@ def main() -> None:
                     if batching:
                         loads += [(clients, 1, True) for clients in args.clients if clients >= 16]
                     for clients, crops, stream in loads:
-                        r = run_load(target, clients, crops, args.seconds, timeout=120, stream=stream)
-                        print(f"    {fmt(r)}  ({r['images_per_s'] / best:.2f}x engine)")
+                        r = run_load(target, clients, crops, args.seconds, timeout=120, stream=stream, server_pid=proc.pid)
+                        inference = r["cores"].get("inference", 0.0) + r["cores"].get("runtime", 0.0)
+                        per_core = r["images_per_s"] / inference / engine[n][2] if inference else float("nan")
+                        print(f"    {fmt(r)}  ({r['images_per_s'] / best:.2f}x engine; "
+                              f"inference at {per_core:.2f}x the engine's images per core-second)")
                 finally:
                     stop_server(proc)
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from serving.threads import stage_pool
 
 
 class QueueFull(Exception):
@@ -86,7 +87,7 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None  # set when images arrive for idle workers
         self._filling: list[asyncio.Future] = []  # workers waiting for a full batch or their delay
         self._tasks: list[asyncio.Task] = []
-        self._pool = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="inference")
+        self._pool = stage_pool("inference", instances)
         self._reserved = 0
         self.images_inferred = 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -21,6 +20,7 @@ from serving.gallery_service import GalleryRpcs
 from serving.metrics import ServerMetrics
 from serving.preprocessing import count_images, prepare
 from serving.proto import reid_pb2, reid_pb2_grpc
+from serving.threads import stage_pool
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
     def __init__(self, engine: Engine, batcher: DynamicBatcher, metrics: ServerMetrics, limits: Limits, workers: int = 2,
                  store: GalleryBackend | None = None):
         self.engine, self.batcher, self.metrics, self.limits, self.store = engine, batcher, metrics, limits, store
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess")
-        self.gallery_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gallery") if store is not None else None
+        self.pool = stage_pool("preprocess", workers)
+        self.gallery_pool = stage_pool("gallery", 4) if store is not None else None
         md = engine.metadata
         self.model_name = md.backbone or "model"
         self._preprocess_seconds = metrics.stage_seconds.labels("preprocess")

@@ -207,6 +207,26 @@ def test_instances_run_batches_at_once_and_keep_answers_apart(engine):
     assert all(_cos(g, e) >= 0.9999 for g, e in zip(got, expected))
 
 
+def _os_thread_names() -> set[str]:
+    names = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.add(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return names
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OS thread names are read from Linux /proc")
+def test_stage_threads_carry_their_names_to_the_os(server):
+    """top -H / ps -L / benchmarks/serve.py tell decoding from inference by these names."""
+    with ReidClient(server.target) as client:
+        assert client.embed([_jpeg(1)])[0].ok
+    names = _os_thread_names()
+    assert {"preprocess_0", "inference_0"} <= names
+    assert Path("/proc/self/comm").read_text().strip() not in {"preprocess_0", "inference_0"}  # process name kept
+
+
 def test_instances_need_an_engine_that_allows_concurrent_runs(engine, tmp_path, capsys):
     from serving.batcher import DynamicBatcher
     from serving.cli import serve_main
