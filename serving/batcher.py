@@ -1,8 +1,9 @@
 """Dynamic batching across callers (the Triton dynamic-batcher idea, for one engine).
 
 Images from every request join one bounded queue. A worker forms batches of up to
-``max_batch_size`` images, waiting at most ``max_queue_delay`` after the oldest image for more,
-and runs them on the engine in its own thread while the event loop keeps decoding and queueing.
+``max_batch_size`` images, waiting at most ``max_queue_delay`` after the oldest image for more
+(and only while more images are being decoded), and runs them on the engine in its own thread
+while the event loop keeps decoding and queueing.
 With ``instances`` > 1 (Triton's instance count) that many workers keep batches in flight at once,
 for engines whose ``run`` is thread-safe: on a CPU, two single-threaded runs lose less to
 preemption by decoding than one run split over two threads.
@@ -125,6 +126,7 @@ class DynamicBatcher:
 
     def release(self, n: int) -> None:
         self._reserved -= n
+        self._end_waits_in_vain()  # the images may all have been refused: nothing more is coming
 
     def submit(self, arrays: list[np.ndarray], deadline: float | None) -> asyncio.Future:
         """Queue preprocessed images (H x W x 3 uint8 at the input size); ``deadline`` is a ``time.monotonic()``
@@ -135,10 +137,7 @@ class DynamicBatcher:
         self._pending.extend(_Item(array, request, i, now) for i, array in enumerate(arrays))
         self._gauge()
         self._wakeup.set()
-        if len(self._pending) >= self.max_batch_size:
-            for waiter in self._filling:
-                if not waiter.done():
-                    waiter.set_result(None)
+        self._end_waits_in_vain()
         return request.future
 
     def discard(self, future: asyncio.Future) -> None:
@@ -151,13 +150,27 @@ class DynamicBatcher:
         if self.metrics:
             self.metrics.queue_depth.set(len(self._pending))
 
-    async def _wait_for_more(self) -> None:
-        """Until the batch is full or the oldest image has waited ``max_queue_delay``.
+    def _more_coming(self) -> bool:
+        """Whether waiting can fill the batch further: it is not full yet and images are being
+        decoded right now (``reserve``d, not yet submitted)."""
+        return len(self._pending) < self.max_batch_size and self._reserved > 0
 
+    def _end_waits_in_vain(self) -> None:
+        if not self._more_coming():
+            for waiter in self._filling:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _wait_for_more(self) -> None:
+        """Until the batch is full, no more images are on their way, or the oldest image has
+        waited ``max_queue_delay``.
+
+        Waiting only while images are being decoded spares a lone caller the whole delay (there is
+        nobody to batch with); under load, calls arrive while the engine runs, so batches still fill.
         One timer per batch, not one wake-up per arriving request: with single-image callers the
         per-request wake-ups cost the event loop more than the batching saved.
         """
-        if len(self._pending) >= self.max_batch_size:
+        if not self._more_coming():
             return
         remaining = self._pending[0].enqueued + self.max_queue_delay - time.monotonic()
         if remaining <= 0:

@@ -1,6 +1,7 @@
 """The gRPC server, started for real on a free port: inputs, errors, batching, backpressure, health."""
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -97,6 +98,62 @@ def test_concurrent_callers_are_batched_and_answers_stay_in_order(server, engine
     batches = server.metrics.value("reid_batch_size_count") - before_batches
     imgs = server.metrics.value("reid_batch_size_sum") - before_images
     assert imgs == 48 and imgs / batches > 2.0, (imgs, batches)
+
+
+def _batch_sizes(engine, steps) -> list[int]:
+    """Run ``steps(batcher, pixels)`` (a coroutine) against a batcher with a 1-second queue delay;
+    returns the batch sizes the engine saw."""
+    from serving.batcher import DynamicBatcher
+
+    slow = SlowEngine(engine, delay=0.0)
+    md = engine.metadata
+    pixels = [np.zeros((md.input_height, md.input_width, 3), np.uint8)]
+
+    async def main():
+        batcher = DynamicBatcher(slow, max_batch_size=8, max_queue_delay=1.0, instances=1)
+        batcher.start()
+        try:
+            await steps(batcher, pixels)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    return slow.calls
+
+
+def test_a_lone_caller_is_not_held_for_the_queue_delay(engine):
+    async def steps(batcher, pixels):
+        start = time.monotonic()
+        await batcher.submit(pixels, None)
+        assert time.monotonic() - start < 0.5  # nothing else was on its way: no reason to wait 1 s
+
+    assert _batch_sizes(engine, steps) == [1]
+
+
+def test_the_batcher_waits_for_images_still_being_decoded(engine):
+    async def steps(batcher, pixels):
+        batcher.reserve(1)  # another call's image is being decoded
+        first = batcher.submit(pixels, None)
+        await asyncio.sleep(0.1)
+        assert not first.done()  # held for the image on its way
+        batcher.release(1)
+        second = batcher.submit(pixels, None)
+        await asyncio.gather(first, second)
+
+    assert _batch_sizes(engine, steps) == [2]
+
+
+def test_a_refused_image_ends_the_wait_for_it(engine):
+    async def steps(batcher, pixels):
+        batcher.reserve(1)
+        first = batcher.submit(pixels, None)
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        batcher.release(1)  # that image failed to decode: it will never be submitted
+        await first
+        assert time.monotonic() - start < 0.5
+
+    assert _batch_sizes(engine, steps) == [1]
 
 
 def test_stream_answers_each_request_in_order(server, engine):
