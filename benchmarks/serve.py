@@ -7,17 +7,20 @@ among them): the engine alone (no gRPC, no decoding; best batch size), then reid
 Every "x engine" ratio divides by the best engine figure over all instance counts, so a server
 configuration only looks good if it beats the engine's best configuration, not just its own.
 Each server runs with --max-batch-size set to its instance count's best engine batch size (on a
-CPU, ONNX Runtime is often slower per image at large batches), as an operator would tune it.
+CPU, ONNX Runtime is often slower per image at large batches), as an operator would tune it, or
+to the benchmark's own --max-batch-size.
 Every server row also lists the cores each server stage and the load generator used, and the
 inference threads' (with ONNX Runtime's own pool) images per core-second against the engine
 alone's: when that is about 1.00x, the server's shortfall is the CPU share the other stages take,
 not slower inference.
 Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--instances 1 2]
+       [--clients 1 4 16 64] [--crops 1 8] [--batching on off] [--max-batch-size B] [--repeat N]
        [--pixel-mean ... --pixel-std ...]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import threading
 import time
 
@@ -58,6 +61,38 @@ def engine_best(path: str, fallback, instances: int, batches=(1, 8, 16, 32, 64),
     return best
 
 
+def measure(model: str, args, extra: list[str], fallback) -> dict[tuple, float]:
+    """One pass: the engine alone, then every server configuration; returns each row's ratio to
+    this pass's best engine figure, keyed by (instances, batching, clients, crops, stream)."""
+    engine = {n: engine_best(model, fallback, n) for n in args.instances}
+    best_n = max(engine, key=lambda n: engine[n][1])
+    best = engine[best_n][1]
+    for n, (b, ips, _) in engine.items():
+        print(f"  engine best, {n} instance(s): {ips:.1f} img/s at batch {b}")
+    print(f"  engine best overall: {best:.1f} img/s ({best_n} instance(s)); ratios below divide by it")
+    ratios = {}
+    for n in args.instances:
+        max_batch = args.max_batch_size or engine[n][0]
+        for batching in args.batching:
+            proc, target = start_server(model, *extra, "--instances", str(n), "--max-batch-size", str(max_batch),
+                                        *([] if batching else ["--no-batching"]))
+            print(f"  server, {n} instance(s), max batch {max_batch}, batching {'on' if batching else 'off'}:")
+            try:
+                loads = [(clients, crops, False) for crops in args.crops for clients in args.clients]
+                if batching:
+                    loads += [(clients, 1, True) for clients in args.clients if clients >= 16]
+                for clients, crops, stream in loads:
+                    r = run_load(target, clients, crops, args.seconds, timeout=120, stream=stream, server_pid=proc.pid)
+                    inference = r["cores"].get("inference", 0.0) + r["cores"].get("runtime", 0.0)
+                    per_core = r["images_per_s"] / inference / engine[n][2] if inference else float("nan")
+                    ratios[(n, batching, clients, crops, stream)] = r["images_per_s"] / best
+                    print(f"    {fmt(r)}  ({r['images_per_s'] / best:.2f}x engine; "
+                          f"inference at {per_core:.2f}x the engine's images per core-second)")
+            finally:
+                stop_server(proc)
+    return ratios
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("models", nargs="+")
@@ -65,9 +100,17 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16, 64])
     p.add_argument("--crops", type=int, nargs="*", default=[1, 8])
     p.add_argument("--instances", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--batching", choices=["on", "off"], nargs="*", default=["on", "off"])
+    p.add_argument("--max-batch-size", type=int, default=0,
+                   help="every server's max batch (default: each instance count's best engine batch; batch sizes "
+                        "within noise of each other can then differ from pass to pass)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="passes per model (engine, then every server, again and again), summarized as medians: "
+                        "one 6-second row on a shared 2-core machine moves by up to 25 %%")
     p.add_argument("--pixel-mean", type=float, nargs=3)
     p.add_argument("--pixel-std", type=float, nargs=3)
     args = p.parse_args()
+    args.batching = [b == "on" for b in args.batching]
     extra = []
     fallback = None
     if args.pixel_mean:
@@ -75,29 +118,19 @@ def main() -> None:
         fallback = ModelMetadata(256, 128, 0, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
     for model in args.models:
         print(f"model {model}")
-        engine = {n: engine_best(model, fallback, n) for n in args.instances}
-        best_n = max(engine, key=lambda n: engine[n][1])
-        best = engine[best_n][1]
-        for n, (b, ips, _) in engine.items():
-            print(f"  engine best, {n} instance(s): {ips:.1f} img/s at batch {b}")
-        print(f"  engine best overall: {best:.1f} img/s ({best_n} instance(s)); ratios below divide by it")
-        for n in args.instances:
-            for batching in (True, False):
-                proc, target = start_server(model, *extra, "--instances", str(n), "--max-batch-size", str(engine[n][0]),
-                                            *([] if batching else ["--no-batching"]))
-                print(f"  server, {n} instance(s), max batch {engine[n][0]}, batching {'on' if batching else 'off'}:")
-                try:
-                    loads = [(clients, crops, False) for crops in args.crops for clients in args.clients]
-                    if batching:
-                        loads += [(clients, 1, True) for clients in args.clients if clients >= 16]
-                    for clients, crops, stream in loads:
-                        r = run_load(target, clients, crops, args.seconds, timeout=120, stream=stream, server_pid=proc.pid)
-                        inference = r["cores"].get("inference", 0.0) + r["cores"].get("runtime", 0.0)
-                        per_core = r["images_per_s"] / inference / engine[n][2] if inference else float("nan")
-                        print(f"    {fmt(r)}  ({r['images_per_s'] / best:.2f}x engine; "
-                              f"inference at {per_core:.2f}x the engine's images per core-second)")
-                finally:
-                    stop_server(proc)
+        passes = []
+        for i in range(args.repeat):
+            if args.repeat > 1:
+                print(f" pass {i + 1} of {args.repeat}")
+            passes.append(measure(model, args, extra, fallback))
+        if args.repeat > 1:
+            print(f" {model}: x engine over {args.repeat} interleaved passes, median (lowest-highest)")
+            for key in passes[0]:
+                n, batching, clients, crops, stream = key
+                values = sorted(p[key] for p in passes)
+                print(f"  {n} instance(s), batching {'on ' if batching else 'off'}, {clients:3d} "
+                      f"{'streams' if stream else 'clients'} x {crops} crops: {statistics.median(values):.2f} "
+                      f"({values[0]:.2f}-{values[-1]:.2f})")
 
 
 if __name__ == "__main__":
