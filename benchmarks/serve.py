@@ -127,7 +127,7 @@ def main() -> None:
             print(f" {model}: x engine over {args.repeat} interleaved passes, median (lowest-highest)")
             for key in passes[0]:
                 n, batching, clients, crops, stream = key
-                values = sorted(p[key] for p in passes)
+                values = sorted(one[key] for one in passes)
                 print(f"  {n} instance(s), batching {'on ' if batching else 'off'}, {clients:3d} "
                       f"{'streams' if stream else 'clients'} x {crops} crops: {statistics.median(values):.2f} "
                       f"({values[0]:.2f}-{values[-1]:.2f})")
