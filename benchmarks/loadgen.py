@@ -95,6 +95,13 @@ def cpu_by_stage(pid: int) -> Counter:
     return out
 
 
+def idle_cores_seconds() -> float:
+    """Core-seconds the whole machine has spent idle so far (Linux /proc/stat: idle + iowait)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    return (int(fields[3]) + int(fields[4])) / os.sysconf("SC_CLK_TCK")
+
+
 def _outcome(response) -> str:
     """OK when every image of the answer has an embedding, else ERROR (an image was refused)."""
     return "OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"
@@ -139,7 +146,8 @@ def run_load(target: str, clients: int, crops_per_request: int, seconds: float, 
              stream: bool = False, server_pid: int | None = None) -> dict:
     """``clients`` concurrent callers for ``seconds`` (unary Embed calls, or one EmbedStream each with
     ``stream``); images/s counts successful images only. With ``server_pid`` the result also says how
-    many cores each server stage and the load generator itself used meanwhile."""
+    many cores each server stage and the load generator itself used meanwhile; "idle" is the whole
+    machine's unused cores."""
     images = crops(crops_per_request)
     lat: list[float] = []
     codes: Counter = Counter()
@@ -152,16 +160,19 @@ def run_load(target: str, clients: int, crops_per_request: int, seconds: float, 
             await asyncio.gather(*(_client(target, images, stop_at, timeout, lat, codes) for _ in range(clients)))
 
     server_before = cpu_by_stage(server_pid) if server_pid else Counter()
+    idle_before = idle_cores_seconds()
     client_before = time.process_time()
     start = time.monotonic()
     asyncio.run(main())
     elapsed = time.monotonic() - start
     client_cpu = time.process_time() - client_before
+    idle = idle_cores_seconds() - idle_before
     server_cpu = cpu_by_stage(server_pid) - server_before if server_pid else Counter()
     pct = np.percentile(lat, [50, 95, 99]) * 1000 if lat else [float("nan")] * 3
     return {"clients": clients, "crops": crops_per_request, "stream": stream, "images_per_s": codes["OK"] * crops_per_request / elapsed,
             "p50_ms": pct[0], "p95_ms": pct[1], "p99_ms": pct[2], "codes": dict(codes),
-            "cores": {**{k: v / elapsed for k, v in server_cpu.items()}, "client": client_cpu / elapsed}}
+            "cores": {**{k: v / elapsed for k, v in server_cpu.items()}, "client": client_cpu / elapsed,
+                      "idle": idle / elapsed}}
 
 
 def fmt(r: dict) -> str:

@@ -9,11 +9,11 @@ configuration only looks good if it beats the engine's best configuration, not j
 Each server runs with --max-batch-size set to its instance count's best engine batch size (on a
 CPU, ONNX Runtime is often slower per image at large batches), as an operator would tune it, or
 to the benchmark's own --max-batch-size.
-Every server row also lists the cores each server stage and the load generator used, and the
-inference threads' (with ONNX Runtime's own pool) images per core-second against the engine
-alone's: when that is about 1.00x, the server's shortfall is the CPU share the other stages take,
-not slower inference.
-Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--instances 1 2]
+Every server row also lists the cores each server stage and the load generator used (and the
+machine's idle ones), and the inference threads' (with ONNX Runtime's own pool) images per
+core-second against the engine alone's: when that is about 1.00x, the server's shortfall is the
+CPU share the other stages take, not slower inference.
+Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--instances 1 2 3]
        [--clients 1 4 16 64] [--crops 1 8] [--batching on off] [--max-batch-size B] [--repeat N]
        [--pixel-mean ... --pixel-std ...]
 """
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--clients", type=int, nargs="*", default=[1, 4, 16, 64])
     p.add_argument("--crops", type=int, nargs="*", default=[1, 8])
-    p.add_argument("--instances", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--instances", type=int, nargs="*", default=[1, 2, 3])
     p.add_argument("--batching", choices=["on", "off"], nargs="*", default=["on", "off"])
     p.add_argument("--max-batch-size", type=int, default=0,
                    help="every server's max batch (default: each instance count's best engine batch; batch sizes "
