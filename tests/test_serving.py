@@ -337,6 +337,56 @@ def test_health_serving_then_not_serving_during_shutdown(engine):
     s.loop.call_soon_threadsafe(s.loop.stop)
 
 
+def test_wait_returns_only_after_the_whole_shutdown(engine):
+    """serve_forever (and with it the process) ends when wait() returns, and the gRPC port closes
+    before the batcher drains and the galleries are snapshotted: wait() must cover those too."""
+    from serving.server import ReidServer
+
+    class Store:  # the shutdown's last step is closing (snapshotting) the gallery store
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    async def main():
+        store = Store()
+        server = ReidServer(engine, ServerConfig(port=0, shutdown_delay_seconds=0), store)
+        await server.start()
+        drain = server.batcher.stop
+
+        async def slow_drain():
+            await asyncio.sleep(0.3)
+            await drain()
+
+        server.batcher.stop = slow_drain
+        stopping = asyncio.ensure_future(server.stop(grace=0))
+        await server.wait()
+        assert store.closed
+        await stopping
+
+    asyncio.run(main())
+
+
+def test_a_failed_shutdown_step_is_raised_by_wait(engine):
+    """A gallery snapshot that fails must not end in a silent exit 0."""
+    from serving.server import ReidServer
+
+    class Store:
+        def close(self):
+            raise OSError("disk full")
+
+    async def main():
+        server = ReidServer(engine, ServerConfig(port=0, shutdown_delay_seconds=0), Store())
+        await server.start()
+        stopping = asyncio.ensure_future(server.stop(grace=0))
+        with pytest.raises(OSError, match="disk full"):
+            await server.wait()
+        with pytest.raises(OSError):
+            await stopping
+
+    asyncio.run(main())
+
+
 def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
