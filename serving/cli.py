@@ -31,7 +31,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-capacity", type=int, help="images that may wait; beyond it calls fail with RESOURCE_EXHAUSTED (default 1024)")
     p.add_argument("--workers", type=int, help="preprocessing threads (default 2)")
     p.add_argument("--instances", type=int,
-                   help="engine runs in flight at once (default: 3 for ONNX Runtime on a CPU, else 1)")
+                   help="engine runs in flight at once (default: 2 for ONNX Runtime on a CPU, else 1)")
     p.add_argument("--no-batching", action="store_true", help="run each request on its own (for comparison)")
     p.add_argument("--max-images-per-request", type=int, help="default 256")
     p.add_argument("--max-image-pixels", type=int, help="largest decoded image, width x height (default 16M)")

@@ -33,13 +33,9 @@ def metadata_from_graph(session, fallback: ModelMetadata | None) -> ModelMetadat
 class OnnxRuntimeEngine(Engine):
     """ONNX Runtime session, sized for ``instances`` concurrent runs: the CPU cores are divided among them.
 
-    ``instances=0`` picks 3 on a CPU with 2 or more cores (1 with CUDA), each run with a third of
-    the cores (at least one thread). Measured on 2 cores (docs/performance.md): two single-threaded
-    runs outpace one run on 2 threads by 10-20 % and lose less when decoding preempts them, and a
-    third run in flight keeps both cores busy while a finished batch's results go back through the
-    server's event loop and its next batch is formed (OSNet-x0.25 server: 3-13 % more throughput,
-    idle CPU 0.1 -> 0.01 cores; Swin-Tiny: the same or better). reid-serve asks for that; a single
-    caller keeps 1.
+    ``instances=0`` picks 2 on a CPU (1 with CUDA): on 2 cores, two single-threaded runs of
+    OSNet-x0.25 or Swin-Tiny outpace one run on 2 threads by 10-15 % and lose less when decoding
+    preempts them (docs/performance.md). reid-serve asks for that; a single caller keeps 1.
     """
 
     name = "onnxruntime"
@@ -62,7 +58,7 @@ class OnnxRuntimeEngine(Engine):
             raise ModelFileError("device cuda asked for, but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
         on_cpu = providers == ["CPUExecutionProvider"]
         cores = len(os.sched_getaffinity(0))
-        self.instances = instances or (3 if on_cpu and cores > 1 else 1)
+        self.instances = instances or (min(2, cores) if on_cpu else 1)
         options = ort.SessionOptions()
         # 0 lets ONNX Runtime use every core, which is right for one instance only.
         options.intra_op_num_threads = intra_op_threads or (max(1, cores // self.instances) if self.instances > 1 else 0)
