@@ -21,7 +21,7 @@ from retrieval.distance import cosine_distance
 from retrieval.metrics import evaluate_rank
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ExperimentSpec, spec_to_dict
-from training.data.market1501 import id_arrays, load_gallery, load_query, load_train
+from training.data.market1501 import load_gallery, load_query, load_train, protocol_ids
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.transforms import ImageDataset, build_train_transform
 from training.embed import embed_records
@@ -48,8 +48,7 @@ def validate(model, spec: ExperimentSpec, device: torch.device) -> dict:
     query, gallery = load_query(d.query_dataset_dir), load_gallery(d.test_dataset_dir)
     qf = embed_records(model, query, device, d.val_batch_size, d.num_workers)
     gf = embed_records(model, gallery, device, d.val_batch_size, d.num_workers)
-    (q_pids, q_cams), (g_pids, g_cams) = id_arrays(query), id_arrays(gallery)
-    cmc, m_ap = evaluate_rank(cosine_distance(qf, gf), q_pids, g_pids, q_cams, g_cams)
+    cmc, m_ap = evaluate_rank(cosine_distance(qf, gf), *protocol_ids(query, gallery))
     return {"mAP": m_ap, "rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)])}
 
 

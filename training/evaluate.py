@@ -12,17 +12,12 @@ from tqdm import tqdm
 from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
 from retrieval.rerank import k_reciprocal_rerank
-from training.data.market1501 import id_arrays, load_gallery, load_query
+from training.data.market1501 import load_gallery, load_query, protocol_ids
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
 from training.plots import plot_cmc, plot_matches
 
 log = logging.getLogger(__name__)
-
-
-def _protocol_ids(query, gallery) -> tuple:
-    (q_pids, q_cams), (g_pids, g_cams) = id_arrays(query), id_arrays(gallery)
-    return q_pids, g_pids, q_cams, g_cams
 
 
 def _rank(dist: np.ndarray, ids: tuple) -> tuple[dict, np.ndarray]:
@@ -44,7 +39,7 @@ def score(qf: np.ndarray, gf: np.ndarray, query, gallery, rerank_cfg, device: st
     if qf.shape[1] != gf.shape[1]:
         raise ReidError(f"query embeddings are {qf.shape[1]}-d but gallery embeddings {gf.shape[1]}-d")
     qf, gf = l2_normalize(qf), l2_normalize(gf)
-    ids = _protocol_ids(query, gallery)
+    ids = protocol_ids(query, gallery)
     dists = {"without re-ranking": compute_distance(qf, gf, "cosine")}
     if rerank_cfg.re_ranking:
         dists["with re-ranking"] = k_reciprocal_rerank(qf, gf, rerank_cfg.k1, rerank_cfg.k2, rerank_cfg.lambda_value,
@@ -83,7 +78,7 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
                 part = gallery[start:start + chunk]
                 gallery_client.add(name, images=[r.path for r in part], ids=range(start + 1, start + len(part) + 1),
                                    metadata=[metadata_message(str(r.pid), str(r.camid)) for r in part])
-            ids = _protocol_ids(query, gallery)
+            ids = protocol_ids(query, gallery)
             variants = {"without re-ranking": None}
             if rerank_cfg.re_ranking:
                 variants["with re-ranking"] = {"k1": rerank_cfg.k1, "k2": rerank_cfg.k2,

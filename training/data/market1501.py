@@ -52,9 +52,11 @@ def list_split(folder: str | Path, keep_distractors: bool) -> list[ImageRecord]:
     return records
 
 
-def id_arrays(records: list[ImageRecord]):
-    """(pids, camids) as numpy arrays, the form the ranking metrics take."""
-    return np.array([r.pid for r in records]), np.array([r.camid for r in records])
+def protocol_ids(query: list[ImageRecord], gallery: list[ImageRecord]) -> tuple[np.ndarray, ...]:
+    """(query pids, gallery pids, query camids, gallery camids) as numpy arrays: the identity
+    arguments of ``retrieval.metrics.evaluate_rank``, in its order."""
+    return (np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
+            np.array([r.camid for r in query]), np.array([r.camid for r in gallery]))
 
 
 def relabel(records: list[ImageRecord]) -> tuple[list[ImageRecord], dict[int, int]]:
