@@ -65,9 +65,7 @@ class ReidServer:
         self.server: grpc.aio.Server | None = None
         self.port = config.port
         self.batcher: DynamicBatcher | None = None
-        self._stopping: asyncio.Event | None = None
-        self._stopped: asyncio.Event | None = None
-        self._stop_error: BaseException | None = None
+        self._shutdown: asyncio.Task | None = None  # once a stop has begun
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -75,7 +73,6 @@ class ReidServer:
 
     async def start(self) -> int:
         c = self.config
-        self._stopping, self._stopped = asyncio.Event(), asyncio.Event()
         cv2.setNumThreads(0)  # sequential: preprocessing already runs on `workers` threads; a pool would contend
         opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes)]
         creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
@@ -112,34 +109,29 @@ class ReidServer:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.run_pixels, batch)
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new calls, finish in-flight ones, stop."""
-        if self._stopping.is_set():
+        """NOT_SERVING, refuse new calls, finish in-flight ones, stop (a second call returns at once)."""
+        if self._shutdown is not None:
             return
-        self._stopping.set()
-        try:
-            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-            if grace is None or grace > 0:
-                await asyncio.sleep(self.config.shutdown_delay_seconds)
-            await self.server.stop(self.config.grace_seconds if grace is None else grace)
-            await self.batcher.stop()
-            if self.store is not None:
-                self.store.close()  # snapshots every gallery; the logs already hold every acknowledged change
-            log.info("server stopped")
-        except BaseException as exc:
-            self._stop_error = exc
-            raise
-        finally:
-            self._stopped.set()
+        self._shutdown = asyncio.ensure_future(self._shut_down(grace))
+        await self._shutdown
+
+    async def _shut_down(self, grace: float | None) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if grace is None or grace > 0:
+            await asyncio.sleep(self.config.shutdown_delay_seconds)
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        await self.batcher.stop()
+        if self.store is not None:
+            self.store.close()  # snapshots every gallery; the logs already hold every acknowledged change
+        log.info("server stopped")
 
     async def wait(self) -> None:
         """Until the server has stopped. The gRPC port closes before the batcher drains and the
         galleries are snapshotted, so a stop in progress is awaited to its end (the process must
         not exit, cancelling it, in between), and its failure is raised here."""
         await self.server.wait_for_termination()
-        if self._stopping.is_set():
-            await self._stopped.wait()
-            if self._stop_error is not None:
-                raise self._stop_error
+        if self._shutdown is not None:
+            await self._shutdown
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
