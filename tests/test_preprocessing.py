@@ -38,6 +38,55 @@ def test_decode_matches_pillow_in_rgb_order(fmt):
     np.testing.assert_array_equal(got, expected)  # same libjpeg-turbo output; RGB, not OpenCV's BGR
 
 
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _sof_sampling(data: bytes, luma: int) -> bytes:
+    """The JPEG with its first component's sampling byte in the baseline frame header replaced."""
+    sof = data.find(b"\xff\xc0")
+    assert sof > 0
+    return data[: sof + 11] + bytes([luma]) + data[sof + 12 :]
+
+
+@pytest.mark.parametrize("mode,kw", [("L", {}), ("CMYK", {}), ("RGB", {"progressive": True}),
+                                     ("RGB", {"subsampling": 0}), ("RGB", {"subsampling": 1})])
+def test_jpeg_variants_decode_as_pillow_does(mode, kw):
+    buf = io.BytesIO()
+    Image.fromarray(_photo()).convert(mode).save(buf, format="JPEG", **kw)
+    data = buf.getvalue()
+    got = decode_image(data)
+    assert got.shape == (90, 40, 3)
+    np.testing.assert_allclose(got, _pillow_rgb(data), atol=1 if mode == "CMYK" else 0)
+
+
+def test_jpeg_with_a_layout_turbojpeg_cannot_classify_still_decodes():
+    # Luma sampled 3x1 and chroma 1x1 is legal JPEG that TurboJPEG's header reader refuses
+    # ("could not determine subsampling level"); libjpeg's general decoder reads it.
+    data = _sof_sampling(_encode(_photo(48, 48), "JPEG", subsampling=0), 0x31)
+    np.testing.assert_array_equal(decode_image(data), _pillow_rgb(data))
+
+
+def test_jpeg_over_the_pixel_limit_is_refused_before_decoding():
+    data = _encode(np.zeros((300, 200, 3), np.uint8), "JPEG")
+    with pytest.raises(ImageError, match="200x300 pixels exceeds the limit of 59999"):
+        decode_image(data, max_pixels=59_999)
+    assert decode_image(data, max_pixels=60_000).shape == (300, 200, 3)
+
+
+@pytest.mark.parametrize("marker", [b"\xff\xd9", b"\xff\xc4"])
+def test_jpeg_warnings_are_tolerated_like_pillow(marker):
+    # Stray bytes before a marker (common from cameras) draw only a libjpeg warning: the image
+    # decodes, as it does in Pillow and in training's loader. Before the end-of-image marker
+    # TurboJPEG accepts them too; before a Huffman table its header reader refuses, and libjpeg
+    # decodes instead.
+    data = _encode(_photo(), "JPEG")
+    at = data.rfind(marker)
+    data = data[:at] + b"\x00\x01\x02" + data[at:]
+    np.testing.assert_array_equal(decode_image(data), _pillow_rgb(data))
+
+
 def test_truncated_jpeg_is_refused_not_grey_filled():
     data = _encode(_photo(200, 100), "JPEG", quality=90)
     assert decode_image(data).shape == (200, 100, 3)
