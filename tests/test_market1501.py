@@ -1,6 +1,7 @@
 """Market-1501 naming and split rules."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,3 +56,16 @@ def test_corrupt_image_names_its_path(tmp_path):
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=str(bad)):
         read_image(str(bad))
+
+
+def test_read_image_gives_pillows_pixels_and_names_a_missing_file(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 20, 3), dtype=np.uint8)
+    path = tmp_path / "0001_c1s1_000001_00.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    with Image.open(path) as img:
+        expected = np.asarray(img.convert("RGB"))
+    got = read_image(str(path))
+    assert got.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    with pytest.raises(DataError, match="absent.jpg"):
+        read_image(str(tmp_path / "absent.jpg"))
