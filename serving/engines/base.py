@@ -107,7 +107,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     """Encoded JPEG/PNG/WebP/BMP (or another format Pillow reads) -> H x W x 3 uint8 RGB.
 
     The pixel limit is checked on the header, before decoding. EXIF orientation is ignored, as
-    the training data loader ignores it. Every path yields the same pixels (one libjpeg-turbo).
+    the training data loader ignores it. Every path yields the pixels Pillow gives (for CMYK JPEGs
+    within one level: Pillow converts CMYK to RGB itself).
     """
     if data[:2] == _JPEG_SOI:
         pixels = _decode_jpeg(data, max_pixels)
