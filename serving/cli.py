@@ -28,6 +28,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port (default: off)")
     p.add_argument("--max-batch-size", type=int, help="images per engine call (default 32)")
     p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 2)")
+    p.add_argument("--split-batch-ms", type=float,
+                   help="with several instances, a full batch that would run longer than this is shared fairly "
+                        "among them, so callers wait for batches of equal length (default 250)")
     p.add_argument("--queue-capacity", type=int, help="images that may wait; beyond it calls fail with RESOURCE_EXHAUSTED (default 1024)")
     p.add_argument("--workers", type=int, help="preprocessing threads (default 2)")
     p.add_argument("--instances", type=int,
@@ -74,8 +77,8 @@ class JsonFormatter(logging.Formatter):
 def build_config(args) -> ServerConfig:
     values = yaml.safe_load(args.config.read_text()) if args.config else {}
     values = {k.replace("-", "_"): v for k, v in (values or {}).items()}
-    for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "queue_capacity", "workers",
-                "instances", "max_message_bytes"):
+    for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "split_batch_ms",
+                "queue_capacity", "workers", "instances", "max_message_bytes"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.no_batching:

@@ -38,6 +38,7 @@ class ServerConfig:
     metrics_port: int = 0  # 0 = no metrics HTTP endpoint
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
+    split_batch_ms: float = 250.0  # a full batch longer than this is shared among the instances
     queue_capacity: int = 1024
     workers: int = 2
     instances: int = 0  # engine runs in flight at once; 0 = the engine's choice (Engine.instances)
@@ -80,7 +81,7 @@ class ReidServer:
         interceptors = [TokenAuthInterceptor(c.tokens)] if c.tokens else []
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
-                                      c.batching, self.metrics, c.instances)
+                                      c.batching, self.metrics, c.instances, c.split_batch_ms / 1000)
         service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store)
         reid_pb2_grpc.add_ReIdentificationServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -43,12 +43,14 @@ class ServerThread:
 
 
 class SlowEngine(Engine):
-    """Wraps an engine, sleeping before each batch and optionally failing the n-th call."""
+    """Wraps an engine, sleeping before each batch (``delay``, plus ``per_image`` for each image)
+    and optionally failing the n-th call."""
 
     name = "slow"
 
-    def __init__(self, inner: Engine, delay: float = 0.3, fail_on_call: int | None = None, thread_safe: bool = False):
-        self.inner, self.delay, self.fail_on_call = inner, delay, fail_on_call
+    def __init__(self, inner: Engine, delay: float = 0.3, fail_on_call: int | None = None, thread_safe: bool = False,
+                 per_image: float = 0.0):
+        self.inner, self.delay, self.fail_on_call, self.per_image = inner, delay, fail_on_call, per_image
         self.metadata = inner.metadata
         self.max_batch_size = inner.max_batch_size
         self.thread_safe_run = thread_safe
@@ -63,7 +65,7 @@ class SlowEngine(Engine):
             self.most_running = max(self.most_running, self.running)
             call = len(self.calls)
         try:
-            time.sleep(self.delay)
+            time.sleep(self.delay + self.per_image * len(batch))
             if self.fail_on_call is not None and call == self.fail_on_call:
                 raise RuntimeError("injected engine failure")
             return self.inner._run(batch)

@@ -156,6 +156,50 @@ def test_a_refused_image_ends_the_wait_for_it(engine):
     assert _batch_sizes(engine, steps) == [1]
 
 
+def _shared_batches(engine, split_seconds: float, steps) -> list[int]:
+    """Batch sizes of 2 instances at 10+ ms per image once ``steps(batcher, pixels)`` ran, after a
+    first 2-image call from which the batcher learns the engine's time per image."""
+    from serving.batcher import DynamicBatcher
+
+    slow = SlowEngine(engine, delay=0.0, per_image=0.01, thread_safe=True)
+    md = engine.metadata
+    pixels = [np.zeros((md.input_height, md.input_width, 3), np.uint8)]
+
+    async def main():
+        batcher = DynamicBatcher(slow, max_batch_size=32, max_queue_delay=0.0, instances=2, split_seconds=split_seconds)
+        batcher.start()
+        try:
+            await batcher.submit(pixels * 2, None)
+            await steps(batcher, pixels)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    return slow.calls[1:]
+
+
+async def _sixteen_at_once(batcher, pixels):
+    await asyncio.gather(*[batcher.submit(pixels, None) for _ in range(16)])
+
+
+@pytest.mark.parametrize("split_seconds,expected", [(0.05, [8, 8]), (10.0, [16])])
+def test_a_long_batch_is_shared_with_a_free_instance(engine, split_seconds, expected):
+    """16 single-image calls at once: the 160+ ms batch is split 8 + 8, so no caller waits for
+    all 16; under the split threshold it stays whole, for batching's sake."""
+    assert sorted(_shared_batches(engine, split_seconds, _sixteen_at_once)) == expected
+
+
+def test_long_batches_take_a_fair_share_of_the_images_in_flight(engine):
+    """One instance runs 4 images when 12 more arrive: the other takes 8 (half of the 16 in
+    flight, not all 12), so both instances' callers wait for batches of about equal length."""
+    async def steps(batcher, pixels):
+        first = batcher.submit(pixels * 4, None)
+        await asyncio.sleep(0.01)  # the 4 are in the engine
+        await asyncio.gather(first, *[batcher.submit(pixels, None) for _ in range(12)])
+
+    assert _shared_batches(engine, 0.05, steps) == [4, 8, 4]
+
+
 def test_stream_answers_each_request_in_order(server, engine):
     images = [_jpeg(200 + i) for i in range(6)]
     expected = engine.embed_images([decode_image(b) for b in images])
@@ -254,14 +298,25 @@ def test_instances_run_batches_at_once_and_keep_answers_apart(engine):
     slow = SlowEngine(engine, delay=0.4, thread_safe=True)
     images = [_jpeg(300 + i) for i in range(4)]
     expected = engine.embed_images([decode_image(b) for b in images])
-    config = ServerConfig(port=0, instances=2, max_batch_size=2, max_queue_delay_ms=0)
+    config = ServerConfig(port=0, instances=2, max_batch_size=2, max_queue_delay_ms=0, split_batch_ms=300)
     with ServerThread(slow, config) as s, ReidClient(s.target) as client:
-        assert s.server.batcher.instances == 2
+        assert s.server.batcher.instances == 2 and s.server.batcher.split_seconds == 0.3
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda i: client.embed(images[2 * i: 2 * i + 2]), range(2)))
     assert slow.most_running == 2  # two batches were inside the engine at the same time
     got = [o.embedding for pair in results for o in pair]
     assert all(_cos(g, e) >= 0.9999 for g, e in zip(got, expected))
+
+
+def test_batcher_options_come_from_the_config_file_and_the_command_line(tmp_path):
+    from serving.cli import build_config, serve_parser
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("split-batch-ms: 100\nmax_queue_delay_ms: 5\n")
+    args = serve_parser().parse_args(["--model", "m.onnx", "--config", str(config), "--split-batch-ms", "400"])
+    c = build_config(args)
+    assert (c.split_batch_ms, c.max_queue_delay_ms) == (400, 5)  # the command line wins over the file
+    assert build_config(serve_parser().parse_args(["--model", "m.onnx"])).split_batch_ms == 250
 
 
 def _os_thread_names() -> set[str]:
