@@ -100,17 +100,17 @@ def test_concurrent_callers_are_batched_and_answers_stay_in_order(server, engine
     assert imgs == 48 and imgs / batches > 2.0, (imgs, batches)
 
 
-def _batch_sizes(engine, steps) -> list[int]:
-    """Run ``steps(batcher, pixels)`` (a coroutine) against a batcher with a 1-second queue delay;
-    returns the batch sizes the engine saw."""
+def _batch_sizes(engine, steps, slow: SlowEngine | None = None, **options) -> list[int]:
+    """Run ``steps(batcher, pixels)`` (a coroutine) against a batcher (by default 1 instance, max
+    batch 8, a 1-second queue delay); returns the batch sizes the engine saw."""
     from serving.batcher import DynamicBatcher
 
-    slow = SlowEngine(engine, delay=0.0)
+    slow = slow or SlowEngine(engine, delay=0.0)
     md = engine.metadata
     pixels = [np.zeros((md.input_height, md.input_width, 3), np.uint8)]
 
     async def main():
-        batcher = DynamicBatcher(slow, max_batch_size=8, max_queue_delay=1.0, instances=1)
+        batcher = DynamicBatcher(slow, **{"max_batch_size": 8, "max_queue_delay": 1.0, "instances": 1, **options})
         batcher.start()
         try:
             await steps(batcher, pixels)
@@ -159,23 +159,14 @@ def test_a_refused_image_ends_the_wait_for_it(engine):
 def _shared_batches(engine, split_seconds: float, steps) -> list[int]:
     """Batch sizes of 2 instances at 10+ ms per image once ``steps(batcher, pixels)`` ran, after a
     first 2-image call from which the batcher learns the engine's time per image."""
-    from serving.batcher import DynamicBatcher
+    async def learn_then_steps(batcher, pixels):
+        await batcher.submit(pixels * 2, None)
+        await steps(batcher, pixels)
 
     slow = SlowEngine(engine, delay=0.0, per_image=0.01, thread_safe=True)
-    md = engine.metadata
-    pixels = [np.zeros((md.input_height, md.input_width, 3), np.uint8)]
-
-    async def main():
-        batcher = DynamicBatcher(slow, max_batch_size=32, max_queue_delay=0.0, instances=2, split_seconds=split_seconds)
-        batcher.start()
-        try:
-            await batcher.submit(pixels * 2, None)
-            await steps(batcher, pixels)
-        finally:
-            await batcher.stop()
-
-    asyncio.run(main())
-    return slow.calls[1:]
+    sizes = _batch_sizes(engine, learn_then_steps, slow, max_batch_size=32, max_queue_delay=0.0, instances=2,
+                         split_seconds=split_seconds)
+    return sizes[1:]
 
 
 async def _sixteen_at_once(batcher, pixels):
