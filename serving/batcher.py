@@ -73,7 +73,7 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, engine, max_batch_size: int = 32, max_queue_delay: float = 0.002, queue_capacity: int = 1024,
+    def __init__(self, engine, max_batch_size: int = 32, max_queue_delay: float = 0.0, queue_capacity: int = 1024,
                  batching: bool = True, metrics=None, instances: int = 0, split_seconds: float = 0.25):
         instances = instances or engine.instances  # 0: the engine's choice
         if instances < 1:

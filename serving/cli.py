@@ -27,7 +27,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port (default: off)")
     p.add_argument("--max-batch-size", type=int, help="images per engine call (default 32)")
-    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 2)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 0: take what is queued)")
     p.add_argument("--split-batch-ms", type=float,
                    help="with several instances, a full batch that would run longer than this is shared fairly "
                         "among them, so callers wait for batches of equal length (default 250)")

@@ -37,7 +37,7 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int = 0  # 0 = no metrics HTTP endpoint
     max_batch_size: int = 32
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0  # as Triton's default: under load batches fill while the engine runs
     split_batch_ms: float = 250.0  # a full batch longer than this is shared among the instances
     queue_capacity: int = 1024
     workers: int = 2
