@@ -268,12 +268,13 @@ class DynamicBatcher:
                 continue
             finally:
                 self._running_images -= len(batch)
-            per_image = (time.monotonic() - started) / len(batch)
+            elapsed = time.monotonic() - started
+            per_image = elapsed / len(batch)
             self._seconds_per_image = per_image if not self._seconds_per_image else (
                 0.8 * self._seconds_per_image + 0.2 * per_image)
             self.images_inferred += len(batch)
             if metrics:
-                inference_seconds.observe(time.monotonic() - started)
+                inference_seconds.observe(elapsed)
                 metrics.images_inferred.inc(len(batch))
             for item, row in zip(batch, out):
                 item.request.deliver(item.index, row)
