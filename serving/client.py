@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 
 from serving.proto import reid_pb2, reid_pb2_grpc
+from serving.wire import embedding_message
 
 ImageInput = Union[bytes, str, Path, np.ndarray]
 
@@ -146,7 +147,7 @@ def metadata_message(person_id: str = "", camera_id: str = "", timestamp: float 
 
 
 def embeddings_message(vectors) -> list:
-    return [reid_pb2.Embedding(values=np.asarray(v, dtype=np.float32).tolist()) for v in vectors]
+    return [embedding_message(v) for v in vectors]
 
 
 class GalleryClient(_Connection):

@@ -21,6 +21,7 @@ from serving.metrics import ServerMetrics
 from serving.preprocessing import count_images, prepare
 from serving.proto import reid_pb2, reid_pb2_grpc
 from serving.threads import stage_pool
+from serving.wire import embedding_message
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
             if isinstance(outcome, Exception):
                 response.results.add(error=reid_pb2.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(outcome)))
             else:
-                response.results.add(embedding=reid_pb2.Embedding(values=outcome.tolist()))
+                response.results.add(embedding=embedding_message(outcome))
         return response
 
     @staticmethod
