@@ -34,6 +34,16 @@ def crops(n: int, size=(64, 128), seed: int = 0) -> list[bytes]:
     return out
 
 
+def load_images(folder: str | Path, limit: int = 1024) -> list[bytes]:
+    """Encoded images (JPEG, PNG, BMP, WebP) from ``folder``, sorted by name, at most ``limit``: real
+    crops to send instead of the synthetic ones. Synthetic crops are noise, the costliest content
+    for a JPEG decoder per pixel; real crops differ in size and content, so both are worth a run."""
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+    if not files:
+        raise SystemExit(f"no .jpg/.png/.bmp/.webp images in {folder}")
+    return [f.read_bytes() for f in files[:limit]]
+
+
 def start_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
     """Start reid-serve on a free loopback port; returns (process, target) once it is SERVING."""
     proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
@@ -143,21 +153,28 @@ async def _client(target: str, images: list[bytes], stop_at: float, timeout: flo
 
 
 def run_load(target: str, clients: int, crops_per_request: int, seconds: float, timeout: float = 30.0,
-             stream: bool = False, server_pid: int | None = None) -> dict:
+             stream: bool = False, server_pid: int | None = None, pool: list[bytes] | None = None) -> dict:
     """``clients`` concurrent callers for ``seconds`` (unary Embed calls, or one EmbedStream each with
-    ``stream``); images/s counts successful images only. With ``server_pid`` the result also says how
-    many cores each server stage and the load generator itself used meanwhile; "idle" is the whole
-    machine's unused cores."""
-    images = crops(crops_per_request)
+    ``stream``); images/s counts successful images only. Every call sends the same synthetic crops,
+    or, with ``pool`` (``load_images``), each client its own ``crops_per_request`` images from it.
+    With ``server_pid`` the result also says how many cores each server stage and the load
+    generator itself used meanwhile; "idle" is the whole machine's unused cores."""
+    synthetic = crops(crops_per_request) if pool is None else None
+
+    def images(client: int) -> list[bytes]:
+        if pool is None:
+            return synthetic
+        return [pool[(client * crops_per_request + j) % len(pool)] for j in range(crops_per_request)]
+
     lat: list[float] = []
     codes: Counter = Counter()
 
     async def main():
         stop_at = time.monotonic() + seconds
         if stream:
-            await asyncio.gather(*(_stream_client(target, images, stop_at, lat, codes) for _ in range(clients)))
+            await asyncio.gather(*(_stream_client(target, images(i), stop_at, lat, codes) for i in range(clients)))
         else:
-            await asyncio.gather(*(_client(target, images, stop_at, timeout, lat, codes) for _ in range(clients)))
+            await asyncio.gather(*(_client(target, images(i), stop_at, timeout, lat, codes) for i in range(clients)))
 
     server_before = cpu_by_stage(server_pid) if server_pid else Counter()
     idle_before = idle_cores_seconds()

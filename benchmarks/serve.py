@@ -17,7 +17,7 @@ core-second against the engine alone's: when that is about 1.00x, the server's s
 CPU share the other stages take, not slower inference.
 Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--instances 1 2 3]
        [--clients 1 4 16 64] [--crops 1 8] [--batching on off] [--max-batch-size B] [--repeat N]
-       [--check-seconds 2] [--pixel-mean ... --pixel-std ...]
+       [--check-seconds 2] [--images DIR] [--pixel-mean ... --pixel-std ...]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from loadgen import fmt, run_load, start_server, stop_server
+from loadgen import fmt, load_images, run_load, start_server, stop_server
 from serving.engines import ModelMetadata, open_engine
 
 
@@ -110,7 +110,8 @@ def measure(model: str, args, extra: list[str], fallback) -> dict[tuple, tuple[f
                 if batching:
                     loads += [(clients, 1, True) for clients in args.clients if clients >= 16]
                 for clients, crops, stream in loads:
-                    r = run_load(target, clients, crops, args.seconds, timeout=120, stream=stream, server_pid=proc.pid)
+                    r = run_load(target, clients, crops, args.seconds, timeout=120, stream=stream, server_pid=proc.pid,
+                                 pool=args.pool)
                     paired.check()
                     around = paired.around_last_row()
                     inference = r["cores"].get("inference", 0.0) + r["cores"].get("runtime", 0.0)
@@ -139,10 +140,14 @@ def main() -> None:
                         "one 6-second row on a shared 2-core machine moves by up to 25 %%")
     p.add_argument("--check-seconds", type=float, default=2.0,
                    help="seconds of each engine check between server rows (the paired ratio's denominator)")
+    p.add_argument("--images", metavar="DIR",
+                   help="send real crops from DIR (JPEG/PNG, the first 1024 by name; each client its own) instead "
+                        "of synthetic 64x128 noise JPEGs")
     p.add_argument("--pixel-mean", type=float, nargs=3)
     p.add_argument("--pixel-std", type=float, nargs=3)
     args = p.parse_args()
     args.batching = [b == "on" for b in args.batching]
+    args.pool = load_images(args.images) if args.images else None
     extra = []
     fallback = None
     if args.pixel_mean:
