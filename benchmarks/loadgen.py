@@ -34,13 +34,16 @@ def crops(n: int, size=(64, 128), seed: int = 0) -> list[bytes]:
     return out
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what the server decodes
+
+
 def load_images(folder: str | Path, limit: int = 1024) -> list[bytes]:
     """Encoded images (JPEG, PNG, BMP, WebP) from ``folder``, sorted by name, at most ``limit``: real
     crops to send instead of the synthetic ones. Synthetic crops are noise, the costliest content
     for a JPEG decoder per pixel; real crops differ in size and content, so both are worth a run."""
-    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+    files = sorted(f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise SystemExit(f"no .jpg/.png/.bmp/.webp images in {folder}")
+        raise SystemExit(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
     return [f.read_bytes() for f in files[:limit]]
 
 
@@ -159,11 +162,9 @@ def run_load(target: str, clients: int, crops_per_request: int, seconds: float, 
     or, with ``pool`` (``load_images``), each client its own ``crops_per_request`` images from it.
     With ``server_pid`` the result also says how many cores each server stage and the load
     generator itself used meanwhile; "idle" is the whole machine's unused cores."""
-    synthetic = crops(crops_per_request) if pool is None else None
+    pool = pool or crops(crops_per_request)  # synthetic: every client gets the same crops
 
     def images(client: int) -> list[bytes]:
-        if pool is None:
-            return synthetic
         return [pool[(client * crops_per_request + j) % len(pool)] for j in range(crops_per_request)]
 
     lat: list[float] = []
