@@ -1,0 +1,68 @@
+"""scripts/gpu_check.sh, run on the CPU at a tiny size: its steps, logs and summary, so that the one
+run a GPU machine gets is not spent on a broken script."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["environment", "gpu-tests", "train-step", "rerank", "train", "evaluate"]
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_every_step_runs_and_the_summary_has_its_figures(synthetic_root, tmp_path):
+    out = tmp_path / "check"
+    result = _run(str(out), str(synthetic_root), GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_EPOCHS="1",
+                  GPU_CHECK_BACKBONES="resnet_50", GPU_CHECK_BATCH="4", GPU_CHECK_STEPS="1",
+                  GPU_CHECK_RERANK_SIZE="40 200",
+                  GPU_CHECK_OVERRIDES="dataset.batch_size=16 dataset.num_workers=0 model.input_height=64 model.input_width=32")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    for step in STEPS:
+        assert re.search(rf"^{step} +exit 0 ", summary, re.M), summary
+        assert (out / f"{step}.log").is_file()
+    assert re.search(r"train step +resnet_50 +[\d.]+ images/s", summary)
+    assert "torch:cpu against cpu" in summary  # the GPU code path of re-ranking, on torch's CPU device
+    assert re.search(r"max \|distance diff\| \d\.\d+e-0[5-9]", summary)  # and it agreed with the CPU path
+    assert re.search(r"mAP +\d+\.\d", summary)
+    assert list((out / "train" / "train").glob("model_epoch_001.pth"))
+
+
+def test_a_failing_step_fails_the_run_but_not_the_steps_after_it(synthetic_root, tmp_path):
+    out = tmp_path / "check"
+    result = _run(str(out), str(synthetic_root), GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_BACKBONES="no_such_backbone",
+                  GPU_CHECK_RERANK_SIZE="20 100", GPU_CHECK_EPOCHS="0")
+    assert result.returncode == 1
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^train-step +exit [1-9]", summary, re.M)
+    assert re.search(r"^rerank +exit 0 ", summary, re.M)  # ran after the failure
+    assert re.search(r"^train +exit 2 ", summary, re.M)  # 0 epochs: the spec check's exit status
+    assert "train.num_epochs" in (out / "train.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_without_cuda_it_says_so_and_runs_nothing(tmp_path):
+    result = _run(str(tmp_path / "check"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"gpu_check: {sys.executable} sees no CUDA device (torch.cuda.is_available() is False); nothing run"]
+    assert not (tmp_path / "check" / "environment.log").exists()
+
+
+def test_a_folder_that_is_not_a_dataset_is_refused_up_front(tmp_path):
+    result = _run(str(tmp_path / "check"), str(tmp_path), GPU_CHECK_ALLOW_CPU="1")
+    assert result.returncode == 2
+    assert "has no bounding_box_train folder" in result.stderr
+    assert not (tmp_path / "check").exists()
