@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import os
 import signal
@@ -433,10 +434,12 @@ def test_a_failed_shutdown_step_is_raised_by_wait(engine):
     asyncio.run(main())
 
 
-def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path):
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path, event_loop):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
-                             "--model", str(tiny_onnx), "--port", "0"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+                             "--model", str(tiny_onnx), "--port", "0", "--event-loop", event_loop], cwd=ROOT, env=env,
+                            stderr=subprocess.PIPE, text=True)
     try:
         port = None
         deadline = time.monotonic() + 60
@@ -445,12 +448,24 @@ def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path):
             if " on 127.0.0.1:" in line:
                 port = int(line.split("127.0.0.1:")[1].split()[0])
         assert port, "server did not report its port"
+        # auto picks uvloop, a dependency wherever it installs (not on Windows)
+        expected = "asyncio" if event_loop == "asyncio" or importlib.util.find_spec("uvloop") is None else "uvloop"
+        assert line.rstrip().endswith(f", {expected} event loop)"), line
         with ReidClient(f"127.0.0.1:{port}") as client:
             assert client.embed([_jpeg(1)])[0].ok
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+
+
+def test_uvloop_asked_for_but_missing_is_one_line(tiny_onnx):
+    code = "import sys; sys.modules['uvloop'] = None; from serving.cli import serve_main; raise SystemExit(serve_main())"
+    result = subprocess.run([sys.executable, "-c", code, "--model", str(tiny_onnx), "--event-loop", "uvloop"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "reid-serve: error: --event-loop uvloop needs the uvloop package (pip install uvloop); or use --event-loop asyncio"]
 
 
 def test_startup_with_bad_model_is_one_line(tmp_path):
