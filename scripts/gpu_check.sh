@@ -17,6 +17,7 @@
 #   GPU_CHECK_BACKBONES [resnet_50 swin_tiny_patch4_window7_224]
 #   GPU_CHECK_BATCH [64] GPU_CHECK_STEPS [20]    for the training-step benchmark
 #   GPU_CHECK_RERANK_SIZE ["3368 19732"]          queries and gallery for the re-ranking benchmark
+#   GPU_CHECK_ONLY [all]                 the steps to run, by name (e.g. "train evaluate")
 #   GPU_CHECK_ALLOW_CPU [0]              1 runs every step on the CPU (to test this script)
 set -uo pipefail
 if [[ $# -lt 1 || $# -gt 2 ]]; then
@@ -36,6 +37,12 @@ if [[ -n $data && ! -d $data/bounding_box_train ]]; then
   echo "gpu_check: $data has no bounding_box_train folder; give a dataset in Market-1501 layout" >&2
   exit 2
 fi
+for name in ${GPU_CHECK_ONLY:-}; do
+  if [[ " environment gpu-tests train-step rerank train evaluate " != *" $name "* ]]; then
+    echo "gpu_check: GPU_CHECK_ONLY names no step '$name'; the steps are environment gpu-tests train-step rerank train evaluate" >&2
+    exit 2
+  fi
+done
 mkdir -p "$out" || exit 2
 summary=$out/summary.txt
 : > "$summary"
@@ -51,10 +58,14 @@ else
 fi
 
 failed=0
+only=" ${GPU_CHECK_ONLY:-} "
 # step NAME COMMAND...: runs COMMAND with its output in OUT_DIR/NAME.log and adds a summary line.
 step() {
   local name=$1 start rc
   shift
+  if [[ $only != "  " && $only != *" $name "* ]]; then
+    return
+  fi
   echo "== $name: $*"
   start=$(date +%s)
   "$@" > "$out/$name.log" 2>&1

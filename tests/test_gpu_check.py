@@ -61,6 +61,21 @@ def test_without_cuda_it_says_so_and_runs_nothing(tmp_path):
     assert not (tmp_path / "check" / "environment.log").exists()
 
 
+def test_only_the_steps_asked_for_run(tmp_path):
+    out = tmp_path / "check"
+    result = _run(str(out), GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_ONLY="environment rerank", GPU_CHECK_RERANK_SIZE="20 100")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.log")) == ["environment.log", "rerank.log"]
+    assert re.findall(r"^(\S+) +exit", (out / "summary.txt").read_text(), re.M) == ["environment", "rerank"]
+
+
+def test_a_step_name_that_does_not_exist_is_refused_up_front(tmp_path):
+    result = _run(str(tmp_path / "check"), GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_ONLY="rerank trian")
+    assert result.returncode == 2
+    assert "GPU_CHECK_ONLY names no step 'trian'" in result.stderr
+    assert not (tmp_path / "check").exists()
+
+
 def test_a_folder_that_is_not_a_dataset_is_refused_up_front(tmp_path):
     result = _run(str(tmp_path / "check"), str(tmp_path), GPU_CHECK_ALLOW_CPU="1")
     assert result.returncode == 2
