@@ -173,6 +173,7 @@ def k_reciprocal_rerank(
     feats = np.concatenate([q, g])
     n, nq = len(feats), len(q)
     kk = min(k1 + 1, n)
+    k2 = min(k2, n)  # fewer items than k2: expand over all of them, as slicing a full ranking would
     sq = (feats * feats).sum(axis=1)
     accel = _torch_device(device)
     if accel is None:

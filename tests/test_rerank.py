@@ -17,7 +17,8 @@ def _clustered(rng, nq, ng, dim, ids=20, noise=0.8):
 
 @pytest.mark.parametrize(
     "nq, ng, dim, k1, k2, lam",
-    [(30, 150, 16, 20, 6, 0.3), (40, 260, 32, 10, 3, 0.5), (12, 50, 8, 5, 1, 0.0), (25, 90, 64, 7, 6, 1.0), (5, 12, 4, 20, 6, 0.3)],
+    [(30, 150, 16, 20, 6, 0.3), (40, 260, 32, 10, 3, 0.5), (12, 50, 8, 5, 1, 0.0), (25, 90, 64, 7, 6, 1.0), (5, 12, 4, 20, 6, 0.3),
+     (1, 3, 8, 20, 6, 0.3)],  # fewer items than k1 and k2 (a tiny gallery's pool)
 )
 def test_matches_dense_oracle(nq, ng, dim, k1, k2, lam):
     rng = np.random.default_rng(nq + ng)
@@ -52,6 +53,7 @@ def test_torch_dense_pass_gives_the_same_answer():
     q, g = _clustered(rng, 25, 140, 16)
     np.testing.assert_allclose(k_reciprocal_rerank(q, g, device="torch:cpu", max_memory=32 * 1024),
                                k_reciprocal_rerank(q, g), atol=1e-5)
+    np.testing.assert_allclose(k_reciprocal_rerank(q[:1], g[:3], device="torch:cpu"), dense_rerank(q[:1], g[:3]), atol=1e-5)
     with pytest.raises(ValueError, match="unknown re-ranking device"):
         k_reciprocal_rerank(q, g, device="tpu:7")
 
