@@ -186,10 +186,12 @@ def test_long_batches_take_a_fair_share_of_the_images_in_flight(engine):
     flight, not all 12), so both instances' callers wait for batches of about equal length."""
     async def steps(batcher, pixels):
         first = batcher.submit(pixels * 4, None)
-        await asyncio.sleep(0.01)  # the 4 are in the engine
+        while not batcher.engine.running:  # until the 4 are in the engine
+            await asyncio.sleep(0.001)
         await asyncio.gather(first, *[batcher.submit(pixels, None) for _ in range(12)])
 
-    assert _shared_batches(engine, 0.05, steps) == [4, 8, 4]
+    # 4 images (about 40 ms) stay under the 100 ms threshold even on a loaded machine; 12 (120+ ms) do not
+    assert _shared_batches(engine, 0.1, steps) == [4, 8, 4]
 
 
 def test_stream_answers_each_request_in_order(server, engine):
