@@ -1,4 +1,4 @@
-"""``reid-serve`` (the gRPC server) and ``reid-client`` (embed images from the command line)."""
+"""``reid-serve``: options, config file and startup of the gRPC server (``reid-client`` is in ``client_cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -160,49 +160,3 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"reid-serve: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def client_main(argv: list[str] | None = None) -> int:
-    import grpc
-    import numpy as np
-
-    from serving.client import ReidClient
-
-    p = argparse.ArgumentParser(prog="reid-client", description="Call a reid-serve server.")
-    sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("embed", help="embed image files; print embeddings or write them as .npy")
-    e.add_argument("images", nargs="+", type=Path)
-    e.add_argument("--server", default="127.0.0.1:50051")
-    e.add_argument("--output", type=Path, help=".npy file for the N x D embeddings (rows of failed images are NaN)")
-    e.add_argument("--timeout", type=float, default=30.0)
-    e.add_argument("--token", help="bearer token (or set REID_TOKEN)")
-    e.add_argument("--tls-ca", help="CA (PEM) to verify the server; enables TLS")
-    args = p.parse_args(argv)
-    missing = [str(x) for x in args.images if not x.is_file()]
-    if missing:
-        print(f"reid-client: error: no such file: {missing[0]}", file=sys.stderr)
-        return 2
-    try:
-        ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-        with ReidClient(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"),
-                        root_certificates=ca) as client:
-            outcomes = client.embed(args.images)
-    except grpc.RpcError as exc:
-        print(f"reid-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    failed = 0
-    dim = next((len(o.embedding) for o in outcomes if o.ok), 0)
-    rows = []
-    for path, o in zip(args.images, outcomes):
-        if o.ok:
-            rows.append(o.embedding)
-            if args.output is None:
-                print(f"{path}: " + " ".join(f"{v:.5f}" for v in o.embedding))
-        else:
-            failed += 1
-            rows.append(np.full(dim, np.nan, dtype=np.float32))
-            print(f"{path}: error {o.error_code}: {o.error}", file=sys.stderr)
-    if args.output is not None:
-        np.save(args.output, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
-        print(f"wrote {args.output} ({len(rows)} x {dim})")
-    return 1 if failed else 0

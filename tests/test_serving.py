@@ -487,16 +487,3 @@ def test_committed_stubs_are_current(tmp_path):
 
     for path in generate(tmp_path):
         assert path.read_text() == (ROOT / "serving" / "proto" / path.name).read_text(), f"{path.name} is stale: run scripts/gen_protos.py"
-
-
-def test_client_cli_writes_npy(server, tmp_path, capsys):
-    from serving.cli import client_main
-
-    files = []
-    for i in range(2):
-        f = tmp_path / f"{i}.png"
-        f.write_bytes(_jpeg(i))
-        files.append(str(f))
-    out = tmp_path / "emb.npy"
-    assert client_main(["embed", *files, "--server", server.target, "--output", str(out)]) == 0
-    assert np.load(out).shape == (2, 32)

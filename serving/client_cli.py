@@ -1,0 +1,202 @@
+"""``reid-client``: embed images and manage and search galleries from a shell.
+
+For smoke checks and scripts around a deployed server; programs use ``serving.client``. Exit
+status: 0 when everything asked for was done, 1 when the server refused the call or part of it was
+not done (an image that failed, an id not found: each printed on its own line), 2 for a usage
+error found before calling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from serving.client import GalleryClient, ReidClient, metadata_message
+from serving.proto import reid_pb2
+
+
+class UsageError(Exception):
+    """A problem with the command line, found before any call (exit status 2)."""
+
+
+def client_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default="127.0.0.1:50051", help="host:port of reid-serve (default 127.0.0.1:50051)")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
+    common.add_argument("--token", help="bearer token (or set REID_TOKEN)")
+    common.add_argument("--tls-ca", help="CA (PEM) to verify the server; enables TLS")
+    images = argparse.ArgumentParser(add_help=False)
+    images.add_argument("--batch", type=int, default=64,
+                        help="images per call (default 64; the server refuses calls over its per-request limit)")
+
+    p = argparse.ArgumentParser(prog="reid-client", description="Call a reid-serve server.")
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("embed", parents=[common, images], help="embed image files; print embeddings or write them as .npy")
+    e.add_argument("images", nargs="+", type=Path)
+    e.add_argument("--output", type=Path, help=".npy file for the N x D embeddings (rows of failed images are NaN)")
+
+    sub.add_parser("galleries", parents=[common], help="list galleries: name, entries, dimension, index, backend")
+    c = sub.add_parser("create", parents=[common], help="create an empty gallery")
+    c.add_argument("gallery")
+    c.add_argument("--index", choices=["flat", "hnsw"], default="flat", help="flat: exact (default); hnsw: approximate")
+    c.add_argument("--dimension", type=int, default=0, help="embedding width (default: the served model's)")
+    d = sub.add_parser("drop", parents=[common], help="delete a gallery and everything in it")
+    d.add_argument("gallery")
+
+    a = sub.add_parser("enroll", parents=[common, images], help="embed images on the server and add them to a gallery")
+    a.add_argument("gallery")
+    a.add_argument("images", nargs="+", type=Path)
+    a.add_argument("--person-id", default="", help="person or track id recorded with every image of this call")
+    a.add_argument("--camera-id", default="", help="camera id recorded with every image of this call")
+    a.add_argument("--timestamp", type=float, default=0.0, help="seconds, recorded with every image of this call")
+    a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a free-form label (repeatable)")
+
+    s = sub.add_parser("search", parents=[common, images], help="who is in these images: the closest gallery entries")
+    s.add_argument("gallery")
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--top-k", type=int, default=5, help="hits per image (default 5)")
+    s.add_argument("--exclude-camera", default="", help="leave out entries seen by this camera")
+    s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of the candidate pool (server defaults)")
+    s.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
+
+    r = sub.add_parser("remove", parents=[common], help="remove entries from a gallery by id")
+    r.add_argument("gallery")
+    r.add_argument("ids", nargs="+", type=int)
+    return p
+
+
+def _batches(args) -> list[list[Path]]:
+    """The command's image files in calls of ``--batch``, after checking that every file exists."""
+    missing = [str(x) for x in args.images if not x.is_file()]
+    if missing:
+        raise UsageError(f"no such file: {missing[0]}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    return [args.images[i : i + args.batch] for i in range(0, len(args.images), args.batch)]
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    bad = [x for x in pairs if "=" not in x or not x.split("=", 1)[0]]
+    if bad:
+        raise UsageError(f"--label {bad[0]!r} is not KEY=VALUE")
+    return dict(x.split("=", 1) for x in pairs)
+
+
+def _embed(args, connect) -> int:
+    batches = _batches(args)
+    with connect(ReidClient) as client:
+        outcomes = [o for batch in batches for o in client.embed(batch)]
+    images = args.images
+    failed = 0
+    dim = next((len(o.embedding) for o in outcomes if o.ok), 0)
+    rows = []
+    for path, o in zip(images, outcomes):
+        if o.ok:
+            rows.append(o.embedding)
+            if args.output is None:
+                print(f"{path}: " + " ".join(f"{v:.5f}" for v in o.embedding))
+        else:
+            failed += 1
+            rows.append(np.full(dim, np.nan, dtype=np.float32))
+            print(f"{path}: error {o.error_code}: {o.error}", file=sys.stderr)
+    if args.output is not None:
+        np.save(args.output, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+        print(f"wrote {args.output} ({len(rows)} x {dim})")
+    return 1 if failed else 0
+
+
+def _print_info(info: reid_pb2.GalleryInfo) -> None:
+    print(f"{info.name}: {info.size} entries, {info.dimension}-d, {reid_pb2.IndexType.Name(info.index_type).lower()} index, "
+          f"{info.backend} on {info.device or 'cpu'}")
+
+
+def _galleries(args, connect) -> int:
+    with connect(GalleryClient) as g:
+        for info in g.list():
+            _print_info(info)
+    return 0
+
+
+def _create(args, connect) -> int:
+    with connect(GalleryClient) as g:
+        _print_info(g.create(args.gallery, args.dimension, args.index))
+    return 0
+
+
+def _drop(args, connect) -> int:
+    with connect(GalleryClient) as g:
+        g.drop(args.gallery)
+    print(f"dropped {args.gallery}")
+    return 0
+
+
+def _enroll(args, connect) -> int:
+    batches = _batches(args)
+    meta = metadata_message(args.person_id, args.camera_id, args.timestamp, _labels(args.label))
+    with connect(GalleryClient) as g:
+        for batch in batches:  # each call adds all its images or none; the lines printed are what was added
+            for path, entry in zip(batch, g.add(args.gallery, images=batch, metadata=[meta] * len(batch))):
+                print(f"{path}: id {entry}", flush=True)
+    return 0
+
+
+def _search(args, connect) -> int:
+    batches = _batches(args)
+    filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []  # one for all
+    with connect(GalleryClient) as g:
+        results = [r for batch in batches for r in g.search(args.gallery, images=batch, top_k=args.top_k, filters=filters,
+                                                            rerank={} if args.rerank else None)]
+    failed = 0
+    for path, result in zip(args.images, results):
+        if result.HasField("error"):
+            failed += 1
+            print(f"{path}: error {result.error.code}: {result.error.message}", file=sys.stderr)
+            continue
+        hits = [{"id": h.id, "score": round(h.score, 6), "distance": round(h.distance, 6), "person_id": h.metadata.person_id,
+                 "camera_id": h.metadata.camera_id, "timestamp": h.metadata.timestamp, "labels": dict(h.metadata.labels)}
+                for h in result.hits]
+        if args.json:
+            print(json.dumps({"image": str(path), "hits": hits}))
+            continue
+        print(f"{path}:")
+        for rank, h in enumerate(hits, 1):
+            reranked = f"  re-ranked distance {h['distance']:.4f}" if args.rerank else ""
+            print(f"  {rank}. id {h['id']}  score {h['score']:.4f}{reranked}  person {h['person_id'] or '-'}  "
+                  f"camera {h['camera_id'] or '-'}")
+    return 1 if failed else 0
+
+
+def _remove(args, connect) -> int:
+    with connect(GalleryClient) as g:
+        answer = g.remove(args.gallery, args.ids)
+    print(f"removed {answer.removed}" + (f"; not found: {' '.join(map(str, answer.missing))}" if answer.missing else ""))
+    return 1 if answer.missing else 0
+
+
+COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop": _drop, "enroll": _enroll,
+            "search": _search, "remove": _remove}
+
+
+def client_main(argv: list[str] | None = None) -> int:
+    args = client_parser().parse_args(argv)
+
+    def connect(kind):
+        try:
+            ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+        except OSError as exc:
+            raise UsageError(f"cannot read --tls-ca: {exc}") from None
+        return kind(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"), root_certificates=ca)
+
+    try:
+        return COMMANDS[args.command](args, connect)
+    except UsageError as exc:
+        print(f"reid-client: error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"reid-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1

@@ -1,0 +1,140 @@
+"""``reid-client`` against a real server with a FAISS gallery: every subcommand, its output and
+its exit status."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from retrieval.gallery import FaissGalleryStore
+from serving.client_cli import client_main
+from serving.engines.onnxruntime import OnnxRuntimeEngine
+from serving.server import ServerConfig
+from serving.service import Limits
+from tests.serving_support import ServerThread
+
+
+@pytest.fixture
+def server(tiny_onnx, tmp_path):
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, limits=Limits(max_images_per_request=3)))
+    thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    with thread as s:
+        yield s
+
+
+@pytest.fixture
+def crops(synthetic_root):
+    """Three crops of two people: person A on cameras 1 and 2, person B on camera 1."""
+    files = sorted((synthetic_root / "bounding_box_test").iterdir())
+    a = [f for f in files if f.name.startswith(files[0].name[:4])]
+    b = next(f for f in files if not f.name.startswith(files[0].name[:4]))
+    a1 = next(f for f in a if "_c1" in f.name)
+    a2 = next(f for f in a if "_c2" in f.name)
+    return a1, a2, b
+
+
+def _run(capsys, server, *args: str) -> tuple[int, str, str]:
+    code = client_main([*args, "--server", server.target])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_gallery_round_trip(server, crops, capsys):
+    a1, a2, b = crops
+    code, out, _ = _run(capsys, server, "create", "lobby")
+    assert code == 0 and out.strip() == "lobby: 0 entries, 32-d, flat index, faiss on cpu"
+
+    code, out, _ = _run(capsys, server, "enroll", "lobby", str(a1), "--person-id", "A", "--camera-id", "c1",
+                        "--label", "site=door", "--timestamp", "12.5")
+    assert code == 0
+    id_a1 = int(re.fullmatch(rf"{re.escape(str(a1))}: id (\d+)", out.strip()).group(1))
+    code, out, _ = _run(capsys, server, "enroll", "lobby", str(a2), str(b), "--camera-id", "c2")
+    assert code == 0 and len(out.splitlines()) == 2
+    id_a2, id_b = (int(line.rsplit(" ", 1)[1]) for line in out.splitlines())
+
+    code, out, _ = _run(capsys, server, "galleries")
+    assert code == 0 and out.startswith("lobby: 3 entries, 32-d")
+
+    code, out, _ = _run(capsys, server, "search", "lobby", str(a1), "--top-k", "2", "--json")
+    assert code == 0
+    answer = json.loads(out)
+    assert answer["image"] == str(a1) and len(answer["hits"]) == 2
+    first = answer["hits"][0]
+    assert (first["id"], first["person_id"], first["camera_id"], first["timestamp"], first["labels"]) == (
+        id_a1, "A", "c1", 12.5, {"site": "door"})
+    assert first["score"] == pytest.approx(1.0, abs=1e-4)
+
+    code, out, _ = _run(capsys, server, "search", "lobby", str(a1), "--top-k", "3", "--exclude-camera", "c1")
+    assert code == 0
+    ids = [int(m) for m in re.findall(r"^  \d\. id (\d+) ", out, re.M)]
+    assert sorted(ids) == sorted([id_a2, id_b])  # the c1 entry is left out
+    assert "camera c1" not in out
+
+    code, out, _ = _run(capsys, server, "search", "lobby", str(a2), "--rerank", "--top-k", "3")
+    assert code == 0 and len(re.findall(r"^  \d\. id \d+  score [\d.]+  re-ranked distance [\d.]+  ", out, re.M)) == 3
+
+    code, out, _ = _run(capsys, server, "remove", "lobby", str(id_b), "999999")
+    assert code == 1 and out.strip() == "removed 1; not found: 999999"
+    code, out, _ = _run(capsys, server, "drop", "lobby")
+    assert code == 0 and out.strip() == "dropped lobby"
+    code, out, _ = _run(capsys, server, "galleries")
+    assert code == 0 and out == ""
+
+
+def test_one_bad_image_fails_only_its_own_search(server, crops, tmp_path, capsys):
+    a1, _, _ = crops
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1))[0] == 0
+    code, out, err = _run(capsys, server, "search", "g", str(junk), str(a1), "--top-k", "1")
+    assert code == 1
+    assert err.startswith(f"{junk}: error 3: ")  # INVALID_ARGUMENT, for that image alone
+    assert out.startswith(f"{a1}:\n  1. id ")
+
+
+def test_errors(server, crops, tmp_path, capsys):
+    a1, _, _ = crops
+    code, _, err = _run(capsys, server, "search", "nobody", str(a1))
+    assert code == 1 and err.startswith("reid-client: error: NOT_FOUND: ")
+    code, _, err = _run(capsys, server, "enroll", "g", str(tmp_path / "missing.jpg"))
+    assert code == 2 and err.strip() == f"reid-client: error: no such file: {tmp_path / 'missing.jpg'}"
+    code, _, err = _run(capsys, server, "enroll", "g", str(a1), "--label", "novalue")
+    assert code == 2 and err.strip() == "reid-client: error: --label 'novalue' is not KEY=VALUE"
+    code, _, err = _run(capsys, server, "galleries", "--tls-ca", str(tmp_path / "nope.pem"))
+    assert code == 2 and err.startswith("reid-client: error: cannot read --tls-ca: ")
+
+
+def test_embed_writes_npy_with_nan_rows_for_failed_images(server, crops, tmp_path, capsys):
+    a1, a2, _ = crops
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    out_file = tmp_path / "emb.npy"
+    code, out, err = _run(capsys, server, "embed", str(a1), str(junk), str(a2), "--output", str(out_file))
+    assert code == 1 and err.startswith(f"{junk}: error 3: ")
+    rows = np.load(out_file)
+    assert rows.shape == (3, 32) and np.isnan(rows[1]).all() and np.isfinite(rows[[0, 2]]).all()
+    assert out.strip() == f"wrote {out_file} (3 x 32)"
+    code, out, _ = _run(capsys, server, "embed", str(a2))  # no --output: the values, one line per image
+    path, values = out.strip().split(": ")
+    assert code == 0 and path == str(a2)
+    np.testing.assert_allclose(np.array(values.split(), dtype=np.float32), rows[2], atol=1e-5)
+
+
+def test_many_images_go_in_calls_of_batch(server, synthetic_root, tmp_path, capsys):
+    files = [str(f) for f in sorted((synthetic_root / "bounding_box_test").iterdir())[:7]]
+    assert _run(capsys, server, "create", "g")[0] == 0
+    code, _, err = _run(capsys, server, "enroll", "g", *files)  # one call of 7: over the server's limit of 3
+    assert code == 1 and err.startswith("reid-client: error: INVALID_ARGUMENT: ") and "limit is 3" in err
+    code, out, _ = _run(capsys, server, "enroll", "g", *files, "--batch", "3")
+    assert code == 0 and [line.split(": id ")[0] for line in out.splitlines()] == files
+    assert len({line.split(": id ")[1] for line in out.splitlines()}) == 7
+    code, out, _ = _run(capsys, server, "search", "g", *files, "--batch", "2", "--top-k", "1", "--json")
+    assert code == 0 and [json.loads(line)["image"] for line in out.splitlines()] == files
+    emb = tmp_path / "emb.npy"
+    assert _run(capsys, server, "embed", *files, "--batch", "3", "--output", str(emb))[0] == 0
+    assert np.load(emb).shape == (7, 32)
+    code, _, err = _run(capsys, server, "embed", *files, "--batch", "0")
+    assert code == 2 and err.strip() == "reid-client: error: --batch must be at least 1, got 0"
