@@ -91,11 +91,10 @@ def _embed(args, connect) -> int:
     batches = _batches(args)
     with connect(ReidClient) as client:
         outcomes = [o for batch in batches for o in client.embed(batch)]
-    images = args.images
     failed = 0
     dim = next((len(o.embedding) for o in outcomes if o.ok), 0)
     rows = []
-    for path, o in zip(images, outcomes):
+    for path, o in zip(args.images, outcomes):
         if o.ok:
             rows.append(o.embedding)
             if args.output is None:
