@@ -162,7 +162,7 @@ def _search(args, connect) -> int:
         if args.json:
             print(json.dumps({"image": str(path), "hits": hits}))
             continue
-        print(f"{path}:")
+        print(f"{path}:" + ("" if hits else " no hits"))
         for rank, h in enumerate(hits, 1):
             reranked = f"  re-ranked distance {h['distance']:.4f}" if args.rerank else ""
             print(f"  {rank}. id {h['id']}  score {h['score']:.4f}{reranked}  person {h['person_id'] or '-'}  "

@@ -77,6 +77,11 @@ def test_gallery_round_trip(server, crops, capsys):
 
     code, out, _ = _run(capsys, server, "remove", "lobby", str(id_b), "999999")
     assert code == 1 and out.strip() == "removed 1; not found: 999999"
+    code, out, _ = _run(capsys, server, "search", "lobby", str(b), "--exclude-camera", "c2")
+    assert code == 0 and re.findall(r"^  \d\. id (\d+) ", out, re.M) == [str(id_a1)]  # a2 is on c2, b was removed
+    assert _run(capsys, server, "remove", "lobby", str(id_a1))[0] == 0
+    code, out, _ = _run(capsys, server, "search", "lobby", str(b), "--exclude-camera", "c2")
+    assert code == 0 and out.strip() == f"{b}: no hits"  # only c2 entries are left
     code, out, _ = _run(capsys, server, "drop", "lobby")
     assert code == 0 and out.strip() == "dropped lobby"
     code, out, _ = _run(capsys, server, "galleries")
