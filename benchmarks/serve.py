@@ -15,9 +15,11 @@ Every server row also lists the cores each server stage and the load generator u
 machine's idle ones), and the inference threads' (with ONNX Runtime's own pool) images per
 core-second against the engine alone's: when that is about 1.00x, the server's shortfall is the
 CPU share the other stages take, not slower inference.
+On a GPU (--device cuda: ONNX Runtime's CUDA provider, for the engine alone and the servers; use
+--instances 1) the figure to read is batching on against off at 16 and 64 clients x 1 crop.
 Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--instances 1 2 3]
        [--clients 1 4 16 64] [--crops 1 8] [--batching on off] [--max-batch-size B] [--repeat N]
-       [--check-seconds 2] [--images DIR] [--pixel-mean ... --pixel-std ...]
+       [--check-seconds 2] [--images DIR] [--device cpu|cuda] [--pixel-mean ... --pixel-std ...]
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import time
 import numpy as np
 
 from loadgen import fmt, load_images, run_load, start_server, stop_server
-from serving.engines import ModelMetadata, open_engine
+from serving.engines import ModelFileError, ModelMetadata, open_engine
 
 
 def engine_rate(engine, batch: int, instances: int, seconds: float) -> tuple[float, float]:
@@ -54,11 +56,11 @@ def engine_rate(engine, batch: int, instances: int, seconds: float) -> tuple[flo
     return sum(counts) / (time.perf_counter() - start), sum(counts) / (time.process_time() - cpu_start)
 
 
-def engine_best(path: str, fallback, instances: int, batches=(1, 8, 16, 32, 64),
+def engine_best(path: str, device: str, fallback, instances: int, batches=(1, 8, 16, 32, 64),
                 seconds: float = 3.0) -> tuple[object, int, float, float]:
     """(engine, batch, images/s, images per CPU-second) at the best batch size of the engine alone
     with ``instances`` runs in flight, as reid-serve would configure it."""
-    engine = open_engine(path, "cpu", fallback, instances=instances)
+    engine = open_engine(path, device, fallback, instances=instances)
     best = (0, 0.0, 0.0)
     for b in batches:
         ips, per_core = engine_rate(engine, b, instances, seconds)
@@ -89,7 +91,7 @@ def measure(model: str, args, extra: list[str], fallback) -> dict[tuple, tuple[f
     """One pass: the engine alone, then every server configuration; returns each row's ratio to
     this pass's best engine figure and to the engine checked on either side of the row, keyed by
     (instances, batching, clients, crops, stream)."""
-    engine = {n: engine_best(model, fallback, n) for n in args.instances}
+    engine = {n: engine_best(model, args.device, fallback, n, seconds=args.engine_seconds) for n in args.instances}
     best_n = max(engine, key=lambda n: engine[n][2])
     best = engine[best_n][2]
     for n, (_, b, ips, _) in engine.items():
@@ -138,20 +140,23 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="passes per model (engine, then every server, again and again), summarized as medians: "
                         "one 6-second row on a shared 2-core machine moves by up to 25 %%")
+    p.add_argument("--engine-seconds", type=float, default=3.0, help="seconds of the engine alone at each batch size")
     p.add_argument("--check-seconds", type=float, default=2.0,
                    help="seconds of each engine check between server rows (the paired ratio's denominator)")
     p.add_argument("--images", metavar="DIR",
                    help="send real crops from DIR (JPEG/PNG, the first 1024 by name; each client its own) instead "
                         "of synthetic 64x128 noise JPEGs")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="ONNX Runtime provider for the engine alone and the servers (cuda needs onnxruntime-gpu)")
     p.add_argument("--pixel-mean", type=float, nargs=3)
     p.add_argument("--pixel-std", type=float, nargs=3)
     args = p.parse_args()
     args.batching = [b == "on" for b in args.batching]
     args.pool = load_images(args.images) if args.images else None
-    extra = []
+    extra = ["--device", args.device]
     fallback = None
     if args.pixel_mean:
-        extra = ["--pixel-mean", *map(str, args.pixel_mean), "--pixel-std", *map(str, args.pixel_std)]
+        extra += ["--pixel-mean", *map(str, args.pixel_mean), "--pixel-std", *map(str, args.pixel_std)]
         fallback = ModelMetadata(256, 128, 0, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
     for model in args.models:
         print(f"model {model}")
@@ -159,7 +164,10 @@ def main() -> None:
         for i in range(args.repeat):
             if args.repeat > 1:
                 print(f" pass {i + 1} of {args.repeat}")
-            passes.append(measure(model, args, extra, fallback))
+            try:
+                passes.append(measure(model, args, extra, fallback))
+            except ModelFileError as exc:  # e.g. --device cuda without onnxruntime-gpu
+                raise SystemExit(f"serve.py: {exc}") from None
         if args.repeat > 1:
             print(f" {model}: x engine over {args.repeat} interleaved passes, median (lowest-highest): "
                   f"to each pass's engine best; paired")

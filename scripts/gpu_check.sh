@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What this install does on an NVIDIA GPU, in one run: the GPU-marked tests, the training step's
-# throughput with mixed precision, k-reciprocal re-ranking on the GPU against the CPU path and,
-# given a dataset in Market-1501 layout, a short ResNet-50 training run and its mAP.
+# throughput with mixed precision, k-reciprocal re-ranking on the GPU against the CPU path, given
+# an ONNX model and onnxruntime-gpu the serving benchmark on the GPU (the batching gain) and, given
+# a dataset in Market-1501 layout, a short ResNet-50 training run and its mAP.
 #
 # Every step runs even when an earlier one failed, and each writes its own log into OUT_DIR;
 # OUT_DIR/summary.txt lists each step's exit status, seconds and headline figures. Exits 0 when
@@ -17,6 +18,8 @@
 #   GPU_CHECK_BACKBONES [resnet_50 swin_tiny_patch4_window7_224]
 #   GPU_CHECK_BATCH [64] GPU_CHECK_STEPS [20]    for the training-step benchmark
 #   GPU_CHECK_RERANK_SIZE ["3368 19732"]          queries and gallery for the re-ranking benchmark
+#   GPU_CHECK_MODEL []                   an ONNX model for the serving benchmark (skipped without one)
+#   GPU_CHECK_SERVE_ARGS []              more benchmarks/serve.py options (e.g. --pixel-mean/--pixel-std)
 #   GPU_CHECK_ONLY [all]                 the steps to run, by name (e.g. "train evaluate")
 #   GPU_CHECK_ALLOW_CPU [0]              1 runs every step on the CPU (to test this script)
 set -uo pipefail
@@ -32,14 +35,20 @@ spec=${GPU_CHECK_SPEC:-specs/resnet50_market.yaml}
 read -r -a backbones <<< "${GPU_CHECK_BACKBONES:-resnet_50 swin_tiny_patch4_window7_224}"
 read -r -a rerank_size <<< "${GPU_CHECK_RERANK_SIZE:-3368 19732}"
 read -r -a overrides <<< "${GPU_CHECK_OVERRIDES:-}"
+read -r -a serve_args <<< "${GPU_CHECK_SERVE_ARGS:-}"
+model=${GPU_CHECK_MODEL:-}
 cd "$(dirname "$0")/.." || exit 2
+if [[ -n $model && ! -f $model ]]; then
+  echo "gpu_check: GPU_CHECK_MODEL $model is not a file" >&2
+  exit 2
+fi
 if [[ -n $data && ! -d $data/bounding_box_train ]]; then
   echo "gpu_check: $data has no bounding_box_train folder; give a dataset in Market-1501 layout" >&2
   exit 2
 fi
 for name in ${GPU_CHECK_ONLY:-}; do
-  if [[ " environment gpu-tests train-step rerank train evaluate " != *" $name "* ]]; then
-    echo "gpu_check: GPU_CHECK_ONLY names no step '$name'; the steps are environment gpu-tests train-step rerank train evaluate" >&2
+  if [[ " environment gpu-tests train-step rerank serve train evaluate " != *" $name "* ]]; then
+    echo "gpu_check: GPU_CHECK_ONLY names no step '$name'; the steps are environment gpu-tests train-step rerank serve train evaluate" >&2
     exit 2
   fi
 done
@@ -53,19 +62,22 @@ if ! $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
     exit 2
   fi
   device=torch:cpu  # the re-ranking step then runs the GPU code path on torch's CPU device
+  serve_device=cpu
 else
   device=cuda
+  serve_device=cuda
+  $py -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" \
+    2>/dev/null || serve_device=""
 fi
 
 failed=0
 only=" ${GPU_CHECK_ONLY:-} "
+selected() { [[ $only == "  " || $only == *" $1 "* ]]; }
 # step NAME COMMAND...: runs COMMAND with its output in OUT_DIR/NAME.log and adds a summary line.
 step() {
   local name=$1 start rc
   shift
-  if [[ $only != "  " && $only != *" $name "* ]]; then
-    return
-  fi
+  selected "$name" || return 0
   echo "== $name: $*"
   start=$(date +%s)
   "$@" > "$out/$name.log" 2>&1
@@ -80,6 +92,14 @@ step train-step "$py" benchmarks/train_throughput.py --height 256 --width 128 --
   --steps "${GPU_CHECK_STEPS:-20}" --workers 8 --backbones "${backbones[@]}"
 step rerank "$py" benchmarks/rerank.py --queries "${rerank_size[0]}" --gallery "${rerank_size[1]}" --dims 256 \
   --skip-oracle --devices cpu "$device"
+if [[ -z $model ]]; then
+  selected serve && echo "serve            skipped: no GPU_CHECK_MODEL" | tee -a "$summary"
+elif [[ -z $serve_device ]]; then
+  selected serve && echo "serve            skipped: onnxruntime has no CUDA provider (install onnxruntime-gpu)" | tee -a "$summary"
+else
+  step serve "$py" benchmarks/serve.py "$model" --device "$serve_device" --instances 1 --batching on off \
+    --clients 1 16 64 --crops 1 8 --seconds 4 "${serve_args[@]}"
+fi
 
 if [[ -n $data ]]; then
   classes=$($py -c "import sys; from training.data.market1501 import load_train; print(len({r.pid for r in load_train(sys.argv[1])}))" \
@@ -98,6 +118,7 @@ fi
   echo
   grep -h "^device:\|images/s" "$out/train-step.log" 2>/dev/null
   grep -h "against" "$out/rerank.log" 2>/dev/null
+  grep -h "engine best overall\|^  server, \|clients x 1 crops" "$out/serve.log" 2>/dev/null
   grep -h "passed\|skipped\|failed\|SKIPPED" "$out/gpu-tests.log" 2>/dev/null
   [[ -n $data ]] && grep -h "mAP" "$out/evaluate.log" 2>/dev/null
 } | tee -a "$summary"

@@ -38,6 +38,19 @@ def test_every_step_runs_and_the_summary_has_its_figures(synthetic_root, tmp_pat
     assert re.search(r"max \|distance diff\| \d\.\d+e-0[5-9]", summary)  # and it agreed with the CPU path
     assert re.search(r"mAP +\d+\.\d", summary)
     assert list((out / "train" / "train").glob("model_epoch_001.pth"))
+    assert re.search(r"^serve +skipped: no GPU_CHECK_MODEL$", summary, re.M)
+
+
+def test_the_serving_benchmark_runs_with_a_model(tiny_onnx, tmp_path):
+    out = tmp_path / "check"
+    result = _run(str(out), GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_ONLY="serve", GPU_CHECK_MODEL=str(tiny_onnx),
+                  GPU_CHECK_SERVE_ARGS="--clients 4 --crops 1 --seconds 0.5 --check-seconds 0.1 --engine-seconds 0.1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^serve +exit 0 ", summary, re.M)
+    assert "engine best overall" in summary and "batching on:" in summary and "batching off:" in summary
+    # batching on and off, each a row for 4 clients x 1 crop: the comparison a GPU is checked for
+    assert len(re.findall(r"4 clients x 1 crops: +[\d.]+ img/s", summary)) == 2
 
 
 def test_a_failing_step_fails_the_run_but_not_the_steps_after_it(synthetic_root, tmp_path):
