@@ -56,7 +56,7 @@ def test_the_serving_benchmark_runs_with_a_model(tiny_onnx, tmp_path):
 def test_a_failing_step_fails_the_run_but_not_the_steps_after_it(synthetic_root, tmp_path):
     out = tmp_path / "check"
     result = _run(str(out), str(synthetic_root), GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_BACKBONES="no_such_backbone",
-                  GPU_CHECK_RERANK_SIZE="20 100", GPU_CHECK_EPOCHS="0")
+                  GPU_CHECK_RERANK_SIZE="20 100", GPU_CHECK_EPOCHS="0", GPU_CHECK_ONLY="train-step rerank train")
     assert result.returncode == 1
     summary = (out / "summary.txt").read_text()
     assert re.search(r"^train-step +exit [1-9]", summary, re.M)
