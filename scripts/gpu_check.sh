@@ -37,7 +37,6 @@ read -r -a rerank_size <<< "${GPU_CHECK_RERANK_SIZE:-3368 19732}"
 read -r -a overrides <<< "${GPU_CHECK_OVERRIDES:-}"
 read -r -a serve_args <<< "${GPU_CHECK_SERVE_ARGS:-}"
 model=${GPU_CHECK_MODEL:-}
-cd "$(dirname "$0")/.." || exit 2
 if [[ -n $model && ! -f $model ]]; then
   echo "gpu_check: GPU_CHECK_MODEL $model is not a file" >&2
   exit 2
@@ -53,6 +52,11 @@ for name in ${GPU_CHECK_ONLY:-}; do
   fi
 done
 mkdir -p "$out" || exit 2
+# The steps run from the repository root: paths given relative to the caller's folder become absolute.
+out=$(cd "$out" && pwd)
+[[ -z $data ]] || data=$(cd "$data" && pwd)
+[[ -z $model ]] || model=$(cd "$(dirname "$model")" && pwd)/$(basename "$model")
+cd "$(dirname "$0")/.." || exit 2
 summary=$out/summary.txt
 : > "$summary"
 

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["environment", "gpu-tests", "train-step", "rerank", "train", "evaluate"]
 
 
-def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
+def _run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, **env}
-    return subprocess.run(["bash", "scripts/gpu_check.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
 
 
 @pytest.mark.slow
@@ -42,8 +42,11 @@ def test_every_step_runs_and_the_summary_has_its_figures(synthetic_root, tmp_pat
 
 
 def test_the_serving_benchmark_runs_with_a_model(tiny_onnx, tmp_path):
+    """Run from another folder with paths relative to it, as a user would: the steps run from the
+    repository root, so the script must have made them absolute."""
+    (tmp_path / "model.onnx").symlink_to(tiny_onnx)
     out = tmp_path / "check"
-    result = _run(str(out), GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_ONLY="serve", GPU_CHECK_MODEL=str(tiny_onnx),
+    result = _run("check", cwd=tmp_path, GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_ONLY="serve", GPU_CHECK_MODEL="model.onnx",
                   GPU_CHECK_SERVE_ARGS="--clients 4 --crops 1 --seconds 0.5 --check-seconds 0.1 --engine-seconds 0.1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
