@@ -93,5 +93,6 @@ def main() -> None:
             print(f"  {dim:5d}-d {method} against {base}: speed-up {t0 / t1:.1f}x, memory {m1 / m0:.3f}; "
                   f"max |distance diff| {diff:.2e}; mAP diff {abs(a0 - a1):.2e}; max CMC diff {np.abs(c0 - c1).max():.2e}")
 
+
 if __name__ == "__main__":
     main()

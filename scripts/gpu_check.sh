@@ -45,9 +45,10 @@ if [[ -n $data && ! -d $data/bounding_box_train ]]; then
   echo "gpu_check: $data has no bounding_box_train folder; give a dataset in Market-1501 layout" >&2
   exit 2
 fi
+steps="environment gpu-tests train-step rerank serve train evaluate"
 for name in ${GPU_CHECK_ONLY:-}; do
-  if [[ " environment gpu-tests train-step rerank serve train evaluate " != *" $name "* ]]; then
-    echo "gpu_check: GPU_CHECK_ONLY names no step '$name'; the steps are environment gpu-tests train-step rerank serve train evaluate" >&2
+  if [[ " $steps " != *" $name "* ]]; then
+    echo "gpu_check: GPU_CHECK_ONLY names no step '$name'; the steps are $steps" >&2
     exit 2
   fi
 done
@@ -89,6 +90,8 @@ step() {
   (( rc == 0 )) || failed=1
   printf '%-16s exit %-3s %5s s\n' "$name" "$rc" "$(( $(date +%s) - start ))" | tee -a "$summary"
 }
+# skip NAME WHY: the summary line of a step that cannot run here.
+skip() { selected "$1" && printf '%-16s skipped: %s\n' "$1" "$2" | tee -a "$summary"; }
 
 step environment bash -c "nvidia-smi -L 2>&1; $py -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no device\")'"
 step gpu-tests "$py" -m pytest -m gpu -rs -q -p no:cacheprovider tests
@@ -97,9 +100,9 @@ step train-step "$py" benchmarks/train_throughput.py --height 256 --width 128 --
 step rerank "$py" benchmarks/rerank.py --queries "${rerank_size[0]}" --gallery "${rerank_size[1]}" --dims 256 \
   --skip-oracle --devices cpu "$device"
 if [[ -z $model ]]; then
-  selected serve && echo "serve            skipped: no GPU_CHECK_MODEL" | tee -a "$summary"
+  skip serve "no GPU_CHECK_MODEL"
 elif [[ -z $serve_device ]]; then
-  selected serve && echo "serve            skipped: onnxruntime has no CUDA provider (install onnxruntime-gpu)" | tee -a "$summary"
+  skip serve "onnxruntime has no CUDA provider (install onnxruntime-gpu)"
 else
   step serve "$py" benchmarks/serve.py "$model" --device "$serve_device" --instances 1 --batching on off \
     --clients 1 16 64 --crops 1 8 --seconds 4 "${serve_args[@]}"
