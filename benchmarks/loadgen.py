@@ -47,6 +47,12 @@ def load_images(folder: str | Path, limit: int = 1024) -> list[bytes]:
     return [f.read_bytes() for f in files[:limit]]
 
 
+def as_raw(pool: list[bytes]) -> list[np.ndarray]:
+    """The same images decoded once, here, to H x W x 3 uint8 RGB: sent as raw pixels, they cost the
+    server no decoding (what a pipeline that already holds decoded frames can send)."""
+    return [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in pool]
+
+
 def start_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
     """Start reid-serve on a free loopback port; returns (process, target) once it is SERVING."""
     proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
@@ -120,7 +126,7 @@ def _outcome(response) -> str:
     return "OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"
 
 
-async def _stream_client(target: str, images: list[bytes], stop_at: float, lat: list, codes: Counter) -> None:
+async def _stream_client(target: str, images: list[bytes | np.ndarray], stop_at: float, lat: list, codes: Counter) -> None:
     """One EmbedStream per client, one request in flight on it (send, wait for the answer, repeat)."""
     request = build_request(images)
     async with AsyncReidClient(target) as client:
@@ -134,7 +140,7 @@ async def _stream_client(target: str, images: list[bytes], stop_at: float, lat: 
         await call.done_writing()
 
 
-async def _client(target: str, images: list[bytes], stop_at: float, timeout: float, lat: list, codes: Counter) -> None:
+async def _client(target: str, images: list[bytes | np.ndarray], stop_at: float, timeout: float, lat: list, codes: Counter) -> None:
     """Unary Embed calls in a loop. The request is built once and answers are not unpacked into
     arrays: the load generator shares the server's cores and should take as little as it can."""
     backoff = 0.01
@@ -156,15 +162,19 @@ async def _client(target: str, images: list[bytes], stop_at: float, timeout: flo
 
 
 def run_load(target: str, clients: int, crops_per_request: int, seconds: float, timeout: float = 30.0,
-             stream: bool = False, server_pid: int | None = None, pool: list[bytes] | None = None) -> dict:
+             stream: bool = False, server_pid: int | None = None, pool: list[bytes] | None = None,
+             raw: bool = False) -> dict:
     """``clients`` concurrent callers for ``seconds`` (unary Embed calls, or one EmbedStream each with
     ``stream``); images/s counts successful images only. Every call sends the same synthetic crops,
-    or, with ``pool`` (``load_images``), each client its own ``crops_per_request`` images from it.
+    or, with ``pool`` (``load_images``), each client its own ``crops_per_request`` images from it;
+    with ``raw``, as raw RGB pixels instead of encoded bytes.
     With ``server_pid`` the result also says how many cores each server stage and the load
     generator itself used meanwhile; "idle" is the whole machine's unused cores."""
     pool = pool or crops(crops_per_request)  # synthetic: every client gets the same crops
+    if raw:
+        pool = as_raw(pool)
 
-    def images(client: int) -> list[bytes]:
+    def images(client: int) -> list[bytes | np.ndarray]:
         return [pool[(client * crops_per_request + j) % len(pool)] for j in range(crops_per_request)]
 
     lat: list[float] = []
