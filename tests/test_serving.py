@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import io
 import os
@@ -331,6 +332,15 @@ def test_stage_threads_carry_their_names_to_the_os(server):
     names = _os_thread_names()
     assert {"preprocess_0", "inference_0"} <= names
     assert Path("/proc/self/comm").read_text().strip() not in {"preprocess_0", "inference_0"}  # process name kept
+
+
+def test_startup_objects_are_kept_out_of_full_collections(engine):
+    """Frozen once the server is warm: a full collection under load then skips the modules' and the
+    model's objects instead of walking them all while the event loop waits."""
+    gc.unfreeze()  # whatever an earlier test's server froze
+    assert gc.get_freeze_count() == 0
+    with ServerThread(engine, ServerConfig(port=0)):
+        assert gc.get_freeze_count() > 10_000
 
 
 def test_instances_need_an_engine_that_allows_concurrent_runs(engine, tmp_path, capsys):
