@@ -1,6 +1,6 @@
 """The docs' commands and flags are the real ones: every --flag in README.md and docs/ exists in
-some command's parser (or is another tool's, listed below), and every spec key in the training
-guide's tables exists in the schema."""
+some command's parser (or is another tool's, listed below), every command's flag is mentioned in
+them, and the training guide's tables list exactly the schema's spec keys."""
 from __future__ import annotations
 
 import dataclasses
@@ -49,6 +49,18 @@ def test_every_documented_flag_exists():
             if flag not in known and flag not in EXTERNAL:
                 missing.setdefault(flag, path.name)
     assert not missing, f"documented flags that no command has: {missing}"
+
+
+def test_every_command_flag_is_documented():
+    """The reverse: a flag a user can pass is explained somewhere in the README or a guide."""
+    docs = "\n".join(path.read_text() for path in _doc_texts())
+    undocumented = {}
+    for command, parser in (("reid", reid_parser()), ("reid-export", export_parser()), ("reid-serve", serve_parser()),
+                            ("reid-client", client_parser())):
+        for flag in sorted(_parser_flags(parser) - {"--help"}):
+            if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", docs):
+                undocumented.setdefault(command, []).append(flag)
+    assert not undocumented, f"flags that no guide mentions: {undocumented}"
 
 
 def _schema_keys(cls, prefix="") -> set[str]:
