@@ -34,6 +34,21 @@ def crops(n: int, size=(64, 128), seed: int = 0) -> list[bytes]:
     return out
 
 
+def frame_with_boxes(n: int, size=(1920, 1080), box=(128, 256)) -> tuple[bytes, list[tuple[int, int, int, int]]]:
+    """A JPEG video frame (smooth gradients plus mild noise, quality 85: about 195 KB at 1080p) and
+    ``n`` person-sized boxes in it, side by side in rows, for callers that send frames to be
+    cropped on the server."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x * 255 / w, y * 255 / h, (x + y) % 256], -1)
+    pixels = np.clip(pixels + np.random.default_rng(0).normal(0, 3, pixels.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
+    per_row = w // box[0]
+    boxes = [((i % per_row) * box[0], (i // per_row % (h // box[1])) * box[1]) for i in range(n)]
+    return buf.getvalue(), [(x1, y1, x1 + box[0], y1 + box[1]) for x1, y1 in boxes]
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what the server decodes
 
 
@@ -126,9 +141,8 @@ def _outcome(response) -> str:
     return "OK" if all(r.WhichOneof("result") == "embedding" for r in response.results) else "ERROR"
 
 
-async def _stream_client(target: str, images: list[bytes | np.ndarray], stop_at: float, lat: list, codes: Counter) -> None:
+async def _stream_client(target: str, request, stop_at: float, lat: list, codes: Counter) -> None:
     """One EmbedStream per client, one request in flight on it (send, wait for the answer, repeat)."""
-    request = build_request(images)
     async with AsyncReidClient(target) as client:
         call = client.stub.EmbedStream()
         while time.monotonic() < stop_at:
@@ -140,11 +154,10 @@ async def _stream_client(target: str, images: list[bytes | np.ndarray], stop_at:
         await call.done_writing()
 
 
-async def _client(target: str, images: list[bytes | np.ndarray], stop_at: float, timeout: float, lat: list, codes: Counter) -> None:
+async def _client(target: str, request, stop_at: float, timeout: float, lat: list, codes: Counter) -> None:
     """Unary Embed calls in a loop. The request is built once and answers are not unpacked into
     arrays: the load generator shares the server's cores and should take as little as it can."""
     backoff = 0.01
-    request = build_request(images)
     async with AsyncReidClient(target) as client:
         while time.monotonic() < stop_at:
             start = time.monotonic()
@@ -163,19 +176,24 @@ async def _client(target: str, images: list[bytes | np.ndarray], stop_at: float,
 
 def run_load(target: str, clients: int, crops_per_request: int, seconds: float, timeout: float = 30.0,
              stream: bool = False, server_pid: int | None = None, pool: list[bytes] | None = None,
-             raw: bool = False) -> dict:
+             raw: bool = False, frame: bool = False) -> dict:
     """``clients`` concurrent callers for ``seconds`` (unary Embed calls, or one EmbedStream each with
     ``stream``); images/s counts successful images only. Every call sends the same synthetic crops,
     or, with ``pool`` (``load_images``), each client its own ``crops_per_request`` images from it;
-    with ``raw``, as raw RGB pixels instead of encoded bytes.
+    with ``raw``, as raw RGB pixels instead of encoded bytes; with ``frame``, as that many boxes in
+    one 1920x1080 JPEG frame (``frame_with_boxes``), cropped by the server.
     With ``server_pid`` the result also says how many cores each server stage and the load
     generator itself used meanwhile; "idle" is the whole machine's unused cores."""
-    pool = pool or crops(crops_per_request)  # synthetic: every client gets the same crops
-    if raw:
-        pool = as_raw(pool)
-
-    def images(client: int) -> list[bytes | np.ndarray]:
-        return [pool[(client * crops_per_request + j) % len(pool)] for j in range(crops_per_request)]
+    if frame:
+        data, boxes = frame_with_boxes(crops_per_request)
+        shared = build_request(frame=data, boxes=boxes)
+        requests = [shared] * clients
+    else:
+        pool = pool or crops(crops_per_request)  # synthetic: every client gets the same crops
+        if raw:
+            pool = as_raw(pool)
+        requests = [build_request([pool[(i * crops_per_request + j) % len(pool)] for j in range(crops_per_request)])
+                    for i in range(clients)]
 
     lat: list[float] = []
     codes: Counter = Counter()
@@ -183,9 +201,9 @@ def run_load(target: str, clients: int, crops_per_request: int, seconds: float, 
     async def main():
         stop_at = time.monotonic() + seconds
         if stream:
-            await asyncio.gather(*(_stream_client(target, images(i), stop_at, lat, codes) for i in range(clients)))
+            await asyncio.gather(*(_stream_client(target, r, stop_at, lat, codes) for r in requests))
         else:
-            await asyncio.gather(*(_client(target, images(i), stop_at, timeout, lat, codes) for i in range(clients)))
+            await asyncio.gather(*(_client(target, r, stop_at, timeout, lat, codes) for r in requests))
 
     server_before = cpu_by_stage(server_pid) if server_pid else Counter()
     idle_before = idle_cores_seconds()

@@ -19,7 +19,7 @@ On a GPU (--device cuda: ONNX Runtime's CUDA provider, for the engine alone and 
 --instances 1) the figure to read is batching on against off at 16 and 64 clients x 1 crop.
 Usage: python benchmarks/serve.py MODEL.onnx [MODEL2.onnx ...] [--seconds 6] [--instances 1 2 3]
        [--clients 1 4 16 64] [--crops 1 8] [--batching on off] [--max-batch-size B] [--repeat N]
-       [--check-seconds 2] [--images DIR] [--raw] [--device cpu|cuda] [--pixel-mean ... --pixel-std ...]
+       [--check-seconds 2] [--images DIR] [--raw | --frames] [--device cpu|cuda] [--pixel-mean ... --pixel-std ...]
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def measure(model: str, args, extra: list[str], fallback) -> dict[tuple, tuple[f
                     loads += [(clients, 1, True) for clients in args.clients if clients >= 16]
                 for clients, crops, stream in loads:
                     r = run_load(target, clients, crops, args.seconds, timeout=120, stream=stream, server_pid=proc.pid,
-                                 pool=args.pool, raw=args.raw)
+                                 pool=args.pool, raw=args.raw, frame=args.frames)
                     paired.check()
                     around = paired.around_last_row()
                     inference = r["cores"].get("inference", 0.0) + r["cores"].get("runtime", 0.0)
@@ -149,11 +149,16 @@ def main() -> None:
     p.add_argument("--raw", action="store_true",
                    help="send the crops as raw RGB pixels (decoded once by the benchmark) instead of encoded: "
                         "what the server costs when it has no decoding to do")
+    p.add_argument("--frames", action="store_true",
+                   help="send each call's crops as boxes in one 1920x1080 JPEG frame, cropped by the server (what a "
+                        "pipeline that sends whole frames costs the server)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="ONNX Runtime provider for the engine alone and the servers (cuda needs onnxruntime-gpu)")
     p.add_argument("--pixel-mean", type=float, nargs=3)
     p.add_argument("--pixel-std", type=float, nargs=3)
     args = p.parse_args()
+    if args.frames and (args.raw or args.images):
+        p.error("--frames sends a synthetic frame: it does not combine with --raw or --images")
     args.batching = [b == "on" for b in args.batching]
     args.pool = load_images(args.images) if args.images else None
     extra = ["--device", args.device]
