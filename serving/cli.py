@@ -40,6 +40,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images-per-request", type=int, help="default 256")
     p.add_argument("--max-image-pixels", type=int, help="largest decoded image, width x height (default 16M)")
     p.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    p.add_argument("--min-client-ping-seconds", type=float,
+                   help="shortest interval between a client's keepalive pings that is accepted; closer pings end "
+                        "the connection with GOAWAY too_many_pings (default 10)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
     p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="auto: uvloop when installed (less CPU per call), else asyncio's own loop")
@@ -81,7 +84,7 @@ def build_config(args) -> ServerConfig:
     values = yaml.safe_load(args.config.read_text()) if args.config else {}
     values = {k.replace("-", "_"): v for k, v in (values or {}).items()}
     for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "split_batch_ms",
-                "queue_capacity", "workers", "instances", "max_message_bytes"):
+                "queue_capacity", "workers", "instances", "max_message_bytes", "min_client_ping_seconds"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.no_batching:

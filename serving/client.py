@@ -61,12 +61,22 @@ def parse_response(response: reid_pb2.EmbedResponse) -> list[EmbedOutcome]:
 
 
 class _Connection:
-    """Channel options shared by the clients: message size, TLS (CA, optional client pair), token."""
+    """Channel options shared by the clients: message size, TLS (CA, optional client pair), token,
+    keepalive.
+
+    ``keepalive_seconds`` makes the channel ping the server that often while it is idle, also with
+    no call open, so that a proxy or NAT that drops idle connections does not silently break a
+    long-lived stream. reid-serve accepts pings 10 s apart or more (``--min-client-ping-seconds``);
+    a server that accepts fewer ends the connection with GOAWAY "too_many_pings".
+    """
 
     def __init__(self, target: str, timeout: float | None, max_message_bytes: int, token: str | None = None,
                  root_certificates: bytes | None = None, client_cert: bytes | None = None, client_key: bytes | None = None,
-                 aio: bool = False):
+                 keepalive_seconds: float | None = None, aio: bool = False):
         opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        if keepalive_seconds:
+            opts += [("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)), ("grpc.keepalive_permit_without_calls", 1),
+                     ("grpc.http2.max_pings_without_data", 0)]  # keep pinging through idle spells
         mod = grpc.aio if aio else grpc
         if root_certificates or client_cert:
             creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
@@ -93,8 +103,8 @@ class _Connection:
 class ReidClient(_Connection):
     """Blocking client. ``embed`` raises ``grpc.RpcError`` for call-level failures."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20, **tls_and_token):
-        super().__init__(target, timeout, max_message_bytes, **tls_and_token)
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20, **options):
+        super().__init__(target, timeout, max_message_bytes, **options)
 
     def embed(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(), **kw) -> list[EmbedOutcome]:
         return parse_response(self.stub.Embed(build_request(images, frame, boxes, **kw), **self._kw()))
@@ -111,8 +121,8 @@ class ReidClient(_Connection):
 class AsyncReidClient(_Connection):
     """asyncio client; use ``async with AsyncReidClient(target) as c: await c.embed([...])``."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20, **tls_and_token):
-        super().__init__(target, timeout, max_message_bytes, aio=True, **tls_and_token)
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20, **options):
+        super().__init__(target, timeout, max_message_bytes, aio=True, **options)
 
     async def embed(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(), **kw) -> list[EmbedOutcome]:
         return parse_response(await self.stub.Embed(build_request(images, frame, boxes, **kw), **self._kw()))
@@ -153,8 +163,8 @@ def embeddings_message(vectors) -> list:
 class GalleryClient(_Connection):
     """Blocking client for the gallery RPCs; failures raise ``grpc.RpcError``."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 60.0, max_message_bytes: int = 256 * 2**20, **tls_and_token):
-        super().__init__(target, timeout, max_message_bytes, **tls_and_token)
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 60.0, max_message_bytes: int = 256 * 2**20, **options):
+        super().__init__(target, timeout, max_message_bytes, **options)
 
     def create(self, name: str, dimension: int = 0, index_type: str = "flat") -> reid_pb2.GalleryInfo:
         index = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}[index_type]

@@ -45,6 +45,11 @@ class ServerConfig:
     instances: int = 0  # engine runs in flight at once; 0 = the engine's choice (Engine.instances)
     batching: bool = True
     max_message_bytes: int = 64 * 2**20
+    # Callers that keep a stream open through idle spells send keepalive pings (so that proxies and
+    # NAT do not drop the connection). gRPC's server default treats pings closer than 5 minutes as
+    # abuse and, after two, closes the connection with GOAWAY "too_many_pings", failing the open
+    # streams with UNAVAILABLE. Pings at least this far apart are accepted, also with no call open.
+    min_client_ping_seconds: float = 10.0
     limits: Limits = field(default_factory=Limits)
     tls_cert: str = ""
     tls_key: str = ""
@@ -55,6 +60,10 @@ class ServerConfig:
     # After health turns NOT_SERVING, keep accepting calls this long so load balancers and health
     # probes see it before the port closes.
     shutdown_delay_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.min_client_ping_seconds < 0:
+            raise ValueError(f"min_client_ping_seconds must be 0 or more, got {self.min_client_ping_seconds}")
 
 
 class ReidServer:
@@ -76,7 +85,9 @@ class ReidServer:
     async def start(self) -> int:
         c = self.config
         cv2.setNumThreads(0)  # sequential: preprocessing already runs on `workers` threads; a pool would contend
-        opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes)]
+        opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes),
+                ("grpc.http2.min_ping_interval_without_data_ms", int(c.min_client_ping_seconds * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1)]
         creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
         check_bind(c.host, creds is not None, c.insecure)
         interceptors = [TokenAuthInterceptor(c.tokens)] if c.tokens else []

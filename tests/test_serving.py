@@ -209,6 +209,32 @@ def test_stream_answers_each_request_in_order(server, engine):
     assert responses[3].results[0].WhichOneof("result") == "error"
 
 
+def _stream_survives_idle_pings(engine, min_client_ping_seconds: float) -> bool:
+    """Whether an EmbedStream whose client pings every second outlives 6 s of silence on a server
+    that accepts pings ``min_client_ping_seconds`` apart (with gRPC's default policy the third
+    early ping ends the connection, 4-5 s into the silence here)."""
+    def crops_with_a_pause():
+        yield [_jpeg(1)]
+        time.sleep(6)
+        yield [_jpeg(2)]
+
+    with ServerThread(engine, ServerConfig(port=0, min_client_ping_seconds=min_client_ping_seconds)) as s:
+        with ReidClient(s.target, keepalive_seconds=1) as client:
+            try:
+                return all(o[0].ok for o in client.embed_stream(crops_with_a_pause(), timeout=30))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                return False
+
+
+def test_client_keepalive_pings_do_not_end_an_idle_stream(engine):
+    """Pipelines keep a stream open through quiet spells and ping to keep proxies from dropping it.
+    With gRPC's server default (pings 5 minutes apart at least) the third ping ends the connection
+    (GOAWAY too_many_pings) and the open stream fails; the server's own limit lets them through."""
+    assert _stream_survives_idle_pings(engine, min_client_ping_seconds=0.5)
+    assert not _stream_survives_idle_pings(engine, min_client_ping_seconds=300)
+
+
 def test_client_streams_sync_and_async(server, engine):
     import asyncio
 
@@ -312,6 +338,10 @@ def test_batcher_options_come_from_the_config_file_and_the_command_line(tmp_path
     c = build_config(args)
     assert (c.split_batch_ms, c.max_queue_delay_ms) == (400, 5)  # the command line wins over the file
     assert build_config(serve_parser().parse_args(["--model", "m.onnx"])).split_batch_ms == 250
+    args = serve_parser().parse_args(["--model", "m.onnx", "--min-client-ping-seconds", "30"])
+    assert build_config(args).min_client_ping_seconds == 30
+    with pytest.raises(ValueError, match="min_client_ping_seconds must be 0 or more"):
+        build_config(serve_parser().parse_args(["--model", "m.onnx", "--min-client-ping-seconds", "-1"]))
 
 
 def _os_thread_names() -> set[str]:
