@@ -76,6 +76,7 @@ class ReidServer:
         self.server: grpc.aio.Server | None = None
         self.port = config.port
         self.batcher: DynamicBatcher | None = None
+        self.service: ReIdentificationService | None = None
         self._shutdown: asyncio.Task | None = None  # once a stop has begun
 
     async def _set_health(self, status) -> None:
@@ -94,8 +95,8 @@ class ReidServer:
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
                                       c.batching, self.metrics, c.instances, c.split_batch_ms / 1000)
-        service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store)
-        reid_pb2_grpc.add_ReIdentificationServicer_to_server(service, self.server)
+        self.service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store)
+        reid_pb2_grpc.add_ReIdentificationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -138,6 +139,8 @@ class ReidServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if grace is None or grace > 0:
             await asyncio.sleep(self.config.shutdown_delay_seconds)
+        if self.service is not None:
+            self.service.close_streams()  # streams never end by themselves: end them once what they read is answered
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.batcher.stop()
         if self.store is not None:

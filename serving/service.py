@@ -3,6 +3,8 @@
 One result per input image. Problems with one image become that image's error; problems with the
 whole call (too many images, queue full, deadline, engine failure) become a gRPC status for unary
 calls, and the same code on every result of that request on a stream (a stream stays open).
+At shutdown a stream stops reading, answers every request it has read, and ends with UNAVAILABLE,
+so that the caller resends the rest elsewhere at once instead of waiting out the grace period.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -51,6 +54,14 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
         self._preprocess_seconds = metrics.stage_seconds.labels("preprocess")
         self._total_seconds = metrics.stage_seconds.labels("total")
         self._images_ok = metrics.images.labels("ok")
+        self._closing = False
+        self._stop_waiting_readers: set[Callable[[], None]] = set()  # of streams blocked on the caller's next request
+
+    def close_streams(self) -> None:
+        """Shutdown: every open stream stops reading, answers what it has read, and ends with UNAVAILABLE."""
+        self._closing = True
+        for stop_reading in list(self._stop_waiting_readers):
+            stop_reading()
 
     async def embed_outcomes(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> list:
         """One outcome per requested image, in order: an embedding (numpy row) or its ``ImageError``.
@@ -134,6 +145,7 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
     async def EmbedStream(self, request_iterator, context):
         """Requests are processed concurrently (so they batch together) and answered in order."""
         pending: asyncio.Queue = asyncio.Queue(maxsize=64)
+        closing = object()  # in the queue after the last request read before shutdown
 
         async def one(request):
             try:
@@ -147,14 +159,39 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                     response.results.add(error=reid_pb2.Error(code=exc.code.value[0], message=exc.message))
                 return response
 
-        async def reader():
-            async for request in request_iterator:
-                await pending.put(asyncio.ensure_future(one(request)))
-            await pending.put(None)
+        stopped_for_shutdown = False
 
+        def stop_reading() -> None:
+            # Only called while the reader waits for the caller, so no request it read is lost.
+            nonlocal stopped_for_shutdown
+            stopped_for_shutdown = True
+            read_task.cancel()
+
+        async def reader():
+            try:
+                while not self._closing:
+                    self._stop_waiting_readers.add(stop_reading)
+                    try:
+                        request = await anext(requests)
+                    finally:
+                        self._stop_waiting_readers.discard(stop_reading)
+                    await pending.put(asyncio.ensure_future(one(request)))
+            except StopAsyncIteration:
+                await pending.put(None)
+                return
+            except asyncio.CancelledError:
+                if not stopped_for_shutdown:  # the call itself ended
+                    raise
+            await pending.put(closing)
+
+        requests = aiter(request_iterator)
         read_task = asyncio.ensure_future(reader())
         try:
             while (task := await pending.get()) is not None:
+                if task is closing:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                        "the server is shutting down: every request read so far was answered; "
+                                        "send the rest to another server")
                 yield await task
         finally:
             read_task.cancel()

@@ -6,6 +6,7 @@ import gc
 import importlib.util
 import io
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -424,6 +425,31 @@ def test_health_serving_then_not_serving_during_shutdown(engine):
         assert inflight.result()[0].ok  # in-flight work finished during the drain
         stopper.join()
     s.loop.call_soon_threadsafe(s.loop.stop)
+
+
+def test_shutdown_ends_streams_once_what_they_read_is_answered(engine):
+    """A stream never ends by itself, so a shutdown used to hold it for the whole grace period and
+    then cancel it mid-request. Now every request read before the stop is answered, then the stream
+    ends with UNAVAILABLE (resend the rest elsewhere) and the server stops without waiting."""
+    requests: queue.Queue = queue.Queue()
+    with ServerThread(engine, ServerConfig(port=0, grace_seconds=30, shutdown_delay_seconds=0.5)) as s:
+        answers = ReidClient(s.target).embed_stream(iter(requests.get, None))
+        requests.put([_jpeg(0)])
+        assert next(answers)[0].ok
+        start = time.monotonic()
+        stopper = threading.Thread(target=s.stop, kwargs={"grace": None})
+        stopper.start()
+        for i in range(20):  # sent while health says NOT_SERVING but the port still takes calls
+            requests.put([_jpeg(i)])
+        answered = 0
+        with pytest.raises(grpc.RpcError) as ended:
+            for outcomes in answers:
+                assert outcomes[0].ok
+                answered += 1
+        stopper.join()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in ended.value.details()
+        assert answered == 20
+        assert time.monotonic() - start < 10  # not the 30 s grace period
 
 
 def test_wait_returns_only_after_the_whole_shutdown(engine):
