@@ -168,6 +168,7 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
             read_task.cancel()
 
         async def reader():
+            requests = aiter(request_iterator)
             try:
                 while not self._closing:
                     self._stop_waiting_readers.add(stop_reading)
@@ -184,7 +185,6 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                     raise
             await pending.put(closing)
 
-        requests = aiter(request_iterator)
         read_task = asyncio.ensure_future(reader())
         try:
             while (task := await pending.get()) is not None:
