@@ -3,7 +3,7 @@
 For each model and each engine instance count (runs in flight at once; the CPU cores are divided
 among them): the engine alone (no gRPC, no decoding; best batch size), then reid-serve with
 1, 4, 16 and 64 concurrent clients each sending 1 and 8 crops per call, batching on and off, and
-(batching on) 16 and 64 EmbedStream callers sending as many crops per message.
+(batching on) 16 and 64 EmbedStream callers sending each of those crop counts per message.
 Every "x engine" ratio divides by the best engine figure over all instance counts, so a server
 configuration only looks good if it beats the engine's best configuration, not just its own.
 "x paired" divides by that same best configuration re-measured (--check-seconds) just before and
