@@ -40,6 +40,8 @@ class ServerThread:
         self.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class SlowEngine(Engine):

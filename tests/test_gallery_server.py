@@ -132,6 +132,7 @@ def test_kill_9_loses_no_acknowledged_entry(tiny_onnx, tmp_path):
             if " on 127.0.0.1:" in line:
                 return proc, f"127.0.0.1:{int(line.split('127.0.0.1:')[1].split()[0])}"
         proc.kill()
+        proc.stderr.close()
         raise AssertionError("server did not start")
 
     proc, target = start()
@@ -156,6 +157,7 @@ def test_kill_9_loses_no_acknowledged_entry(tiny_onnx, tmp_path):
         assert proc.returncode == -signal.SIGKILL and len(acked) > 0
     finally:
         proc.kill()
+        proc.stderr.close()
     proc, target = start()
     try:
         with GalleryClient(target) as g:
@@ -167,6 +169,7 @@ def test_kill_9_loses_no_acknowledged_entry(tiny_onnx, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        proc.stderr.close()
 
 
 def test_evaluate_through_server_agrees_with_offline(server, tiny_onnx, synthetic_root, tmp_path):

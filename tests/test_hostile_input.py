@@ -81,15 +81,18 @@ def test_gallery_rejects_bad_vectors_and_sizes(tmp_path_factory, vec, top_k):
     store.add("g", np.array([1]), np.ones((1, 8)), [EntryMetadata()])
     arr = np.asarray([vec], dtype=np.float32)
     try:
-        store.add("g", np.array([0]), arr, [EntryMetadata()])
-        assert arr.shape[1] == 8 and np.isfinite(arr).all()
-    except InvalidEntry:
-        assert arr.shape[1] != 8 or not np.isfinite(arr).all()
-    try:
-        hits = store.search("g", arr, top_k, [SearchFilter()])
-        assert top_k >= 1 and len(hits[0]) <= min(top_k, 2)
-    except InvalidEntry:
-        assert top_k < 1 or arr.shape[1] != 8 or not np.isfinite(arr).all()
+        try:
+            store.add("g", np.array([0]), arr, [EntryMetadata()])
+            assert arr.shape[1] == 8 and np.isfinite(arr).all()
+        except InvalidEntry:
+            assert arr.shape[1] != 8 or not np.isfinite(arr).all()
+        try:
+            hits = store.search("g", arr, top_k, [SearchFilter()])
+            assert top_k >= 1 and len(hits[0]) <= min(top_k, 2)
+        except InvalidEntry:
+            assert top_k < 1 or arr.shape[1] != 8 or not np.isfinite(arr).all()
+    finally:
+        store.close()
 
 
 spec_values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=8),

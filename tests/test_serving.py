@@ -525,6 +525,7 @@ def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path, event_loop):
             assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
+        proc.stderr.close()
 
 
 def test_uvloop_asked_for_but_missing_is_one_line(tiny_onnx):
