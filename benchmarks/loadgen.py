@@ -23,15 +23,17 @@ from serving.client import AsyncReidClient, build_request  # noqa: E402
 from serving.healthcheck import wait_serving  # noqa: E402
 
 
+def _jpeg(pixels: np.ndarray) -> bytes:
+    """H x W x 3 uint8 RGB as a quality-85 JPEG, the encoding every generated test image uses."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
 def crops(n: int, size=(64, 128), seed: int = 0) -> list[bytes]:
     """JPEG person-crop-sized test images."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
+    return [_jpeg(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def frame_with_boxes(n: int, size=(1920, 1080), box=(128, 256)) -> tuple[bytes, list[tuple[int, int, int, int]]]:
@@ -42,11 +44,9 @@ def frame_with_boxes(n: int, size=(1920, 1080), box=(128, 256)) -> tuple[bytes, 
     y, x = np.mgrid[0:h, 0:w]
     pixels = np.stack([x * 255 / w, y * 255 / h, (x + y) % 256], -1)
     pixels = np.clip(pixels + np.random.default_rng(0).normal(0, 3, pixels.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
     per_row = w // box[0]
     boxes = [((i % per_row) * box[0], (i // per_row % (h // box[1])) * box[1]) for i in range(n)]
-    return buf.getvalue(), [(x1, y1, x1 + box[0], y1 + box[1]) for x1, y1 in boxes]
+    return _jpeg(pixels), [(x1, y1, x1 + box[0], y1 + box[1]) for x1, y1 in boxes]
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what the server decodes
