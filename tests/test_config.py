@@ -10,7 +10,8 @@ from training.config import load_spec
 from training.config.load import build_spec, parse_override
 from training.errors import ConfigError
 
-TAO_SPEC = Path(__file__).resolve().parents[1] / "specs" / "tao_swin_tiny.yaml"
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+TAO_SPEC = SPECS / "tao_swin_tiny.yaml"
 
 
 def test_tao_example_spec_loads_verbatim(caplog):
@@ -24,6 +25,13 @@ def test_tao_example_spec_loads_verbatim(caplog):
     text = caplog.text
     assert "encryption_key is ignored" in text
     assert "model.stride_size has no effect" in text and "model.pretrain_hw_ratio has no effect" in text
+
+
+@pytest.mark.parametrize("path", sorted(SPECS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_loads(path):
+    """A spec in specs/ that no longer validates (a renamed key, a value out of range) fails here, not in a user's run."""
+    spec = load_spec(path, ["results_dir=/tmp/x"])
+    assert spec.model.backbone and spec.dataset.num_classes > 0 and spec.train.num_epochs > 0
 
 
 def test_overrides_parse_types_and_lists():
