@@ -1,6 +1,8 @@
 """Export: ONNX per backbone, dynamic batch, metadata, FP16 parity, failure paths, TensorRT (GPU only)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -80,12 +82,12 @@ def test_normalization_happens_exactly_once(swin_ckpt, synthetic_root, tmp_path)
     engine = OnnxRuntimeEngine(path)
     from serving.engines import decode_image
 
-    got = engine.embed_images([decode_image(open(r.path, "rb").read()) for r in records])
+    got = engine.embed_images([decode_image(Path(r.path).read_bytes()) for r in records])
     cos = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     assert cos.min() >= 0.9999
     # normalizing a second time outside the graph would visibly change the embedding
     engine.metadata.pixel_mean, engine.metadata.pixel_std = [0.5] * 3, [0.5] * 3
-    twice = engine.embed_images([decode_image(open(r.path, "rb").read()) for r in records])
+    twice = engine.embed_images([decode_image(Path(r.path).read_bytes()) for r in records])
     assert np.abs(twice - expected).max() > 1e-2
 
 
