@@ -5,6 +5,7 @@ import asyncio
 import gc
 import importlib.util
 import io
+import logging
 import os
 import queue
 import signal
@@ -22,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from serving.client import ReidClient, build_request
-from serving.engines import decode_image
+from serving.engines import ModelFileError, decode_image
 from serving.engines.onnxruntime import OnnxRuntimeEngine
 from serving.proto import reid_pb2, reid_pb2_grpc
 from serving.server import ServerConfig
@@ -386,6 +387,22 @@ def test_instances_need_an_engine_that_allows_concurrent_runs(engine, tmp_path, 
     assert serve_main(["--model", str(plan), "--instances", "2", "--no-gallery"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "one batch at a time" in err[0]
+
+
+def test_cuda_that_cannot_start_is_refused_not_run_on_the_cpu(tiny_onnx, monkeypatch, caplog):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider; the test needs one that lacks it")
+    with pytest.raises(ModelFileError, match="no CUDA provider"):
+        OnnxRuntimeEngine(tiny_onnx, device="cuda")
+    # Listed but unable to start (onnxruntime-gpu without its CUDA libraries): the session falls back to the CPU.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ModelFileError, match="CUDA provider did not start"):
+        OnnxRuntimeEngine(tiny_onnx, device="cuda")
+    with caplog.at_level(logging.WARNING, logger="serving.engines.onnxruntime"):
+        engine = OnnxRuntimeEngine(tiny_onnx, device="auto")
+    assert engine.providers == ["CPUExecutionProvider"] and "CUDA provider did not start" in caplog.text
 
 
 def test_onnxruntime_on_cpu_picks_two_instances_sharing_the_cores(tiny_onnx):

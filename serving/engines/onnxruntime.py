@@ -1,12 +1,15 @@
 """ONNX Runtime engine: CUDA execution provider when available, else CPU."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from serving.engines.base import Engine, ModelFileError, ModelMetadata
+
+log = logging.getLogger(__name__)
 
 
 def metadata_from_graph(session, fallback: ModelMetadata | None) -> ModelMetadata:
@@ -67,6 +70,13 @@ class OnnxRuntimeEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFileError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
         self.providers = self.session.get_providers()
+        if providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in self.providers:
+            # ONNX Runtime falls back to the CPU when the CUDA provider cannot start (a missing CUDA or
+            # cuDNN library): a user who asked for the GPU must hear it, not get CPU speed silently.
+            if device == "cuda":
+                raise ModelFileError("device cuda asked for, but ONNX Runtime's CUDA provider did not start "
+                                     "(CUDA or cuDNN libraries missing? ONNX Runtime's own log above says which)")
+            log.warning("ONNX Runtime's CUDA provider did not start; %s runs on the CPU", path.name)
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ModelMetadata.from_props(props) or metadata_from_graph(self.session, fallback)
         self.metadata.input_name = self.session.get_inputs()[0].name
