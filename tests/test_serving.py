@@ -389,6 +389,7 @@ def test_instances_need_an_engine_that_allows_concurrent_runs(engine, tmp_path, 
     assert len(err) == 1 and "one batch at a time" in err[0]
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")  # the fallback faked here
 def test_cuda_that_cannot_start_is_refused_not_run_on_the_cpu(tiny_onnx, monkeypatch, caplog):
     import onnxruntime as ort
 
