@@ -406,6 +406,38 @@ def test_cuda_that_cannot_start_is_refused_not_run_on_the_cpu(tiny_onnx, monkeyp
     assert engine.providers == ["CPUExecutionProvider"] and "CUDA provider did not start" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")  # the fallback faked here
+def test_cuda_libraries_from_pip_are_preloaded_and_their_failures_reported(tiny_onnx, monkeypatch, caplog):
+    """onnxruntime-gpu's CUDA and cuDNN pip packages are off the loader's path: the engine loads them
+    (onnxruntime.preload_dlls) before a CUDA session, and what failed to load reaches the user."""
+    import onnxruntime as ort
+
+    from serving.engines.onnxruntime import preload_cuda_libraries
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider; the test fakes one that cannot start")
+    calls = []
+
+    def fake_preload():
+        calls.append(1)
+        print("Failed to load libcublasLt.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(ort, "preload_dlls", fake_preload)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    preload_cuda_libraries.cache_clear()
+    try:
+        OnnxRuntimeEngine(tiny_onnx, device="cpu")
+        assert calls == []  # a CPU session loads no CUDA library
+        with pytest.raises(ModelFileError, match="libcublasLt.so.13: cannot open"):
+            OnnxRuntimeEngine(tiny_onnx, device="cuda")
+        with caplog.at_level(logging.WARNING, logger="serving.engines.onnxruntime"):
+            OnnxRuntimeEngine(tiny_onnx, device="auto")
+        assert "libcublasLt.so.13" in caplog.text
+        assert calls == [1]  # loaded once per process
+    finally:
+        preload_cuda_libraries.cache_clear()
+
+
 def test_onnxruntime_on_cpu_picks_two_instances_sharing_the_cores(tiny_onnx):
     cores = len(os.sched_getaffinity(0))
     auto = OnnxRuntimeEngine(tiny_onnx, device="cpu", instances=0)

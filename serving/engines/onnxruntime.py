@@ -1,6 +1,9 @@
 """ONNX Runtime engine: CUDA execution provider when available, else CPU."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import os
 from pathlib import Path
@@ -33,6 +36,34 @@ def metadata_from_graph(session, fallback: ModelMetadata | None) -> ModelMetadat
     )
 
 
+@functools.cache
+def preload_cuda_libraries() -> str:
+    """Load the CUDA and cuDNN libraries of the ``nvidia-*`` pip packages before a CUDA session starts.
+
+    ``pip install "onnxruntime-gpu[cuda,cudnn]"`` puts them in site-packages, where the dynamic loader
+    does not look, so without this the CUDA provider fails on ``libcublasLt.so.13`` unless
+    LD_LIBRARY_PATH names every ``nvidia/*/lib`` folder. ``onnxruntime.preload_dlls`` (1.21+) loads
+    them by path, then falls back to the default search (system CUDA, as in NVIDIA's containers);
+    on a CPU-only build it does nothing. It reports failures with ``print``: returned here, to be
+    logged and shown if the provider then fails to start.
+    """
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return ""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            preload()
+        except Exception as exc:  # a broken install must not stop a CPU fallback
+            print(f"preload_dlls failed: {exc}")
+    report = " ".join(out.getvalue().split())
+    if report:
+        log.debug("onnxruntime.preload_dlls: %s", report)
+    return report
+
+
 class OnnxRuntimeEngine(Engine):
     """ONNX Runtime session, sized for ``instances`` concurrent runs: the CPU cores are divided among them.
 
@@ -55,8 +86,10 @@ class OnnxRuntimeEngine(Engine):
             raise ValueError("instances and intra-op threads must not be negative (0 = automatic)")
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
+        preload_report = ""
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
             providers.insert(0, "CUDAExecutionProvider")
+            preload_report = preload_cuda_libraries()
         elif device == "cuda":
             raise ModelFileError("device cuda asked for, but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
         on_cpu = providers == ["CPUExecutionProvider"]
@@ -72,11 +105,12 @@ class OnnxRuntimeEngine(Engine):
         self.providers = self.session.get_providers()
         if providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in self.providers:
             # ONNX Runtime falls back to the CPU when the CUDA provider cannot start (a missing CUDA or
-            # cuDNN library): a user who asked for the GPU must hear it, not get CPU speed silently.
+            # cuDNN library, or no GPU driver): a user who asked for the GPU must hear it, not get CPU speed silently.
+            hint = f"; loading the CUDA libraries said: {preload_report}" if preload_report else ""
             if device == "cuda":
                 raise ModelFileError("device cuda asked for, but ONNX Runtime's CUDA provider did not start "
-                                     "(CUDA or cuDNN libraries missing? ONNX Runtime's own log above says which)")
-            log.warning("ONNX Runtime's CUDA provider did not start; %s runs on the CPU", path.name)
+                                     f"(ONNX Runtime's own log above names the missing library{hint})")
+            log.warning("ONNX Runtime's CUDA provider did not start; %s runs on the CPU%s", path.name, hint)
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ModelMetadata.from_props(props) or metadata_from_graph(self.session, fallback)
         self.metadata.input_name = self.session.get_inputs()[0].name
