@@ -1,7 +1,9 @@
 """Mixed-precision ONNX -> TensorRT engine (GPU machines only; imported lazily).
 
 UNVERIFIED: written against the TensorRT 10.x/11.x Python API and cuda-python, but never run by us
-(the development machines have no GPU and the lent GPU machine has no TensorRT).
+(the development machines have no GPU and the lent GPU machine has no TensorRT). Every TensorRT
+name used here appears in TensorRT 11.4's Python bindings (tensorrt_cu13_bindings 11.4.0.106,
+inspected without its libraries, which PyPI does not carry).
 
 The network is strongly typed (explicit flag on 10.x, the only mode on 11.x), so precision comes
 from the ONNX graph (see ``export.fp16``). One optimization profile covers min/opt/max batch; a
@@ -53,7 +55,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, min_batch: int 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # required on 10.x, ignored on 11.x
+    if int(trt.__version__.split(".")[0]) < 11:  # 11.x is always strongly typed and deprecates the flag
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

@@ -604,3 +604,20 @@ def test_committed_stubs_are_current(tmp_path):
 
     for path in generate(tmp_path):
         assert path.read_text() == (ROOT / "serving" / "proto" / path.name).read_text(), f"{path.name} is stale: run scripts/gen_protos.py"
+
+
+def test_cuda_python_results_unwrap_or_name_their_error():
+    """cuda-python answers ``(error, value...)``; on a machine without a driver every call gave
+    ``(cudaErrorInsufficientDriver, None)``, which must surface by name, not as a None buffer."""
+    import enum
+
+    from serving.engines.tensorrt import _check
+
+    class cudaError_t(enum.IntEnum):  # the shape of cuda.bindings.runtime.cudaError_t
+        cudaSuccess = 0
+        cudaErrorInsufficientDriver = 35
+
+    assert _check((cudaError_t.cudaSuccess, 7)) == 7
+    assert _check((cudaError_t.cudaSuccess, 1, 2)) == [1, 2]
+    with pytest.raises(RuntimeError, match=r"CUDA error 35 \(cudaErrorInsufficientDriver\)"):
+        _check((cudaError_t.cudaErrorInsufficientDriver, None))

@@ -2,7 +2,9 @@
 
 UNVERIFIED: written against TensorRT 10.x/11.x (``execute_async_v3``, named I/O tensors) and
 cuda-python's runtime bindings, but never run by us: the development machines have no GPU and
-the lent GPU machine has no TensorRT. Tests for it are marked GPU-only and skip elsewhere.
+the lent GPU machine has no TensorRT. Tests for it are marked GPU-only and skip elsewhere. The
+names it uses exist in TensorRT 11.4's bindings and cuda-python 13.4, and the cuda-python calls
+were run on a CPU machine, where each returned ``(cudaErrorInsufficientDriver, None)``.
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ def cuda_runtime():
 
 
 def _check(result):
+    """cuda-python returns ``(error, value...)``; the value, or RuntimeError naming the error."""
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise RuntimeError(f"CUDA error {err}")
+        name = getattr(err, "name", str(err))
+        raise RuntimeError(f"CUDA error {int(err)} ({name})")
     return rest[0] if len(rest) == 1 else rest
 
 
@@ -74,7 +78,7 @@ class TensorRTEngine(Engine):
         self.h_in[: batch.size] = batch.ravel()
         self.context.set_input_shape(self.input_name, tuple(batch.shape))
         _check(cu.cudaMemcpyAsync(self.d_in, self.h_in_ptr, batch.nbytes, cu.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(int(self.stream)):  # TensorRT takes the stream as an integer handle
             raise RuntimeError("TensorRT execution failed")
         out_bytes = n * md.embedding_dim * 4
         _check(cu.cudaMemcpyAsync(self.h_out_ptr, self.d_out, out_bytes, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
