@@ -173,3 +173,75 @@ def test_hnsw_recall_against_flat(store):
     approx = store.search("hnsw", queries, 10, [])
     recall = np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(approx, exact)])
     assert recall >= 0.9
+
+
+class _GpuFlatLikeFaiss:
+    """What a FAISS GPU flat index offers a caller: add and search only, at most GPU_MAX_K neighbours.
+    Real GPU indexes ignore an IDSelector in search parameters and raise on remove_ids; this one
+    refuses both, so any use of them fails the test instead of silently returning filtered-out rows."""
+
+    def __init__(self, index):
+        self.index, self.searches = index, 0
+
+    def add(self, x):
+        self.index.add(x)
+
+    def search(self, x, k, params=None):
+        from retrieval.gallery.faiss_store import GPU_MAX_K
+
+        assert params is None and k <= GPU_MAX_K, "a GPU index takes neither selectors nor k above GPU_MAX_K"
+        self.searches += 1
+        return self.index.search(x, k)
+
+
+def test_faiss_gpu_copy_answers_unfiltered_searches_only_and_survives_removals(tmp_path, monkeypatch):
+    import faiss
+
+    copies = []
+
+    def to_gpu(index):
+        copies.append(_GpuFlatLikeFaiss(index))
+        return copies[-1]
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpu)
+    store = FaissGalleryStore(tmp_path, snapshot_every=10_000)
+    store.create("g", 16)
+    assert store.info("g").device == "cuda"
+    vecs, meta = _data()
+    ids = store.add("g", np.zeros(len(vecs), dtype=np.int64), vecs, meta)
+    queries = np.random.default_rng(9).normal(size=(5, 16)).astype(np.float32)
+    sims = l2_normalize(queries) @ l2_normalize(vecs).T
+
+    def expect(q_sims, alive, k):
+        order = [r for r in np.argsort(-q_sims, kind="stable") if alive[r]]
+        return ids[order[:k]].tolist()
+
+    alive = np.ones(len(vecs), dtype=bool)
+    assert [[h.id for h in row] for row in store.search("g", queries, 10, [])] == [expect(s, alive, 10) for s in sims]
+    assert copies[-1].searches == 1
+    filtered = store.search("g", queries, 10, [SearchFilter(exclude_camera_id="c0")] * 5)  # on the CPU index
+    assert copies[-1].searches == 1 and all(h.metadata.camera_id != "c0" for row in filtered for h in row)
+    # Remove each query's best hits: the copy keeps them but must never return them.
+    gone = np.unique([expect(s, alive, 3) for s in sims])
+    assert store.remove("g", gone)[0] == len(gone)
+    alive[np.isin(ids, gone)] = False
+    assert [[h.id for h in row] for row in store.search("g", queries, 10, [])] == [expect(s, alive, 10) for s in sims]
+    assert copies[-1].searches == 2
+    # Replacing an entry is a removal and an add: the new vector is found where it now belongs.
+    target = int(ids[alive][0])
+    store.add("g", np.array([target]), queries[:1], meta[:1], replace=True)
+    assert store.search("g", queries[:1], 1, [])[0][0].id == target
+    # A snapshot rebuilds the copy without the dead rows; a restart rebuilds it from disk.
+    store.snapshot("g")
+    assert len(copies) == 2 and copies[-1].index.ntotal == store.info("g").size
+    store.close()
+    reopened = FaissGalleryStore(tmp_path)
+    assert reopened.info("g").device == "cuda" and store.info("g").size == reopened.info("g").size
+    assert reopened.search("g", queries[:1], 1, [])[0][0].id == target
+    # k beyond what a GPU index returns goes to the CPU index.
+    monkeypatch.setattr("retrieval.gallery.faiss_store.GPU_MAX_K", 20)
+    before = copies[-1].searches
+    hits = reopened.search("g", queries[:1], 30, [])[0]
+    assert copies[-1].searches == before and len(hits) == 30 and hits[0].id == target
+    reopened.close()

@@ -28,6 +28,9 @@ from retrieval.gallery.pool_rerank import pool_rerank
 
 log = logging.getLogger(__name__)
 HNSW_M = 32
+# FAISS GPU indexes return at most this many neighbours per query (GPU_MAX_SELECTION_K: 1024 in
+# older builds, 2048 in newer ones; the lower bound holds for both).
+GPU_MAX_K = 1024
 
 
 def _storage(exc: OSError, what: str) -> StorageError:
@@ -74,7 +77,7 @@ class _Gallery:
         self._times = _Column(np.float64)
         self.row: dict[int, int] = {}
         self.changes_since_snapshot = 0
-        self.device = "cpu"
+        self._gpu = None  # flat galleries: a GPU copy of every row, dead ones included (see _rebuild_index)
         self.wal = WriteAheadLog(directory / "wal.log")
         self._load()
 
@@ -163,6 +166,8 @@ class _Gallery:
         self._append_rows(ids, vectors, meta)
         if hasattr(self, "index"):
             self.index.add_with_ids(vectors, ids)
+        if self._gpu is not None:
+            self._gpu.add(vectors)  # rows keep their positions: the copy stays aligned with self.ids
 
     def _apply_remove(self, ids) -> None:
         present = [i for i in ids.tolist() if i in self.row]
@@ -172,7 +177,8 @@ class _Gallery:
             self.alive[self.row.pop(i)] = False
         if hasattr(self, "index") and self.index_type == "flat":
             self.index.remove_ids(np.asarray(present, dtype=np.int64))
-        # HNSW cannot delete: dead rows are filtered out at search time and dropped at the next snapshot
+        # HNSW and the GPU copy cannot delete: dead rows are filtered out at search time and dropped
+        # at the next snapshot
 
     def _compact(self) -> None:
         keep = self.alive.copy()
@@ -183,20 +189,47 @@ class _Gallery:
         self._rebuild_index()
 
     def _rebuild_index(self) -> None:
+        """The CPU index over live rows and, for flat galleries on a machine with GPUs, a GPU copy.
+
+        The CPU index answers filtered searches and removals. FAISS GPU indexes can do neither:
+        they ignore an IDSelector in the search parameters (faiss issues 3114, 3924) and do not
+        implement remove_ids (faiss issue 584). So the GPU copy holds every row in row order and
+        answers unfiltered searches only, over-fetching by the dead rows it still holds and
+        dropping them; it is rebuilt without them at the next snapshot.
+        """
         f = self.faiss
         if self.index_type == "hnsw":
             inner = f.IndexHNSWFlat(self.dim, HNSW_M, f.METRIC_INNER_PRODUCT)
             inner.hnsw.efConstruction = 80
         else:
             inner = f.IndexFlatIP(self.dim)
-            if f.get_num_gpus() > 0:  # index_cpu_to_all_gpus returns an empty replica set without GPUs
-                inner = f.index_cpu_to_all_gpus(inner)
-                self.device = "cuda"
         self._inner = inner
         self.index = f.IndexIDMap2(inner)
         live = self.alive
         if live.any():
             self.index.add_with_ids(self.vectors[live], self.ids[live])
+        self._gpu = None
+        if self.index_type == "flat" and f.get_num_gpus() > 0:  # without GPUs the copy would be an empty replica set
+            self._gpu = f.index_cpu_to_all_gpus(f.IndexFlatIP(self.dim))
+            if len(self.ids):
+                self._gpu.add(self.vectors)
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self._gpu is None else "cuda"
+
+    def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Unfiltered top-k from the GPU copy with its dead rows dropped; None when it cannot answer."""
+        dead = len(self.ids) - int(self.alive.sum())
+        fetch = min(k + dead, len(self.ids))
+        if self._gpu is None or fetch > GPU_MAX_K:
+            return None
+        scores, rows = self._gpu.search(queries, fetch)
+        keep = rows >= 0
+        keep[keep] = self.alive[rows[keep]]
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the live ones first, in score order
+        scores, rows, keep = (np.take_along_axis(a, order, axis=1) for a in (scores, rows, keep))
+        return np.where(keep, scores, -np.inf).astype(np.float32), np.where(keep, self.ids[np.where(keep, rows, 0)], -1)
 
     # ---- operations ----------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray, meta: list[EntryMetadata], replace: bool) -> np.ndarray:
@@ -257,6 +290,10 @@ class _Gallery:
             groups.setdefault(flt.key(), []).append(i)
         for rows in groups.values():
             flt = filters[rows[0]]
+            found = self._search_gpu(queries[rows], k) if flt.is_empty() else None
+            if found is not None:
+                scores[rows], ids[rows] = found
+                continue
             params = None
             if not flt.is_empty() or not self.alive.all():
                 allowed = self.ids[self._allowed(flt)]
