@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,10 +124,18 @@ class ReidServer:
         return self.port
 
     async def _warm_up(self) -> None:
-        """Run the engine once at the largest batch so the first caller does not pay for allocation."""
+        """Run the engine at the largest batch so the first caller does not pay for allocation, and on
+        a GPU at every batch size the batcher can form, as each new size costs a first slow run there."""
         md = self.engine.metadata
-        batch = np.zeros((self.batcher.max_batch_size, md.input_height, md.input_width, 3), dtype=np.uint8)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.run_pixels, batch)
+        largest = self.batcher.max_batch_size
+        sizes = range(1, largest + 1) if self.engine.warm_each_batch_size else [largest]
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        for n in sizes:
+            batch = np.zeros((n, md.input_height, md.input_width, 3), dtype=np.uint8)
+            await loop.run_in_executor(None, self.engine.run_pixels, batch)
+        log.info("engine warmed at batch size%s %s in %.1f s", "s" if len(sizes) > 1 else "",
+                 f"1-{largest}" if len(sizes) > 1 else largest, time.perf_counter() - start)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, finish in-flight ones, stop (a second call returns at once)."""

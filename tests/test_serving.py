@@ -404,6 +404,7 @@ def test_cuda_that_cannot_start_is_refused_not_run_on_the_cpu(tiny_onnx, monkeyp
     with caplog.at_level(logging.WARNING, logger="serving.engines.onnxruntime"):
         engine = OnnxRuntimeEngine(tiny_onnx, device="auto")
     assert engine.providers == ["CPUExecutionProvider"] and "CUDA provider did not start" in caplog.text
+    assert not engine.warm_each_batch_size  # on the CPU one warm-up run at the largest batch is enough
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")  # the fallback faked here
@@ -621,3 +622,14 @@ def test_cuda_python_results_unwrap_or_name_their_error():
     assert _check((cudaError_t.cudaSuccess, 1, 2)) == [1, 2]
     with pytest.raises(RuntimeError, match=r"CUDA error 35 \(cudaErrorInsufficientDriver\)"):
         _check((cudaError_t.cudaErrorInsufficientDriver, None))
+
+
+@pytest.mark.parametrize("each_size", [False, True])
+def test_warm_up_runs_every_batch_size_where_the_engine_tunes_per_shape(engine, each_size):
+    """A GPU runtime's first run at a new batch size is slow (kernel selection): such an engine is
+    run at every size the batcher can form before SERVING; a CPU engine once, at the largest."""
+    slow = SlowEngine(engine, delay=0.0)
+    slow.warm_each_batch_size = each_size
+    with ServerThread(slow, ServerConfig(port=0, max_batch_size=5)):
+        warm_calls = list(slow.calls)
+    assert warm_calls == ([1, 2, 3, 4, 5] if each_size else [5])

@@ -200,6 +200,9 @@ class Engine(abc.ABC):
     thread_safe_run: bool = False
     # Batches to keep in flight to use the hardware well; the server's default instance count.
     instances: int = 1
+    # True where the first run at each batch size is slow (GPU runtimes pick kernels per shape):
+    # the server then runs every batch size once before it reports SERVING.
+    warm_each_batch_size: bool = False
 
     @abc.abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:

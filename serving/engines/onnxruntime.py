@@ -85,14 +85,19 @@ class OnnxRuntimeEngine(Engine):
         if instances < 0 or intra_op_threads < 0:
             raise ValueError("instances and intra-op threads must not be negative (0 = automatic)")
         available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         preload_report = ""
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-            providers.insert(0, "CUDAExecutionProvider")
+            # cuDNN's exhaustive algorithm search (the default) benchmarks every convolution at each
+            # new input shape, 0.3-1.3 s per shape (PaddleX PR 5057, onnxruntime issue 6978), and the
+            # batcher makes every batch size from 1 to the maximum; the heuristic pick costs
+            # milliseconds and ran as fast in that measurement.
+            providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
             preload_report = preload_cuda_libraries()
         elif device == "cuda":
             raise ModelFileError("device cuda asked for, but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
-        on_cpu = providers == ["CPUExecutionProvider"]
+        wants_cuda = len(providers) > 1
+        on_cpu = not wants_cuda
         cores = len(os.sched_getaffinity(0))
         self.instances = instances or (min(2, cores) if on_cpu else 1)
         options = ort.SessionOptions()
@@ -103,7 +108,8 @@ class OnnxRuntimeEngine(Engine):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFileError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
         self.providers = self.session.get_providers()
-        if providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in self.providers:
+        self.warm_each_batch_size = self.providers[0] == "CUDAExecutionProvider"
+        if wants_cuda and "CUDAExecutionProvider" not in self.providers:
             # ONNX Runtime falls back to the CPU when the CUDA provider cannot start (a missing CUDA or
             # cuDNN library, or no GPU driver): a user who asked for the GPU must hear it, not get CPU speed silently.
             hint = f"; loading the CUDA libraries said: {preload_report}" if preload_report else ""

@@ -37,6 +37,7 @@ def _check(result):
 
 class TensorRTEngine(Engine):
     name = "tensorrt"
+    warm_each_batch_size = True  # a new input shape makes TensorRT re-plan the context
 
     def __init__(self, path: str | Path):
         import tensorrt as trt
