@@ -77,6 +77,11 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(trained, tmp_path, capsys, sy
         ([f"evaluate.checkpoint={ckpt}", f"evaluate.query_dataset={empty}"], "no Market-1501-named images"),
         ([f"evaluate.checkpoint={bad_emb}"], "mismatched lengths"),
         ([], "evaluate.checkpoint is required"),
+        # Neither evaluate.query_dataset nor the spec's folder: say which key, not "folder . holds no images".
+        ([f"evaluate.checkpoint={ckpt}", 'dataset.query_dataset_dir=""'], "set evaluate.query_dataset (or dataset.query_dataset_dir"),
+        ([f"evaluate.checkpoint={ckpt}", 'dataset.test_dataset_dir=""'], "set evaluate.test_dataset (or dataset.test_dataset_dir"),
+        # The model is checked before any folder is read.
+        ([f"evaluate.checkpoint={tmp_path / 'absent.onnx'}", 'dataset.query_dataset_dir=""'], "evaluate.checkpoint="),
     ]
     for extra, message in cases:
         code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", *extra)
@@ -84,6 +89,26 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(trained, tmp_path, capsys, sy
         lines = err.strip().splitlines()
         assert message in lines[-1] and lines[-1].startswith("reid evaluate: error:"), err
         assert "Traceback" not in err
+    for extra, message in [([f"inference.checkpoint={tmp_path / 'absent.pth'}"], "inference.checkpoint="),
+                           ([f"inference.checkpoint={ckpt}", 'dataset.query_dataset_dir=""'], "set inference.query_dataset")]:
+        code, _, err = _run(capsys, "inference", *overrides, f"results_dir={tmp_path}", *extra)
+        assert code == 2 and message in err.strip().splitlines()[-1], (extra, err)
+
+
+def test_training_checks_its_folders_before_the_first_epoch(tmp_path, capsys, synthetic_root):
+    """A validation folder that is missing would otherwise stop the run at its first validation,
+    after the epochs before it; an unset training folder would read the working directory."""
+    cases = [
+        ({"train.validation_interval": 2, "dataset.query_dataset_dir": tmp_path / "nope"}, "does not exist"),
+        ({"train.validation_interval": 2, "dataset.test_dataset_dir": '""'},
+         "set dataset.test_dataset_dir (train.validation_interval=2 evaluates on it)"),
+        ({"dataset.train_dataset_dir": '""'}, "set dataset.train_dataset_dir"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        results = tmp_path / f"r{i}"
+        code, _, err = _run(capsys, "train", *quick_overrides(synthetic_root, results, **extra))
+        assert code == 2 and message in err.strip().splitlines()[-1], (extra, err)
+        assert not (results / "train" / "metrics.jsonl").exists()  # no epoch ran
 
 
 def test_corrupt_training_image_is_one_line(tmp_path, capsys, synthetic_root):

@@ -21,7 +21,7 @@ from retrieval.distance import cosine_distance
 from retrieval.metrics import evaluate_rank
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ExperimentSpec, spec_to_dict
-from training.data.market1501 import load_gallery, load_query, load_train, protocol_ids
+from training.data.market1501 import ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.transforms import ImageDataset, build_train_transform
 from training.embed import embed_records
@@ -42,10 +42,18 @@ def _is_main(rank: int) -> bool:
     return rank == 0
 
 
-def validate(model, spec: ExperimentSpec, device: torch.device) -> dict:
-    """mAP and rank-1 of ``model`` on the spec's query/test folders (cosine distance)."""
+def validation_split(spec: ExperimentSpec) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """The query and gallery records validation runs on, read when training starts so that a missing
+    or misnamed folder stops the run then, not after the epochs before the first validation."""
+    d, why = spec.dataset, f" (train.validation_interval={spec.train.validation_interval} evaluates on it)"
+    return (load_query(require_folder(d.query_dataset_dir, "dataset.query_dataset_dir" + why)),
+            load_gallery(require_folder(d.test_dataset_dir, "dataset.test_dataset_dir" + why)))
+
+
+def validate(model, spec: ExperimentSpec, device: torch.device, query: list[ImageRecord],
+             gallery: list[ImageRecord]) -> dict:
+    """mAP and rank-1 of ``model`` on the validation query/gallery records (cosine distance)."""
     d = spec.dataset
-    query, gallery = load_query(d.query_dataset_dir), load_gallery(d.test_dataset_dir)
     qf = embed_records(model, query, device, d.val_batch_size, d.num_workers)
     gf = embed_records(model, gallery, device, d.val_batch_size, d.num_workers)
     cmc, m_ap = evaluate_rank(cosine_distance(qf, gf), *protocol_ids(query, gallery))
@@ -77,7 +85,9 @@ class Trainer:
         self.spec, self.device, self.rank, self.world_size = spec, device, rank, world_size
         self.out_dir = Path(spec.results_dir) / "train"
         torch.manual_seed(spec.train.seed)
-        self.records = load_train(spec.dataset.train_dataset_dir, spec.dataset.num_classes)
+        self.records = load_train(require_folder(spec.dataset.train_dataset_dir, "dataset.train_dataset_dir"),
+                                  spec.dataset.num_classes)
+        self.val_split = validation_split(spec) if spec.train.validation_interval else None
         self.model_args = model_args_from_spec(spec)
         self.model = build_model(self.model_args).to(device)
         m = spec.model
@@ -190,7 +200,7 @@ class Trainer:
                            images_per_s=n_images / (time.perf_counter() - start), seconds=time.perf_counter() - start)
             if t.validation_interval and (epoch + 1) % t.validation_interval == 0:
                 if main:
-                    metrics.update(validate(self.model, spec, self.device))
+                    metrics.update(validate(self.model, spec, self.device, *self.val_split))
                 if self.world_size > 1:
                     dist.barrier()
             if main:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
 from retrieval.rerank import k_reciprocal_rerank
-from training.data.market1501 import load_gallery, load_query, protocol_ids
+from training.data.market1501 import load_gallery, load_query, protocol_ids, require_folder
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
 from training.plots import plot_cmc, plot_matches
@@ -113,8 +113,12 @@ def run_evaluate(spec) -> dict:
     if not e.checkpoint and not e.server:
         raise ConfigError("evaluate.checkpoint is required (a .pth checkpoint, .onnx, .engine or embeddings file), "
                           "or evaluate.server to evaluate through a running server")
-    query = load_query(e.query_dataset or spec.dataset.query_dataset_dir)
-    gallery = load_gallery(e.test_dataset or spec.dataset.test_dataset_dir)
+    if e.checkpoint and not e.server and not Path(e.checkpoint).exists():
+        raise ConfigError(f"evaluate.checkpoint={e.checkpoint} does not exist")
+    query = load_query(require_folder(e.query_dataset or spec.dataset.query_dataset_dir,
+                                      "evaluate.query_dataset (or dataset.query_dataset_dir in the spec)"))
+    gallery = load_gallery(require_folder(e.test_dataset or spec.dataset.test_dataset_dir,
+                                          "evaluate.test_dataset (or dataset.test_dataset_dir in the spec)"))
     if e.server:
         source = f"server {e.server}"
         log.info("evaluating through %s on %d query and %d gallery images", e.server, len(query), len(gallery))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.errors import DataError
+from training.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _NAME = re.compile(r"^(-?\d+)_c(\d+)")
@@ -32,6 +32,14 @@ def parse_name(name: str) -> tuple[int, int]:
     if not match:
         raise DataError(f"{name}: file name does not follow the Market-1501 pattern PPPP_cC...")
     return int(match.group(1)), int(match.group(2))
+
+
+def require_folder(folder: str, keys: str) -> str:
+    """``folder``, or a ConfigError naming the spec keys that set it: an empty path would otherwise
+    read the working directory and fail there with a message about file names."""
+    if not folder:
+        raise ConfigError(f"no dataset folder given: set {keys}")
+    return folder
 
 
 def list_split(folder: str | Path, keep_distractors: bool) -> list[ImageRecord]:
