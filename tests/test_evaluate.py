@@ -109,6 +109,12 @@ def test_training_checks_its_folders_before_the_first_epoch(tmp_path, capsys, sy
         code, _, err = _run(capsys, "train", *quick_overrides(synthetic_root, results, **extra))
         assert code == 2 and message in err.strip().splitlines()[-1], (extra, err)
         assert not (results / "train" / "metrics.jsonl").exists()  # no epoch ran
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, _, err = _run(capsys, "train", *quick_overrides(synthetic_root, blocker / "results"))
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("reid train: error: ") and "Not a directory" in last, err
+    assert "Traceback" not in err
 
 
 def test_corrupt_training_image_is_one_line(tmp_path, capsys, synthetic_root):

@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     except ReidError as exc:
         print(f"reid {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # results_dir not writable, disk full, ...: the path and the reason, not a traceback
+        log.debug("%s failed", args.command, exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"reid {args.command}: error: {where}{exc.strerror or exc} (-v shows where)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"reid {args.command}: interrupted", file=sys.stderr)
         return 130
