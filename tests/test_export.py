@@ -132,6 +132,14 @@ def test_engine_without_gpu_is_one_line_and_keeps_onnx(swin_ckpt, tmp_path, caps
     assert (tmp_path / "m.onnx").is_file() and not (tmp_path / "m.engine").exists()
 
 
+def test_unwritable_output_is_one_line(swin_ckpt, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(blocker / "m.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"reid-export: error: {blocker}"), err
+
+
 def test_tao_form_writes_onnx_next_to_checkpoint(swin_ckpt, synthetic_root, tmp_path, capsys):
     from training.cli import main
 
