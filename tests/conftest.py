@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic Market-1501-layout set and a quick spec for it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,36 @@ from training.data.synthetic import make_synthetic
 torch.set_num_threads(2)
 
 TINY_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
+# Opt-in: a Milvus server (http://host:19530) for the Milvus tests instead of Milvus Lite. It must hold
+# no galleries: the tests create and drop their own.
+MILVUS_URI = os.environ.get("REID_MILVUS_URI", "")
+
+
+def open_milvus_store(tmp_path: Path):
+    """A MilvusGalleryStore on Milvus Lite in ``tmp_path``, or on the server in REID_MILVUS_URI."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    from retrieval.gallery.milvus_store import MilvusGalleryStore
+
+    if not MILVUS_URI:
+        return MilvusGalleryStore(str(tmp_path / "milvus.db"))
+    store = MilvusGalleryStore(MILVUS_URI)
+    held = [g.name for g in store.list()]
+    if held:
+        store.close()
+        pytest.skip(f"REID_MILVUS_URI={MILVUS_URI} holds galleries {held[:5]}; the tests need a server without any")
+    return store
+
+
+def drop_test_galleries(store) -> None:
+    """On the server in REID_MILVUS_URI, drop every gallery the test made (it held none before)."""
+    if MILVUS_URI:
+        for info in store.list():
+            store.drop(info.name)
+
+
+def close_milvus_store(store) -> None:
+    drop_test_galleries(store)
+    store.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from retrieval.gallery import (
     SearchFilter,
 )
 from retrieval.rerank import k_reciprocal_rerank
+from tests.conftest import close_milvus_store, open_milvus_store
 
 BACKENDS = ["faiss", "milvus"]
 
@@ -19,13 +20,12 @@ BACKENDS = ["faiss", "milvus"]
 def store(request, tmp_path):
     if request.param == "faiss":
         s = FaissGalleryStore(tmp_path / "faiss")
+        yield s
+        s.close()
     else:
-        pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
-        from retrieval.gallery.milvus_store import MilvusGalleryStore
-
-        s = MilvusGalleryStore(str(tmp_path / "milvus.db"))
-    yield s
-    s.close()
+        s = open_milvus_store(tmp_path)  # Milvus Lite, or the server in REID_MILVUS_URI
+        yield s
+        close_milvus_store(s)
 
 
 def _data(n=200, dim=16, seed=0):

@@ -21,7 +21,7 @@ from serving.client import GalleryClient, metadata_message
 from serving.engines.onnxruntime import OnnxRuntimeEngine
 from serving.proto import reid_pb2
 from serving.server import ServerConfig
-from tests.conftest import quick_overrides
+from tests.conftest import MILVUS_URI, drop_test_galleries, open_milvus_store, quick_overrides
 from tests.serving_support import ServerThread
 from training.cli import main as reid_main
 
@@ -30,17 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(params=["faiss", "milvus"])
 def server(request, tiny_onnx, tmp_path):
-    if request.param == "faiss":
-        store = FaissGalleryStore(tmp_path / "galleries")
-    else:
-        pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
-        from retrieval.gallery.milvus_store import MilvusGalleryStore
-
-        store = MilvusGalleryStore(str(tmp_path / "milvus.db"))
+    store = FaissGalleryStore(tmp_path / "galleries") if request.param == "faiss" else open_milvus_store(tmp_path)
     thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0))
-    thread.server.store = store
+    thread.server.store = store  # the server closes it when it stops
     with thread as s:
-        yield s
+        try:
+            yield s
+        finally:
+            if request.param == "milvus":
+                drop_test_galleries(store)  # on a shared server (REID_MILVUS_URI): what the test made
 
 
 def test_round_trip_filters_and_errors(server):
@@ -230,3 +228,28 @@ def test_second_server_on_one_milvus_lite_file_is_refused_clearly(tiny_onnx, tmp
         assert result.stderr.strip().splitlines()[-1].startswith("reid-serve: error: cannot connect to Milvus at")
     finally:
         first.close()
+
+
+@pytest.mark.skipif(not MILVUS_URI, reason="needs a Milvus server: set REID_MILVUS_URI=http://host:19530 (one without galleries)")
+def test_two_replicas_share_a_gallery_on_a_milvus_server(tiny_onnx, tmp_path):
+    """What a Milvus server is for: what one replica writes, the other reads and can remove at once."""
+    rng = np.random.default_rng(4)
+    vecs = rng.normal(size=(30, 32)).astype(np.float32)
+    stores = [open_milvus_store(tmp_path) for _ in range(2)]
+    threads = [ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0)) for _ in range(2)]
+    for thread, store in zip(threads, stores):
+        thread.server.store = store
+    with threads[0] as a, threads[1] as b, GalleryClient(a.target) as ga, GalleryClient(b.target) as gb:
+        try:
+            ga.create("shared")
+            ids = ga.add("shared", embeddings=vecs, metadata=[metadata_message(str(i), f"c{i % 2}", float(i)) for i in range(30)],
+                         ids=range(1, 31))
+            assert gb.info("shared").size == 30 and [i.name for i in gb.list()] == ["shared"]
+            sims = l2_normalize(vecs[:2]) @ l2_normalize(vecs).T
+            for q, result in enumerate(gb.search("shared", embeddings=vecs[:2], top_k=5)):
+                assert [h.id for h in result.hits] == [ids[i] for i in np.argsort(-sims[q], kind="stable")[:5]]
+            assert gb.remove("shared", [ids[0]]).removed == 1
+            assert ga.info("shared").size == 29
+            assert ids[0] not in [h.id for h in ga.search("shared", embeddings=vecs[:1], top_k=5, rerank={})[0].hits]
+        finally:
+            drop_test_galleries(stores[0])
