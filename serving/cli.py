@@ -59,6 +59,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--milvus-uri", help="Milvus Lite file path, or http(s)://host:port of a Milvus server/cluster")
     p.add_argument("--milvus-token", help="Milvus token ('user:password' or an API key); or set MILVUS_TOKEN")
     p.add_argument("--milvus-ca", help="CA (PEM) to verify a Milvus server over TLS")
+    p.add_argument("--milvus-consistency", choices=["strong", "bounded", "session", "eventually"], default="strong",
+                   help="what searches see: strong (default) every acknowledged add of any replica, about 400 ms per "
+                        "search on a Milvus server; bounded: at once, possibly missing other replicas' last seconds")
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object per line")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
@@ -135,7 +138,8 @@ def open_store(args):
     from retrieval.gallery.milvus_store import MilvusGalleryStore
 
     kwargs = {"server_pem_path": args.milvus_ca, "secure": True} if args.milvus_ca else {}
-    return MilvusGalleryStore(args.milvus_uri, token=args.milvus_token or os.environ.get("MILVUS_TOKEN", ""), **kwargs)
+    return MilvusGalleryStore(args.milvus_uri, token=args.milvus_token or os.environ.get("MILVUS_TOKEN", ""),
+                              consistency=args.milvus_consistency, **kwargs)
 
 
 def serve_main(argv: list[str] | None = None) -> int:

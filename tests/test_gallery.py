@@ -245,3 +245,36 @@ def test_faiss_gpu_copy_answers_unfiltered_searches_only_and_survives_removals(t
     hits = reopened.search("g", queries[:1], 30, [])[0]
     assert copies[-1].searches == before and len(hits) == 30 and hits[0].id == target
     reopened.close()
+
+
+def test_milvus_searches_read_at_the_chosen_consistency_and_write_checks_at_strong(tmp_path):
+    """Strong costs a Milvus server's time tick (about 400 ms a search); the level a deployment picks
+    must reach every search-path read, while the reads that decide a write stay Strong."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    from retrieval.gallery.milvus_store import MilvusGalleryStore
+    from serving.cli import open_store, serve_parser
+
+    with pytest.raises(ValueError, match="consistency must be one of"):
+        MilvusGalleryStore(str(tmp_path / "x.db"), consistency="linearizable")
+    args = serve_parser().parse_args(["--model", "m.onnx", "--gallery-backend", "milvus", "--milvus-uri",
+                                      str(tmp_path / "m.db"), "--milvus-consistency", "bounded"])
+    store = open_store(args)
+    levels: list[tuple[str, str]] = []
+    for name in ("search", "query", "get"):
+        original = getattr(store.client, name)
+
+        def recorded(*a, _name=name, _original=original, **kw):
+            levels.append((_name, kw.get("consistency_level")))
+            return _original(*a, **kw)
+
+        setattr(store.client, name, recorded)
+    try:
+        vecs, meta = _data(40)
+        store.create("g", 16)
+        store.add("g", np.arange(1, 41), vecs, meta)
+        assert ("get", "Strong") in levels  # the clash check before the insert
+        levels.clear()
+        store.search("g", vecs[:2], 5, [], rerank=RerankOptions(k1=4, k2=2, pool=10))
+        assert levels and all(level == "Bounded" for _, level in levels), levels
+    finally:
+        store.close()

@@ -8,7 +8,13 @@ One collection per gallery, named ``reid_`` + the gallery name in hex (Milvus na
 letters, digits and '_'); the collection description holds the gallery name. Fields: ``id``
 (INT64 primary key), ``vector`` (FLOAT_VECTOR, L2-normalized, metric IP = cosine),
 ``person_id``/``camera_id`` (VARCHAR), ``timestamp`` (DOUBLE), ``labels`` (JSON). Filters become
-Milvus boolean expressions. Consistency level Strong: a search sees every add acknowledged before it.
+Milvus boolean expressions.
+
+Consistency: searches run at ``consistency`` ("strong" by default: a search sees every add
+acknowledged before it, by any replica). On a Milvus server Strong waits for the next time tick
+(sent every 200 ms), about 400 ms per search here; "bounded" answers at once but may miss what
+other replicas added in the last seconds, "session" sees this client's own writes at once. Reads
+that decide a write (does this id exist?) are always Strong.
 
 What an acknowledged add means: Milvus accepted the insert and ``flush`` returned, so the rows
 are persisted (Milvus Lite: in its database file; a Milvus server: sealed segments in its object
@@ -33,6 +39,7 @@ from retrieval.gallery.pool_rerank import pool_rerank
 
 log = logging.getLogger(__name__)
 PREFIX = "reid_"
+CONSISTENCY_LEVELS = {"strong": "Strong", "bounded": "Bounded", "session": "Session", "eventually": "Eventually"}
 META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
 HNSW_PARAMS = {"M": 32, "efConstruction": 80}
 
@@ -64,7 +71,10 @@ def filter_expression(flt: SearchFilter) -> str:
 
 
 class MilvusGalleryStore(GalleryBackend):
-    def __init__(self, uri: str, token: str = "", **client_kwargs):
+    def __init__(self, uri: str, token: str = "", consistency: str = "strong", **client_kwargs):
+        if consistency not in CONSISTENCY_LEVELS:
+            raise ValueError(f"Milvus consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, not {consistency!r}")
+        self.consistency = CONSISTENCY_LEVELS[consistency]
         try:
             from pymilvus import MilvusClient
         except ImportError:
@@ -100,13 +110,15 @@ class MilvusGalleryStore(GalleryBackend):
         return dim, index
 
     def _count(self, name: str) -> int:
-        rows = self._call("count", self.client.query, _collection(name), filter="", output_fields=["count(*)"])
+        rows = self._call("count", self.client.query, _collection(name), filter="", output_fields=["count(*)"],
+                          consistency_level=self.consistency)
         return int(rows[0]["count(*)"])
 
     def _existing(self, name: str, ids: list[int]) -> set[int]:
         if not ids:
             return set()
-        rows = self._call("get", self.client.get, _collection(name), ids=ids, output_fields=["id"])
+        rows = self._call("get", self.client.get, _collection(name), ids=ids, output_fields=["id"],
+                          consistency_level="Strong")  # decides whether a write clashes: never stale
         return {int(r["id"]) for r in rows}
 
     # ---- GalleryBackend ------------------------------------------------------------------------
@@ -196,7 +208,8 @@ class MilvusGalleryStore(GalleryBackend):
         params = {"metric_type": "IP", **({"params": {"ef": max(64, k)}} if index_type == "hnsw" else {})}
         for expr, rows in groups.items():
             answers = self._call("search", self.client.search, _collection(name), data=queries[rows].tolist(), limit=k,
-                                 filter=expr, output_fields=META_FIELDS, search_params=params)
+                                 filter=expr, output_fields=META_FIELDS, search_params=params,
+                                 consistency_level=self.consistency)
             for row, hits in zip(rows, answers):
                 for j, hit in enumerate(hits):
                     ids[row, j], scores[row, j] = int(hit["id"]), float(hit["distance"])
@@ -205,7 +218,7 @@ class MilvusGalleryStore(GalleryBackend):
 
     def _fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, list[EntryMetadata]]:
         rows = self._call("get", self.client.get, _collection(name), ids=[int(i) for i in ids],
-                          output_fields=["vector", *META_FIELDS])
+                          output_fields=["vector", *META_FIELDS], consistency_level=self.consistency)
         by_id = {int(r["id"]): r for r in rows}
         ordered = [by_id[int(i)] for i in ids]
         vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), -1)
