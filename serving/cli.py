@@ -22,8 +22,9 @@ from serving.service import Limits
 
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reid-serve", description="Serve ReID embeddings over gRPC with dynamic batching.")
-    p.add_argument("--model", required=True, help="ONNX file or TensorRT engine (with its .json sidecar)")
-    p.add_argument("--config", type=Path, help="YAML file with any of the options below (command line wins)")
+    p.add_argument("--model", help="ONNX file or TensorRT engine (with its .json sidecar); required, here or in --config")
+    p.add_argument("--config", type=Path,
+                   help="YAML file with any of these options (dashes or underscores; the command line wins)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port (default: off)")
@@ -83,9 +84,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line over ``--config``: any option may sit in the file, and what the file holds
+    beyond the options (``grace_seconds``, ...) stays in ``args.config_values`` for ``build_config``."""
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    values: dict = {}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            parser.error(f"cannot read --config {args.config}: {exc}")
+        if not isinstance(loaded, dict):
+            parser.error(f"--config {args.config} must hold a mapping of option: value")
+        values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        for key, value in values.items():
+            choices = actions[key].choices if key in actions else None
+            if choices and value not in choices:
+                parser.error(f"{key} in {args.config} must be one of {', '.join(map(str, choices))}, not {value!r}")
+        parser.set_defaults(**{k: v for k, v in values.items() if k in actions})
+        args = parser.parse_args(argv)
+        values = {k: v for k, v in values.items() if k not in actions}
+    if not args.model:
+        parser.error("--model is required (on the command line or in --config)")
+    args.config_values = values
+    return args
+
+
 def build_config(args) -> ServerConfig:
-    values = yaml.safe_load(args.config.read_text()) if args.config else {}
-    values = {k.replace("-", "_"): v for k, v in (values or {}).items()}
+    """The server's settings from ``parse_serve_args``'s result."""
+    values = dict(getattr(args, "config_values", {}))
     for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "split_batch_ms",
                 "queue_capacity", "workers", "instances", "max_message_bytes", "min_client_ping_seconds"):
         if getattr(args, key) is not None:
@@ -143,7 +172,7 @@ def open_store(args):
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    args = serve_parser().parse_args(argv)
+    args = parse_serve_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

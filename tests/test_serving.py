@@ -332,18 +332,45 @@ def test_instances_run_batches_at_once_and_keep_answers_apart(engine):
 
 
 def test_batcher_options_come_from_the_config_file_and_the_command_line(tmp_path):
-    from serving.cli import build_config, serve_parser
+    from serving.cli import build_config, parse_serve_args
 
     config = tmp_path / "serve.yaml"
-    config.write_text("split-batch-ms: 100\nmax_queue_delay_ms: 5\n")
-    args = serve_parser().parse_args(["--model", "m.onnx", "--config", str(config), "--split-batch-ms", "400"])
-    c = build_config(args)
-    assert (c.split_batch_ms, c.max_queue_delay_ms) == (400, 5)  # the command line wins over the file
-    assert build_config(serve_parser().parse_args(["--model", "m.onnx"])).split_batch_ms == 250
-    args = serve_parser().parse_args(["--model", "m.onnx", "--min-client-ping-seconds", "30"])
-    assert build_config(args).min_client_ping_seconds == 30
+    config.write_text("split-batch-ms: 100\nmax_queue_delay_ms: 5\ngrace_seconds: 3\n")
+    c = build_config(parse_serve_args(["--model", "m.onnx", "--config", str(config), "--split-batch-ms", "400"]))
+    assert (c.split_batch_ms, c.max_queue_delay_ms, c.grace_seconds) == (400, 5, 3)  # the command line wins
+    assert build_config(parse_serve_args(["--model", "m.onnx"])).split_batch_ms == 250
+    assert build_config(parse_serve_args(["--model", "m.onnx", "--min-client-ping-seconds", "30"])).min_client_ping_seconds == 30
     with pytest.raises(ValueError, match="min_client_ping_seconds must be 0 or more"):
-        build_config(serve_parser().parse_args(["--model", "m.onnx", "--min-client-ping-seconds", "-1"]))
+        build_config(parse_serve_args(["--model", "m.onnx", "--min-client-ping-seconds", "-1"]))
+
+
+def test_config_file_takes_every_option_not_only_the_batchers(tmp_path, capsys):
+    """--config is documented as holding any option: the model, the device, preprocessing, the
+    gallery backend and the log format too, each still overridden by the command line."""
+    from serving.cli import build_config, parse_serve_args
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("model: osnet.onnx\ndevice: cpu\npixel-mean: [0.485, 0.456, 0.406]\ngallery_backend: milvus\n"
+                      "milvus-uri: m.db\nmilvus_consistency: bounded\nlog_format: json\ninsecure: true\n"
+                      "gallery_dir: /srv/galleries\nmax_images_per_request: 8\nmax_top_k: 50\n")
+    args = parse_serve_args(["--config", str(config), "--milvus-consistency", "session"])
+    assert (args.model, args.device, args.pixel_mean, args.gallery_backend, args.milvus_uri) == (
+        "osnet.onnx", "cpu", [0.485, 0.456, 0.406], "milvus", "m.db")
+    assert args.milvus_consistency == "session" and args.log_format == "json"  # the command line wins
+    assert args.gallery_dir == Path("/srv/galleries")  # converted as on the command line
+    c = build_config(args)
+    assert c.insecure and (c.limits.max_images_per_request, c.limits.max_top_k) == (8, 50)
+    config.write_text("model: m.onnx\ndevice: gpu\n")
+    with pytest.raises(SystemExit) as exit_:
+        parse_serve_args(["--config", str(config)])
+    assert exit_.value.code == 2 and "device in" in capsys.readouterr().err
+    config.write_text("device: cpu\n")
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--config", str(config)])
+    assert "--model is required" in capsys.readouterr().err
+    config.write_text("model: m.onnx\nbatch_size: 4\n")
+    with pytest.raises(ValueError, match="unknown option.*batch_size"):
+        build_config(parse_serve_args(["--config", str(config)]))
 
 
 def _os_thread_names() -> set[str]:
