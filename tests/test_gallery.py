@@ -278,3 +278,65 @@ def test_milvus_searches_read_at_the_chosen_consistency_and_write_checks_at_stro
         assert levels and all(level == "Bounded" for _, level in levels), levels
     finally:
         store.close()
+
+
+def test_milvus_store_reconnects_after_a_lost_connection(tmp_path, caplog, monkeypatch):
+    """A client whose connection broke waits out gRPC's reconnect backoff (up to 2 minutes) after
+    Milvus is back; the store makes a new one at once. Reads are retried, writes are not."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    from pymilvus import MilvusException
+    from pymilvus.client.types import Status
+
+    from retrieval.gallery.base import StorageError
+    from retrieval.gallery.milvus_store import MilvusGalleryStore
+
+    store = MilvusGalleryStore(str(tmp_path / "m.db"))
+    vecs, meta = _data(10)
+
+    def break_once(method: str) -> None:
+        client = store.client
+        original = getattr(client, method)
+
+        def fail(*args, **kwargs):
+            setattr(client, method, original)
+            raise MilvusException(code=Status.CONNECT_FAILED, message="Fail connecting to server")
+
+        setattr(client, method, fail)
+
+    try:
+        store.create("g", 16)
+        store.add("g", np.arange(1, 6), vecs[:5], meta[:5])
+        first = store.client
+        break_once("list_collections")
+        assert [g.name for g in store.list()] == ["g"]  # a read: reconnected and answered
+        assert store.client is not first and "reconnected to Milvus" in caplog.text
+        break_once("insert")
+        with pytest.raises(StorageError, match="connection lost.*retry the call"):
+            store.add("g", np.arange(6, 11), vecs[5:], meta[5:])  # a write: not repeated behind the caller's back
+        store.add("g", np.arange(6, 11), vecs[5:], meta[5:])  # the caller's retry goes through
+        assert store.info("g").size == 10
+        other = store.client
+        original = other.list_collections
+        other.list_collections = lambda *a, **k: (_ for _ in ()).throw(MilvusException(code=1, message="refused"))
+        with pytest.raises(StorageError, match="refused"):
+            store.list()  # Milvus answered with an error: no reconnect
+        assert store.client is other
+        other.list_collections = original
+        # Milvus still down when reconnecting: that call fails, and the next one connects again.
+        import pymilvus
+
+        real_client = pymilvus.MilvusClient
+
+        def unreachable(*args, **kwargs):
+            raise MilvusException(code=Status.CONNECT_FAILED, message="Fail connecting to server")
+
+        monkeypatch.setattr(pymilvus, "MilvusClient", unreachable)
+        break_once("list_collections")
+        with pytest.raises(StorageError, match="cannot reconnect"):
+            store.list()
+        with pytest.raises(StorageError, match="cannot reconnect"):
+            store.info("g")  # still down: tried again, not stuck on a closed client
+        monkeypatch.setattr(pymilvus, "MilvusClient", real_client)
+        assert store.info("g").size == 10  # back: the first call after reconnects
+    finally:
+        store.close()

@@ -44,6 +44,23 @@ META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
 HNSW_PARAMS = {"M": 32, "efConstruction": 80}
 
 
+# How long a reconnect waits for Milvus: the store's lock is held meanwhile.
+RECONNECT_SECONDS = 3.0
+# Calls that change data: never repeated after a lost connection (the first attempt may have landed).
+WRITES = frozenset({"insert", "upsert", "delete", "create_collection", "drop_collection"})
+
+
+def _connection_lost(exc: Exception) -> bool:
+    """Whether ``exc`` says Milvus could not be reached, as opposed to refusing the request."""
+    import grpc
+    from pymilvus import MilvusUnavailableException
+    from pymilvus.client.types import Status
+
+    if isinstance(exc, MilvusUnavailableException) or getattr(exc, "code", None) == Status.CONNECT_FAILED:
+        return True
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
 def _collection(name: str) -> str:
     return PREFIX + name.encode().hex()
 
@@ -76,11 +93,17 @@ class MilvusGalleryStore(GalleryBackend):
             raise ValueError(f"Milvus consistency must be one of {', '.join(CONSISTENCY_LEVELS)}, not {consistency!r}")
         self.consistency = CONSISTENCY_LEVELS[consistency]
         try:
+            import pymilvus
             from pymilvus import MilvusClient
         except ImportError:
             raise GalleryError("the Milvus backend needs pymilvus (pip install '.[milvus]')") from None
+        self._connect_args = dict(uri=uri, token=token, **client_kwargs)
+        if int(pymilvus.__version__.split(".")[0]) >= 3:
+            # pymilvus 3 shares one connection among clients of the same address; a store of its own
+            # can replace a broken one (in 2.x every client has its own connection anyway).
+            self._connect_args["dedicated"] = True
         try:
-            self.client = MilvusClient(uri=uri, token=token, **client_kwargs)
+            self.client = MilvusClient(**self._connect_args)
         except Exception as exc:  # noqa: BLE001 - connection errors come in several types
             raise StorageError(f"cannot connect to Milvus at {uri}: {exc}") from None
         self.uri = uri
@@ -88,36 +111,72 @@ class MilvusGalleryStore(GalleryBackend):
         self._dims: dict[str, tuple[int, str]] = {}
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, method: str, *args, **kwargs):
+        """``self.client.<method>(...)``; a Milvus error becomes StorageError (UNAVAILABLE).
+
+        When the connection was lost (Milvus restarted or was unreachable), the client is made
+        anew: the old one's gRPC channel waits out its reconnect backoff, which grows to 2 minutes,
+        so a replica stayed unavailable that long after Milvus was back (seen with a Milvus 2.3.5
+        server). A read is then tried once more; a write is not, since it may have been applied:
+        its caller gets UNAVAILABLE and may retry. While Milvus stays unreachable each call tries
+        to connect again, for at most RECONNECT_SECONDS.
+        """
+        if self.client is None:
+            self._reconnect()
         try:
-            return fn(*args, **kwargs)
+            return getattr(self.client, method)(*args, **kwargs)
         except GalleryError:
             raise
         except Exception as exc:  # noqa: BLE001 - MilvusException and transport errors
+            if not _connection_lost(exc):
+                raise StorageError(f"Milvus {what} failed: {exc}") from None
+            failure = exc
+        self._reconnect()
+        if method in WRITES:
+            raise StorageError(f"Milvus {what} failed, connection lost: {failure}; reconnected, retry the call")
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
             raise StorageError(f"Milvus {what} failed: {exc}") from None
+
+    def _reconnect(self) -> None:
+        """A new client with a connection of its own, after closing the old one."""
+        from pymilvus import MilvusClient
+
+        old, self.client = self.client, None
+        if old is not None:
+            try:
+                old.close()
+            except Exception:  # noqa: BLE001 - closing a broken client may fail too
+                pass
+        try:
+            self.client = MilvusClient(**self._connect_args, timeout=RECONNECT_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - self.client stays None: the next call tries again
+            raise StorageError(f"cannot reconnect to Milvus at {self.uri}: {exc}") from None
+        log.warning("reconnected to Milvus at %s", self.uri)
 
     def _describe(self, name: str) -> tuple[int, str]:
         if name in self._dims:
             return self._dims[name]
         coll = _collection(name)
-        if not self._call("has_collection", self.client.has_collection, coll):
+        if not self._call("has_collection", "has_collection", coll):
             raise GalleryNotFound(f"no gallery named {name!r}")
-        desc = self._call("describe_collection", self.client.describe_collection, coll)
+        desc = self._call("describe_collection", "describe_collection", coll)
         dim = next(int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector")
         index = json.loads(desc.get("description") or "{}").get("index_type", "flat")
-        self._call("load_collection", self.client.load_collection, coll)
+        self._call("load_collection", "load_collection", coll)
         self._dims[name] = (dim, index)
         return dim, index
 
     def _count(self, name: str) -> int:
-        rows = self._call("count", self.client.query, _collection(name), filter="", output_fields=["count(*)"],
+        rows = self._call("count", "query", _collection(name), filter="", output_fields=["count(*)"],
                           consistency_level=self.consistency)
         return int(rows[0]["count(*)"])
 
     def _existing(self, name: str, ids: list[int]) -> set[int]:
         if not ids:
             return set()
-        rows = self._call("get", self.client.get, _collection(name), ids=ids, output_fields=["id"],
+        rows = self._call("get", "get", _collection(name), ids=ids, output_fields=["id"],
                           consistency_level="Strong")  # decides whether a write clashes: never stale
         return {int(r["id"]) for r in rows}
 
@@ -128,7 +187,7 @@ class MilvusGalleryStore(GalleryBackend):
         check_new_gallery(name, dim, index_type, max_dim=32768)
         with self.lock:
             coll = _collection(name)
-            if self._call("has_collection", self.client.has_collection, coll):
+            if self._call("has_collection", "has_collection", coll):
                 raise GalleryExists(f"gallery {name!r} already exists")
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                                 description=json.dumps({"name": name, "index_type": index_type}))
@@ -143,7 +202,7 @@ class MilvusGalleryStore(GalleryBackend):
                 index.add_index(field_name="vector", index_type="HNSW", metric_type="IP", params=HNSW_PARAMS)
             else:
                 index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
-            self._call("create_collection", self.client.create_collection, coll, schema=schema, index_params=index,
+            self._call("create_collection", "create_collection", coll, schema=schema, index_params=index,
                        consistency_level="Strong")
             self._dims[name] = (dim, index_type)
             return GalleryInfo(name, dim, 0, index_type, "milvus")
@@ -151,12 +210,12 @@ class MilvusGalleryStore(GalleryBackend):
     def drop(self, name: str) -> None:
         with self.lock:
             self._describe(name)
-            self._call("drop_collection", self.client.drop_collection, _collection(name))
+            self._call("drop_collection", "drop_collection", _collection(name))
             self._dims.pop(name, None)
 
     def list(self) -> list[GalleryInfo]:
         names = []
-        for coll in self._call("list_collections", self.client.list_collections):
+        for coll in self._call("list_collections", "list_collections"):
             if coll.startswith(PREFIX):
                 try:
                     names.append(bytes.fromhex(coll[len(PREFIX):]).decode())
@@ -183,8 +242,8 @@ class MilvusGalleryStore(GalleryBackend):
             vectors = l2_normalize(vectors)
             rows = [{"id": int(i), "vector": v.tolist(), **m.to_dict()} for i, v, m in zip(ids, vectors, metadata)]
             coll = _collection(name)
-            self._call("upsert" if replace else "insert", self.client.upsert if replace else self.client.insert, coll, rows)
-            self._call("flush", self.client.flush, coll)
+            self._call("upsert" if replace else "insert", "upsert" if replace else "insert", coll, rows)
+            self._call("flush", "flush", coll)
             return ids
 
     def remove(self, name, ids):
@@ -194,8 +253,8 @@ class MilvusGalleryStore(GalleryBackend):
             present = self._existing(name, ids)
             if present:
                 coll = _collection(name)
-                self._call("delete", self.client.delete, coll, ids=sorted(present))
-                self._call("flush", self.client.flush, coll)
+                self._call("delete", "delete", coll, ids=sorted(present))
+                self._call("flush", "flush", coll)
             return len(present), [i for i in ids if i not in present]
 
     def _search(self, name: str, index_type: str, queries: np.ndarray, k: int, filters: list[SearchFilter]):
@@ -207,7 +266,7 @@ class MilvusGalleryStore(GalleryBackend):
             groups.setdefault(filter_expression(flt), []).append(i)
         params = {"metric_type": "IP", **({"params": {"ef": max(64, k)}} if index_type == "hnsw" else {})}
         for expr, rows in groups.items():
-            answers = self._call("search", self.client.search, _collection(name), data=queries[rows].tolist(), limit=k,
+            answers = self._call("search", "search", _collection(name), data=queries[rows].tolist(), limit=k,
                                  filter=expr, output_fields=META_FIELDS, search_params=params,
                                  consistency_level=self.consistency)
             for row, hits in zip(rows, answers):
@@ -217,7 +276,7 @@ class MilvusGalleryStore(GalleryBackend):
         return scores, ids, meta
 
     def _fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, list[EntryMetadata]]:
-        rows = self._call("get", self.client.get, _collection(name), ids=[int(i) for i in ids],
+        rows = self._call("get", "get", _collection(name), ids=[int(i) for i in ids],
                           output_fields=["vector", *META_FIELDS], consistency_level=self.consistency)
         by_id = {int(r["id"]): r for r in rows}
         ordered = [by_id[int(i)] for i in ids]
@@ -247,6 +306,7 @@ class MilvusGalleryStore(GalleryBackend):
 
     def close(self) -> None:
         try:
-            self.client.close()
+            if self.client is not None:
+                self.client.close()
         except Exception:  # noqa: BLE001
             pass
