@@ -13,8 +13,9 @@ from training.data.synthetic import make_synthetic
 torch.set_num_threads(2)
 
 TINY_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2]}
-# Opt-in: a Milvus server (http://host:19530) for the Milvus tests instead of Milvus Lite. It must hold
-# no galleries: the tests create and drop their own.
+# Opt-in: a Milvus server (http://host:19530, or https:// with REID_MILVUS_CA) for the Milvus tests
+# instead of Milvus Lite, with REID_MILVUS_TOKEN where it checks tokens. It must hold no galleries:
+# the tests create and drop their own.
 MILVUS_URI = os.environ.get("REID_MILVUS_URI", "")
 
 
@@ -25,7 +26,9 @@ def open_milvus_store(tmp_path: Path):
 
     if not MILVUS_URI:
         return MilvusGalleryStore(str(tmp_path / "milvus.db"))
-    store = MilvusGalleryStore(MILVUS_URI)
+    ca = os.environ.get("REID_MILVUS_CA", "")
+    store = MilvusGalleryStore(MILVUS_URI, token=os.environ.get("REID_MILVUS_TOKEN", ""),
+                               **({"server_pem_path": ca, "secure": True} if ca else {}))
     held = [g.name for g in store.list()]
     if held:
         store.close()

@@ -105,7 +105,8 @@ class MilvusGalleryStore(GalleryBackend):
         try:
             self.client = MilvusClient(**self._connect_args)
         except Exception as exc:  # noqa: BLE001 - connection errors come in several types
-            raise StorageError(f"cannot connect to Milvus at {uri}: {exc}") from None
+            # pymilvus words a refused token or an unverifiable certificate as "server unavailable" too
+            raise StorageError(f"cannot connect to Milvus at {uri} (is it up? are the token and CA right?): {exc}") from None
         self.uri = uri
         self.lock = threading.RLock()
         self._dims: dict[str, tuple[int, str]] = {}
