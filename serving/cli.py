@@ -61,7 +61,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--milvus-token", help="Milvus token ('user:password' or an API key); or set MILVUS_TOKEN")
     p.add_argument("--milvus-ca", help="CA (PEM) to verify a Milvus server over TLS")
     p.add_argument("--milvus-consistency", choices=["strong", "bounded", "session", "eventually"], default="strong",
-                   help="what searches see: strong (default) every acknowledged add of any replica, about 400 ms per "
+                   help="what searches see: strong (default) every acknowledged add of any replica, about 300 ms per "
                         "search on a Milvus server; bounded: at once, possibly missing other replicas' last seconds")
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object per line")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")

@@ -12,7 +12,7 @@ Milvus boolean expressions.
 
 Consistency: searches run at ``consistency`` ("strong" by default: a search sees every add
 acknowledged before it, by any replica). On a Milvus server Strong waits for the next time tick
-(sent every 200 ms), about 400 ms per search here; "bounded" answers at once but may miss what
+(sent every 200 ms), about 300 ms per search here; "bounded" answers at once but may miss what
 other replicas added in the last seconds, "session" sees this client's own writes at once. Reads
 that decide a write (does this id exist?) are always Strong.
 
@@ -290,14 +290,13 @@ class MilvusGalleryStore(GalleryBackend):
             queries = np.asarray(queries, dtype=np.float32)
             filters = check_queries(name, dim, queries, filters, top_k)
             queries = l2_normalize(queries)
-            live = self._count(name)
-            k = min(top_k, live, 16384)  # Milvus caps limit at 16384
-            if k <= 0:
-                return [[] for _ in queries]
-            if rerank is None:
-                scores, ids, meta = self._search(name, index_type, queries, k, filters)
+            if rerank is None:  # no count first: each read at Strong waits for a time tick of its own
+                scores, ids, meta = self._search(name, index_type, queries, min(top_k, 16384), filters)  # Milvus's cap
                 return [[Hit(int(i), float(s), 1.0 - float(s), meta[int(i)]) for s, i in zip(srow, irow) if i >= 0]
                         for srow, irow in zip(scores, ids)]
+            live = self._count(name)
+            if live == 0:
+                return [[] for _ in queries]
 
             def search_fn(q, kk, flts):
                 scores, ids, _ = self._search(name, index_type, q, min(kk, 16384), flts)
