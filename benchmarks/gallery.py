@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.gallery import EntryMetadata, FaissGalleryStore, SearchFilter  # noqa: E402
+from retrieval.gallery.milvus_store import CONSISTENCY_LEVELS  # noqa: E402
 
 DIM = 512
 
@@ -140,7 +141,7 @@ def main() -> None:
     p.add_argument("--milvus-uri", default="",
                    help="a Milvus server (http://host:19530) instead of Milvus Lite; its galleries named "
                         "bench_flat/bench_hnsw are replaced")
-    p.add_argument("--milvus-consistency", default="strong", choices=["strong", "bounded", "session", "eventually"])
+    p.add_argument("--milvus-consistency", default="strong", choices=list(CONSISTENCY_LEVELS))
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     tmp = Path(tempfile.mkdtemp(prefix="gallery-bench-"))

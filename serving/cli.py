@@ -14,6 +14,7 @@ from typing import Callable, Coroutine
 import yaml
 
 from retrieval.gallery import FaissGalleryStore, GalleryError
+from retrieval.gallery.milvus_store import CONSISTENCY_LEVELS
 from serving.engines import ModelFileError, ModelMetadata, open_engine
 from serving.security import SecurityError, load_tokens
 from serving.server import ServerConfig, serve_forever
@@ -60,7 +61,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--milvus-uri", help="Milvus Lite file path, or http(s)://host:port of a Milvus server/cluster")
     p.add_argument("--milvus-token", help="Milvus token ('user:password' or an API key); or set MILVUS_TOKEN")
     p.add_argument("--milvus-ca", help="CA (PEM) to verify a Milvus server over TLS")
-    p.add_argument("--milvus-consistency", choices=["strong", "bounded", "session", "eventually"], default="strong",
+    p.add_argument("--milvus-consistency", choices=list(CONSISTENCY_LEVELS), default="strong",
                    help="what searches see: strong (default) every acknowledged add of any replica, about 300 ms per "
                         "search on a Milvus server; bounded: at once, possibly missing other replicas' last seconds")
     p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object per line")

@@ -128,14 +128,14 @@ class ReidServer:
         a GPU at every batch size the batcher can form, as each new size costs a first slow run there."""
         md = self.engine.metadata
         largest = self.batcher.max_batch_size
-        sizes = range(1, largest + 1) if self.engine.warm_each_batch_size else [largest]
+        each = self.engine.warm_each_batch_size
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        for n in sizes:
+        for n in range(1, largest + 1) if each else [largest]:
             batch = np.zeros((n, md.input_height, md.input_width, 3), dtype=np.uint8)
             await loop.run_in_executor(None, self.engine.run_pixels, batch)
-        log.info("engine warmed at batch size%s %s in %.1f s", "s" if len(sizes) > 1 else "",
-                 f"1-{largest}" if len(sizes) > 1 else largest, time.perf_counter() - start)
+        log.info("engine warmed at batch %s in %.1f s", f"sizes 1-{largest}" if each else f"size {largest}",
+                 time.perf_counter() - start)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, finish in-flight ones, stop (a second call returns at once)."""

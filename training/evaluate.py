@@ -12,7 +12,7 @@ from tqdm import tqdm
 from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
 from retrieval.rerank import k_reciprocal_rerank
-from training.data.market1501 import load_gallery, load_query, protocol_ids, require_folder
+from training.data.market1501 import load_query_gallery, protocol_ids
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
 from training.plots import plot_cmc, plot_matches
@@ -115,10 +115,8 @@ def run_evaluate(spec) -> dict:
                           "or evaluate.server to evaluate through a running server")
     if e.checkpoint and not e.server and not Path(e.checkpoint).exists():
         raise ConfigError(f"evaluate.checkpoint={e.checkpoint} does not exist")
-    query = load_query(require_folder(e.query_dataset or spec.dataset.query_dataset_dir,
-                                      "evaluate.query_dataset (or dataset.query_dataset_dir in the spec)"))
-    gallery = load_gallery(require_folder(e.test_dataset or spec.dataset.test_dataset_dir,
-                                          "evaluate.test_dataset (or dataset.test_dataset_dir in the spec)"))
+    query, gallery = load_query_gallery(e.query_dataset or spec.dataset.query_dataset_dir,
+                                        e.test_dataset or spec.dataset.test_dataset_dir, "evaluate")
     if e.server:
         source = f"server {e.server}"
         log.info("evaluating through %s on %d query and %d gallery images", e.server, len(query), len(gallery))

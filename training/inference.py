@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data.market1501 import load_gallery, load_query, require_folder
+from training.data.market1501 import load_query_gallery
 from training.embedders import open_embedder
 from training.errors import ConfigError
 
@@ -23,10 +23,8 @@ def run_inference(spec) -> Path:
         raise ConfigError(f"inference.output_file={out} must end in .json (TAO format) or .npz (compact)")
     if not Path(i.checkpoint).exists():
         raise ConfigError(f"inference.checkpoint={i.checkpoint} does not exist")
-    query = load_query(require_folder(i.query_dataset or spec.dataset.query_dataset_dir,
-                                      "inference.query_dataset (or dataset.query_dataset_dir in the spec)"))
-    gallery = load_gallery(require_folder(i.test_dataset or spec.dataset.test_dataset_dir,
-                                          "inference.test_dataset (or dataset.test_dataset_dir in the spec)"))
+    query, gallery = load_query_gallery(i.query_dataset or spec.dataset.query_dataset_dir,
+                                        i.test_dataset or spec.dataset.test_dataset_dir, "inference")
     embedder = open_embedder(i.checkpoint, spec, i.gpu_id, i.batch_size or spec.dataset.val_batch_size)
     log.info("embedding %d query and %d gallery images with %s", len(query), len(gallery), embedder.description)
     records = query + gallery

@@ -112,8 +112,9 @@ class MilvusGalleryStore(GalleryBackend):
         self._dims: dict[str, tuple[int, str]] = {}
 
     # ---- helpers -------------------------------------------------------------------------------
-    def _call(self, what: str, method: str, *args, **kwargs):
-        """``self.client.<method>(...)``; a Milvus error becomes StorageError (UNAVAILABLE).
+    def _call(self, method: str, *args, what: str = "", **kwargs):
+        """``self.client.<method>(...)``; a Milvus error becomes StorageError (UNAVAILABLE), naming
+        ``what`` was done (the method's name by default).
 
         When the connection was lost (Milvus restarted or was unreachable), the client is made
         anew: the old one's gRPC channel waits out its reconnect backoff, which grows to 2 minutes,
@@ -122,6 +123,7 @@ class MilvusGalleryStore(GalleryBackend):
         its caller gets UNAVAILABLE and may retry. While Milvus stays unreachable each call tries
         to connect again, for at most RECONNECT_SECONDS.
         """
+        what = what or method
         if self.client is None:
             self._reconnect()
         try:
@@ -160,24 +162,24 @@ class MilvusGalleryStore(GalleryBackend):
         if name in self._dims:
             return self._dims[name]
         coll = _collection(name)
-        if not self._call("has_collection", "has_collection", coll):
+        if not self._call("has_collection", coll):
             raise GalleryNotFound(f"no gallery named {name!r}")
-        desc = self._call("describe_collection", "describe_collection", coll)
+        desc = self._call("describe_collection", coll)
         dim = next(int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector")
         index = json.loads(desc.get("description") or "{}").get("index_type", "flat")
-        self._call("load_collection", "load_collection", coll)
+        self._call("load_collection", coll)
         self._dims[name] = (dim, index)
         return dim, index
 
     def _count(self, name: str) -> int:
-        rows = self._call("count", "query", _collection(name), filter="", output_fields=["count(*)"],
-                          consistency_level=self.consistency)
+        rows = self._call("query", _collection(name), filter="", output_fields=["count(*)"],
+                          consistency_level=self.consistency, what="count")
         return int(rows[0]["count(*)"])
 
     def _existing(self, name: str, ids: list[int]) -> set[int]:
         if not ids:
             return set()
-        rows = self._call("get", "get", _collection(name), ids=ids, output_fields=["id"],
+        rows = self._call("get", _collection(name), ids=ids, output_fields=["id"],
                           consistency_level="Strong")  # decides whether a write clashes: never stale
         return {int(r["id"]) for r in rows}
 
@@ -188,7 +190,7 @@ class MilvusGalleryStore(GalleryBackend):
         check_new_gallery(name, dim, index_type, max_dim=32768)
         with self.lock:
             coll = _collection(name)
-            if self._call("has_collection", "has_collection", coll):
+            if self._call("has_collection", coll):
                 raise GalleryExists(f"gallery {name!r} already exists")
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                                 description=json.dumps({"name": name, "index_type": index_type}))
@@ -203,7 +205,7 @@ class MilvusGalleryStore(GalleryBackend):
                 index.add_index(field_name="vector", index_type="HNSW", metric_type="IP", params=HNSW_PARAMS)
             else:
                 index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
-            self._call("create_collection", "create_collection", coll, schema=schema, index_params=index,
+            self._call("create_collection", coll, schema=schema, index_params=index,
                        consistency_level="Strong")
             self._dims[name] = (dim, index_type)
             return GalleryInfo(name, dim, 0, index_type, "milvus")
@@ -211,12 +213,12 @@ class MilvusGalleryStore(GalleryBackend):
     def drop(self, name: str) -> None:
         with self.lock:
             self._describe(name)
-            self._call("drop_collection", "drop_collection", _collection(name))
+            self._call("drop_collection", _collection(name))
             self._dims.pop(name, None)
 
     def list(self) -> list[GalleryInfo]:
         names = []
-        for coll in self._call("list_collections", "list_collections"):
+        for coll in self._call("list_collections"):
             if coll.startswith(PREFIX):
                 try:
                     names.append(bytes.fromhex(coll[len(PREFIX):]).decode())
@@ -243,8 +245,8 @@ class MilvusGalleryStore(GalleryBackend):
             vectors = l2_normalize(vectors)
             rows = [{"id": int(i), "vector": v.tolist(), **m.to_dict()} for i, v, m in zip(ids, vectors, metadata)]
             coll = _collection(name)
-            self._call("upsert" if replace else "insert", "upsert" if replace else "insert", coll, rows)
-            self._call("flush", "flush", coll)
+            self._call("upsert" if replace else "insert", coll, rows)
+            self._call("flush", coll)
             return ids
 
     def remove(self, name, ids):
@@ -254,8 +256,8 @@ class MilvusGalleryStore(GalleryBackend):
             present = self._existing(name, ids)
             if present:
                 coll = _collection(name)
-                self._call("delete", "delete", coll, ids=sorted(present))
-                self._call("flush", "flush", coll)
+                self._call("delete", coll, ids=sorted(present))
+                self._call("flush", coll)
             return len(present), [i for i in ids if i not in present]
 
     def _search(self, name: str, index_type: str, queries: np.ndarray, k: int, filters: list[SearchFilter]):
@@ -267,7 +269,7 @@ class MilvusGalleryStore(GalleryBackend):
             groups.setdefault(filter_expression(flt), []).append(i)
         params = {"metric_type": "IP", **({"params": {"ef": max(64, k)}} if index_type == "hnsw" else {})}
         for expr, rows in groups.items():
-            answers = self._call("search", "search", _collection(name), data=queries[rows].tolist(), limit=k,
+            answers = self._call("search", _collection(name), data=queries[rows].tolist(), limit=k,
                                  filter=expr, output_fields=META_FIELDS, search_params=params,
                                  consistency_level=self.consistency)
             for row, hits in zip(rows, answers):
@@ -277,7 +279,7 @@ class MilvusGalleryStore(GalleryBackend):
         return scores, ids, meta
 
     def _fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, list[EntryMetadata]]:
-        rows = self._call("get", "get", _collection(name), ids=[int(i) for i in ids],
+        rows = self._call("get", _collection(name), ids=[int(i) for i in ids],
                           output_fields=["vector", *META_FIELDS], consistency_level=self.consistency)
         by_id = {int(r["id"]): r for r in rows}
         ordered = [by_id[int(i)] for i in ids]

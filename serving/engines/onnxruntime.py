@@ -97,9 +97,8 @@ class OnnxRuntimeEngine(Engine):
         elif device == "cuda":
             raise ModelFileError("device cuda asked for, but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
         wants_cuda = len(providers) > 1
-        on_cpu = not wants_cuda
         cores = len(os.sched_getaffinity(0))
-        self.instances = instances or (min(2, cores) if on_cpu else 1)
+        self.instances = instances or (1 if wants_cuda else min(2, cores))
         options = ort.SessionOptions()
         # 0 lets ONNX Runtime use every core, which is right for one instance only.
         options.intra_op_num_threads = intra_op_threads or (max(1, cores // self.instances) if self.instances > 1 else 0)

@@ -42,6 +42,13 @@ def require_folder(folder: str, keys: str) -> str:
     return folder
 
 
+def load_query_gallery(query: str, gallery: str, command: str) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Query and gallery records for ``reid evaluate``/``reid inference`` (``command``), whose own
+    ``query_dataset``/``test_dataset`` keys fall back to the spec's dataset folders."""
+    return (load_query(require_folder(query, f"{command}.query_dataset (or dataset.query_dataset_dir in the spec)")),
+            load_gallery(require_folder(gallery, f"{command}.test_dataset (or dataset.test_dataset_dir in the spec)")))
+
+
 def list_split(folder: str | Path, keep_distractors: bool) -> list[ImageRecord]:
     """Every usable image of one split folder, sorted by file name; junk is always dropped."""
     folder = Path(folder)
