@@ -2,7 +2,9 @@
 
 protoc writes ``from reid.v1 import reid_pb2`` into the service stub, which only works when
 ``reid`` is a top-level package; the stubs live inside ``serving.proto``, so that import is
-rewritten to a relative one. tests/test_protos.py fails when the committed stubs are stale.
+rewritten to a relative one. tests/test_serving.py fails when the committed stubs are stale; it
+compares with the output of the grpcio-tools version pinned in pyproject.toml (dev extra), whose
+version is stamped into the stubs, so bump that pin and regenerate together.
 Usage: python scripts/gen_protos.py [OUT_DIR]
 """
 from __future__ import annotations
