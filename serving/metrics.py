@@ -20,7 +20,9 @@ class ServerMetrics:
         self.errors = Counter("reid_errors_total", "Errors by gRPC status code (per call and per image)", ["code"], registry=r)
 
     def serve_http(self, port: int, host: str = "0.0.0.0"):
-        return start_http_server(port, addr=host, registry=self.registry)
+        """Start the metrics endpoint in a thread; returns its HTTP server (``shutdown()`` stops it)."""
+        httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return httpd
 
     def value(self, name: str, **labels) -> float:
         """Current value of a sample (tests and benchmarks read figures without scraping HTTP)."""

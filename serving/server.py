@@ -79,6 +79,7 @@ class ReidServer:
         self.batcher: DynamicBatcher | None = None
         self.service: ReIdentificationService | None = None
         self._shutdown: asyncio.Task | None = None  # once a stop has begun
+        self._metrics_http = None  # the metrics HTTP server, while it runs
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -101,15 +102,20 @@ class ReidServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{c.host}:{c.port}"
-        self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind {c.host}:{c.port}")
-        await self.server.start()
+        self.port = self._bind(creds)
         if c.metrics_port:
-            self.metrics.serve_http(c.metrics_port, c.host)
-        self.batcher.start()
-        await self._warm_up()
+            try:
+                self._metrics_http = self.metrics.serve_http(c.metrics_port, c.host)
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on {c.host}:{c.metrics_port}: {exc.strerror or exc}; "
+                              "choose another --metrics-port") from None
+        await self.server.start()
+        try:
+            self.batcher.start()
+            await self._warm_up()
+        except BaseException:
+            await self._abandon_start()
+            raise
         # Everything allocated so far (modules, the model, the gallery) lives as long as the process:
         # moved out of the collector's sight, a full collection under load no longer walks those
         # ~60,000 objects and stops the event loop for tens of milliseconds (docs/performance.md).
@@ -122,6 +128,33 @@ class ReidServer:
                  f"{len(c.tokens)} token(s)" if c.tokens else "no authentication",
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         return self.port
+
+    def _bind(self, creds) -> int:
+        """The gRPC port, bound before anything starts so that a taken one is reported in one line."""
+        c = self.config
+        address = f"{c.host}:{c.port}"
+        try:
+            port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.5x raises where older releases returned 0
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: the port is taken or {c.host} is not an address of this "
+                          "machine; choose another --port or --host")
+        return port
+
+    async def _abandon_start(self) -> None:
+        """Undo a start that failed after the port opened, so the process can exit cleanly."""
+        await self.server.stop(0)
+        await self.batcher.stop()
+        self._close_metrics_http()
+        if self.store is not None:
+            self.store.close()
+
+    def _close_metrics_http(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
 
     async def _warm_up(self) -> None:
         """Run the engine at the largest batch so the first caller does not pay for allocation, and on
@@ -152,6 +185,7 @@ class ReidServer:
             self.service.close_streams()  # streams never end by themselves: end them once what they read is answered
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         await self.batcher.stop()
+        self._close_metrics_http()
         if self.store is not None:
             self.store.close()  # snapshots every gallery; the logs already hold every acknowledged change
         log.info("server stopped")

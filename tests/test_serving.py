@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from serving.client import ReidClient, build_request
 from serving.engines import ModelFileError, decode_image
 from serving.engines.onnxruntime import OnnxRuntimeEngine
 from serving.proto import reid_pb2, reid_pb2_grpc
-from serving.server import ServerConfig
+from serving.server import ReidServer, ServerConfig
 from serving.service import Limits
 from tests.serving_support import ServerThread, SlowEngine
 
@@ -624,6 +625,51 @@ def test_startup_with_bad_model_is_one_line(tmp_path):
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("reid-serve: error:"), result.stderr
+
+
+@pytest.mark.parametrize("option", ["--port", "--metrics-port"])
+def test_a_taken_port_is_one_line_naming_it(tiny_onnx, option):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--port", str(port)] if option == "--port" else ["--port", "0", "--metrics-port", str(port)]
+        result = subprocess.run([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                                 "--model", str(tiny_onnx), "--no-gallery", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+    assert result.returncode == 2
+    # gRPC's C core logs its own line (E... add_port.cc) before ours; nothing else may follow
+    ours = [line for line in result.stderr.splitlines() if not line.startswith("E")]
+    assert ours == [line for line in ours if line.startswith("reid-serve: error:")] and len(ours) == 1, result.stderr
+    assert f"127.0.0.1:{port}" in ours[0] and f"choose another {option}" in ours[0]
+
+
+def test_a_failed_warm_up_closes_the_port_and_the_galleries(engine):
+    class Store:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    store = Store()
+    failing = SlowEngine(engine, delay=0.0, fail_on_call=1)
+    server = ReidServer(failing, ServerConfig(port=0, metrics_port=_free_port()), store)
+
+    async def start():
+        with pytest.raises(RuntimeError, match="injected engine failure"):
+            await server.start()
+
+    asyncio.run(start())
+    assert store.closed
+    for port in (server.port, server.config.metrics_port):  # both free again: nothing left listening
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_committed_stubs_are_current(tmp_path):
