@@ -87,8 +87,20 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return dict(x.split("=", 1) for x in pairs)
 
 
+def _output_path(output: Path) -> Path:
+    """Where ``np.save`` will write, checked before any embedding is computed so that none is lost."""
+    path = output if output.name.endswith(".npy") else output.with_name(output.name + ".npy")  # as np.save does
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"--output {output}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--output {output}: cannot write there (permission denied)")
+    return path
+
+
 def _embed(args, connect) -> int:
     batches = _batches(args)
+    output = _output_path(args.output) if args.output is not None else None
     with connect(ReidClient) as client:
         outcomes = [o for batch in batches for o in client.embed(batch)]
     failed = 0
@@ -97,15 +109,18 @@ def _embed(args, connect) -> int:
     for path, o in zip(args.images, outcomes):
         if o.ok:
             rows.append(o.embedding)
-            if args.output is None:
+            if output is None:
                 print(f"{path}: " + " ".join(f"{v:.5f}" for v in o.embedding))
         else:
             failed += 1
             rows.append(np.full(dim, np.nan, dtype=np.float32))
             print(f"{path}: error {o.error_code}: {o.error}", file=sys.stderr)
-    if args.output is not None:
-        np.save(args.output, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
-        print(f"wrote {args.output} ({len(rows)} x {dim})")
+    if output is not None:
+        try:
+            np.save(output, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+        except OSError as exc:
+            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+        print(f"wrote {output} ({len(rows)} x {dim})")
     return 1 if failed else 0
 
 

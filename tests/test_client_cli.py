@@ -128,6 +128,20 @@ def test_embed_writes_npy_with_nan_rows_for_failed_images(server, crops, tmp_pat
     np.testing.assert_allclose(np.array(values.split(), dtype=np.float32), rows[2], atol=1e-5)
 
 
+def test_embed_output_that_cannot_be_written_fails_in_one_line(server, crops, tmp_path, capsys):
+    a1, _, _ = crops
+    missing = tmp_path / "nowhere" / "emb.npy"
+    code, out, err = _run(capsys, server, "embed", str(a1), "--output", str(missing))
+    assert code == 2 and out == ""  # refused before any embedding was computed
+    assert err.strip() == f"reid-client: error: --output {missing}: folder {missing.parent} does not exist"
+    folder = tmp_path / "taken.npy"
+    folder.mkdir()  # passes the folder check, fails to open: reported, not a traceback
+    code, _, err = _run(capsys, server, "embed", str(a1), "--output", str(folder))
+    assert code == 2 and err.startswith(f"reid-client: error: cannot write {folder}: ")
+    code, out, _ = _run(capsys, server, "embed", str(a1), "--output", str(tmp_path / "emb"))  # np.save's suffix
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'emb.npy'} (1 x 32)" and np.load(tmp_path / "emb.npy").shape == (1, 32)
+
+
 def test_many_images_go_in_calls_of_batch(server, synthetic_root, tmp_path, capsys):
     files = [str(f) for f in sorted((synthetic_root / "bounding_box_test").iterdir())[:7]]
     assert _run(capsys, server, "create", "g")[0] == 0
