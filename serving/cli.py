@@ -94,8 +94,12 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.config:
         try:
             loaded = yaml.safe_load(args.config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            parser.error(f"cannot read --config {args.config}: {exc}")
+        except OSError as exc:
+            parser.error(f"cannot read --config {args.config}: {exc.strerror or exc}")
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)  # PyYAML's message spans lines; the line/column and problem suffice
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            parser.error(f"--config {args.config} is not valid YAML: {where}{getattr(exc, 'problem', None) or exc}")
         if not isinstance(loaded, dict):
             parser.error(f"--config {args.config} must hold a mapping of option: value")
         values = {str(k).replace("-", "_"): v for k, v in loaded.items()}

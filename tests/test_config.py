@@ -109,5 +109,11 @@ def test_missing_and_invalid_spec_files(tmp_path):
         load_spec(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
         load_spec(bad)
+    # PyYAML's own message spans four lines (context, snippet, caret); the CLI prints one
+    assert str(err.value) == f"spec file {bad} is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"
+    with pytest.raises(ConfigError) as err:
+        load_spec(None, ["train.gpu_ids=[0,"])
+    assert str(err.value) == ("override train.gpu_ids: cannot parse value '[0,': line 1, column 4: "
+                              "expected the node content, but found '<stream end>'")

@@ -1,10 +1,13 @@
 """Model construction: every backbone, normalization inside, neck options, pretrained loading."""
 from __future__ import annotations
 
+import fractions
+
 import pytest
 import torch
 
 from tests.conftest import TINY_SWIN
+from training.errors import ConfigError, ReidError
 from training.models import ModelArgs, available_backbones, build_model
 from training.models.build import load_pretrained
 
@@ -94,3 +97,23 @@ def test_imagenet_pretrained_loads_backbone_only(tmp_path):
     fresh = build_model(_args("resnet_50"))
     assert load_pretrained(fresh, str(path), "imagenet") == ["fc.weight"]
     torch.testing.assert_close(fresh.backbone.conv1.weight, model.backbone.conv1.weight)
+
+
+def test_unusable_pretrained_files_are_one_line_config_errors(tmp_path):
+    model = build_model(_args("resnet_50"))
+    junk, listing, foreign, objects = (tmp_path / n for n in ("junk.pth", "list.pth", "foreign.pth", "objects.pth"))
+    junk.write_bytes(b"not a checkpoint\n")  # torch.load raised KeyError: 174812789 for this
+    torch.save([1, 2], listing)
+    torch.save({"a.weight": torch.zeros(3)}, foreign)
+    torch.save({"x": fractions.Fraction(1, 3)}, objects)  # a pickle weights_only=True refuses to run
+    expected = {
+        junk: "cannot read model.pretrained_model_path .*junk.pth: not a file written by torch.save",
+        listing: "list.pth holds a list, not a state dict",
+        foreign: "foreign.pth shares no tensor with backbone resnet_50 \\(model.pretrain_choice=imagenet\\)",
+        objects: "objects.pth: it holds Python objects besides tensors, and untrusted pickles are not run",
+        tmp_path / "missing.pth": "model.pretrained_model_path .*missing.pth does not exist",
+    }
+    for path, message in expected.items():
+        with pytest.raises(ConfigError if path in (listing, foreign) else ReidError, match=message) as err:
+            load_pretrained(model, str(path), "imagenet")
+        assert "\n" not in str(err.value)

@@ -369,6 +369,11 @@ def test_config_file_takes_every_option_not_only_the_batchers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_serve_args(["--config", str(config)])
     assert "--model is required" in capsys.readouterr().err
+    config.write_text("model: [m.onnx\n")
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--config", str(config)])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"reid-serve: error: --config {config} is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'")
     config.write_text("model: m.onnx\nbatch_size: 4\n")
     with pytest.raises(ValueError, match="unknown option.*batch_size"):
         build_config(parse_serve_args(["--config", str(config)]))

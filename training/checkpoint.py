@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -26,15 +28,36 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by ``save_checkpoint``; anything else raises ``ReidError``."""
+def _written_by_torch_save(path: Path) -> bool:
+    """A zip archive (torch.save since torch 1.6) or a binary pickle (the legacy format)."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            return True
+        f.seek(0)
+        return f.read(1) == pickle.PROTO
+
+
+def load_weights(path: str | Path, what: str = "checkpoint"):
+    """``torch.load`` that never runs a pickle's code (``weights_only=True``), with its many failure
+    types (KeyError, EOFError, RuntimeError, UnpicklingError) turned into one ``ReidError`` line."""
     path = Path(path)
     if not path.is_file():
-        raise ReidError(f"checkpoint {path} does not exist")
+        raise ReidError(f"{what} {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for bad files
-        raise ReidError(f"{path} is not a readable checkpoint: {str(exc).splitlines()[0]}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if not _written_by_torch_save(path):
+            reason = "not a file written by torch.save (empty, truncated or another format)"
+        elif isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+            reason = "it holds Python objects besides tensors, and untrusted pickles are not run (weights_only=True)"
+        else:
+            reason = f"damaged: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        raise ReidError(f"cannot read {what} {path}: {reason}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint written by ``save_checkpoint``; anything else raises ``ReidError``."""
+    ckpt = load_weights(path)
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model_state" not in ckpt:
         raise ReidError(f"{path} is not a reid training checkpoint (no model_args/model_state)")
     return ckpt

@@ -27,6 +27,14 @@ _BACKBONE_ONLY = {
 }
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message spans several lines (context, a quoted snippet, a caret); errors here are
+    one line, so keep where and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(exc, "problem", None) or str(exc).splitlines()[0])
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", parsed value); the value is parsed as YAML (``[0,1]``, ``True``, ``1e-3``)."""
     key, sep, raw = text.partition("=")
@@ -35,7 +43,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(exc)}") from None
     return key.strip(), value
 
 
@@ -191,7 +199,7 @@ def load_spec(path: str | Path | None, overrides: Iterable[str] = ()) -> Experim
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"spec file {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"spec file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     return build_spec(data, overrides)
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from training.checkpoint import load_weights
+from training.errors import ConfigError
 from training.models import backbones  # noqa: F401  (registers the backbones)
 from training.models.backbones import timm_checkpoint_filter
 from training.models.head import ReIdHead
@@ -97,13 +99,13 @@ def model_args_from_spec(spec, num_classes: int | None = None) -> ModelArgs:
     )
 
 
-def _extract_state_dict(obj) -> dict:
+def _extract_state_dict(obj, path: str) -> dict:
     if isinstance(obj, dict):
         for key in ("model_state", "state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
                 return obj[key]
         return obj
-    raise ValueError("pretrained file holds no state dict")
+    raise ConfigError(f"model.pretrained_model_path {path} holds a {type(obj).__name__}, not a state dict")
 
 
 def load_pretrained(model: ReIdModel, path: str, choice: str) -> list[str]:
@@ -113,7 +115,7 @@ def load_pretrained(model: ReIdModel, path: str, choice: str) -> list[str]:
     lacks are skipped and logged. Returns the skipped keys. Pickles are never executed
     (``weights_only=True``).
     """
-    state = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = _extract_state_dict(load_weights(path, "model.pretrained_model_path"), path)
     target: nn.Module = model.backbone if choice == "imagenet" else model
     if choice == "imagenet":
         state = timm_checkpoint_filter(model.backbone, state)
@@ -128,5 +130,6 @@ def load_pretrained(model: ReIdModel, path: str, choice: str) -> list[str]:
     if missing:
         log.info("%d model keys keep their initial values: %s", len(missing), ", ".join(missing[:20]))
     if not usable:
-        raise ValueError(f"{path} shares no tensor with backbone {model.args.backbone}")
+        raise ConfigError(f"model.pretrained_model_path {path} shares no tensor with backbone {model.args.backbone} "
+                          f"(model.pretrain_choice={choice})")
     return skipped
