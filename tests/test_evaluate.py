@@ -95,6 +95,35 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(trained, tmp_path, capsys, sy
         assert code == 2 and message in err.strip().splitlines()[-1], (extra, err)
 
 
+def test_unwritable_outputs_stop_before_any_embedding(trained, tmp_path, capsys, monkeypatch):
+    """A typo in an output path used to surface only after every image had been embedded."""
+    import training.evaluate
+    import training.inference
+
+    def never(*args, **kwargs):
+        raise AssertionError("embedded before checking where the results go")
+
+    monkeypatch.setattr(training.evaluate, "open_embedder", never)
+    monkeypatch.setattr(training.inference, "open_embedder", never)
+    ckpt, overrides = trained
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    cases = [
+        ("evaluate", f"evaluate.output_cmc_curve_plot={blocker / 'cmc.png'}",
+         f"evaluate.output_cmc_curve_plot={blocker / 'cmc.png'}: cannot create folder {blocker}: "),
+        ("evaluate", f"evaluate.output_sampled_matches_plot={folder}",
+         f"evaluate.output_sampled_matches_plot={folder} is a folder; give a file name"),
+        ("inference", f"inference.output_file={blocker / 'sub' / 'e.json'}", "inference.output_file="),
+    ]
+    for command, override, message in cases:
+        code, _, err = _run(capsys, command, *overrides, f"results_dir={tmp_path}", f"{command}.checkpoint={ckpt}", override)
+        assert code == 2 and err.strip().splitlines()[-1].startswith(f"reid {command}: error: {message}"), err
+    code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={blocker}", f"evaluate.checkpoint={ckpt}")
+    assert code == 2 and "results_dir=" in err, err
+
+
 def test_training_checks_its_folders_before_the_first_epoch(tmp_path, capsys, synthetic_root):
     """A validation folder that is missing would otherwise stop the run at its first validation,
     after the epochs before it; an unset training folder would read the working directory."""

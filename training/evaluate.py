@@ -15,6 +15,7 @@ from retrieval.rerank import k_reciprocal_rerank
 from training.data.market1501 import load_query_gallery, protocol_ids
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
+from training.outputs import writable_output
 from training.plots import plot_cmc, plot_matches
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ def run_evaluate(spec) -> dict:
                           "or evaluate.server to evaluate through a running server")
     if e.checkpoint and not e.server and not Path(e.checkpoint).exists():
         raise ConfigError(f"evaluate.checkpoint={e.checkpoint} does not exist")
+    out_dir = Path(spec.results_dir) / "evaluate"
+    json_path = writable_output(out_dir / "results.json", "results_dir")
+    cmc_path = writable_output(e.output_cmc_curve_plot or out_dir / "cmc_curve.png",
+                               "evaluate.output_cmc_curve_plot" if e.output_cmc_curve_plot else "results_dir")
+    matches_path = writable_output(e.output_sampled_matches_plot or out_dir / "sampled_matches.png",
+                                   "evaluate.output_sampled_matches_plot" if e.output_sampled_matches_plot else "results_dir")
     query, gallery = load_query_gallery(e.query_dataset or spec.dataset.query_dataset_dir,
                                         e.test_dataset or spec.dataset.test_dataset_dir, "evaluate")
     if e.server:
@@ -129,11 +136,6 @@ def run_evaluate(spec) -> dict:
         gf = embedder.embed(gallery, "gallery")
         results, curves, dists = score(qf, gf, query, gallery, spec.re_ranking, _rerank_device(e.gpu_id))
         dim = int(qf.shape[1])
-    out_dir = Path(spec.results_dir) / "evaluate"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmc_path = plot_cmc(curves, e.output_cmc_curve_plot or out_dir / "cmc_curve.png")
-    best = dists.get("with re-ranking", dists["without re-ranking"])
-    matches_path = plot_matches(query, gallery, best, e.output_sampled_matches_plot or out_dir / "sampled_matches.png")
     report = {
         "model": str(e.checkpoint or e.server), "source": source,
         "num_query": len(query), "num_gallery": len(gallery), "embedding_dim": dim,
@@ -142,9 +144,10 @@ def run_evaluate(spec) -> dict:
         if spec.re_ranking.re_ranking else None,
         "cmc_curve_plot": str(cmc_path), "sampled_matches_plot": str(matches_path),
     }
-    json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(report, indent=2))
+    json_path.write_text(json.dumps(report, indent=2))  # the figures first: a failed plot does not lose them
     report["results_file"] = str(json_path)
+    plot_cmc(curves, cmc_path)
+    plot_matches(query, gallery, dists.get("with re-ranking", dists["without re-ranking"]), matches_path)
     return report
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from training.data.market1501 import load_query_gallery
 from training.embedders import open_embedder
 from training.errors import ConfigError
+from training.outputs import writable_output
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,13 @@ def run_inference(spec) -> Path:
         raise ConfigError(f"inference.output_file={out} must end in .json (TAO format) or .npz (compact)")
     if not Path(i.checkpoint).exists():
         raise ConfigError(f"inference.checkpoint={i.checkpoint} does not exist")
+    writable_output(out, "inference.output_file" if i.output_file else "results_dir")
     query, gallery = load_query_gallery(i.query_dataset or spec.dataset.query_dataset_dir,
                                         i.test_dataset or spec.dataset.test_dataset_dir, "inference")
     embedder = open_embedder(i.checkpoint, spec, i.gpu_id, i.batch_size or spec.dataset.val_batch_size)
     log.info("embedding %d query and %d gallery images with %s", len(query), len(gallery), embedder.description)
     records = query + gallery
     feats = np.concatenate([embedder.embed(query, "query"), embedder.embed(gallery, "gallery")])
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npz":
         np.savez(
             out, img_path=np.array([r.path for r in records]), pid=np.array([r.pid for r in records]),

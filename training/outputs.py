@@ -1,0 +1,23 @@
+"""Output files of long commands, checked before the work that fills them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from training.errors import ConfigError
+
+
+def writable_output(path: str | Path, key: str) -> Path:
+    """Create ``path``'s folder and check that the file can be written there, so that a mistyped or
+    read-only output path stops ``reid evaluate``/``inference`` before the embedding, not after it.
+    ``key`` names the spec key to fix."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key}={path}: cannot create folder {path.parent}: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise ConfigError(f"{key}={path} is a folder; give a file name")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{key}={path}: cannot write there (permission denied)")
+    return path
