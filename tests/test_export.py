@@ -138,6 +138,12 @@ def test_unwritable_output_is_one_line(swin_ckpt, tmp_path, capsys):
     code = export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(blocker / "m.onnx")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"reid-export: error: {blocker}"), err
+    folder = tmp_path / "m.onnx"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(folder)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1] == f"reid-export: error: --onnx {folder} is a folder; give a file name"
 
 
 def test_tao_form_writes_onnx_next_to_checkpoint(swin_ckpt, synthetic_root, tmp_path, capsys):
