@@ -24,17 +24,29 @@ class UsageError(Exception):
     """A problem with the command line, found before any call (exit status 2)."""
 
 
+CONNECTION_DEFAULTS = {"server": "127.0.0.1:50051", "timeout": 60.0, "token": None, "tls_ca": None}
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """Before or after the command (``reid-client --server H:P embed ...`` or ``... embed --server H:P``).
+    Both parsers leave an option unset (SUPPRESS) unless given, as a subcommand's default would
+    otherwise overwrite a value given before it; ``client_main`` fills the defaults in."""
+    s = argparse.SUPPRESS
+    parser.add_argument("--server", default=s, help="host:port of reid-serve (default: $REID_SERVER, else 127.0.0.1:50051)")
+    parser.add_argument("--timeout", type=float, default=s, help="seconds per call (default 60)")
+    parser.add_argument("--token", default=s, help="bearer token (or set REID_TOKEN)")
+    parser.add_argument("--tls-ca", default=s, help="CA (PEM) to verify the server; enables TLS")
+
+
 def client_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default="127.0.0.1:50051", help="host:port of reid-serve (default 127.0.0.1:50051)")
-    common.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default 60)")
-    common.add_argument("--token", help="bearer token (or set REID_TOKEN)")
-    common.add_argument("--tls-ca", help="CA (PEM) to verify the server; enables TLS")
+    _add_connection_options(common)
     images = argparse.ArgumentParser(add_help=False)
     images.add_argument("--batch", type=int, default=64,
                         help="images per call (default 64; the server refuses calls over its per-request limit)")
 
     p = argparse.ArgumentParser(prog="reid-client", description="Call a reid-serve server.")
+    _add_connection_options(p)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("embed", parents=[common, images], help="embed image files; print embeddings or write them as .npy")
     e.add_argument("images", nargs="+", type=Path)
@@ -198,6 +210,9 @@ COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop":
 
 def client_main(argv: list[str] | None = None) -> int:
     args = client_parser().parse_args(argv)
+    for key, default in {**CONNECTION_DEFAULTS, "server": os.environ.get("REID_SERVER") or CONNECTION_DEFAULTS["server"]}.items():
+        if not hasattr(args, key):
+            setattr(args, key, default)
 
     def connect(kind):
         try:
@@ -213,4 +228,7 @@ def client_main(argv: list[str] | None = None) -> int:
         return 2
     except grpc.RpcError as exc:
         print(f"reid-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `reid-client search ... | head`: the reader left; stop without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush does not fail again
         return 1

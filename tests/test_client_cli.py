@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -157,3 +159,25 @@ def test_many_images_go_in_calls_of_batch(server, synthetic_root, tmp_path, caps
     assert np.load(emb).shape == (7, 32)
     code, _, err = _run(capsys, server, "embed", *files, "--batch", "0")
     assert code == 2 and err.strip() == "reid-client: error: --batch must be at least 1, got 0"
+
+
+def test_connection_options_go_before_or_after_the_command(server, monkeypatch, capsys):
+    assert client_main(["--server", server.target, "create", "front"]) == 0
+    assert client_main(["--server", "127.0.0.1:1", "galleries", "--server", server.target]) == 0  # the later one wins
+    monkeypatch.setenv("REID_SERVER", server.target)
+    assert client_main(["galleries", "--timeout", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == ["front: 0 entries, 32-d, flat index, faiss on cpu"] * 2
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly(server, crops):
+    """``reid-client search ... | head -1`` used to end in a BrokenPipeError traceback."""
+    code = "import sys; from serving.client_cli import client_main; raise SystemExit(client_main())"
+    assert client_main(["create", "g", "--server", server.target]) == 0
+    assert client_main(["enroll", "g", *map(str, crops), "--server", server.target]) == 0
+    proc = subprocess.Popen([sys.executable, "-c", code, "search", "g", *map(str, crops * 400), "--batch", "3",
+                             "--top-k", "3", "--server", server.target], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its lines
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and b"Traceback" not in err, err.decode()
