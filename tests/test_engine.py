@@ -12,6 +12,7 @@ from training.checkpoint import load_checkpoint
 from training.config.load import build_spec
 from training.data.market1501 import load_query
 from training.data.synthetic import make_synthetic
+from training.errors import ConfigError
 from training.embed import embed_records, model_from_checkpoint
 from training.engine import Trainer, spawn_workers, train
 
@@ -109,3 +110,22 @@ def test_tao_example_spec_trains_with_small_overrides(synthetic_root, tmp_path, 
     ckpt = Path(out.strip().splitlines()[-1].removeprefix("checkpoint: "))
     payload = load_checkpoint(ckpt)
     assert payload["model_args"]["feat_dim"] == 1024 and payload["spec"]["model"]["no_margin"] is True
+
+
+def test_a_fresh_run_refuses_a_results_dir_that_holds_a_run(quick_spec):
+    first = train(quick_spec(**{"train.num_epochs": 1}))
+    before = first.read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a training run .*model_epoch_001\.pth.*"
+                                          r"train\.resume_training_checkpoint_path="):
+        train(quick_spec(**{"train.num_epochs": 1}))
+    assert first.read_bytes() == before
+
+
+def test_metrics_log_holds_one_history_after_a_resume(quick_spec):
+    """Resuming at epoch 1 of a 3-epoch run trains epochs 2-3 again: their old lines go."""
+    run = train(quick_spec(**{"train.num_epochs": 3}))
+    log_file = run.parent / "metrics.jsonl"
+    with open(log_file, "a") as f:
+        f.write('{"epoch": 4, "loss"')  # a line cut short by a crash
+    train(quick_spec(**{"train.num_epochs": 3, "train.resume_training_checkpoint_path": str(run.parent / "model_epoch_001.pth")}))
+    assert [json.loads(line)["epoch"] for line in log_file.read_text().splitlines()] == [1, 2, 3]

@@ -165,6 +165,20 @@ class Trainer:
             },
         )
 
+    def _restart_metrics_log(self) -> None:
+        """metrics.jsonl tells one run's history: a resumed run keeps the epochs up to its checkpoint
+        and drops those it will train again; a fresh run starts the file anew."""
+        path = self.out_dir / "metrics.jsonl"
+        kept = []
+        if self.start_epoch and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("epoch", 0) <= self.start_epoch:
+                        kept.append(line)
+                except json.JSONDecodeError:  # a line cut short when the earlier run stopped
+                    continue
+        path.write_text("".join(line + "\n" for line in kept))
+
     def fit(self) -> Path | None:
         spec, t = self.spec, self.spec.train
         main = _is_main(self.rank)
@@ -175,6 +189,7 @@ class Trainer:
                 spec.model.backbone, len(self.records), self.model_args.num_classes, self.device,
                 self.loss_weights.describe(), self.world_size,
             )
+            self._restart_metrics_log()
         last_ckpt = None
         for epoch in range(self.start_epoch, t.num_epochs):
             seed = _epoch_seed(t.seed, epoch)
@@ -250,8 +265,21 @@ def spawn_workers(spec: ExperimentSpec, world_size: int, backend: str) -> Path |
     return Path(text) if text else None
 
 
+def check_results_dir(spec: ExperimentSpec) -> None:
+    """A fresh run must not overwrite another run's checkpoints: they would be replaced epoch by
+    epoch, and its metrics log mixed with the new run's."""
+    if spec.train.resume_training_checkpoint_path:
+        return
+    out_dir = Path(spec.results_dir) / "train"
+    existing = sorted(out_dir.glob("model_epoch_*.pth"))
+    if existing:
+        raise ConfigError(f"results_dir={spec.results_dir} already holds a training run ({existing[-1]}); continue it with "
+                          f"train.resume_training_checkpoint_path={existing[-1]}, or give another results_dir")
+
+
 def train(spec: ExperimentSpec) -> Path | None:
     """Train per the spec; returns the last checkpoint written (rank 0)."""
+    check_results_dir(spec)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # launched by torchrun
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = _device_for(spec, local_rank)
