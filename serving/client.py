@@ -33,9 +33,14 @@ def to_image(item: ImageInput, bgr: bool = False) -> reid_pb2.Image:
         return reid_pb2.Image(encoded=Path(item).read_bytes())
     if isinstance(item, bytes):
         return reid_pb2.Image(encoded=item)
-    arr = np.ascontiguousarray(item, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"raw images must be H x W x 3 uint8, got {arr.shape}")
+    if not isinstance(item, np.ndarray):
+        raise TypeError(f"an image is a file path, encoded bytes or an H x W x 3 uint8 array; got {type(item).__name__}")
+    if item.dtype != np.uint8:  # casting would turn a 0..1 float image into zeros and embed those
+        hint = " (from 0..1 floats: (img * 255).round().astype(np.uint8))" if item.dtype.kind == "f" else ""
+        raise ValueError(f"raw images must be H x W x 3 uint8, got dtype {item.dtype}{hint}")
+    if item.ndim != 3 or item.shape[2] != 3:
+        raise ValueError(f"raw images must be H x W x 3 uint8, got shape {item.shape}")
+    arr = np.ascontiguousarray(item)
     fmt = reid_pb2.BGR8 if bgr else reid_pb2.RGB8
     return reid_pb2.Image(raw=reid_pb2.RawImage(pixels=arr.tobytes(), height=arr.shape[0], width=arr.shape[1], format=fmt))
 

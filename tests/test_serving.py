@@ -90,6 +90,20 @@ def test_one_bad_image_fails_alone(server):
     assert response.dimension == 32 and len(response.results[0].embedding.values) == 32
 
 
+def test_client_refuses_arrays_it_would_have_to_cast():
+    """np.asarray(img, dtype=uint8) turned a 0..1 float crop into zeros, embedded without complaint."""
+    with pytest.raises(ValueError, match=r"got dtype float32 \(from 0\.\.1 floats: \(img \* 255\)"):
+        build_request([np.full((128, 64, 3), 0.5, np.float32)])
+    with pytest.raises(ValueError, match="got dtype int64"):
+        build_request([np.zeros((128, 64, 3), np.int64)])
+    with pytest.raises(ValueError, match=r"got shape \(128, 64\)"):
+        build_request([np.zeros((128, 64), np.uint8)])
+    with pytest.raises(TypeError, match="got int"):
+        build_request([5])
+    raw = build_request([np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)[:, ::-1]]).images[0].raw  # a strided view
+    assert (raw.height, raw.width, raw.pixels) == (2, 3, np.arange(18, dtype=np.uint8).reshape(2, 3, 3)[:, ::-1].tobytes())
+
+
 def test_concurrent_callers_are_batched_and_answers_stay_in_order(server, engine):
     images = [_jpeg(100 + i) for i in range(24)]
     expected = engine.embed_images([decode_image(b) for b in images])
