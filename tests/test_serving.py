@@ -638,7 +638,7 @@ def test_uvloop_asked_for_but_missing_is_one_line(tiny_onnx):
 def test_startup_with_bad_model_is_one_line(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"garbage")
-    for path in (bad, tmp_path / "missing.onnx"):
+    for path in (bad, tmp_path / "missing.onnx", tmp_path):
         result = subprocess.run([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
                                  "--model", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2

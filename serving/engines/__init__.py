@@ -11,6 +11,8 @@ __all__ = ["Engine", "ImageError", "ModelFileError", "ModelMetadata", "decode_im
 def model_kind(path: str | Path) -> str:
     """``onnx`` or ``tensorrt`` by content (a TensorRT plan has a sidecar JSON from ``reid-export``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder; give the model file in it (.onnx, or .engine with its .json)")
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
     if path.with_suffix(path.suffix + ".json").is_file() and path.suffix != ".onnx":
