@@ -638,12 +638,14 @@ def test_uvloop_asked_for_but_missing_is_one_line(tiny_onnx):
 def test_startup_with_bad_model_is_one_line(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"garbage")
-    for path in (bad, tmp_path / "missing.onnx", tmp_path):
+    for path, says in ((bad, "is neither an ONNX model"), (tmp_path / "missing.onnx", "does not exist"),
+                       (tmp_path, "is a folder; give the model file in it")):
         result = subprocess.run([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
                                  "--model", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("reid-serve: error:"), result.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"reid-serve: error: {path}" if path != tmp_path / "missing.onnx"
+                                                       else "reid-serve: error: model file") and says in lines[0], result.stderr
 
 
 @pytest.mark.parametrize("option", ["--port", "--metrics-port"])
