@@ -10,11 +10,11 @@ import torch
 from tests.conftest import quick_overrides
 from training.checkpoint import load_checkpoint
 from training.config.load import build_spec
-from training.data.market1501 import load_query
+from training.data.market1501 import load_query, load_train
 from training.data.synthetic import make_synthetic
 from training.errors import ConfigError
 from training.embed import embed_records, model_from_checkpoint
-from training.engine import Trainer, spawn_workers, train
+from training.engine import Trainer, _train_loader, spawn_workers, train
 
 
 def test_train_writes_checkpoints_and_metrics(quick_spec):
@@ -129,3 +129,13 @@ def test_metrics_log_holds_one_history_after_a_resume(quick_spec):
         f.write('{"epoch": 4, "loss"')  # a line cut short by a crash
     train(quick_spec(**{"train.num_epochs": 3, "train.resume_training_checkpoint_path": str(run.parent / "model_epoch_001.pth")}))
     assert [json.loads(line)["epoch"] for line in log_file.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_batches_are_pinned_only_for_a_gpu(quick_spec):
+    """Pinned (page-locked) batches let the training step's non_blocking copy overlap on a GPU; on a
+    CPU they would only cost a copy."""
+    spec = quick_spec()
+    records = load_train(spec.dataset.train_dataset_dir, spec.dataset.num_classes)
+    for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda", 0), True)):
+        loader, _ = _train_loader(spec, records, 0, 1, device)  # built, not iterated: needs no GPU
+        assert loader.pin_memory is pinned

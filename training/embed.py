@@ -27,12 +27,12 @@ def embed_records(
     args = model.args
     loader = torch.utils.data.DataLoader(
         ImageDataset(records, build_eval_transform(args.input_height, args.input_width)),
-        batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
     )
     was_training = model.training
     model.eval()
     out = []
     for images, _, _ in tqdm(loader, desc=desc, disable=desc is None, unit="batch", leave=False):
-        out.append(model(images.to(device)).float().cpu().numpy())
+        out.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, args.feat_dim), dtype=np.float32)

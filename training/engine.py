@@ -60,7 +60,7 @@ def validate(model, spec: ExperimentSpec, device: torch.device, query: list[Imag
     return {"mAP": m_ap, "rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)])}
 
 
-def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int):
+def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int, device: torch.device):
     d, m = spec.dataset, spec.model
     transform = build_train_transform(m.input_height, m.input_width, d.prob, d.padding, d.re_prob, d.pixel_mean)
     if d.sampler == "softmax":
@@ -74,6 +74,7 @@ def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int):
     loader = torch.utils.data.DataLoader(
         ImageDataset(records, transform), batch_sampler=sampler, num_workers=d.num_workers,
         generator=torch.Generator(),
+        pin_memory=device.type == "cuda",  # page-locked batches: the step's non_blocking copy then overlaps
     )
     return loader, sampler
 
@@ -108,7 +109,7 @@ class Trainer:
         self.net = self.model
         if world_size > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.loader, self.sampler = _train_loader(spec, self.records, rank, world_size)
+        self.loader, self.sampler = _train_loader(spec, self.records, rank, world_size, device)
 
     def _resume(self, path: str) -> None:
         ckpt = load_checkpoint(path)
