@@ -40,7 +40,9 @@ class GalleryRpcs:
 
     async def _call(self, context, method: str, fn, *args):
         if self.store is None:
-            await self._fail(context, method, grpc.StatusCode.UNAVAILABLE, "this server has no gallery store configured")
+            # UNIMPLEMENTED, not UNAVAILABLE: nothing transient, so a client's retry policy must not retry it
+            await self._fail(context, method, grpc.StatusCode.UNIMPLEMENTED,
+                             "galleries are off on this server (reid-serve --no-gallery)")
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.gallery_pool, fn, *args)
         except GalleryError as exc:

@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from serving.client import ReidClient, build_request
+from serving.client import GalleryClient, ReidClient, build_request
 from serving.engines import ModelFileError, decode_image
 from serving.engines.onnxruntime import OnnxRuntimeEngine
 from serving.proto import reid_pb2, reid_pb2_grpc
@@ -88,6 +88,12 @@ def test_one_bad_image_fails_alone(server):
     assert "needs 48 bytes, got 10" in response.results[3].error.message
     assert "no pixels inside" in response.results[5].error.message
     assert response.dimension == 32 and len(response.results[0].embedding.values) == 32
+
+
+def test_gallery_calls_without_galleries_are_unimplemented_not_retryable(server):
+    with GalleryClient(server.target) as g, pytest.raises(grpc.RpcError) as err:
+        g.create("lobby")
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--no-gallery" in err.value.details()
 
 
 def test_client_refuses_arrays_it_would_have_to_cast():

@@ -99,7 +99,8 @@ class ReIdentificationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateGallery(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every gallery call fails with UNIMPLEMENTED on a server started with --no-gallery.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
