@@ -85,6 +85,11 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
                  workspace_gb: float = 4.0, timing_cache: Path | None = None, pixel_mean=None, pixel_std=None,
                  log=print) -> list[Stage]:
     stages: list[Stage] = []
+    outputs = ([onnx_path] if checkpoint is not None else []) + ([fp16_path_for(onnx_path)] if fp16 else []) + \
+        ([engine_path] if engine_path is not None else [])
+    for path in outputs:  # found otherwise only after the stage, as "NAME.tmp: Is a directory"
+        if path.is_dir():
+            raise ExportError(f"{path} is a folder; give a file name to write")
     if checkpoint is not None:
         log(f"[1] ONNX export of {checkpoint} ...")
         report = export_onnx(checkpoint, onnx_path, normalize_output=normalize)

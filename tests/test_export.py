@@ -17,6 +17,7 @@ from export.tensorrt import gpu_available
 from serving.engines.onnxruntime import OnnxRuntimeEngine
 from tests.conftest import quick_overrides
 from training.checkpoint import file_sha256
+from training.cli import main as training_main
 from training.config.load import build_spec
 from training.data.market1501 import load_query
 from training.data.transforms import build_eval_transform, read_image
@@ -140,10 +141,14 @@ def test_unwritable_output_is_one_line(swin_ckpt, tmp_path, capsys):
     assert code == 2 and err[-1].startswith(f"reid-export: error: {blocker}"), err
     folder = tmp_path / "m.onnx"
     folder.mkdir()
-    with pytest.raises(SystemExit) as exit_:
-        export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(folder)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and err[-1] == f"reid-export: error: --onnx {folder} is a folder; give a file name"
+    assert export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(folder)]) == 2
+    assert capsys.readouterr().err.strip() == f"reid-export: error: {folder} is a folder; give a file name to write"
+    (tmp_path / "ok.fp16.onnx").mkdir()  # also each later stage's output, before the first stage runs
+    assert export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(tmp_path / "ok.onnx"), "--fp16"]) == 2
+    assert "ok.fp16.onnx is a folder" in capsys.readouterr().err and not (tmp_path / "ok.onnx").exists()
+    assert training_main(["export", f"results_dir={tmp_path}", f"export.checkpoint={swin_ckpt}",  # the TAO form
+                          f"export.onnx_file={folder}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{folder} is a folder; give a file name to write")
 
 
 def test_tao_form_writes_onnx_next_to_checkpoint(swin_ckpt, synthetic_root, tmp_path, capsys):
