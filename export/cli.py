@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reid-export: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an output folder that cannot be created or written, a full disk
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"reid-export: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        from training.errors import os_error_line
+
+        print(f"reid-export: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # a checkpoint/ONNX file that cannot be read
         from training.errors import ReidError

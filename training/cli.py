@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Callable
 
-from training.errors import ReidError
+from training.errors import ReidError, os_error_line
 
 log = logging.getLogger("reid")
 
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # results_dir not writable, disk full, ...: the path and the reason, not a traceback
         log.debug("%s failed", args.command, exc_info=True)
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"reid {args.command}: error: {where}{exc.strerror or exc} (-v shows where)", file=sys.stderr)
+        print(f"reid {args.command}: error: {os_error_line(exc)} (-v shows where)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"reid {args.command}: interrupted", file=sys.stderr)

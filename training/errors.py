@@ -11,3 +11,9 @@ class ConfigError(ReidError):
 
 class DataError(ReidError):
     """A dataset folder or image cannot be used; the message names the path."""
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as the CLIs print it: the path and the reason (``/x/y: Permission denied``)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
