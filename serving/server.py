@@ -113,8 +113,8 @@ class ReidServer:
         try:
             self.batcher.start()
             await self._warm_up()
-        except BaseException:
-            await self._abandon_start()
+        except BaseException:  # undo the start (ports, batcher, galleries) so the process can exit cleanly
+            await self.stop(0)
             raise
         # Everything allocated so far (modules, the model, the gallery) lives as long as the process:
         # moved out of the collector's sight, a full collection under load no longer walks those
@@ -141,14 +141,6 @@ class ReidServer:
             raise OSError(f"cannot listen on {address}: the port is taken or {c.host} is not an address of this "
                           "machine; choose another --port or --host")
         return port
-
-    async def _abandon_start(self) -> None:
-        """Undo a start that failed after the port opened, so the process can exit cleanly."""
-        await self.server.stop(0)
-        await self.batcher.stop()
-        self._close_metrics_http()
-        if self.store is not None:
-            self.store.close()
 
     def _close_metrics_http(self) -> None:
         if self._metrics_http is not None:
