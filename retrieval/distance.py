@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# Below this norm a row has no usable direction: l2_normalize leaves it (near) zero.
+NORM_EPS = 1e-12
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+
+def l2_normalize(x: np.ndarray, eps: float = NORM_EPS) -> np.ndarray:
     """Row-wise L2 normalization (rows of zeros stay zero instead of becoming NaN).
 
     Norms are taken in float64: squaring float32 values above about 1.8e19 overflows, which would

@@ -82,6 +82,11 @@ def test_validation_errors(store):
         store.add("g", np.array([0]), np.ones((1, 3)), [EntryMetadata()])
     with pytest.raises(InvalidEntry, match="NaN or inf"):
         store.add("g", np.array([0]), np.array([[1, np.nan, 0, 0]]), [EntryMetadata()])
+    with pytest.raises(InvalidEntry, match="embedding 1 is all zeros"):
+        store.add("g", np.array([0, 0]), np.array([[1, 0, 0, 0], [0, 0, 0, 0]]), [EntryMetadata()] * 2)
+    assert store.info("g").size == 1  # nothing of the refused request was added
+    with pytest.raises(InvalidEntry, match="query embedding 0 is all zeros"):
+        store.search("g", np.zeros((1, 4)), 3, [])
     with pytest.raises(GalleryExists, match=r"\[5\]"):
         store.add("g", np.array([5]), np.ones((1, 4)), [EntryMetadata()])
     store.add("g", np.array([5]), -np.ones((1, 4)), [EntryMetadata(person_id="new")], replace=True)

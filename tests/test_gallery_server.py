@@ -66,6 +66,8 @@ def test_round_trip_filters_and_errors(server):
         for call, code in [
             (lambda: g.add("people", embeddings=vecs[:1, :8]), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: g.add("people", embeddings=np.full((1, 32), np.nan)), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: g.add("people", embeddings=np.zeros((1, 32))), grpc.StatusCode.INVALID_ARGUMENT),
+            (lambda: g.search("people", embeddings=np.zeros((1, 32))), grpc.StatusCode.INVALID_ARGUMENT),
             (lambda: g.add("people", embeddings=vecs[:1], ids=[5]), grpc.StatusCode.ALREADY_EXISTS),
             (lambda: g.search("nobody", embeddings=vecs[:1]), grpc.StatusCode.NOT_FOUND),
             (lambda: g.search("people", embeddings=vecs[:1], top_k=10**6), grpc.StatusCode.INVALID_ARGUMENT),

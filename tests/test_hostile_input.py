@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from retrieval.distance import NORM_EPS
 from retrieval.gallery import EntryMetadata, FaissGalleryStore, InvalidEntry, SearchFilter
 from serving.engines.base import ImageError, decode_image
 from serving.preprocessing import prepare
@@ -80,17 +81,19 @@ def test_gallery_rejects_bad_vectors_and_sizes(tmp_path_factory, vec, top_k):
     store.create("g", 8)
     store.add("g", np.array([1]), np.ones((1, 8)), [EntryMetadata()])
     arr = np.asarray([vec], dtype=np.float32)
+    # usable: the gallery's length, finite, and a direction to compare (not all zeros)
+    usable = arr.shape[1] == 8 and np.isfinite(arr).all() and np.linalg.norm(arr.astype(np.float64)) >= NORM_EPS
     try:
         try:
             store.add("g", np.array([0]), arr, [EntryMetadata()])
-            assert arr.shape[1] == 8 and np.isfinite(arr).all()
+            assert usable
         except InvalidEntry:
-            assert arr.shape[1] != 8 or not np.isfinite(arr).all()
+            assert not usable
         try:
             hits = store.search("g", arr, top_k, [SearchFilter()])
-            assert top_k >= 1 and len(hits[0]) <= min(top_k, 2)
+            assert top_k >= 1 and usable and len(hits[0]) <= min(top_k, 2)
         except InvalidEntry:
-            assert top_k < 1 or arr.shape[1] != 8 or not np.isfinite(arr).all()
+            assert top_k < 1 or not usable
     finally:
         store.close()
 

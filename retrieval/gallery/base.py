@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retrieval.distance import NORM_EPS
+
 
 class GalleryError(Exception):
     """A gallery request that cannot be served; ``code`` names the gRPC status it maps to."""
@@ -110,6 +112,15 @@ def check_new_gallery(name: str, dim: int, index_type: str, max_dim: int) -> Non
         raise InvalidEntry(f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}")
 
 
+def _check_directions(vectors: np.ndarray, what: str) -> None:
+    """Refuse all-zero rows: normalizing one leaves zeros, whose cosine with every entry is 0, so a
+    zero entry would turn up in searches at distance 1 and a zero query would return arbitrary hits.
+    (An unset buffer sent by mistake is the usual cause.)"""
+    zero = np.flatnonzero(np.linalg.norm(vectors.astype(np.float64), axis=1) < NORM_EPS)
+    if len(zero):
+        raise InvalidEntry(f"{what} {zero[0]} is all zeros ({len(zero)} of {len(vectors)}): it has no direction to compare")
+
+
 def check_entries(gallery: str, dim: int, ids: np.ndarray, vectors: np.ndarray, metadata: list) -> np.ndarray:
     """Validate an add request (any backend); returns the ids as int64."""
     ids = np.asarray(ids, dtype=np.int64).copy()
@@ -119,6 +130,7 @@ def check_entries(gallery: str, dim: int, ids: np.ndarray, vectors: np.ndarray, 
         raise InvalidEntry(f"gallery {gallery} holds {dim}-d embeddings, got {vectors.shape[-1]}-d")
     if not np.isfinite(vectors).all():
         raise InvalidEntry("embeddings contain NaN or inf")
+    _check_directions(vectors, "embedding")
     if (ids < 0).any():
         raise InvalidEntry(f"ids must be between 1 and {MAX_ID}")
     given = ids[ids > 0]
@@ -135,6 +147,7 @@ def check_queries(gallery: str, dim: int, queries: np.ndarray, filters: list, to
         raise InvalidEntry(f"gallery {gallery} holds {dim}-d embeddings, got {queries.shape[-1]}-d queries")
     if not np.isfinite(queries).all():
         raise InvalidEntry("query embeddings contain NaN or inf")
+    _check_directions(queries, "query embedding")
     filters = list(filters) or [SearchFilter()]
     if len(filters) not in (1, len(queries)):
         raise InvalidEntry(f"give one filter for all queries or one per query, got {len(filters)} for {len(queries)}")

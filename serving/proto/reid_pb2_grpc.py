@@ -124,7 +124,7 @@ class ReIdentificationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AddToGallery(self, request, context):
-        """Errors: NOT_FOUND (gallery), INVALID_ARGUMENT (dimension, NaN/inf, bad image, counts),
+        """Errors: NOT_FOUND (gallery), INVALID_ARGUMENT (dimension, NaN/inf or all-zero embeddings, bad image, counts),
         ALREADY_EXISTS (id present and replace_existing false), UNAVAILABLE (storage not writable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
