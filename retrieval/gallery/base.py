@@ -151,6 +151,10 @@ def check_queries(gallery: str, dim: int, queries: np.ndarray, filters: list, to
     filters = list(filters) or [SearchFilter()]
     if len(filters) not in (1, len(queries)):
         raise InvalidEntry(f"give one filter for all queries or one per query, got {len(filters)} for {len(queries)}")
+    for i, f in enumerate(filters):
+        if f.time_from and f.time_to and f.time_from > f.time_to:
+            # an empty window is a swapped pair far more often than an intended "match nothing"
+            raise InvalidEntry(f"filter {i}: time_from {f.time_from} is after time_to {f.time_to}")
     return filters * len(queries) if len(filters) == 1 else filters
 
 
