@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ from training.checkpoint import load_checkpoint
 from training.config.load import build_spec
 from training.data.market1501 import load_query, load_train
 from training.data.synthetic import make_synthetic
-from training.errors import ConfigError
+from training.errors import ConfigError, DataError
 from training.embed import embed_records, model_from_checkpoint
-from training.engine import Trainer, _train_loader, spawn_workers, train
+from training.engine import Trainer, _train_loader, check_images, spawn_workers, train
 
 
 def test_train_writes_checkpoints_and_metrics(quick_spec):
@@ -139,3 +140,31 @@ def test_batches_are_pinned_only_for_a_gpu(quick_spec):
     for device, pinned in ((torch.device("cpu"), False), (torch.device("cuda", 0), True)):
         loader, _ = _train_loader(spec, records, 0, 1, device)  # built, not iterated: needs no GPU
         assert loader.pin_memory is pinned
+
+
+def test_unreadable_images_stop_the_run_before_the_first_epoch(synthetic_root, tmp_path, caplog):
+    """A corrupt image used to stop training when the sampler first drew it, epochs in; now every
+    image the run reads is decoded first, and every bad one is named."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    truncated = sorted((root / "bounding_box_train").glob("*.jpg"))[5]
+    truncated.write_bytes(truncated.read_bytes()[:300])  # a valid header: only decoding finds it
+    junk = sorted((root / "query").glob("*.jpg"))[0]
+    junk.write_bytes(b"not an image")
+    results = tmp_path / "results"
+    with pytest.raises(DataError, match=r"(?i)^2 of \d+ images cannot be read, e.g. .*truncated"):
+        train(build_spec({}, quick_overrides(root, results, **{"train.validation_interval": 1})))
+    logged = caplog.text
+    assert str(truncated) in logged and str(junk) in logged
+    assert not (results / "train" / "metrics.jsonl").exists()
+    # without validation, the query split is not read, so only the training image counts
+    with pytest.raises(DataError, match=r"^1 of \d+ images"):
+        train(build_spec({}, quick_overrides(root, results, **{"train.validation_interval": 0})))
+
+
+def test_each_process_checks_its_share_of_the_images(synthetic_root):
+    paths = [str(p) for p in sorted((synthetic_root / "query").glob("*.jpg"))]
+    paths[2] = str(synthetic_root / "missing.jpg")  # index 2: the share of rank 0 of 2
+    check_images(paths, rank=1, world_size=2, threads=2)
+    with pytest.raises(DataError, match="1 of 8 images cannot be read, e.g. .*missing.jpg"):
+        check_images(paths, rank=0, world_size=2, threads=2)

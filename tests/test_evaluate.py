@@ -146,13 +146,20 @@ def test_training_checks_its_folders_before_the_first_epoch(tmp_path, capsys, sy
     assert "Traceback" not in err
 
 
-def test_corrupt_training_image_is_one_line(tmp_path, capsys, synthetic_root):
+def test_corrupt_training_image_is_one_line(tmp_path, capsys, synthetic_root, monkeypatch):
     import shutil
+
+    import training.engine
 
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
     victim = sorted((root / "bounding_box_train").iterdir())[3]
     victim.write_bytes(b"broken")
+    code, _, err = _run(capsys, "train", *quick_overrides(root, tmp_path / "r"))
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"reid train: error: 1 of 48 images cannot be read, e.g. {victim}: "), err
+    # A file that breaks after the up-front check fails in the loader, in a worker process or not.
+    monkeypatch.setattr(training.engine, "check_images", lambda *args: None)
     for workers in (0, 1):
         code, _, err = _run(capsys, "train", *quick_overrides(root, tmp_path / "r", **{"dataset.num_workers": workers}))
         assert code == 2

@@ -5,7 +5,9 @@ graphs, the trainer and every serving engine take the same input.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -21,13 +23,35 @@ from training.errors import DataError
 cv2.setNumThreads(0)
 
 
+def _decode(path: str) -> np.ndarray:
+    return decode_image(Path(path).read_bytes())
+
+
 def read_image(path: str) -> Image.Image:
     """Decode an image as RGB with serving's decoder (the same pixels, TurboJPEG's speed for the
     JPEGs datasets hold); a corrupt or unreadable file raises ``DataError`` naming the path."""
     try:
-        return Image.fromarray(decode_image(Path(path).read_bytes()))
+        return Image.fromarray(_decode(path))
     except (OSError, ImageError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def unreadable_images(paths: Sequence[str], threads: int = 1) -> list[tuple[str, str]]:
+    """(path, reason) for every image ``read_image`` would refuse, in ``paths`` order.
+
+    Each file is fully decoded (a truncated JPEG has a valid header); TurboJPEG and Pillow release
+    the GIL, so threads help: about 0.2 ms an image on one core for CUHK03's crops.
+    """
+    def problem(path: str) -> str | None:
+        try:
+            _decode(path)
+        except (OSError, ImageError) as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        reasons = list(pool.map(problem, paths, chunksize=64))
+    return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
 
 
 class Resize:
