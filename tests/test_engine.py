@@ -15,7 +15,8 @@ from training.data.market1501 import load_query, load_train
 from training.data.synthetic import make_synthetic
 from training.errors import ConfigError, DataError
 from training.embed import embed_records, model_from_checkpoint
-from training.engine import Trainer, _train_loader, check_images, spawn_workers, train
+from training.data.transforms import check_images
+from training.engine import Trainer, _train_loader, spawn_workers, train
 
 
 def test_train_writes_checkpoints_and_metrics(quick_spec):
@@ -165,6 +166,6 @@ def test_unreadable_images_stop_the_run_before_the_first_epoch(synthetic_root, t
 def test_each_process_checks_its_share_of_the_images(synthetic_root):
     paths = [str(p) for p in sorted((synthetic_root / "query").glob("*.jpg"))]
     paths[2] = str(synthetic_root / "missing.jpg")  # index 2: the share of rank 0 of 2
-    check_images(paths, rank=1, world_size=2, threads=2)
+    check_images(paths, threads=2, rank=1, world_size=2)
     with pytest.raises(DataError, match="1 of 8 images cannot be read, e.g. .*missing.jpg"):
-        check_images(paths, rank=0, world_size=2, threads=2)
+        check_images(paths, threads=2, rank=0, world_size=2)

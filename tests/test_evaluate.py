@@ -177,3 +177,40 @@ def test_mismatched_embedding_dims(synthetic_root):
     query, gallery = load_query(synthetic_root / "query"), load_gallery(synthetic_root / "bounding_box_test")
     with pytest.raises(ReidError, match="query embeddings are 8-d but gallery embeddings 16-d"):
         score(np.ones((len(query), 8)), np.ones((len(gallery), 16)), query, gallery, spec.re_ranking)
+
+
+def test_unreadable_images_stop_evaluate_and_inference_before_any_embedding(trained, tmp_path, capsys, caplog,
+                                                                         synthetic_root, monkeypatch, tiny_onnx):
+    """Embedding stopped at the first corrupt image, after every image before it, and the rerun at
+    the next one; every image is now decoded first and every bad one named."""
+    import shutil
+
+    import training.evaluate
+    from training.embedders import CheckpointEmbedder, EngineEmbedder
+
+    ckpt, overrides = trained
+    stored = tmp_path / "emb.npz"
+    assert main(["inference", *overrides, f"results_dir={tmp_path}", f"inference.checkpoint={ckpt}",
+                 f"inference.output_file={stored}"]) == 0
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded or embedded too early")
+
+    monkeypatch.setattr(CheckpointEmbedder, "embed", never)
+    monkeypatch.setattr(EngineEmbedder, "embed", never)
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    victims = [sorted((root / split).glob("*.jpg"))[-1] for split in ("query", "bounding_box_test")]
+    for victim in victims:
+        victim.write_bytes(victim.read_bytes()[:-200])
+    total = len(list((root / "query").glob("*.jpg"))) + len(list((root / "bounding_box_test").glob("*.jpg")))
+    folders = [f"dataset.query_dataset_dir={root / 'query'}", f"dataset.test_dataset_dir={root / 'bounding_box_test'}"]
+    for command, model in [("evaluate", ckpt), ("evaluate", tiny_onnx), ("inference", ckpt)]:
+        caplog.clear()
+        code, _, err = _run(capsys, command, *overrides, *folders, f"results_dir={tmp_path / 'r'}", f"{command}.checkpoint={model}")
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and last.startswith(f"reid {command}: error: 2 of {total} images cannot be read, e.g. {victims[0]}"), err
+        assert all(str(v) in caplog.text for v in victims)
+    # Stored embeddings read no image to score, so nothing is decoded up front for them.
+    monkeypatch.setattr(training.evaluate, "check_images", never)
+    assert main(["evaluate", *overrides, f"results_dir={tmp_path / 's'}", f"evaluate.checkpoint={stored}"]) == 0

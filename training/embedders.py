@@ -21,6 +21,7 @@ KINDS = ("checkpoint", "onnx", "tensorrt", "embeddings")
 
 class Embedder(Protocol):
     description: str
+    reads_images: bool  # False for stored embeddings: their jobs need not decode the images first
 
     def embed(self, records: list[ImageRecord], desc: str) -> np.ndarray: ...
 
@@ -57,6 +58,8 @@ def _device(gpu_id: int) -> torch.device:
 
 
 class CheckpointEmbedder:
+    reads_images = True
+
     def __init__(self, path: str, gpu_id: int, batch_size: int, num_workers: int):
         from training.embed import model_from_checkpoint
 
@@ -74,6 +77,8 @@ class CheckpointEmbedder:
 
 class EngineEmbedder:
     """An exported model through the serving engine: same decode, resize and runtime as live serving."""
+
+    reads_images = True
 
     def __init__(self, path: str, spec, gpu_id: int, batch_size: int):
         from serving.engines import ModelFileError, ModelMetadata, open_engine
@@ -109,6 +114,8 @@ class EngineEmbedder:
 
 class StoredEmbedder:
     """Embeddings written by ``reid inference`` (.npz or TAO JSON), looked up by image path."""
+
+    reads_images = False
 
     def __init__(self, path: str):
         p = Path(path)

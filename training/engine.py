@@ -23,9 +23,9 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ExperimentSpec, spec_to_dict
 from training.data.market1501 import ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
-from training.data.transforms import ImageDataset, build_train_transform, unreadable_images
+from training.data.transforms import ImageDataset, build_train_transform, check_images
 from training.embed import embed_records
-from training.errors import ConfigError, DataError
+from training.errors import ConfigError
 from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
 from training.models.build import load_pretrained
@@ -60,24 +60,6 @@ def validate(model, spec: ExperimentSpec, device: torch.device, query: list[Imag
     return {"mAP": m_ap, "rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)])}
 
 
-def check_images(paths: list[str], rank: int, world_size: int, threads: int) -> None:
-    """Decode every image the run will read before the first epoch. A corrupt file would otherwise
-    stop the run whenever the sampler first drew it, possibly hours in and epochs after the last
-    checkpoint, and a second bad file would then stop the rerun. Each process checks its share."""
-    mine = paths[rank::world_size]
-    start = time.perf_counter()
-    bad = unreadable_images(mine, threads)
-    for path, reason in bad:
-        log.error("cannot read image %s: %s", path, reason)
-    if bad:
-        path, reason = bad[0]
-        raise DataError(f"{len(bad)} of {len(mine)} images cannot be read, e.g. {path}: {reason}; "
-                        f"fix or remove them (each one is logged above)")
-    if _is_main(rank):
-        log.info("checked %d images in %.1f s%s", len(mine), time.perf_counter() - start,
-                 f" (this process's share of {len(paths)})" if world_size > 1 else "")
-
-
 def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int, device: torch.device):
     d, m = spec.dataset, spec.model
     transform = build_train_transform(m.input_height, m.input_width, d.prob, d.padding, d.re_prob, d.pixel_mean)
@@ -108,7 +90,7 @@ class Trainer:
                                   spec.dataset.num_classes)
         self.val_split = validation_split(spec) if spec.train.validation_interval else None
         val_paths = [r.path for split in self.val_split for r in split] if self.val_split else []
-        check_images([r.path for r in self.records] + val_paths, rank, world_size, spec.dataset.num_workers)
+        check_images([r.path for r in self.records] + val_paths, spec.dataset.num_workers, rank, world_size)
         self.model_args = model_args_from_spec(spec)
         self.model = build_model(self.model_args).to(device)
         m = spec.model

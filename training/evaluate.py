@@ -13,6 +13,7 @@ from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
 from retrieval.rerank import k_reciprocal_rerank
 from training.data.market1501 import load_query_gallery, protocol_ids
+from training.data.transforms import check_images
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
 from training.outputs import writable_output
@@ -125,11 +126,14 @@ def run_evaluate(spec) -> dict:
     query, gallery = load_query_gallery(e.query_dataset or spec.dataset.query_dataset_dir,
                                         e.test_dataset or spec.dataset.test_dataset_dir, "evaluate")
     if e.server:
+        check_images([r.path for r in query + gallery], spec.dataset.num_workers)
         source = f"server {e.server}"
         log.info("evaluating through %s on %d query and %d gallery images", e.server, len(query), len(gallery))
         results, curves, dists, dim = score_via_server(e.server, query, gallery, spec.re_ranking)
     else:
         embedder = open_embedder(e.checkpoint, spec, e.gpu_id, e.batch_size or spec.dataset.val_batch_size)
+        if embedder.reads_images:
+            check_images([r.path for r in query + gallery], spec.dataset.num_workers)
         source = embedder.description
         log.info("evaluating %s on %d query and %d gallery images", embedder.description, len(query), len(gallery))
         qf = embedder.embed(query, "query")

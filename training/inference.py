@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data.market1501 import load_query_gallery
+from training.data.transforms import check_images
 from training.embedders import open_embedder
 from training.errors import ConfigError
 from training.outputs import writable_output
@@ -28,8 +29,10 @@ def run_inference(spec) -> Path:
     query, gallery = load_query_gallery(i.query_dataset or spec.dataset.query_dataset_dir,
                                         i.test_dataset or spec.dataset.test_dataset_dir, "inference")
     embedder = open_embedder(i.checkpoint, spec, i.gpu_id, i.batch_size or spec.dataset.val_batch_size)
-    log.info("embedding %d query and %d gallery images with %s", len(query), len(gallery), embedder.description)
     records = query + gallery
+    if embedder.reads_images:
+        check_images([r.path for r in records], spec.dataset.num_workers)
+    log.info("embedding %d query and %d gallery images with %s", len(query), len(gallery), embedder.description)
     feats = np.concatenate([embedder.embed(query, "query"), embedder.embed(gallery, "gallery")])
     if out.suffix == ".npz":
         np.savez(

@@ -5,6 +5,8 @@ graphs, the trainer and every serving engine take the same input.
 """
 from __future__ import annotations
 
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +23,8 @@ from training.errors import DataError
 # DataLoader workers already use the cores; OpenCV's own thread pool would oversubscribe them and
 # is not safe to carry across the fork that starts the workers.
 cv2.setNumThreads(0)
+
+log = logging.getLogger(__name__)
 
 
 def _decode(path: str) -> np.ndarray:
@@ -52,6 +56,26 @@ def unreadable_images(paths: Sequence[str], threads: int = 1) -> list[tuple[str,
     with ThreadPoolExecutor(max(1, threads)) as pool:
         reasons = list(pool.map(problem, paths, chunksize=64))
     return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+
+
+def check_images(paths: Sequence[str], threads: int, rank: int = 0, world_size: int = 1) -> None:
+    """Decode every image a job will read before it starts: a corrupt file would otherwise stop a
+    training run whenever the sampler first drew it, possibly hours in and epochs after the last
+    checkpoint, or an embedding job after everything before it, and the next bad file would stop
+    the rerun. Every bad file is logged; the ``DataError`` counts them. In a multi-process run each
+    process checks its share (``paths[rank::world_size]``)."""
+    mine = paths[rank::world_size]
+    start = time.perf_counter()
+    bad = unreadable_images(mine, threads)
+    for path, reason in bad:
+        log.error("cannot read image %s: %s", path, reason)
+    if bad:
+        path, reason = bad[0]
+        raise DataError(f"{len(bad)} of {len(mine)} images cannot be read, e.g. {path}: {reason}; "
+                        f"fix or remove them (each one is logged above)")
+    if rank == 0:
+        log.info("checked %d images in %.1f s%s", len(mine), time.perf_counter() - start,
+                 f" (this process's share of {len(paths)})" if world_size > 1 else "")
 
 
 class Resize:
