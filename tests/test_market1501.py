@@ -69,3 +69,19 @@ def test_read_image_gives_pillows_pixels_and_names_a_missing_file(tmp_path):
     np.testing.assert_array_equal(np.asarray(got), expected)
     with pytest.raises(DataError, match="absent.jpg"):
         read_image(str(tmp_path / "absent.jpg"))
+
+
+def test_make_synthetic_refuses_sets_that_cannot_be_evaluated(tmp_path, capsys):
+    """One camera used to write a set on which no query has a match (same-camera matches do not
+    count), and a zero size failed halfway with "cannot write empty image"."""
+    from training.cli import main
+
+    for args, message in [(["--cameras", "1"], "cameras=1: need at least 2"),
+                          (["--height", "0"], "images of 0x64 pixels"),
+                          (["--identities", "1"], "identities=1: need at least 2"),
+                          (["--cameras", "3", "--images-per-identity", "3"], "at least cameras + 1 = 4")]:
+        out = tmp_path / "_".join(args)
+        assert main(["make-synthetic", str(out), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("reid make-synthetic: error: ") and message in err, err
+        assert not out.exists()

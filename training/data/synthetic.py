@@ -113,8 +113,13 @@ def make_synthetic(
     Each test identity gives one query image per camera; all its other images form the gallery.
     Returns the number of images written per split.
     """
-    if identities < 2 or cameras < 1 or images_per_identity < 1:
-        raise ValueError("need at least 2 identities, 1 camera and 1 image per identity")
+    if identities < 2:
+        raise ValueError(f"identities={identities}: need at least 2 (half train, half test)")
+    if cameras < 2:
+        # The Market-1501 protocol drops same-camera matches: with one camera no query has a match.
+        raise ValueError(f"cameras={cameras}: need at least 2, since evaluation only counts matches from another camera")
+    if min(height, width) < 8:
+        raise ValueError(f"images of {height}x{width} pixels: give a height and width of at least 8")
     if images_per_identity < cameras + 1:
         raise ValueError(f"images_per_identity must be at least cameras + 1 = {cameras + 1} so queries have matches")
     out = Path(out_dir)
