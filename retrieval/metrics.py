@@ -36,6 +36,17 @@ def _match_ranks(dist: np.ndarray, positive: np.ndarray, kept_negative: np.ndarr
     return np.arange(1, len(pos_idx) + 1) + below
 
 
+def queries_with_matches(q_pids, g_pids, q_camids, g_camids) -> np.ndarray:
+    """Mask of the queries that the protocol can score: those with a gallery item of the same person
+    from another camera (``evaluate_rank`` skips the others). Cheap enough to check a split up front."""
+    cams: dict = {}
+    for pid, cam in zip(np.asarray(g_pids).tolist(), np.asarray(g_camids).tolist()):
+        if pid != JUNK_PID:
+            cams.setdefault(pid, set()).add(cam)
+    return np.array([bool(cams.get(pid, set()) - {cam})
+                     for pid, cam in zip(np.asarray(q_pids).tolist(), np.asarray(q_camids).tolist())], dtype=bool)
+
+
 def evaluate_rank(
     distmat: np.ndarray,
     q_pids: np.ndarray,

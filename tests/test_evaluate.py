@@ -126,12 +126,24 @@ def test_unwritable_outputs_stop_before_any_embedding(trained, tmp_path, capsys,
 
 def test_training_checks_its_folders_before_the_first_epoch(tmp_path, capsys, synthetic_root):
     """A validation folder that is missing would otherwise stop the run at its first validation,
-    after the epochs before it; an unset training folder would read the working directory."""
+    after the epochs before it; an unset training folder would read the working directory. Too
+    few identities for a PK batch, and a validation split in which no query has a match from
+    another camera, ended in tracebacks (the second after the first epochs)."""
+    one_camera = tmp_path / "one_camera"
+    for split in ("query", "bounding_box_test"):
+        (one_camera / split).mkdir(parents=True)
+        for path in (synthetic_root / split).glob("*_c1s*.jpg"):
+            (one_camera / split / path.name).write_bytes(path.read_bytes())
     cases = [
         ({"train.validation_interval": 2, "dataset.query_dataset_dir": tmp_path / "nope"}, "does not exist"),
         ({"train.validation_interval": 2, "dataset.test_dataset_dir": '""'},
          "set dataset.test_dataset_dir (train.validation_interval=2 evaluates on it)"),
         ({"dataset.train_dataset_dir": '""'}, "set dataset.train_dataset_dir"),
+        ({"dataset.batch_size": 18, "dataset.num_instances": 2},  # 9 identities a batch; the set has 8
+         "dataset.batch_size=18, dataset.num_instances=2, 1 process(es): PK sampling needs at least 9 identities"),
+        ({"train.validation_interval": 2, "dataset.query_dataset_dir": one_camera / "query",
+          "dataset.test_dataset_dir": one_camera / "bounding_box_test"},
+         "has an image of the same person from another camera"),
     ]
     for i, (extra, message) in enumerate(cases):
         results = tmp_path / f"r{i}"

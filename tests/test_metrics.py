@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.metrics import evaluate_rank
+from retrieval.metrics import evaluate_rank, queries_with_matches
 
 
 def brute_force(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
@@ -40,6 +40,22 @@ def test_matches_brute_force_with_ties_distractors_junk_and_same_camera(seed):
     np.testing.assert_allclose(cmc, cmc_ref, atol=1e-6)
     assert m_ap == pytest.approx(ap_ref, abs=1e-6)
     assert m_inp == pytest.approx(inp_ref, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_queries_with_matches_are_those_the_protocol_scores(seed):
+    rng = np.random.default_rng(seed)
+    q_pids, g_pids = rng.integers(0, 8, 30), rng.integers(-1, 8, 40)
+    q_cams, g_cams = rng.integers(1, 4, 30), rng.integers(1, 4, 40)
+    q_pids[0] = 99  # nobody in the gallery
+    q_pids[1], q_cams[1], g_pids[0], g_cams[0] = 50, 1, 50, 1  # only seen by the query's own camera
+    mask = queries_with_matches(q_pids, g_pids, q_cams, g_cams)
+    expected = [((g_pids == p) & (g_cams != c)).any() for p, c in zip(q_pids, q_cams)]
+    assert mask.tolist() == expected and 0 < mask.sum() < len(mask)
+    # evaluate_rank averages over exactly these queries: rank-1 of a perfect ranking counts them all
+    dist = (g_pids[None, :] != q_pids[:, None]).astype(float)
+    cmc, _ = evaluate_rank(dist[mask], q_pids[mask], g_pids, q_cams[mask], g_cams, max_rank=1)
+    assert cmc[0] == 1.0
 
 
 def test_hand_computed_example():

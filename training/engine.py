@@ -18,14 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from retrieval.distance import cosine_distance
-from retrieval.metrics import evaluate_rank
+from retrieval.metrics import evaluate_rank, queries_with_matches
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ExperimentSpec, spec_to_dict
 from training.data.market1501 import ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.transforms import ImageDataset, build_train_transform, check_images
 from training.embed import embed_records
-from training.errors import ConfigError
+from training.errors import ConfigError, DataError
 from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
 from training.models.build import load_pretrained
@@ -46,8 +46,13 @@ def validation_split(spec: ExperimentSpec) -> tuple[list[ImageRecord], list[Imag
     """The query and gallery records validation runs on, read when training starts so that a missing
     or misnamed folder stops the run then, not after the epochs before the first validation."""
     d, why = spec.dataset, f" (train.validation_interval={spec.train.validation_interval} evaluates on it)"
-    return (load_query(require_folder(d.query_dataset_dir, "dataset.query_dataset_dir" + why)),
-            load_gallery(require_folder(d.test_dataset_dir, "dataset.test_dataset_dir" + why)))
+    query = load_query(require_folder(d.query_dataset_dir, "dataset.query_dataset_dir" + why))
+    gallery = load_gallery(require_folder(d.test_dataset_dir, "dataset.test_dataset_dir" + why))
+    if not queries_with_matches(*protocol_ids(query, gallery)).any():
+        raise DataError(f"no query in {d.query_dataset_dir} has an image of the same person from another camera in "
+                        f"{d.test_dataset_dir}, so validation has no mAP to report; check the folders, or set "
+                        f"train.validation_interval=0")
+    return query, gallery
 
 
 def validate(model, spec: ExperimentSpec, device: torch.device, query: list[ImageRecord],
@@ -63,12 +68,16 @@ def validate(model, spec: ExperimentSpec, device: torch.device, query: list[Imag
 def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int, device: torch.device):
     d, m = spec.dataset, spec.model
     transform = build_train_transform(m.input_height, m.input_width, d.prob, d.padding, d.re_prob, d.pixel_mean)
-    if d.sampler == "softmax":
-        sampler = RandomBatchSampler(len(records), d.batch_size, spec.train.seed, rank, world_size)
-    else:
-        sampler = IdentityBatchSampler(
-            [r.pid for r in records], d.batch_size, d.num_instances, spec.train.seed, rank, world_size
-        )
+    try:
+        if d.sampler == "softmax":
+            sampler = RandomBatchSampler(len(records), d.batch_size, spec.train.seed, rank, world_size)
+        else:
+            sampler = IdentityBatchSampler(
+                [r.pid for r in records], d.batch_size, d.num_instances, spec.train.seed, rank, world_size
+            )
+    except ValueError as exc:  # the samplers take plain numbers; name the spec keys behind them
+        raise ConfigError(f"dataset.batch_size={d.batch_size}, dataset.num_instances={d.num_instances}, "
+                          f"{world_size} process(es): {exc}") from None
     if len(sampler) == 0:
         raise ConfigError(f"dataset.batch_size={d.batch_size} is larger than one epoch of the training set")
     loader = torch.utils.data.DataLoader(
