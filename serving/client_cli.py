@@ -162,13 +162,26 @@ def _drop(args, connect) -> int:
 
 
 def _enroll(args, connect) -> int:
+    """Embeds each call's images, then adds the embeddings of those that worked: AddToGallery with
+    images adds all of a call's or none, so one corrupt file would stop the command with its
+    neighbours and every later image left out. A failed image gets its own line, as in ``embed``."""
     batches = _batches(args)
     meta = metadata_message(args.person_id, args.camera_id, args.timestamp, _labels(args.label))
-    with connect(GalleryClient) as g:
-        for batch in batches:  # each call adds all its images or none; the lines printed are what was added
-            for path, entry in zip(batch, g.add(args.gallery, images=batch, metadata=[meta] * len(batch))):
-                print(f"{path}: id {entry}", flush=True)
-    return 0
+    failed = 0
+    with connect(GalleryClient) as g, connect(ReidClient) as client:
+        g.info(args.gallery)  # NOT_FOUND before any image is embedded
+        for batch in batches:
+            outcomes = client.embed(batch)
+            for path, o in zip(batch, outcomes):
+                if not o.ok:
+                    failed += 1
+                    print(f"{path}: error {o.error_code}: {o.error}", file=sys.stderr)
+            good = [(path, o.embedding) for path, o in zip(batch, outcomes) if o.ok]
+            if good:
+                ids = g.add(args.gallery, embeddings=np.stack([e for _, e in good]), metadata=[meta] * len(good))
+                for (path, _), entry in zip(good, ids):
+                    print(f"{path}: id {entry}", flush=True)
+    return 1 if failed else 0
 
 
 def _search(args, connect) -> int:

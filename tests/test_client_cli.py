@@ -102,6 +102,27 @@ def test_one_bad_image_fails_only_its_own_search(server, crops, tmp_path, capsys
     assert out.startswith(f"{a1}:\n  1. id ")
 
 
+def test_one_bad_image_fails_only_its_own_enrollment(server, crops, tmp_path, capsys):
+    """AddToGallery with images adds all of a call's or none: the command used to stop at a call
+    holding a corrupt file, leaving out its neighbours and every later image."""
+    a1, a2, b = crops
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    assert _run(capsys, server, "create", "g")[0] == 0
+    code, out, err = _run(capsys, server, "enroll", "g", str(a1), str(junk), str(a2), str(b), "--batch", "3",
+                          "--person-id", "P")
+    assert code == 1 and err.startswith(f"{junk}: error 3: cannot decode image")
+    assert [line.split(": id ")[0] for line in out.splitlines()] == [str(a1), str(a2), str(b)]
+    ids = [int(line.split(": id ")[1]) for line in out.splitlines()]
+    code, out, _ = _run(capsys, server, "galleries")
+    assert out.startswith("g: 3 entries")
+    code, out, _ = _run(capsys, server, "search", "g", str(a2), "--top-k", "1", "--json")
+    hit = json.loads(out)["hits"][0]  # the entry is the server's own embedding of the image
+    assert hit["id"] == ids[1] and hit["score"] > 0.9999 and hit["person_id"] == "P"
+    code, out, err = _run(capsys, server, "enroll", "nobody", str(a1))
+    assert code == 1 and out == "" and err.startswith("reid-client: error: NOT_FOUND: ")
+
+
 def test_errors(server, crops, tmp_path, capsys):
     a1, _, _ = crops
     code, _, err = _run(capsys, server, "search", "nobody", str(a1))
