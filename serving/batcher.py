@@ -16,6 +16,7 @@ dropped before inference; cancelled requests leave the queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving.threads import stage_pool
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -233,11 +236,9 @@ class DynamicBatcher:
         return batch
 
     def _infer(self, batch: list[_Item]) -> np.ndarray:
-        """In an inference thread: stack (a few MB; kept off the event loop) and run."""
-        out = self.engine.run_pixels(np.stack([item.array for item in batch]))
-        if out.shape[0] != len(batch):
-            raise RuntimeError(f"engine returned {out.shape[0]} rows for {len(batch)} images")
-        return out
+        """In an inference thread: stack (a few MB; kept off the event loop) and run. The engine
+        returns one row per image or raises (``Engine._embeddings``)."""
+        return self.engine.run_pixels(np.stack([item.array for item in batch]))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -268,13 +269,19 @@ class DynamicBatcher:
                 continue
             finally:
                 self._running_images -= len(batch)
-            elapsed = time.monotonic() - started
-            per_image = elapsed / len(batch)
-            self._seconds_per_image = per_image if not self._seconds_per_image else (
-                0.8 * self._seconds_per_image + 0.2 * per_image)
-            self.images_inferred += len(batch)
-            if metrics:
-                inference_seconds.observe(elapsed)
-                metrics.images_inferred.inc(len(batch))
-            for item, row in zip(batch, out):
-                item.request.deliver(item.index, row)
+            try:
+                elapsed = time.monotonic() - started
+                per_image = elapsed / len(batch)
+                self._seconds_per_image = per_image if not self._seconds_per_image else (
+                    0.8 * self._seconds_per_image + 0.2 * per_image)
+                self.images_inferred += len(batch)
+                if metrics:
+                    inference_seconds.observe(elapsed)
+                    metrics.images_inferred.inc(len(batch))
+                for item, row in zip(batch, out):
+                    item.request.deliver(item.index, row)
+            except Exception as exc:  # noqa: BLE001 - an error escaping here would end this worker, and
+                # every later request would wait forever: fail this batch's requests and go on
+                log.exception("delivering a batch's results failed")
+                for item in batch:
+                    item.request.fail(EngineFailed(f"delivering this batch's results failed: {exc}"))

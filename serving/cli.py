@@ -197,7 +197,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(serve_forever(engine, config, store))
-    except (OSError, SecurityError) as exc:
+    except (OSError, SecurityError, ModelFileError) as exc:  # ModelFileError: a model that fails its warm-up
         print(f"reid-serve: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from retrieval.gallery import GalleryBackend
 from serving.batcher import DynamicBatcher
-from serving.engines.base import Engine
+from serving.engines.base import Engine, ModelFileError
 from serving.metrics import ServerMetrics
 from serving.proto import reid_pb2, reid_pb2_grpc
 from serving.security import TokenAuthInterceptor, check_bind, server_credentials
@@ -158,7 +158,13 @@ class ReidServer:
         start = time.perf_counter()
         for n in range(1, largest + 1) if each else [largest]:
             batch = np.zeros((n, md.input_height, md.input_width, 3), dtype=np.uint8)
-            await loop.run_in_executor(None, self.engine.run_pixels, batch)
+            try:
+                await loop.run_in_executor(None, self.engine.run_pixels, batch)
+            except ModelFileError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a runtime's own error types: the model cannot serve
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModelFileError(f"the model failed its warm-up run at batch size {n}: {first}") from exc
         log.info("engine warmed at batch %s in %.1f s", f"sizes 1-{largest}" if each else f"size {largest}",
                  time.perf_counter() - start)
 

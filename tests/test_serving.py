@@ -683,7 +683,7 @@ def test_a_failed_warm_up_closes_the_port_and_the_galleries(engine):
     server = ReidServer(failing, ServerConfig(port=0, metrics_port=_free_port()), store)
 
     async def start():
-        with pytest.raises(RuntimeError, match="injected engine failure"):
+        with pytest.raises(ModelFileError, match="the model failed its warm-up run at batch size 32: injected engine failure"):
             await server.start()
 
     asyncio.run(start())
@@ -733,3 +733,80 @@ def test_warm_up_runs_every_batch_size_where_the_engine_tunes_per_shape(engine, 
     with ServerThread(slow, ServerConfig(port=0, max_batch_size=5)):
         warm_calls = list(slow.calls)
     assert warm_calls == ([1, 2, 3, 4, 5] if each_size else [5])
+
+
+def _graph_model(path: Path, nodes: list, inputs: list, output_shape: list) -> Path:
+    """A small ONNX model written with onnx.helper (input names/types/shapes in ``inputs``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(name, elem, shape) for name, elem, shape in inputs],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, output_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_models_with_another_interface_are_refused_in_one_line_or_adapted(tmp_path):
+    """A model of the wrong layout, with two inputs, or whose output is not N x D used to pass loading:
+    one gave a traceback at startup, another started and then left every request waiting forever."""
+    from onnx import TensorProto, helper
+
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    nchw = ["n", 3, 64, 32]
+    pool = helper.make_node("GlobalAveragePool", ["images"], ["out"])  # N x 3 x 1 x 1: a map left unflattened
+    fallback = {"pixel_mean": [0.5] * 3, "pixel_std": [0.25] * 3}
+    from serving.engines import ModelMetadata
+
+    meta = ModelMetadata(64, 32, 0, **fallback)
+    unflattened = OnnxRuntimeEngine(_graph_model(tmp_path / "pool.onnx", [pool], [("images", f32, nchw)], ["n", 3, 1, 1]),
+                                    fallback=meta)
+    pixels = np.random.default_rng(0).integers(0, 255, (2, 64, 32, 3), dtype=np.uint8)
+    expected = ((pixels / 255.0 - 0.5) / 0.25).mean(axis=(1, 2))
+    np.testing.assert_allclose(unflattened.run_pixels(pixels), expected, rtol=1e-4)
+    assert unflattened.metadata.embedding_dim == 3
+    half = OnnxRuntimeEngine(_graph_model(tmp_path / "half.onnx", [helper.make_node("Cast", ["images"], ["x"], to=f32),
+                                                                     helper.make_node("GlobalAveragePool", ["x"], ["out"])],
+                                          [("images", f16, nchw)], ["n", 3, 1, 1]), fallback=ModelMetadata(64, 32, 0, **fallback))
+    np.testing.assert_allclose(half.run_pixels(pixels), expected, rtol=1e-2)
+
+    rows = _graph_model(tmp_path / "rows.onnx", [helper.make_node("ReduceMean", ["images"], ["out"], axes=[3], keepdims=0)],
+                        [("images", f32, nchw)], ["n", 3, 64])
+    with pytest.raises(ModelFileError, match=r"returned an output of shape \[2, 3, 64\] for 2 images; expected 2 x 3 embeddings"):
+        OnnxRuntimeEngine(rows, fallback=ModelMetadata(64, 32, 0, **fallback)).run_pixels(pixels)
+    nhwc = _graph_model(tmp_path / "nhwc.onnx", [helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2]),
+                                                 helper.make_node("GlobalAveragePool", ["t"], ["out"])],
+                        [("images", f32, ["n", 64, 32, 3])], ["n", 3, 1, 1])
+    two = _graph_model(tmp_path / "two.onnx", [helper.make_node("Add", ["a", "b"], ["s"]),
+                                               helper.make_node("GlobalAveragePool", ["s"], ["out"])],
+                       [("a", f32, nchw), ("b", f32, nchw)], ["n", 3, 1, 1])
+    for path, says in ((nhwc, "has shape ['n', 64, 32, 3]; expected N x 3 x H x W (channels first"),
+                       (two, "the model has 2 inputs (a, b)"),
+                       (rows, "the model returned an output of shape [32, 3, 64] for 32 images")):  # in the warm-up
+        result = subprocess.run([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                                 "--model", str(path), "--no-gallery", "--port", "0", "--pixel-mean", "0.5", "0.5", "0.5",
+                                 "--pixel-std", "0.25", "0.25", "0.25"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
+        assert result.returncode == 2 and len(lines) == 1 and says in lines[0], result.stderr
+
+
+def test_a_failure_delivering_results_fails_that_batch_only(engine, monkeypatch):
+    """An error after inference ended the batcher's worker, and every later request waited forever."""
+    from serving import batcher
+
+    real, calls = batcher._Request.deliver, []
+
+    def deliver(self, index, row):
+        calls.append(index)
+        if len(calls) == 1:
+            raise ValueError("injected delivery failure")
+        return real(self, index, row)
+
+    monkeypatch.setattr(batcher._Request, "deliver", deliver)
+    with ServerThread(engine, ServerConfig(port=0, instances=1)) as s, ReidClient(s.target, timeout=10) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.embed([_jpeg(1)])
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "injected delivery failure" in err.value.details()
+        assert client.embed([_jpeg(2)])[0].ok

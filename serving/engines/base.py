@@ -218,10 +218,27 @@ class Engine(abc.ABC):
         return self._run_chunks(self.metadata.to_input(pixels))
 
     def _run_chunks(self, model_input: np.ndarray) -> np.ndarray:
-        outs = [self._run(model_input[i : i + self.max_batch_size]) for i in range(0, len(model_input), self.max_batch_size)]
+        outs = [self._embeddings(self._run(chunk), len(chunk))
+                for chunk in (model_input[i : i + self.max_batch_size] for i in range(0, len(model_input), self.max_batch_size))]
         if not outs:
             return np.zeros((0, self.metadata.embedding_dim), np.float32)
         return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def _embeddings(self, out: np.ndarray, n: int) -> np.ndarray:
+        """``out`` as n x D, or a ``ModelFileError`` saying what the model returned instead. Trailing
+        1 x 1 dimensions (a pooled map left unflattened: N x D x 1 x 1) are dropped. A graph whose
+        output size is dynamic gets its ``embedding_dim`` from the first run. Caught here, a model of
+        the wrong shape fails the server's warm-up in one line instead of failing every request."""
+        out = np.asarray(out)
+        if out.ndim > 2 and all(d == 1 for d in out.shape[2:]):
+            out = out.reshape(out.shape[0], out.shape[1])
+        dim = self.metadata.embedding_dim
+        if out.ndim != 2 or out.shape[0] != n or (dim and out.shape[1] != dim):
+            raise ModelFileError(f"the model returned an output of shape {list(out.shape)} for {n} images; "
+                                 f"expected {n} x {dim or 'D'} embeddings")
+        if not dim:
+            self.metadata.embedding_dim = int(out.shape[1])
+        return out
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Decoded RGB images (any size) -> embeddings, in order."""

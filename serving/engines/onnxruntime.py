@@ -18,10 +18,9 @@ log = logging.getLogger(__name__)
 def metadata_from_graph(session, fallback: ModelMetadata | None) -> ModelMetadata:
     """Metadata for an ONNX file from another tool: sizes from the graph, preprocessing from the caller."""
     inp, out = session.get_inputs()[0], session.get_outputs()[0]
-    if len(inp.shape) != 4:
-        raise ModelFileError(f"model input {inp.name!r} has shape {inp.shape}; expected N x 3 x H x W")
     height, width = inp.shape[2], inp.shape[3]
-    dim = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else 0
+    # N x D, or N x D x 1 x 1 (see Engine._embeddings); 0 = dynamic, taken from the first run
+    dim = out.shape[1] if len(out.shape) >= 2 and isinstance(out.shape[1], int) else 0
     if fallback is None or not fallback.pixel_mean:
         raise ModelFileError(
             "the model carries no reid preprocessing metadata; give its pixel mean/std "
@@ -34,6 +33,21 @@ def metadata_from_graph(session, fallback: ModelMetadata | None) -> ModelMetadat
         output_normalized=fallback.output_normalized, pixel_mean=list(fallback.pixel_mean),
         pixel_std=list(fallback.pixel_std), input_name=inp.name, output_name=out.name,
     )
+
+
+def check_interface(session) -> None:
+    """One float image input, N x 3 x H x W: what every engine is fed. Anything else would pass
+    loading and fail at the first run with ONNX Runtime's own message (or a traceback at startup)."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ModelFileError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                             "serving feeds one N x 3 x H x W image input")
+    inp = inputs[0]
+    if inp.type not in ("tensor(float)", "tensor(float16)"):
+        raise ModelFileError(f"model input {inp.name!r} is {inp.type}; serving feeds float images")
+    if len(inp.shape) != 4 or (isinstance(inp.shape[1], int) and inp.shape[1] != 3):
+        raise ModelFileError(f"model input {inp.name!r} has shape {inp.shape}; expected N x 3 x H x W "
+                             "(channels first, RGB)")
 
 
 @functools.cache
@@ -116,6 +130,8 @@ class OnnxRuntimeEngine(Engine):
                 raise ModelFileError("device cuda asked for, but ONNX Runtime's CUDA provider did not start "
                                      f"(ONNX Runtime's own log above names the missing library{hint})")
             log.warning("ONNX Runtime's CUDA provider did not start; %s runs on the CPU%s", path.name, hint)
+        check_interface(self.session)
+        self._half_input = self.session.get_inputs()[0].type == "tensor(float16)"
         props = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ModelMetadata.from_props(props) or metadata_from_graph(self.session, fallback)
         self.metadata.input_name = self.session.get_inputs()[0].name
@@ -125,6 +141,8 @@ class OnnxRuntimeEngine(Engine):
         self.max_batch_size = batch_dim if self._static_batch else max_batch_size
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self._half_input:  # a graph converted to FP16 with its inputs too
+            batch = batch.astype(np.float16)
         if self._static_batch and len(batch) < self.max_batch_size:  # a fixed-batch graph: pad, then trim
             pad = np.zeros((self.max_batch_size - len(batch), *batch.shape[1:]), dtype=batch.dtype)
             return self.session.run([self.metadata.output_name], {self.metadata.input_name: np.concatenate([batch, pad])})[0][: len(batch)]
