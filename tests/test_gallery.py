@@ -143,6 +143,32 @@ def test_corrupt_snapshot_refuses_to_start(tmp_path):
         FaissGalleryStore(tmp_path)
 
 
+def test_a_call_that_outlives_a_drop_cannot_write_into_a_new_gallery_of_that_name(tmp_path):
+    """A call holds a gallery from before a drop: its log used to reopen at the same path, inside a
+    new gallery of the same name, whose restart would then replay a record of the old one's width."""
+    import threading
+
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 4)
+    stale = store.galleries["g"]
+    with stale.lock:  # a call in progress: the drop waits for it
+        dropping = threading.Thread(target=store.drop, args=("g",))
+        dropping.start()
+        dropping.join(0.3)
+        assert dropping.is_alive() and (tmp_path / "g").exists()
+    dropping.join(5)
+    assert not (tmp_path / "g").exists()
+    store.create("g", 8)
+    for call in (lambda: stale.add(np.array([0]), np.ones((1, 4)), [EntryMetadata()], False),
+                 lambda: stale.remove(np.array([1])), lambda: stale.search(np.ones((1, 4)), 1, [], None),
+                 stale.snapshot):
+        with pytest.raises(GalleryNotFound, match="'g' was dropped"):
+            call()
+    store.add("g", np.array([0]), np.ones((1, 8)), [EntryMetadata()])
+    store.close()
+    assert FaissGalleryStore(tmp_path).info("g").size == 1  # the new gallery's log replays alone
+
+
 def test_remove_and_info(store):
     vecs, meta = _data(30)
     store.create("g", 16)

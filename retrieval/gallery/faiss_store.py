@@ -78,6 +78,7 @@ class _Gallery:
         self.row: dict[int, int] = {}
         self.changes_since_snapshot = 0
         self._gpu = None  # flat galleries: a GPU copy of every row, dead ones included (see _rebuild_index)
+        self.dropped = False  # set under the lock by the store's drop
         self.wal = WriteAheadLog(directory / "wal.log")
         self._load()
 
@@ -129,9 +130,16 @@ class _Gallery:
             self.wal.close()
             raise _storage(exc, f"cannot write the log of gallery {self.dir.name}") from None
 
+    def _require_open(self) -> None:
+        """A call that got this gallery before a drop and its lock after: it must not touch files,
+        since its log would reopen at the same path, in a new gallery of the same name."""
+        if self.dropped:
+            raise GalleryNotFound(f"gallery {self.dir.name!r} was dropped")
+
     def snapshot(self) -> None:
         """Write live rows atomically, then empty the log."""
         with self.lock:
+            self._require_open()
             keep = self.alive
             tmp = self.dir / "snapshot.npz.tmp"
             try:
@@ -234,6 +242,7 @@ class _Gallery:
     # ---- operations ----------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray, meta: list[EntryMetadata], replace: bool) -> np.ndarray:
         with self.lock:
+            self._require_open()
             ids = check_entries(self.dir.name, self.dim, ids, vectors, meta)
             given = ids[ids > 0]
             if not replace:
@@ -252,6 +261,7 @@ class _Gallery:
 
     def remove(self, ids: np.ndarray) -> tuple[int, list[int]]:
         with self.lock:
+            self._require_open()
             ids = np.asarray(ids, dtype=np.int64)
             missing = [i for i in ids.tolist() if i not in self.row]
             present = np.asarray([i for i in ids.tolist() if i in self.row], dtype=np.int64)
@@ -307,6 +317,7 @@ class _Gallery:
 
     def search(self, queries: np.ndarray, top_k: int, filters: list[SearchFilter], rerank: RerankOptions | None) -> list[list[Hit]]:
         with self.lock:
+            self._require_open()
             filters = check_queries(self.dir.name, self.dim, queries, filters, top_k)
             live = int(self.alive.sum())
             queries = l2_normalize(queries)
@@ -377,13 +388,16 @@ class FaissGalleryStore(GalleryBackend):
             return self.galleries[name].info(name)
 
     def drop(self, name: str) -> None:
+        """Waits for the gallery's calls in progress; calls that reach it later find it dropped."""
         with self.lock:
             gallery = self._get(name)
-            gallery.wal.close()
-            try:
-                shutil.rmtree(gallery.dir)
-            except OSError as exc:
-                raise _storage(exc, f"cannot drop gallery {name!r}") from None
+            with gallery.lock:
+                gallery.wal.close()
+                try:
+                    shutil.rmtree(gallery.dir)
+                except OSError as exc:
+                    raise _storage(exc, f"cannot drop gallery {name!r}") from None
+                gallery.dropped = True
             del self.galleries[name]
 
     def list(self) -> list[GalleryInfo]:
