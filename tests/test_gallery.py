@@ -133,6 +133,75 @@ def test_torn_log_tail_is_dropped_with_a_warning(tmp_path, caplog):
     assert FaissGalleryStore(tmp_path).info("g").size == 12
 
 
+_DISK_FULL = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from retrieval.gallery import EntryMetadata, FaissGalleryStore, StorageError
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+store = FaissGalleryStore(sys.argv[1])
+store.create("g", 64)
+vecs = np.random.default_rng(0).normal(size=(3, 64))
+store.add("g", np.array([1]), vecs[:1], [EntryMetadata()])
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, ((Path(sys.argv[1]) / "g" / "wal.log").stat().st_size + 100, hard))
+try:
+    store.add("g", np.array([2]), vecs[1:2], [EntryMetadata()])  # cut after 100 of its bytes
+except StorageError as exc:
+    print("refused:", exc)
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space again
+store.add("g", np.array([3]), vecs[2:], [EntryMetadata()])
+print("acknowledged 3")
+"""
+
+
+def test_a_write_that_fails_part_way_loses_no_later_record(tmp_path):
+    """A disk-full error mid-record left its torn bytes in the log: the store then reported a raw
+    OSError, refused every later write ("write to closed file"), and a restart would have dropped
+    every record after the torn one, acknowledged or not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", _DISK_FULL, str(tmp_path)], cwd=root, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["refused: cannot write the log of gallery g: File too large", "acknowledged 3"]
+    reopened = FaissGalleryStore(tmp_path)
+    assert sorted(h.id for h in reopened.search("g", np.ones((1, 64)), 10, [])[0]) == [1, 3]
+
+
+def test_a_torn_record_that_cannot_be_cut_at_once_is_cut_before_the_next_append(tmp_path, monkeypatch):
+    import os
+
+    from retrieval.gallery.wal import WriteAheadLog
+
+    wal = WriteAheadLog(tmp_path / "wal.log")
+    wal.append(b"first")
+    real_write, real_truncate = os.write, os.ftruncate
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
+
+    def refuse(fd, size):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    monkeypatch.setattr(os, "ftruncate", refuse)
+    with pytest.raises(OSError, match="No space left"):
+        wal.append(b"second")
+    monkeypatch.setattr(os, "write", real_write)
+    with pytest.raises(OSError, match="Input/output error"):  # still cannot cut it: nothing is written after it
+        wal.append(b"third")
+    monkeypatch.setattr(os, "ftruncate", real_truncate)
+    wal.append(b"fourth")
+    wal.close()
+    assert list(WriteAheadLog(tmp_path / "wal.log").replay()) == [b"first", b"fourth"]
+
+
 def test_corrupt_snapshot_refuses_to_start(tmp_path):
     store = FaissGalleryStore(tmp_path)
     store.create("g", 4)

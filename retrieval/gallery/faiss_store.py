@@ -127,7 +127,6 @@ class _Gallery:
         try:
             self.wal.append(payload)
         except OSError as exc:
-            self.wal.close()
             raise _storage(exc, f"cannot write the log of gallery {self.dir.name}") from None
 
     def _require_open(self) -> None:

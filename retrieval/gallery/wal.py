@@ -23,7 +23,10 @@ _HEADER = struct.Struct("<4sII")
 class WriteAheadLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._file = None
+        self._fd: int | None = None
+        # Where the log must end before the next append: set when a failed append could not take
+        # its partial record back, so that no acknowledged record ever follows a torn one.
+        self._cut_at: int | None = None
 
     def replay(self) -> Iterator[bytes]:
         """Every intact record in order; truncates a torn tail."""
@@ -53,12 +56,31 @@ class WriteAheadLog:
                 os.fsync(f.fileno())
 
     def append(self, payload: bytes) -> None:
-        """Durable once this returns (write + flush + fsync)."""
-        if self._file is None:
-            self._file = open(self.path, "ab")
-        self._file.write(_HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Durable once this returns (written and fsync'ed). A write that fails part way (disk full,
+        an I/O error) is cut off again before the error is raised, so that the next record lands
+        where this one began: replay stops at the first torn record, and would otherwise drop every
+        acknowledged record after it. Unbuffered, so there is no hidden buffer to fail at close."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if self._cut_at is not None:
+            self._cut(self._cut_at)
+        start = os.fstat(self._fd).st_size
+        record = memoryview(_HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
+        try:
+            while record:
+                record = record[os.write(self._fd, record):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                self._cut(start)
+            except OSError:
+                self._cut_at = start  # retried before the next append, which fails until it works
+            raise
+
+    def _cut(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        os.fsync(self._fd)
+        self._cut_at = None
 
     def truncate(self) -> None:
         """Empty the log (after a snapshot has made its records redundant)."""
@@ -66,11 +88,12 @@ class WriteAheadLog:
         with open(self.path, "wb") as f:
             f.flush()
             os.fsync(f.fileno())
+        self._cut_at = None
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
