@@ -202,6 +202,29 @@ def test_a_torn_record_that_cannot_be_cut_at_once_is_cut_before_the_next_append(
     assert list(WriteAheadLog(tmp_path / "wal.log").replay()) == [b"first", b"fourth"]
 
 
+def test_create_never_deletes_a_folder_it_did_not_write(tmp_path):
+    """A failed create removed its directory, also one that existed before: a folder of the same
+    name in the gallery root, with whatever it held, was deleted."""
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "data.txt").write_text("precious")
+    (tmp_path / "crashed").mkdir()  # a create that crashed before its gallery.json was renamed into place
+    (tmp_path / "crashed" / "gallery.json.tmp").write_text('{"dim": 8')
+    store = FaissGalleryStore(tmp_path)
+    with pytest.raises(GalleryExists, match="keep exists but is not a gallery"):
+        store.create("keep", 8)
+    assert (tmp_path / "keep" / "data.txt").read_text() == "precious"
+    assert store.create("crashed", 8).dim == 8 and store.info("crashed").size == 0
+
+
+def test_unreadable_gallery_config_refuses_to_start_naming_it(tmp_path):
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 4)
+    store.close()
+    (tmp_path / "g" / "gallery.json").write_text('{"dim": 4')
+    with pytest.raises(GalleryError, match=r"g/gallery.json is unreadable .*refusing to start"):
+        FaissGalleryStore(tmp_path)
+
+
 def test_corrupt_snapshot_refuses_to_start(tmp_path):
     store = FaissGalleryStore(tmp_path)
     store.create("g", 4)

@@ -359,8 +359,13 @@ class FaissGalleryStore(GalleryBackend):
         except OSError as exc:
             raise _storage(exc, f"cannot create gallery directory {self.root}") from None
         for cfg in sorted(self.root.glob("*/gallery.json")):
-            meta = json.loads(cfg.read_text())
-            self.galleries[cfg.parent.name] = _Gallery(cfg.parent, meta["dim"], meta["index_type"], snapshot_every)
+            try:
+                meta = json.loads(cfg.read_text())
+                dim, index_type = int(meta["dim"]), str(meta["index_type"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise GalleryError(f"{cfg} is unreadable ({exc}); refusing to start: restore it (it holds "
+                                   '{"dim": D, "index_type": "flat" or "hnsw"}) or move the gallery directory aside') from None
+            self.galleries[cfg.parent.name] = _Gallery(cfg.parent, dim, index_type, snapshot_every)
 
     def _get(self, name: str) -> _Gallery:
         try:
@@ -374,6 +379,13 @@ class FaissGalleryStore(GalleryBackend):
             if name in self.galleries:
                 raise GalleryExists(f"gallery {name!r} already exists")
             directory = self.root / name
+            if directory.exists():
+                leftover = {p.name for p in directory.iterdir()} if directory.is_dir() else None
+                if leftover is None or leftover - {"gallery.json.tmp"}:
+                    # never delete what this store did not write: it may be anything a user put there
+                    raise GalleryExists(f"{directory} exists but is not a gallery (no gallery.json); "
+                                        "move it aside or choose another name")
+                shutil.rmtree(directory)  # the remains of a create that crashed before it finished
             try:
                 directory.mkdir()
                 tmp = directory / "gallery.json.tmp"
