@@ -17,6 +17,7 @@ import pytest
 
 from retrieval.distance import l2_normalize
 from retrieval.gallery import FaissGalleryStore
+from serving.engines import decode_image
 from serving.client import GalleryClient, metadata_message
 from serving.engines.onnxruntime import OnnxRuntimeEngine
 from serving.proto import reid_pb2
@@ -184,6 +185,33 @@ def test_evaluate_through_server_agrees_with_offline(server, tiny_onnx, syntheti
         assert served[label]["rank1"] == pytest.approx(offline[label]["rank1"], abs=1e-3), label
     with GalleryClient(server.target) as g:
         assert g.list() == []  # the temporary gallery is gone
+
+
+def test_evaluate_through_server_splits_searches_whose_answers_exceed_the_message_limit(tiny_onnx, synthetic_root, tmp_path,
+                                                                                      monkeypatch):
+    """Every query asks for the whole gallery: at Market-1501 scale one call for all queries would
+    answer with about 1.7 GB of hits, far over the server's 64 MiB message limit."""
+    import training.evaluate
+    from training.config.load import build_spec
+    from training.data.market1501 import load_query_gallery
+    from training.evaluate import score, score_via_server
+
+    spec = build_spec({}, quick_overrides(synthetic_root, tmp_path))
+    query, gallery = load_query_gallery(spec.dataset.query_dataset_dir, spec.dataset.test_dataset_dir, "evaluate")
+    engine = OnnxRuntimeEngine(tiny_onnx)
+    offline, _, _ = score(*(engine.embed_images([decode_image(Path(r.path).read_bytes()) for r in split])
+                            for split in (query, gallery)), query, gallery, spec.re_ranking)
+    all_hits = len(query) * len(gallery)
+    monkeypatch.setattr(training.evaluate, "_HITS_PER_SEARCH", all_hits // 4)  # 4 calls or so
+    # a limit one answer for all queries would exceed (about 26 bytes a hit), but a quarter fits
+    config = ServerConfig(port=0, max_message_bytes=all_hits * 26 // 2)
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), config)
+    thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    with thread as s:
+        served, _, _, _ = score_via_server(s.target, query, gallery, spec.re_ranking, chunk=1)
+        searches = s.metrics.requests.labels("Search", "OK")._value.get()
+    assert searches == -(-len(query) // (all_hits // 4 // len(gallery)))
+    assert served["without re-ranking"]["mAP"] == pytest.approx(offline["without re-ranking"]["mAP"], abs=1e-6)
 
 
 @pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS"])
