@@ -66,6 +66,22 @@ def test_resume_rejects_a_different_model(quick_spec, synthetic_root, tmp_path):
         train(other)
 
 
+def test_resume_refuses_other_optimizer_settings_in_one_line(quick_spec, monkeypatch):
+    """Optimizer state of one kind does not load into another: torch failed with KeyError 'step'."""
+    ckpt = str(train(quick_spec(**{"train.num_epochs": 1, "train.optim.name": "SGD"})))
+    resume = {"train.num_epochs": 2, "train.resume_training_checkpoint_path": ckpt}
+    with pytest.raises(ConfigError, match=r"was trained with train\.optim\.name=SGD; resume with the same value, not AdamW"):
+        train(quick_spec(**resume, **{"train.optim.name": "AdamW"}))
+    with pytest.raises(ConfigError, match=r"was trained with model\.with_center_loss=False"):
+        train(quick_spec(**resume, **{"train.optim.name": "SGD", "model.metric_loss_type": "triplet_center",
+                                      "model.with_center_loss": "True"}))
+    # anything else that leaves the optimizer's state unfit is one line too
+    monkeypatch.setattr(torch.optim.SGD, "load_state_dict", lambda self, state: (_ for _ in ()).throw(
+        ValueError("loaded state dict has a different number of parameter groups")))
+    with pytest.raises(ConfigError, match="its optimizer state does not fit this spec's optimizer settings"):
+        train(quick_spec(**resume, **{"train.optim.name": "SGD"}))
+
+
 def test_distributed_training_on_cpu_with_two_gloo_processes(quick_spec):
     spec = quick_spec(**{"train.num_epochs": 1, "dataset.batch_size": 8})
     ckpt = spawn_workers(spec, world_size=2, backend="gloo")

@@ -123,14 +123,28 @@ class Trainer:
         self.loader, self.sampler = _train_loader(spec, self.records, rank, world_size, device)
 
     def _resume(self, path: str) -> None:
+        key = f"train.resume_training_checkpoint_path={path}"
         ckpt = load_checkpoint(path)
         if ckpt["model_args"] != self.model_args.to_dict():
-            raise ConfigError(f"train.resume_training_checkpoint_path={path} was trained with a different model spec")
+            raise ConfigError(f"{key} was trained with a different model spec")
+        saved = ckpt.get("spec", {})
+        for section, name, now in (("train", "optim.name", self.spec.train.optim.name),
+                                   ("model", "with_center_loss", self.spec.model.with_center_loss)):
+            before = saved.get(section, {})
+            for part in name.split("."):
+                before = before.get(part) if isinstance(before, dict) else None
+            if before is not None and before != now:
+                # optimizer state of one kind does not load into another (torch fails with KeyError 'step')
+                raise ConfigError(f"{key} was trained with {section}.{name}={before}; resume with the same value, not {now}")
         self.model.load_state_dict(ckpt["model_state"])
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        if self.center_optimizer is not None:
-            self.loss.load_state_dict(ckpt["loss_state"])
-            self.center_optimizer.load_state_dict(ckpt["center_optimizer_state"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+            if self.center_optimizer is not None:
+                self.loss.load_state_dict(ckpt["loss_state"])
+                self.center_optimizer.load_state_dict(ckpt["center_optimizer_state"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"{key}: its optimizer state does not fit this spec's optimizer settings ({exc}); "
+                              "resume with the settings it was trained with") from None
         if ckpt.get("scaler_state"):
             self.scaler.load_state_dict(ckpt["scaler_state"])
         self.start_epoch = int(ckpt["epoch"])
