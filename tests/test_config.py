@@ -94,6 +94,18 @@ def test_batch_must_hold_whole_identities():
     assert load_spec(TAO_SPEC, ["dataset.batch_size=30", "dataset.sampler=softmax"]).dataset.batch_size == 30
 
 
+def test_backbone_overrides_must_be_swin_arguments():
+    """timm drops constructor arguments it does not know without a word: a misspelt key trained
+    the default architecture."""
+    with pytest.raises(ConfigError, match=r"model.backbone_overrides: depth is not a Swin Transformer argument; "
+                                          r"choose from .*depths.*embed_dim"):
+        load_spec(TAO_SPEC, ["model.backbone_overrides={depth: [1, 1, 1, 1], embed_dim: 32}"])
+    with pytest.raises(ConfigError, match="img_size is not a Swin Transformer argument"):  # set from model.input_*
+        load_spec(TAO_SPEC, ["model.backbone_overrides={img_size: 64}"])
+    spec = load_spec(TAO_SPEC, ["model.backbone_overrides={depths: [1, 1, 1, 1], embed_dim: 32}"])
+    assert spec.model.backbone_overrides == {"depths": [1, 1, 1, 1], "embed_dim": 32}
+
+
 def test_pretrained_choice_needs_a_path():
     with pytest.raises(ConfigError, match="needs model.pretrained_model_path"):
         build_spec({"model": {"pretrain_choice": "imagenet"}})

@@ -112,6 +112,7 @@ def test_unusable_pretrained_files_are_one_line_config_errors(tmp_path):
         foreign: "foreign.pth shares no tensor with backbone resnet_50 \\(model.pretrain_choice=imagenet\\)",
         objects: "objects.pth: it holds Python objects besides tensors, and untrusted pickles are not run",
         tmp_path / "missing.pth": "model.pretrained_model_path .*missing.pth does not exist",
+        tmp_path: "model.pretrained_model_path .* is a folder; give the weights file in it",
     }
     for path, message in expected.items():
         with pytest.raises(ConfigError if path in (listing, foreign) else ReidError, match=message) as err:

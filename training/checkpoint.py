@@ -41,6 +41,8 @@ def load_weights(path: str | Path, what: str = "checkpoint"):
     """``torch.load`` that never runs a pickle's code (``weights_only=True``), with its many failure
     types (KeyError, EOFError, RuntimeError, UnpicklingError) turned into one ``ReidError`` line."""
     path = Path(path)
+    if path.is_dir():
+        raise ReidError(f"{what} {path} is a folder; give the weights file in it")
     if not path.is_file():
         raise ReidError(f"{what} {path} does not exist")
     try:

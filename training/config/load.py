@@ -173,6 +173,14 @@ def _check_combinations(spec: ExperimentSpec, explicit: set[str]) -> None:
         )
     if m.backbone_overrides and not m.backbone.startswith("swin"):
         raise ConfigError("model.backbone_overrides applies to Swin backbones only")
+    if m.backbone_overrides:
+        from training.models.backbones import swin_override_keys
+
+        allowed = swin_override_keys()
+        unknown = sorted(set(m.backbone_overrides) - allowed)
+        if unknown:
+            raise ConfigError(f"model.backbone_overrides: {', '.join(unknown)} is not a Swin Transformer argument; "
+                              f"choose from {', '.join(sorted(allowed))}")
     if "encryption_key" in explicit and spec.encryption_key:
         log.warning("encryption_key is ignored: checkpoints are written as plain, unencrypted files")
 

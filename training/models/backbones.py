@@ -24,6 +24,19 @@ def _swin_factory(timm_name: str):
     return build
 
 
+def swin_override_keys() -> set[str]:
+    """The Swin Transformer constructor arguments ``backbone_overrides`` may set. timm drops
+    arguments it does not know without a word, so a misspelt key would otherwise be ignored; the
+    ones the model builder sets, or that YAML cannot express (layers, devices), are left out."""
+    import inspect
+
+    from timm.models.swin_transformer import SwinTransformer
+
+    fixed = {"self", "img_size", "num_classes", "in_chans", "embed_layer", "norm_layer", "device", "dtype"}
+    return {name for name, p in inspect.signature(SwinTransformer.__init__).parameters.items()
+            if name not in fixed and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
 for _name, _timm_name in _SWIN_TIMM_NAMES.items():
     register_backbone(_name)(_swin_factory(_timm_name))
 
