@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from training.checkpoint import load_checkpoint
 from training.config.load import build_spec
 from training.data.market1501 import load_query, load_train
 from training.data.synthetic import make_synthetic
-from training.errors import ConfigError, DataError
+from training.errors import ConfigError, DataError, TrainingDiverged
 from training.embed import embed_records, model_from_checkpoint
 from training.data.transforms import check_images
 from training.engine import Trainer, _train_loader, spawn_workers, train
@@ -115,8 +116,6 @@ def test_tiny_swin_learns_far_above_chance(tmp_path):
 
 def test_tao_example_spec_trains_with_small_overrides(synthetic_root, tmp_path, capsys):
     """`reid train -e specs/tao_swin_tiny.yaml` with paths pointed at a synthetic set and sizes made small."""
-    from pathlib import Path
-
     from training.cli import main
 
     spec = Path(__file__).resolve().parents[1] / "specs" / "tao_swin_tiny.yaml"
@@ -185,3 +184,41 @@ def test_each_process_checks_its_share_of_the_images(synthetic_root):
     check_images(paths, threads=2, rank=1, world_size=2)
     with pytest.raises(DataError, match="1 of 8 images cannot be read, e.g. .*missing.jpg"):
         check_images(paths, threads=2, rank=0, world_size=2)
+
+
+def test_a_diverging_run_stops_before_a_checkpoint_holds_nan(quick_spec):
+    """A learning rate far too high used to train on with a NaN loss and write NaN checkpoints."""
+    # warm-up: epoch 1 at 1e8 x 1e-10 = 0.01 trains (and is checkpointed), the jump to 1e8 diverges
+    spec = quick_spec(**{"train.num_epochs": 4, "train.optim.name": "SGD", "train.optim.base_lr": 1e8,
+                         "train.optim.warmup_epochs": 1, "train.optim.warmup_factor": 1e-10})
+    with pytest.raises(TrainingDiverged, match=r"the loss is nan in epoch [23] \(lr 1e\+08\): training diverged; "
+                                               r"lower train.optim.base_lr .* then resume with "
+                                               r"train.resume_training_checkpoint_path=.*model_epoch_00\d.pth"):
+        train(spec)
+    out = spec.results_dir + "/train"
+    checkpoints = sorted(Path(out).glob("model_epoch_*.pth"))
+    assert checkpoints and all(torch.isfinite(t).all() for c in checkpoints
+                               for t in load_checkpoint(c)["model_state"].values() if t.is_floating_point())
+    assert len(checkpoints) < 4
+
+
+def test_mixed_precision_tolerates_a_few_overflowing_steps(quick_spec, monkeypatch):
+    """With AMP the gradient scaler skips a step whose float16 forward overflowed; only a run of
+    them is divergence. (AMP runs on CUDA only: the switch is flipped by hand here.)"""
+    trainer = Trainer(quick_spec(**{"train.num_epochs": 1}), torch.device("cpu"))
+    trainer.use_amp = True
+    real_step, calls = trainer._step, []
+
+    def step(images, pids):
+        calls.append(1)
+        total, parts = real_step(images, pids)
+        return (float("inf"), parts) if len(calls) == 2 else (total, parts)  # one overflow
+
+    monkeypatch.setattr(trainer, "_step", step)
+    assert trainer.fit() is not None
+    lines = [json.loads(line) for line in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(lines[-1]["loss"])  # the skipped step is left out of the mean
+    monkeypatch.setattr(trainer, "_step", lambda images, pids: (float("nan"), {}))
+    trainer.start_epoch, trainer.spec.train.num_epochs = 0, 2
+    with pytest.raises(TrainingDiverged):  # 10 in a row: more than a 2-batch epoch holds, so it spans epochs
+        trainer.fit()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -25,13 +26,23 @@ from training.data.market1501 import ImageRecord, load_gallery, load_query, load
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.transforms import ImageDataset, build_train_transform, check_images
 from training.embed import embed_records
-from training.errors import ConfigError, DataError
+from training.errors import ConfigError, DataError, TrainingDiverged
 from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
 from training.models.build import load_pretrained
 from training.optim import build_optimizer, lr_factor, set_epoch_lr
 
 log = logging.getLogger(__name__)
+
+
+# With mixed precision, an overflow in float16 gives a non-finite loss now and then: the gradient
+# scaler skips that step and halves its scale. This many in a row is divergence, not overflow.
+AMP_NONFINITE_STEPS = 10
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    existing = sorted(out_dir.glob("model_epoch_*.pth"))
+    return existing[-1] if existing else None
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -205,6 +216,15 @@ class Trainer:
                     continue
         path.write_text("".join(line + "\n" for line in kept))
 
+    def _diverged(self, loss: float, epoch: int, lr: float) -> None:
+        """Stop before a checkpoint holds the lost weights (without mixed precision, the step that
+        gave a NaN loss already wrote NaN into them), and say where to go on from."""
+        last = latest_checkpoint(self.out_dir)
+        then = (f"resume with train.resume_training_checkpoint_path={last}" if last
+                else "start again (no checkpoint was written yet)")
+        raise TrainingDiverged(f"the loss is {loss} in epoch {epoch + 1} (lr {lr:.3g}): training diverged; lower "
+                               f"train.optim.base_lr or set train.clip_grad_norm, then {then}")
+
     def fit(self) -> Path | None:
         spec, t = self.spec, self.spec.train
         main = _is_main(self.rank)
@@ -217,6 +237,7 @@ class Trainer:
             )
             self._restart_metrics_log()
         last_ckpt = None
+        nonfinite = 0  # losses in a row that were not finite numbers
         for epoch in range(self.start_epoch, t.num_epochs):
             seed = _epoch_seed(t.seed, epoch)
             torch.manual_seed(seed)
@@ -231,9 +252,15 @@ class Trainer:
             bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not main, unit="batch", mininterval=1.0)
             for images, pids, _ in bar:
                 total, parts = self._step(images.to(self.device, non_blocking=True), pids.to(self.device))
+                n_images += images.shape[0] * self.world_size
+                if not math.isfinite(total):
+                    nonfinite += 1
+                    if not self.use_amp or nonfinite >= AMP_NONFINITE_STEPS:
+                        self._diverged(total, epoch, o.base_lr * factor)
+                    continue  # a step the gradient scaler skipped: not part of the epoch's mean
+                nonfinite = 0
                 for k, v in {"loss": total, **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v
-                n_images += images.shape[0] * self.world_size
                 n_steps += 1
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{o.base_lr * factor:.2e}", img_s=f"{n_images / (time.perf_counter() - start):.1f}")
             metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
@@ -296,11 +323,10 @@ def check_results_dir(spec: ExperimentSpec) -> None:
     epoch, and its metrics log mixed with the new run's."""
     if spec.train.resume_training_checkpoint_path:
         return
-    out_dir = Path(spec.results_dir) / "train"
-    existing = sorted(out_dir.glob("model_epoch_*.pth"))
+    existing = latest_checkpoint(Path(spec.results_dir) / "train")
     if existing:
-        raise ConfigError(f"results_dir={spec.results_dir} already holds a training run ({existing[-1]}); continue it with "
-                          f"train.resume_training_checkpoint_path={existing[-1]}, or give another results_dir")
+        raise ConfigError(f"results_dir={spec.results_dir} already holds a training run ({existing}); continue it with "
+                          f"train.resume_training_checkpoint_path={existing}, or give another results_dir")
 
 
 def train(spec: ExperimentSpec) -> Path | None:

@@ -13,6 +13,10 @@ class DataError(ReidError):
     """A dataset folder or image cannot be used; the message names the path."""
 
 
+class TrainingDiverged(ReidError):
+    """The loss stopped being a finite number: the weights are lost from that step on."""
+
+
 def os_error_line(exc: OSError) -> str:
     """An OSError as the CLIs print it: the path and the reason (``/x/y: Permission denied``)."""
     where = f"{exc.filename}: " if exc.filename else ""
