@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,31 @@ def test_unreadable_images_stop_evaluate_and_inference_before_any_embedding(trai
     # Stored embeddings read no image to score, so nothing is decoded up front for them.
     monkeypatch.setattr(training.evaluate, "check_images", never)
     assert main(["evaluate", *overrides, f"results_dir={tmp_path / 's'}", f"evaluate.checkpoint={stored}"]) == 0
+
+
+def test_stored_embeddings_work_from_any_folder(trained, tmp_path, capsys, monkeypatch, synthetic_root):
+    """An embeddings file written with relative paths could only be scored from the folder it was
+    written in; elsewhere every image was "missing", and the advice was to run inference again."""
+    ckpt, overrides = trained
+    monkeypatch.chdir(synthetic_root)
+    relative = ["dataset.query_dataset_dir=query", "dataset.test_dataset_dir=bounding_box_test"]
+    out_file = tmp_path / "emb.npz"
+    assert main(["inference", *overrides, *relative, f"results_dir={tmp_path}", f"inference.checkpoint={ckpt}",
+                 f"inference.output_file={out_file}"]) == 0
+    paths = [str(p) for p in np.load(out_file)["img_path"]]
+    assert all(p.startswith("/") for p in paths) and (synthetic_root / "query").resolve().as_posix() in paths[0]
+    # a file from an older version, with the relative paths, read from another folder: matched by name
+    data = dict(np.load(out_file))
+    data["img_path"] = np.array([str(Path(p).relative_to(synthetic_root.resolve())) for p in paths])
+    old = tmp_path / "old.npz"
+    np.savez(old, **data)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", *overrides, f"results_dir={tmp_path / 'a'}", f"evaluate.checkpoint={old}"]) == 0
+    assert main(["evaluate", *overrides, f"results_dir={tmp_path / 'b'}", f"evaluate.checkpoint={out_file}"]) == 0
+    a, b = (json.loads((tmp_path / r / "evaluate" / "results.json").read_text())["results"] for r in "ab")
+    assert a == b
+    data["img_path"] = np.array([f"elsewhere/{i}.jpg" for i in range(len(paths))])
+    np.savez(old, **data)
+    capsys.readouterr()
+    code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path / 'c'}", f"evaluate.checkpoint={old}")
+    assert code == 2 and f"{old} holds no embedding for 16 of the 16 query images" in err and "run reid inference on" in err

@@ -5,6 +5,7 @@ preprocessing), or a file of stored embeddings from ``reid inference``. Chosen b
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +16,8 @@ from tqdm import tqdm
 
 from training.data.market1501 import ImageRecord
 from training.errors import ReidError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("checkpoint", "onnx", "tensorrt", "embeddings")
 
@@ -134,15 +137,33 @@ class StoredEmbedder:
             feats = np.asarray(vectors, dtype=np.float32)
         if feats.ndim != 2 or len(feats) != len(paths):
             raise ReidError(f"{path}: expected one embedding vector per image path")
+        self.source = path
         self.lookup = {str(Path(x).resolve()): i for i, x in enumerate(paths)}
+        # By file name too, where a name is unique in the file: a file written with relative paths
+        # (by an older version) and read from another folder, or a dataset moved since, still matches.
+        names: dict[str, int] = {}
+        for i, x in enumerate(paths):
+            name = Path(x).name
+            names[name] = -1 if name in names else i
+        self.by_name = {name: i for name, i in names.items() if i >= 0}
         self.feats = feats.astype(np.float32)
         self.description = f"stored embeddings {path} ({len(paths)} images, {feats.shape[1]}-d)"
 
     def embed(self, records, desc):
-        missing = [r.path for r in records if str(Path(r.path).resolve()) not in self.lookup]
+        rows, by_name = [], 0
+        for r in records:
+            row = self.lookup.get(str(Path(r.path).resolve()))
+            if row is None:
+                row = self.by_name.get(Path(r.path).name)
+                by_name += row is not None
+            rows.append(row)
+        missing = [r.path for r, row in zip(records, rows) if row is None]
         if missing:
-            raise ReidError(f"the embeddings file lacks {len(missing)} of the {desc} images (e.g. {missing[0]}); re-run reid inference")
-        return self.feats[[self.lookup[str(Path(r.path).resolve())] for r in records]]
+            raise ReidError(f"{self.source} holds no embedding for {len(missing)} of the {len(records)} {desc} images "
+                            f"(e.g. {missing[0]}): it was written for other images; run reid inference on these folders")
+        if by_name:
+            log.info("%d of the %s images matched %s by file name (their paths differ)", by_name, desc, self.source)
+        return self.feats[rows]
 
 
 def open_embedder(path: str, spec, gpu_id: int, batch_size: int) -> Embedder:

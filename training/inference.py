@@ -34,12 +34,13 @@ def run_inference(spec) -> Path:
         check_images([r.path for r in records], spec.dataset.num_workers)
     log.info("embedding %d query and %d gallery images with %s", len(query), len(gallery), embedder.description)
     feats = np.concatenate([embedder.embed(query, "query"), embedder.embed(gallery, "gallery")])
+    paths = [str(Path(r.path).resolve()) for r in records]  # absolute: the file is usable from any folder
     if out.suffix == ".npz":
         np.savez(
-            out, img_path=np.array([r.path for r in records]), pid=np.array([r.pid for r in records]),
+            out, img_path=np.array(paths), pid=np.array([r.pid for r in records]),
             camid=np.array([r.camid for r in records]), split=np.array(["query"] * len(query) + ["gallery"] * len(gallery)),
             embedding=feats.astype(np.float32),
         )
     else:
-        out.write_text(json.dumps([{"img_path": r.path, "embedding": f.tolist()} for r, f in zip(records, feats)]))
+        out.write_text(json.dumps([{"img_path": p, "embedding": f.tolist()} for p, f in zip(paths, feats)]))
     return out
