@@ -225,6 +225,32 @@ def test_unreadable_gallery_config_refuses_to_start_naming_it(tmp_path):
         FaissGalleryStore(tmp_path)
 
 
+def test_assigned_ids_are_never_reused(tmp_path):
+    """Ids came from the largest id present: once a removal of the largest was compacted away (by a
+    snapshot, or a restart), the next add handed it out again, to another person."""
+    one = [EntryMetadata()]
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 4)
+    assert store.add("g", np.zeros(3, np.int64), np.eye(3, 4), one * 3).tolist() == [1, 2, 3]
+    store.remove("g", np.array([3]))
+    store.snapshot("g")  # compacts the removed row away
+    assert store.add("g", np.array([0]), np.ones((1, 4)), one).tolist() == [4]
+    store.remove("g", np.array([4]))  # in the log only, then a crash: no close()
+    reopened = FaissGalleryStore(tmp_path)
+    assert reopened.add("g", np.array([0]), np.ones((1, 4)), one).tolist() == [5]
+    reopened.remove("g", np.array([5]))
+    reopened.close()  # a snapshot: the log is emptied
+    again = FaissGalleryStore(tmp_path)
+    assert again.add("g", np.array([0]), np.ones((1, 4)), one).tolist() == [6]
+    assert again.add("g", np.array([0, 10]), np.ones((2, 4)), one * 2).tolist() == [11, 10]  # above a given id too
+    again.close()
+    snap = tmp_path / "g" / "snapshot.npz"
+    with np.load(snap) as data:  # a snapshot from before the mark was kept still loads
+        old = {k: data[k] for k in data.files if k != "next_id"}
+    np.savez(snap, **old)
+    assert FaissGalleryStore(tmp_path).add("g", np.array([0]), np.ones((1, 4)), one).tolist() == [12]
+
+
 def test_corrupt_snapshot_refuses_to_start(tmp_path):
     store = FaissGalleryStore(tmp_path)
     store.create("g", 4)

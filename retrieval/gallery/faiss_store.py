@@ -79,6 +79,10 @@ class _Gallery:
         self.changes_since_snapshot = 0
         self._gpu = None  # flat galleries: a GPU copy of every row, dead ones included (see _rebuild_index)
         self.dropped = False  # set under the lock by the store's drop
+        # Above every id this gallery has held, removed ones included, so an assigned id is never
+        # reused: a caller may still hold a removed one. Kept in snapshots (compaction forgets the
+        # removed rows); the log's adds raise it on replay.
+        self.next_id = 1
         self.wal = WriteAheadLog(directory / "wal.log")
         self._load()
 
@@ -95,10 +99,12 @@ class _Gallery:
             try:
                 with np.load(snap, allow_pickle=False) as data:
                     ids, vectors, meta = data["ids"], data["vectors"], json.loads(str(data["meta"]))
+                    next_id = int(data["next_id"]) if "next_id" in data.files else 1  # absent before it was kept
             except Exception as exc:  # noqa: BLE001 - any unreadable snapshot
                 raise GalleryError(f"snapshot {snap} is corrupt ({exc}); refusing to start: restore it from a backup "
                                    "or move the gallery directory aside") from None
             self._append_rows(ids.astype(np.int64), vectors.astype(np.float32), [EntryMetadata(**m) for m in meta])
+            self.next_id = max(next_id, int(ids.max()) + 1 if len(ids) else 1)
         replayed = 0
         for payload in self.wal.replay():
             self._apply(payload)
@@ -143,7 +149,7 @@ class _Gallery:
             tmp = self.dir / "snapshot.npz.tmp"
             try:
                 with open(tmp, "wb") as f:
-                    np.savez(f, ids=self.ids[keep], vectors=self.vectors[keep],
+                    np.savez(f, ids=self.ids[keep], vectors=self.vectors[keep], next_id=np.int64(self.next_id),
                              meta=np.array(json.dumps([m.to_dict() for m, a in zip(self.meta, keep) if a])))
                     f.flush()
                     os.fsync(f.fileno())
@@ -169,6 +175,8 @@ class _Gallery:
             self.row[i] = start + offset
 
     def _apply_add(self, ids, vectors, meta) -> None:
+        if len(ids):
+            self.next_id = max(self.next_id, int(ids.max()) + 1)
         self._apply_remove(ids[[i in self.row for i in ids.tolist()]])
         self._append_rows(ids, vectors, meta)
         if hasattr(self, "index"):
@@ -250,7 +258,7 @@ class _Gallery:
                     raise GalleryExists(f"ids already in gallery {self.dir.name}: {clash[:10]}; set replace to overwrite")
             free = ids == 0
             if free.any():
-                start = max(int(self.ids.max()) if len(self.ids) else 0, int(given.max()) if len(given) else 0) + 1
+                start = max(self.next_id, int(given.max()) + 1 if len(given) else 1)
                 ids[free] = np.arange(start, start + int(free.sum()))
             vectors = l2_normalize(vectors)
             self._log(self._encode({"op": "add", "ids": ids.tolist(), "meta": [m.to_dict() for m in meta]}, vectors))
