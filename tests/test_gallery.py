@@ -327,6 +327,23 @@ def test_hnsw_recall_against_flat(store):
     assert recall >= 0.9
 
 
+def test_hnsw_with_a_selective_filter_finds_every_matching_entry(store):
+    """The graph walk under a filter that excludes nearly every entry found 2 of 5 matching ones."""
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(5000, 64)).astype(np.float32)  # no neighbourhood structure: the hard case
+    meta = [EntryMetadata(camera_id=f"c{i % 500}", labels={"site": "rare" if i % 1000 == 0 else "common"})
+            for i in range(5000)]
+    for name, index in (("flat", "flat"), ("hnsw", "hnsw")):
+        store.create(name, 64, index)
+        store.add(name, np.arange(1, 5001), vecs, meta)
+    queries = rng.normal(size=(3, 64)).astype(np.float32)
+    for flt in (SearchFilter(labels={"site": "rare"}), SearchFilter(exclude_camera_id="c1")):
+        exact = store.search("flat", queries, 10, [flt])
+        approx = store.search("hnsw", queries, 10, [flt])
+        assert [[h.id for h in r] for r in approx] == [[h.id for h in r] for r in exact]
+    assert all(len(r) == 5 for r in store.search("hnsw", queries, 10, [SearchFilter(labels={"site": "rare"})]))
+
+
 class _GpuFlatLikeFaiss:
     """What a FAISS GPU flat index offers a caller: add and search only, at most GPU_MAX_K neighbours.
     Real GPU indexes ignore an IDSelector in search parameters and raise on remove_ids; this one
