@@ -95,6 +95,24 @@ def test_distributed_training_on_cpu_with_two_gloo_processes(quick_spec):
     assert metrics["images"] == len(single.sampler) * 8
 
 
+def test_a_problem_one_process_finds_stops_every_process_with_its_one_line(synthetic_root, tmp_path):
+    """A bad image in one rank's share, or a loss gone NaN, stopped that rank alone: the other
+    failed in its next collective call, and spawn reported that one ("Connection closed by peer")
+    with a child's traceback."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    victim = sorted((root / "bounding_box_train").glob("*.jpg"))[1]  # index 1: rank 1's share of 2
+    victim.write_bytes(b"junk")
+    spec = build_spec({}, quick_overrides(root, tmp_path / "a", **{"train.num_epochs": 1}))
+    with pytest.raises(DataError, match=rf"^1 of 48 images cannot be read, (e.g. {victim}|found by another process)"):
+        spawn_workers(spec, world_size=2, backend="gloo")
+    spec = build_spec({}, quick_overrides(synthetic_root, tmp_path / "b", **{
+        "train.num_epochs": 3, "train.optim.name": "SGD", "train.optim.base_lr": 1e8,
+        "train.optim.warmup_epochs": 1, "train.optim.warmup_factor": 1e-10}))
+    with pytest.raises(TrainingDiverged, match="training diverged"):
+        spawn_workers(spec, world_size=2, backend="gloo")
+
+
 @pytest.mark.slow
 def test_tiny_swin_learns_far_above_chance(tmp_path):
     """About 30 s on 2 CPU cores: 40 training identities, 8 epochs, reduced Swin at 128x64."""
@@ -182,8 +200,10 @@ def test_each_process_checks_its_share_of_the_images(synthetic_root):
     paths = [str(p) for p in sorted((synthetic_root / "query").glob("*.jpg"))]
     paths[2] = str(synthetic_root / "missing.jpg")  # index 2: the share of rank 0 of 2
     check_images(paths, threads=2, rank=1, world_size=2)
-    with pytest.raises(DataError, match="1 of 8 images cannot be read, e.g. .*missing.jpg"):
+    with pytest.raises(DataError, match="1 of 16 images cannot be read, e.g. .*missing.jpg"):
         check_images(paths, threads=2, rank=0, world_size=2)
+    with pytest.raises(DataError, match="3 of 16 images cannot be read, found by another process"):  # summed
+        check_images(paths, threads=2, rank=1, world_size=2, total=lambda mine: mine + 3)
 
 
 def test_a_diverging_run_stops_before_a_checkpoint_holds_nan(quick_spec):

@@ -172,7 +172,7 @@ def test_corrupt_training_image_is_one_line(tmp_path, capsys, synthetic_root, mo
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith(f"reid train: error: 1 of 48 images cannot be read, e.g. {victim}: "), err
     # A file that breaks after the up-front check fails in the loader, in a worker process or not.
-    monkeypatch.setattr(training.engine, "check_images", lambda *args: None)
+    monkeypatch.setattr(training.engine, "check_images", lambda *args, **kwargs: None)
     for workers in (0, 1):
         code, _, err = _run(capsys, "train", *quick_overrides(root, tmp_path / "r", **{"dataset.num_workers": workers}))
         assert code == 2

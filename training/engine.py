@@ -26,7 +26,7 @@ from training.data.market1501 import ImageRecord, load_gallery, load_query, load
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.transforms import ImageDataset, build_train_transform, check_images
 from training.embed import embed_records
-from training.errors import ConfigError, DataError, TrainingDiverged
+from training.errors import ConfigError, DataError, ReidError, TrainingDiverged
 from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
 from training.models.build import load_pretrained
@@ -110,7 +110,8 @@ class Trainer:
                                   spec.dataset.num_classes)
         self.val_split = validation_split(spec) if spec.train.validation_interval else None
         val_paths = [r.path for split in self.val_split for r in split] if self.val_split else []
-        check_images([r.path for r in self.records] + val_paths, spec.dataset.num_workers, rank, world_size)
+        check_images([r.path for r in self.records] + val_paths, spec.dataset.num_workers, rank, world_size,
+                     total=self._sum_over_processes if world_size > 1 else None)
         self.model_args = model_args_from_spec(spec)
         self.model = build_model(self.model_args).to(device)
         m = spec.model
@@ -132,6 +133,16 @@ class Trainer:
         if world_size > 1:
             self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.loader, self.sampler = _train_loader(spec, self.records, rank, world_size, device)
+
+    def _sum_over_processes(self, value: int) -> int:
+        """``value`` summed over the run's processes: a condition one process finds (a bad image, a
+        non-finite loss) must stop all of them at the same point, or the others wait forever in
+        their next collective call."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor)
+        return int(tensor.item())
 
     def _resume(self, path: str) -> None:
         key = f"train.resume_training_checkpoint_path={path}"
@@ -253,7 +264,7 @@ class Trainer:
             for images, pids, _ in bar:
                 total, parts = self._step(images.to(self.device, non_blocking=True), pids.to(self.device))
                 n_images += images.shape[0] * self.world_size
-                if not math.isfinite(total):
+                if self._sum_over_processes(int(not math.isfinite(total))):
                     nonfinite += 1
                     if not self.use_amp or nonfinite >= AMP_NONFINITE_STEPS:
                         self._diverged(total, epoch, o.base_lr * factor)
@@ -313,7 +324,16 @@ def spawn_workers(spec: ExperimentSpec, world_size: int, backend: str) -> Path |
     """Run ``world_size`` training processes on this machine (one per GPU, or gloo on CPU)."""
     result = Path(spec.results_dir) / "train" / ".last_checkpoint"
     result.parent.mkdir(parents=True, exist_ok=True)
-    torch.multiprocessing.spawn(_worker, args=(spec, world_size, backend, _free_port(), str(result)), nprocs=world_size)
+    try:
+        torch.multiprocessing.spawn(_worker, args=(spec, world_size, backend, _free_port(), str(result)), nprocs=world_size)
+    except torch.multiprocessing.ProcessRaisedException as exc:
+        # The child's traceback comes as text; a user-facing error keeps its one line, anything else its traceback.
+        last = str(exc).strip().splitlines()[-1]
+        for kind in (DataError, ConfigError, TrainingDiverged, ReidError):
+            prefix = f"{kind.__module__}.{kind.__name__}: "
+            if last.startswith(prefix):
+                raise kind(last[len(prefix):]) from None
+        raise
     text = result.read_text().strip()
     return Path(text) if text else None
 

@@ -9,7 +9,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -58,21 +58,24 @@ def unreadable_images(paths: Sequence[str], threads: int = 1) -> list[tuple[str,
     return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
 
 
-def check_images(paths: Sequence[str], threads: int, rank: int = 0, world_size: int = 1) -> None:
+def check_images(paths: Sequence[str], threads: int, rank: int = 0, world_size: int = 1,
+                 total: Callable[[int], int] | None = None) -> None:
     """Decode every image a job will read before it starts: a corrupt file would otherwise stop a
     training run whenever the sampler first drew it, possibly hours in and epochs after the last
     checkpoint, or an embedding job after everything before it, and the next bad file would stop
     the rerun. Every bad file is logged; the ``DataError`` counts them. In a multi-process run each
-    process checks its share (``paths[rank::world_size]``)."""
+    process checks its share (``paths[rank::world_size]``), and ``total`` sums a count over the
+    processes, so that all of them stop together rather than some waiting on the others."""
     mine = paths[rank::world_size]
     start = time.perf_counter()
     bad = unreadable_images(mine, threads)
     for path, reason in bad:
         log.error("cannot read image %s: %s", path, reason)
-    if bad:
-        path, reason = bad[0]
-        raise DataError(f"{len(bad)} of {len(mine)} images cannot be read, e.g. {path}: {reason}; "
-                        f"fix or remove them (each one is logged above)")
+    count = total(len(bad)) if total else len(bad)
+    if count:
+        example = f"e.g. {bad[0][0]}: {bad[0][1]}" if bad else "found by another process, which logs them"
+        raise DataError(f"{count} of {len(paths)} images cannot be read, {example}; fix or remove them "
+                        "(each one is logged)")
     if rank == 0:
         log.info("checked %d images in %.1f s%s", len(mine), time.perf_counter() - start,
                  f" (this process's share of {len(paths)})" if world_size > 1 else "")
