@@ -5,6 +5,7 @@ import asyncio
 import gc
 import importlib.util
 import io
+import json
 import logging
 import os
 import queue
@@ -810,3 +811,20 @@ def test_a_failure_delivering_results_fails_that_batch_only(engine, monkeypatch)
             client.embed([_jpeg(1)])
         assert err.value.code() == grpc.StatusCode.INTERNAL and "injected delivery failure" in err.value.details()
         assert client.embed([_jpeg(2)])[0].ok
+
+
+def test_a_tensorrt_engine_where_tensorrt_is_missing_is_one_line(tmp_path):
+    """Serving or evaluating a .engine file on a machine without TensorRT ended in ModuleNotFoundError."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    from serving.engines import ModelMetadata, open_engine
+
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"plan")
+    sidecar = tmp_path / "model.engine.json"
+    sidecar.write_text('{"metadata": ' + json.dumps(ModelMetadata(256, 128, 512).to_props()) + "}")
+    with pytest.raises(ModelFileError, match="model.engine is a TensorRT engine, but tensorrt is not installed here"):
+        open_engine(engine)
+    sidecar.write_text("{not json")
+    with pytest.raises(ModelFileError, match="model.engine.json is not JSON"):
+        open_engine(engine)

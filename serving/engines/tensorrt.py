@@ -40,17 +40,25 @@ class TensorRTEngine(Engine):
     warm_each_batch_size = True  # a new input shape makes TensorRT re-plan the context
 
     def __init__(self, path: str | Path):
-        import tensorrt as trt
-
         path = Path(path)
         sidecar = Path(str(path) + ".json")
         if not sidecar.is_file():
             raise ModelFileError(f"{path} has no sidecar {sidecar.name}; rebuild it with reid-export")
-        info = json.loads(sidecar.read_text())
-        self.metadata = ModelMetadata.from_props(info.get("metadata", {}))
+        try:
+            info = json.loads(sidecar.read_text())
+            props = info.get("metadata", {}) if isinstance(info, dict) else None
+        except ValueError as exc:
+            raise ModelFileError(f"{sidecar} is not JSON ({exc}); rebuild the engine with reid-export") from None
+        self.metadata = ModelMetadata.from_props(props or {})
         if self.metadata is None:
             raise ModelFileError(f"{sidecar} lacks reid metadata; rebuild from an ONNX file with metadata or give preprocessing")
-        self.cudart = cuda_runtime()
+        try:
+            import tensorrt as trt
+
+            self.cudart = cuda_runtime()
+        except ImportError as exc:
+            raise ModelFileError(f"{path} is a TensorRT engine, but {exc.name or 'tensorrt'} is not installed here "
+                                 "(TensorRT and cuda-python need an NVIDIA GPU); serve the ONNX file instead") from None
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
