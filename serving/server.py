@@ -63,8 +63,31 @@ class ServerConfig:
     shutdown_delay_seconds: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.min_client_ping_seconds < 0:
-            raise ValueError(f"min_client_ping_seconds must be 0 or more, got {self.min_client_ping_seconds}")
+        for name, low, high in _RANGES:
+            check_number(name, getattr(self, name), low, high, integer=isinstance(getattr(ServerConfig, name), int))
+        if self.instances < 0:
+            raise ValueError(f"instances (--instances) must be 0 (automatic) or more, got {self.instances}")
+        for name in ("max_images_per_request", "max_image_pixels", "max_search_queries", "max_top_k"):
+            check_number(name, getattr(self.limits, name), 1, None, integer=True)
+
+
+# (option, lowest, highest) of ServerConfig's numbers: out of range, most of them started a server
+# that refused every call (a queue or message limit of 0) or failed later with an unrelated message.
+_RANGES = (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_batch_size", 1, None), ("max_queue_delay_ms", 0, None),
+           ("split_batch_ms", 0, None), ("queue_capacity", 1, None), ("workers", 1, None),
+           ("max_message_bytes", 4096, None), ("min_client_ping_seconds", 0, None), ("grace_seconds", 0, None),
+           ("shutdown_delay_seconds", 0, None))
+
+
+def check_number(name: str, value, low: float, high: float | None, integer: bool) -> None:
+    """``value`` as option ``name`` must be: a number (a whole one if ``integer``) within [low, high]."""
+    flag = "--" + name.replace("_", "-")
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{name} ({flag}) must be {'a whole number' if integer else 'a number'}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{name} ({flag}) must be {bounds}, got {value}")
 
 
 class ReidServer:

@@ -362,8 +362,38 @@ def test_batcher_options_come_from_the_config_file_and_the_command_line(tmp_path
     assert (c.split_batch_ms, c.max_queue_delay_ms, c.grace_seconds) == (400, 5, 3)  # the command line wins
     assert build_config(parse_serve_args(["--model", "m.onnx"])).split_batch_ms == 250
     assert build_config(parse_serve_args(["--model", "m.onnx", "--min-client-ping-seconds", "30"])).min_client_ping_seconds == 30
-    with pytest.raises(ValueError, match="min_client_ping_seconds must be 0 or more"):
+    with pytest.raises(ValueError, match=r"min_client_ping_seconds \(--min-client-ping-seconds\) must be at least 0"):
         build_config(parse_serve_args(["--model", "m.onnx", "--min-client-ping-seconds", "-1"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batch-size", "0"], r"max_batch_size \(--max-batch-size\) must be at least 1, got 0"),
+    (["--workers", "0"], "workers .* must be at least 1"),  # was a ThreadPoolExecutor traceback
+    (["--queue-capacity", "0"], "queue_capacity .* must be at least 1"),  # started, refusing every call
+    (["--max-message-bytes", "10"], "max_message_bytes .* must be at least 4096"),
+    (["--max-images-per-request", "0"], "max_images_per_request .* must be at least 1"),
+    (["--max-queue-delay-ms", "-1"], "max_queue_delay_ms .* must be at least 0"),
+    (["--port", "70000"], r"port \(--port\) must be between 0 and 65535, got 70000"),
+    (["--metrics-port", "-1"], "metrics_port .* must be between 0 and 65535"),
+    (["--instances", "-1"], r"instances \(--instances\) must be 0 \(automatic\) or more"),
+])
+def test_numeric_options_out_of_range_are_refused_naming_the_option(argv, message):
+    from serving.cli import build_config, parse_serve_args
+
+    with pytest.raises(ValueError, match=message):
+        build_config(parse_serve_args(["--model", "m.onnx", *argv]))
+
+
+def test_config_file_numbers_of_the_wrong_kind_are_refused(tmp_path):
+    from serving.cli import build_config, parse_serve_args
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_batch_size: 8.5\n")
+    with pytest.raises(ValueError, match="max_batch_size .* must be a whole number, got 8.5"):
+        build_config(parse_serve_args(["--model", "m.onnx", "--config", str(config)]))
+    config.write_text("grace_seconds: soon\n")
+    with pytest.raises(ValueError, match="grace_seconds .* must be a number, got 'soon'"):
+        build_config(parse_serve_args(["--model", "m.onnx", "--config", str(config)]))
 
 
 def test_config_file_takes_every_option_not_only_the_batchers(tmp_path, capsys):
