@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,13 +28,27 @@ class UsageError(Exception):
 CONNECTION_DEFAULTS = {"server": "127.0.0.1:50051", "timeout": 60.0, "token": None, "tls_ca": None}
 
 
+def _number(kind, low, inclusive: bool = True):
+    """An argparse type: ``kind`` at least (or above) ``low``. Out-of-range values used to reach the
+    request builder, where protobuf refused them with a traceback (``--top-k -3``, a negative id)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {low}, got {text}")
+        return value
+    return parse
+
+
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     """Before or after the command (``reid-client --server H:P embed ...`` or ``... embed --server H:P``).
     Both parsers leave an option unset (SUPPRESS) unless given, as a subcommand's default would
     otherwise overwrite a value given before it; ``client_main`` fills the defaults in."""
     s = argparse.SUPPRESS
     parser.add_argument("--server", default=s, help="host:port of reid-serve (default: $REID_SERVER, else 127.0.0.1:50051)")
-    parser.add_argument("--timeout", type=float, default=s, help="seconds per call (default 60)")
+    parser.add_argument("--timeout", type=_number(float, 0, inclusive=False), default=s, help="seconds per call (default 60)")
     parser.add_argument("--token", default=s, help="bearer token (or set REID_TOKEN)")
     parser.add_argument("--tls-ca", default=s, help="CA (PEM) to verify the server; enables TLS")
 
@@ -56,7 +71,7 @@ def client_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", parents=[common], help="create an empty gallery")
     c.add_argument("gallery")
     c.add_argument("--index", choices=["flat", "hnsw"], default="flat", help="flat: exact (default); hnsw: approximate")
-    c.add_argument("--dimension", type=int, default=0, help="embedding width (default: the served model's)")
+    c.add_argument("--dimension", type=_number(int, 0), default=0, help="embedding width (default: the served model's)")
     d = sub.add_parser("drop", parents=[common], help="delete a gallery and everything in it")
     d.add_argument("gallery")
 
@@ -65,20 +80,20 @@ def client_parser() -> argparse.ArgumentParser:
     a.add_argument("images", nargs="+", type=Path)
     a.add_argument("--person-id", default="", help="person or track id recorded with every image of this call")
     a.add_argument("--camera-id", default="", help="camera id recorded with every image of this call")
-    a.add_argument("--timestamp", type=float, default=0.0, help="seconds, recorded with every image of this call")
+    a.add_argument("--timestamp", type=_number(float, 0), default=0.0, help="seconds, recorded with every image of this call")
     a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a free-form label (repeatable)")
 
     s = sub.add_parser("search", parents=[common, images], help="who is in these images: the closest gallery entries")
     s.add_argument("gallery")
     s.add_argument("images", nargs="+", type=Path)
-    s.add_argument("--top-k", type=int, default=5, help="hits per image (default 5)")
+    s.add_argument("--top-k", type=_number(int, 1), default=5, help="hits per image (default 5)")
     s.add_argument("--exclude-camera", default="", help="leave out entries seen by this camera")
     s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of the candidate pool (server defaults)")
     s.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
 
     r = sub.add_parser("remove", parents=[common], help="remove entries from a gallery by id")
     r.add_argument("gallery")
-    r.add_argument("ids", nargs="+", type=int)
+    r.add_argument("ids", nargs="+", type=_number(int, 1))
     return p
 
 

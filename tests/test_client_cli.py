@@ -202,3 +202,18 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(server, crops):
     proc.stdout.close()  # as head does after its lines
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and b"Traceback" not in err, err.decode()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "g", "a.jpg", "--top-k", "-3"], "reid-client search: error: argument --top-k: must be at least 1, got -3"),
+    (["remove", "g", "-5"], "reid-client remove: error: argument ids: must be at least 1, got -5"),
+    (["remove", "g", "x"], "reid-client remove: error: argument ids: 'x' is not a whole number"),
+    (["--timeout", "0", "galleries"], "reid-client: error: argument --timeout: must be above 0, got 0"),
+    (["create", "g", "--dimension", "-1"], "reid-client create: error: argument --dimension: must be at least 0, got -1"),
+    (["enroll", "g", "a.jpg", "--timestamp", "nan"], "reid-client enroll: error: argument --timestamp: must be at least 0, got nan"),
+])
+def test_numbers_out_of_range_are_usage_errors(argv, message, capsys):
+    """A negative --top-k or id reached protobuf, which refused it with a ValueError traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        client_main(argv)
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == message
