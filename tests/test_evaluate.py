@@ -255,3 +255,24 @@ def test_stored_embeddings_work_from_any_folder(trained, tmp_path, capsys, monke
     capsys.readouterr()
     code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path / 'c'}", f"evaluate.checkpoint={old}")
     assert code == 2 and f"{old} holds no embedding for 16 of the 16 query images" in err and "run reid inference on" in err
+
+
+def test_unreadable_images_in_the_matches_figure_do_not_fail_the_evaluation(trained, tmp_path, capsys, synthetic_root):
+    """Scoring stored embeddings reads no image, but the figure does: a corrupt one ended the
+    command with an error after results.json was written, and the figures were not printed."""
+    import shutil
+
+    ckpt, overrides = trained
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    folders = [f"dataset.query_dataset_dir={root / 'query'}", f"dataset.test_dataset_dir={root / 'bounding_box_test'}"]
+    stored = tmp_path / "emb.npz"
+    assert main(["inference", *overrides, *folders, f"results_dir={tmp_path}", f"inference.checkpoint={ckpt}",
+                 f"inference.output_file={stored}"]) == 0
+    for image in (root / "query").glob("*.jpg"):
+        image.write_bytes(b"gone bad since")
+    capsys.readouterr()
+    code, out, err = _run(capsys, "evaluate", *overrides, *folders, f"results_dir={tmp_path / 'e'}",
+                          f"evaluate.checkpoint={stored}")
+    assert code == 0, err
+    assert "mAP" in out and (tmp_path / "e" / "evaluate" / "sampled_matches.png").stat().st_size > 1000

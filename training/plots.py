@@ -9,7 +9,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from training.data.transforms import read_image  # noqa: E402
+from training.errors import DataError  # noqa: E402
 
 
 def plot_cmc(curves: dict[str, np.ndarray], path: str | Path, max_rank: int = 50) -> Path:
@@ -45,8 +47,10 @@ def plot_matches(query, gallery, distmat: np.ndarray, path: str | Path, num_quer
             if col >= len(cells):
                 continue
             rec, correct = cells[col]
-            with Image.open(rec.path) as img:
-                ax.imshow(np.asarray(img.convert("RGB").resize((64, 128))))
+            try:
+                ax.imshow(np.asarray(read_image(rec.path).resize((64, 128))))
+            except DataError:  # the figure shows it; the figures in results.json do not depend on it
+                ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7, transform=ax.transAxes)
             ax.set_title(("query\n" if correct is None else f"#{col}\n") + f"id {rec.pid} c{rec.camid}", fontsize=7)
             if correct is not None:
                 ax.add_patch(Rectangle((0, 0), 63, 127, fill=False, lw=3, edgecolor="limegreen" if correct else "red"))
