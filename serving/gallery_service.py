@@ -69,8 +69,11 @@ class GalleryRpcs:
 
     async def CreateGallery(self, request, context):
         dim = request.dimension or self.engine.metadata.embedding_dim
+        if self.store is not None and request.index_type not in _INDEX_NAMES:  # a newer client's: not silently flat
+            await self._fail(context, "CreateGallery", grpc.StatusCode.INVALID_ARGUMENT,
+                             f"index_type {request.index_type} is not one this server knows (FLAT = 1, HNSW = 2)")
         info = await self._call(context, "CreateGallery", self.store.create if self.store else None,
-                                request.name, dim, _INDEX_NAMES.get(request.index_type, "flat"))
+                                request.name, dim, _INDEX_NAMES.get(request.index_type, ""))
         return _info(info)
 
     async def DropGallery(self, request, context):

@@ -173,6 +173,15 @@ def test_kill_9_loses_no_acknowledged_entry(tiny_onnx, tmp_path):
         proc.stderr.close()
 
 
+def test_an_index_type_the_server_does_not_know_is_refused(server):
+    """It became a flat gallery without a word (a newer client's index type, or a typo'd number)."""
+    with GalleryClient(server.target) as g:
+        with pytest.raises(grpc.RpcError) as err:
+            g.stub.CreateGallery(reid_pb2.CreateGalleryRequest(name="odd", index_type=7))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "index_type 7" in err.value.details()
+        assert g.list() == []
+
+
 def test_evaluate_through_server_agrees_with_offline(server, tiny_onnx, synthetic_root, tmp_path):
     overrides = quick_overrides(synthetic_root, tmp_path, **{"re_ranking.re_ranking": "True", "re_ranking.k1": 6,
                                                             "re_ranking.k2": 3})
