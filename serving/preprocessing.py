@@ -14,6 +14,9 @@ from serving.engines.base import ImageError, decode_image, resize
 from serving.proto import reid_pb2
 
 
+_PIXEL_FORMATS = (reid_pb2.PIXEL_FORMAT_UNSPECIFIED, reid_pb2.RGB8, reid_pb2.BGR8)
+
+
 def to_rgb(image: reid_pb2.Image, max_pixels: int) -> np.ndarray:
     """An ``Image`` message -> H x W x 3 uint8 RGB, refusing anything over ``max_pixels`` before decoding."""
     kind = image.WhichOneof("data")
@@ -23,6 +26,8 @@ def to_rgb(image: reid_pb2.Image, max_pixels: int) -> np.ndarray:
         return decode_image(image.encoded, max_pixels)
     if kind == "raw":
         raw = image.raw
+        if raw.format not in _PIXEL_FORMATS:  # e.g. a newer client's RGBA: its bytes would be misread as RGB
+            raise ImageError(f"raw image format {raw.format} is not one this server knows (RGB8 = 1, BGR8 = 2)")
         if raw.height == 0 or raw.width == 0:
             raise ImageError("raw image has zero height or width")
         if raw.height * raw.width > max_pixels:

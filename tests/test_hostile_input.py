@@ -42,12 +42,13 @@ floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 
 @FAST
 @given(boxes=st.lists(st.tuples(floats, floats, floats, floats), max_size=6),
-       raw_len=st.integers(0, 200), raw_h=st.integers(0, 10), raw_w=st.integers(0, 10), truncate=st.integers(0, 60))
-def test_requests_yield_one_outcome_per_image(boxes, raw_len, raw_h, raw_w, truncate):
+       raw_len=st.integers(0, 200), raw_h=st.integers(0, 10), raw_w=st.integers(0, 10), truncate=st.integers(0, 60),
+       raw_format=st.integers(0, 4))
+def test_requests_yield_one_outcome_per_image(boxes, raw_len, raw_h, raw_w, truncate, raw_format):
     png = _png(30, 40)
     request = reid_pb2.EmbedRequest(images=[
         reid_pb2.Image(encoded=png[: len(png) - truncate]),
-        reid_pb2.Image(raw=reid_pb2.RawImage(pixels=b"\x07" * raw_len, height=raw_h, width=raw_w)),
+        reid_pb2.Image(raw=reid_pb2.RawImage(pixels=b"\x07" * raw_len, height=raw_h, width=raw_w, format=raw_format)),
         reid_pb2.Image(),
     ])
     request.frame.image.encoded = png
@@ -58,7 +59,8 @@ def test_requests_yield_one_outcome_per_image(boxes, raw_len, raw_h, raw_w, trun
     for item in out:
         assert isinstance(item, ImageError) or (item.shape == (16, 8, 3) and item.dtype == np.uint8)
     assert isinstance(out[2], ImageError)  # an image with neither bytes nor pixels
-    assert isinstance(out[1], ImageError) == (raw_h * raw_w == 0 or raw_len != raw_h * raw_w * 3)
+    # formats 3 and 4 are none this server knows (a newer client's): refused, not read as RGB
+    assert isinstance(out[1], ImageError) == (raw_h * raw_w == 0 or raw_len != raw_h * raw_w * 3 or raw_format > 2)
     for (x1, y1, x2, y2), item in zip(boxes, out[3:]):
         finite = all(math.isfinite(v) for v in (x1, y1, x2, y2))
         inside = finite and min(x2, 30) > max(x1, 0) and min(y2, 40) > max(y1, 0)
@@ -128,3 +130,13 @@ def test_malformed_overrides_fail_with_config_error_only(text):
         build_spec({}, [text])
     except ConfigError:
         pass
+
+
+def test_raw_pixels_in_a_format_the_server_does_not_know_are_refused():
+    """A newer client's pixel format (say 4 bytes a pixel) was read as RGB without a word."""
+    pixels = bytes(range(12))  # 2 x 2 pixels of 3 bytes
+    request = reid_pb2.EmbedRequest(images=[reid_pb2.Image(raw=reid_pb2.RawImage(pixels=pixels, height=2, width=2, format=f))
+                                            for f in (reid_pb2.RGB8, reid_pb2.BGR8, 3)])
+    rgb, bgr, unknown = prepare(request, 2, 2, max_pixels=100)
+    np.testing.assert_array_equal(bgr, rgb[:, :, ::-1])
+    assert isinstance(unknown, ImageError) and "raw image format 3 is not one this server knows" in str(unknown)
