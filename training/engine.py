@@ -233,7 +233,8 @@ class Trainer:
         last = latest_checkpoint(self.out_dir)
         then = (f"resume with train.resume_training_checkpoint_path={last}" if last
                 else "start again (no checkpoint was written yet)")
-        raise TrainingDiverged(f"the loss is {loss} in epoch {epoch + 1} (lr {lr:.3g}): training diverged; lower "
+        what = f"the loss is {loss}" if not math.isfinite(loss) else "another process's loss is not finite"
+        raise TrainingDiverged(f"{what} in epoch {epoch + 1} (lr {lr:.3g}): training diverged; lower "
                                f"train.optim.base_lr or set train.clip_grad_norm, then {then}")
 
     def fit(self) -> Path | None:
