@@ -85,3 +85,10 @@ def test_make_synthetic_refuses_sets_that_cannot_be_evaluated(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("reid make-synthetic: error: ") and message in err, err
         assert not out.exists()
+    out = tmp_path / "set"
+    assert main(["make-synthetic", str(out), "--identities", "4", "--images-per-identity", "3"]) == 0
+    before = sorted(p.name for p in out.rglob("*.jpg"))
+    capsys.readouterr()
+    assert main(["make-synthetic", str(out), "--identities", "6"]) == 2  # would mix two sets
+    assert "bounding_box_train is not empty; give a new folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*.jpg")) == before

@@ -124,6 +124,10 @@ def make_synthetic(
         raise ValueError(f"images_per_identity must be at least cameras + 1 = {cameras + 1} so queries have matches")
     out = Path(out_dir)
     for split in SPLITS:
+        if (out / split).is_dir() and any((out / split).iterdir()):
+            # the new set would mix with the old one, under counts that describe the new one only
+            raise ValueError(f"{out / split} is not empty; give a new folder, or remove {out} first")
+    for split in SPLITS:
         (out / split).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     cams = [_camera(rng) for _ in range(cameras)]
