@@ -26,7 +26,9 @@ def main() -> None:
     args = p.parse_args()
     pool = load_images(args.images) if args.images else None
     extra = ["--pixel-mean", *map(str, args.pixel_mean), "--pixel-std", *map(str, args.pixel_std)] if args.pixel_mean else []
-    proc, target = start_server(args.model, "--queue-capacity", str(args.queue_capacity), *extra)
+    per_request = min(256, args.queue_capacity)  # the server refuses a request limit above its queue capacity
+    proc, target = start_server(args.model, "--queue-capacity", str(args.queue_capacity),
+                                "--max-images-per-request", str(per_request), *extra)
     try:
         print(f"server RSS after warm-up: {rss_mib(proc.pid):.0f} MiB")
         print("ramp:")

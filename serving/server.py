@@ -69,6 +69,10 @@ class ServerConfig:
             raise ValueError(f"instances (--instances) must be 0 (automatic) or more, got {self.instances}")
         for name in ("max_images_per_request", "max_image_pixels", "max_search_queries", "max_top_k"):
             check_number(name, getattr(self.limits, name), 1, None, integer=True)
+        if self.limits.max_images_per_request > self.queue_capacity:
+            # such a request could never be queued: RESOURCE_EXHAUSTED, which tells clients to retry, forever
+            raise ValueError(f"max_images_per_request ({self.limits.max_images_per_request}) exceeds queue_capacity "
+                             f"({self.queue_capacity}): raise --queue-capacity or lower --max-images-per-request")
 
 
 # (option, lowest, highest) of ServerConfig's numbers: out of range, most of them started a server

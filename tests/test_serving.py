@@ -306,7 +306,8 @@ def test_request_limits(engine):
 
 def test_full_queue_fails_fast_with_resource_exhausted(engine):
     slow = SlowEngine(engine, delay=0.6)
-    config = ServerConfig(port=0, queue_capacity=4, max_batch_size=4, max_queue_delay_ms=0)
+    config = ServerConfig(port=0, queue_capacity=4, max_batch_size=4, max_queue_delay_ms=0,
+                          limits=Limits(max_images_per_request=4))
     with ServerThread(slow, config) as s:
         client = ReidClient(s.target)
         with ThreadPoolExecutor(2) as pool:
@@ -376,6 +377,8 @@ def test_batcher_options_come_from_the_config_file_and_the_command_line(tmp_path
     (["--port", "70000"], r"port \(--port\) must be between 0 and 65535, got 70000"),
     (["--metrics-port", "-1"], "metrics_port .* must be between 0 and 65535"),
     (["--instances", "-1"], r"instances \(--instances\) must be 0 \(automatic\) or more"),
+    # a request that could never be queued would get RESOURCE_EXHAUSTED, which clients retry, forever
+    (["--queue-capacity", "100"], r"max_images_per_request \(256\) exceeds queue_capacity \(100\)"),
 ])
 def test_numeric_options_out_of_range_are_refused_naming_the_option(argv, message):
     from serving.cli import build_config, parse_serve_args
