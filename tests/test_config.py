@@ -125,6 +125,12 @@ def test_missing_and_invalid_spec_files(tmp_path):
         load_spec(bad)
     # PyYAML's own message spans four lines (context, snippet, caret); the CLI prints one
     assert str(err.value) == f"spec file {bad} is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"
+    with pytest.raises(ConfigError, match="is a folder; give the YAML file"):  # said "does not exist"
+        load_spec(tmp_path)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- model\n- dataset\n")
+    with pytest.raises(ConfigError, match="holds a list; a spec is a mapping of sections"):  # was a ValueError traceback
+        load_spec(listing)
     with pytest.raises(ConfigError) as err:
         load_spec(None, ["train.gpu_ids=[0,"])
     assert str(err.value) == ("override train.gpu_ids: cannot parse value '[0,': line 1, column 4: "

@@ -202,12 +202,17 @@ def load_spec(path: str | Path | None, overrides: Iterable[str] = ()) -> Experim
     data = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"spec file {path} is a folder; give the YAML file")
         if not path.is_file():
             raise ConfigError(f"spec file {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"spec file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"spec file {path} holds a {type(data).__name__}; a spec is a mapping of sections "
+                              "(model:, dataset:, train:, ...)")
     return build_spec(data, overrides)
 
 
