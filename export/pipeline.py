@@ -104,7 +104,11 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
         dst = fp16_path_for(onnx_path)
         log(f"[2] FP16 mixed-precision ONNX with {fp16_tool} ...")
         convert_fp16(onnx_path, dst, fp16_tool)
-        parity = compare_onnx(onnx_path, dst, FP16_PARITY, "FP16 ONNX vs FP32 ONNX (ONNX Runtime CPU)")
+        try:
+            parity = compare_onnx(onnx_path, dst, FP16_PARITY, "FP16 ONNX vs FP32 ONNX (ONNX Runtime CPU)")
+        except ExportError:  # as for the other stages: no file that failed its check is left to deploy
+            dst.unlink(missing_ok=True)
+            raise
         stages.append(Stage("fp16_onnx", str(dst), time.perf_counter() - start, parity))
         log(f"    wrote {dst}; worst row cosine vs FP32 {min(parity.values()):.6f}")
         built_from = dst

@@ -109,6 +109,14 @@ def test_parity_failure_leaves_no_file(swin_ckpt, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fp16_parity_failure_leaves_no_fp16_file(swin_ckpt, tmp_path, monkeypatch):
+    """The FP16 model stayed on disk after failing its check, ready to be deployed by mistake."""
+    monkeypatch.setattr("export.pipeline.FP16_PARITY", 1.5)  # unreachable: every row fails
+    with pytest.raises(ExportError, match="parity check failed"):
+        run_pipeline(swin_ckpt, tmp_path / "m.onnx", fp16=True, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # the FP32 model passed its own check
+
+
 def test_checker_rejects_a_broken_graph():
     node = helper.make_node("Relu", ["missing"], ["y"])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
