@@ -276,3 +276,20 @@ def test_unreadable_images_in_the_matches_figure_do_not_fail_the_evaluation(trai
                           f"evaluate.checkpoint={stored}")
     assert code == 0, err
     assert "mAP" in out and (tmp_path / "e" / "evaluate" / "sampled_matches.png").stat().st_size > 1000
+
+
+def test_an_interrupted_inference_leaves_the_previous_file_whole(trained, tmp_path, monkeypatch):
+    ckpt, overrides = trained
+    out_file = tmp_path / "emb.npz"
+    args = ["inference", *overrides, f"results_dir={tmp_path}", f"inference.checkpoint={ckpt}", f"inference.output_file={out_file}"]
+    assert main(args) == 0
+    before = out_file.read_bytes()
+    real_savez = np.savez
+
+    def interrupted(file, **arrays):
+        real_savez(file, **{k: v for k, v in list(arrays.items())[:2]})  # part of the file written...
+        raise KeyboardInterrupt  # ...then Ctrl-C
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    assert main(args) == 130
+    assert out_file.read_bytes() == before and sorted(p.name for p in tmp_path.glob("emb*")) == ["emb.npz"]
