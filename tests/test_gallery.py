@@ -327,6 +327,31 @@ def test_hnsw_recall_against_flat(store):
     assert recall >= 0.9
 
 
+def test_hnsw_snapshots_rebuild_the_graph_only_when_many_rows_are_dead(tmp_path, caplog):
+    """Every snapshot rebuilt the HNSW graph under the gallery's lock (13.5 s for 30,000 512-d
+    entries here), stopping every search, even for a handful of removals."""
+    import logging
+
+    vecs, meta = _data(100, 16)
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 16, "hnsw")
+    store.add("g", np.arange(1, 101), vecs, meta)
+    gallery = store.galleries["g"]
+    graph = gallery.index
+    store.remove("g", np.arange(1, 11))  # 10 % dead
+    store.snapshot("g")
+    assert gallery.index is graph and len(gallery.ids) == 100  # kept, dead rows filtered
+    hits = store.search("g", vecs[:5], 5, [])
+    assert all(h.id > 10 for r in hits for h in r)
+    with caplog.at_level(logging.INFO):
+        reopened = FaissGalleryStore(tmp_path)  # the snapshot holds the live rows only
+    assert len(reopened.galleries["g"].ids) == 90 and "built its HNSW index over 90 entries" in caplog.text
+    assert [[h.id for h in r] for r in reopened.search("g", vecs[:5], 5, [])] == [[h.id for h in r] for r in hits]
+    store.remove("g", np.arange(11, 31))  # 30 % dead: now worth a rebuild
+    store.snapshot("g")
+    assert gallery.index is not graph and len(gallery.ids) == 70
+
+
 def test_hnsw_with_a_selective_filter_finds_every_matching_entry(store):
     """The graph walk under a filter that excludes nearly every entry found 2 of 5 matching ones."""
     rng = np.random.default_rng(0)

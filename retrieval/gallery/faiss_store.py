@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,11 @@ GPU_MAX_K = 1024
 # allowed entries an exact scan of just those is both right and cheap (40,000 x 512-d is about
 # 80 MB). The same cut-off as Weaviate's default flatSearchCutoff.
 EXACT_SEARCH_CUTOFF = 40_000
+# A snapshot compacts an HNSW gallery (drops its removed rows, rebuilds the graph) only when more
+# than this share of its rows is dead: the rebuild takes about 0.45 ms per entry on 2 cores (13.5 s
+# for 30,000 512-d entries) under the gallery's lock, which stopped every search meanwhile, while
+# dead rows cost only their filtering at search time.
+HNSW_COMPACT_DEAD_SHARE = 0.2
 
 
 def _storage(exc: OSError, what: str) -> StorageError:
@@ -114,9 +120,13 @@ class _Gallery:
         for payload in self.wal.replay():
             self._apply(payload)
             replayed += 1
+        start = time.perf_counter()
         self._rebuild_index()
         if replayed:
             log.info("gallery %s: replayed %d log records", self.dir.name, replayed)
+        if self.index_type == "hnsw" and len(self.ids):  # minutes at a million entries: say where startup went
+            log.info("gallery %s: built its HNSW index over %d entries in %.1f s", self.dir.name, len(self.ids),
+                     time.perf_counter() - start)
 
     @staticmethod
     def _encode(op: dict, vectors: np.ndarray | None = None) -> bytes:
@@ -164,7 +174,9 @@ class _Gallery:
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise _storage(exc, f"cannot write the snapshot of gallery {self.dir.name}") from None
-            self._compact()
+            dead = len(keep) - int(keep.sum())
+            if self.index_type != "hnsw" or dead > HNSW_COMPACT_DEAD_SHARE * len(keep):
+                self._compact()
             self.changes_since_snapshot = 0
 
     # ---- in-memory state -----------------------------------------------------------------------
