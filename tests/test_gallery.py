@@ -352,6 +352,21 @@ def test_hnsw_snapshots_rebuild_the_graph_only_when_many_rows_are_dead(tmp_path,
     assert gallery.index is not graph and len(gallery.ids) == 70
 
 
+@pytest.mark.parametrize("cutoff", [0, 40_000])  # the graph walk with a selector, and the exact scan
+def test_a_replaced_hnsw_entry_answers_with_its_new_vector_only(tmp_path, monkeypatch, cutoff):
+    """The HNSW graph keeps a replaced entry's old vector until a compaction, and labelled by entry
+    id it still answered as that id: a search for the old image found the entry at score 1.0."""
+    monkeypatch.setattr("retrieval.gallery.faiss_store.EXACT_SEARCH_CUTOFF", cutoff)
+    vecs, meta = _data(50, 16)
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 16, "hnsw")
+    store.add("g", np.arange(1, 51), vecs, meta)
+    store.add("g", np.array([8]), -vecs[7:8], [EntryMetadata(person_id="new")], replace=True)
+    assert all(h.id != 8 for h in store.search("g", vecs[7:8], 5, [])[0])
+    top = store.search("g", -vecs[7:8], 1, [])[0][0]
+    assert (top.id, top.metadata.person_id) == (8, "new") and top.score == pytest.approx(1.0, abs=1e-5)
+
+
 def test_hnsw_with_a_selective_filter_finds_every_matching_entry(store):
     """The graph walk under a filter that excludes nearly every entry found 2 of 5 matching ones."""
     rng = np.random.default_rng(0)

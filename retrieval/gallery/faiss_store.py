@@ -195,11 +195,18 @@ class _Gallery:
         if len(ids):
             self.next_id = max(self.next_id, int(ids.max()) + 1)
         self._apply_remove(ids[[i in self.row for i in ids.tolist()]])
+        start = len(self.ids)
         self._append_rows(ids, vectors, meta)
         if hasattr(self, "index"):
-            self.index.add_with_ids(vectors, ids)
+            self.index.add_with_ids(vectors, self._labels(np.arange(start, start + len(ids))))
         if self._gpu is not None:
             self._gpu.add(vectors)  # rows keep their positions: the copy stays aligned with self.ids
+
+    def _labels(self, rows: np.ndarray) -> np.ndarray:
+        """The FAISS labels of ``rows``: entry ids in a flat index, which removes rows by id; row
+        numbers in an HNSW graph, which keeps removed rows until a compaction. Under entry ids a
+        replaced entry's old vector still answered searches as that id (score 1.0 for its old image)."""
+        return rows if self.index_type == "hnsw" else self.ids[rows]
 
     def _apply_remove(self, ids) -> None:
         present = [i for i in ids.tolist() if i in self.row]
@@ -237,9 +244,9 @@ class _Gallery:
             inner = f.IndexFlatIP(self.dim)
         self._inner = inner
         self.index = f.IndexIDMap2(inner)
-        live = self.alive
-        if live.any():
-            self.index.add_with_ids(self.vectors[live], self.ids[live])
+        rows = np.flatnonzero(self.alive)
+        if len(rows):
+            self.index.add_with_ids(self.vectors[rows], self._labels(rows))
         self._gpu = None
         if self.index_type == "flat" and f.get_num_gpus() > 0:  # without GPUs the copy would be an empty replica set
             self._gpu = f.index_cpu_to_all_gpus(f.IndexFlatIP(self.dim))
@@ -334,12 +341,13 @@ class _Gallery:
                 if self.index_type == "hnsw" and mask.sum() <= EXACT_SEARCH_CUTOFF:
                     scores[rows], ids[rows] = self._exact(queries[rows], mask, k)
                     continue
-                allowed = self.ids[mask]
-                sel = f.IDSelectorBatch(allowed)
+                sel = f.IDSelectorBatch(self._labels(np.flatnonzero(mask)))
                 params = f.SearchParametersHNSW(sel=sel, efSearch=max(64, k)) if self.index_type == "hnsw" else f.SearchParameters(sel=sel)
             elif self.index_type == "hnsw":
                 params = f.SearchParametersHNSW(efSearch=max(64, k))
             d, i = self.index.search(queries[rows], k, params=params)
+            if self.index_type == "hnsw":  # row numbers -> entry ids
+                i = np.where(i >= 0, self.ids[np.maximum(i, 0)], -1)
             scores[rows], ids[rows] = d, i
         return scores, ids
 
