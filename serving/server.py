@@ -148,6 +148,7 @@ class ReidServer:
         # ~60,000 objects and stops the event loop for tens of milliseconds (docs/performance.md).
         gc.collect()
         gc.freeze()
+        self._warn_of_other_widths()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d (%s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)", SERVICE_NAME,
                  c.host, self.port, self.engine.name, self.batcher.instances, self.batcher.max_batch_size,
@@ -155,6 +156,17 @@ class ReidServer:
                  f"{len(c.tokens)} token(s)" if c.tokens else "no authentication",
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         return self.port
+
+    def _warn_of_other_widths(self) -> None:
+        """Galleries made with another model (after a model change) refuse this one's embeddings on
+        every add and search from images; say so at startup rather than per call."""
+        if self.store is None:
+            return
+        dim = self.engine.metadata.embedding_dim
+        other = [f"{g.name} ({g.dim}-d)" for g in self.store.list() if g.dim != dim]
+        if other:
+            log.warning("galleries of another width than this model's %d-d embeddings: %s; adding or searching "
+                        "images there fails until they are rebuilt with this model", dim, ", ".join(other))
 
     def _bind(self, creds) -> int:
         """The gRPC port, bound before anything starts so that a taken one is reported in one line."""

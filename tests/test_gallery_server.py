@@ -292,3 +292,19 @@ def test_two_replicas_share_a_gallery_on_a_milvus_server(tiny_onnx, tmp_path):
             assert ids[0] not in [h.id for h in ga.search("shared", embeddings=vecs[:1], top_k=5, rerank={})[0].hits]
         finally:
             drop_test_galleries(stores[0])
+
+
+def test_startup_names_galleries_made_for_another_model(tiny_onnx, tmp_path, caplog):
+    """After a model change, every add and image search on an old gallery failed, and only per call."""
+    import logging
+
+    store = FaissGalleryStore(tmp_path / "galleries")
+    store.create("old", 512)
+    store.create("current", 32)
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0))
+    thread.server.store = store
+    with caplog.at_level(logging.WARNING), thread:
+        pass
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("this model's 32-d embeddings: old (512-d);" in w for w in warnings), warnings
+    assert not any("current" in w for w in warnings)
