@@ -90,6 +90,8 @@ def test_validation_errors(store):
     with pytest.raises(InvalidEntry, match="filter 1: time_from 5.0 is after time_to 1.0"):
         store.search("g", np.ones((2, 4)), 3, [SearchFilter(), SearchFilter(time_from=5.0, time_to=1.0)])
     assert store.search("g", np.ones((1, 4)), 3, [SearchFilter(time_from=5.0)]) == [[]]  # open end: fine
+    with pytest.raises(InvalidEntry, match="filter 0: time_from and time_to must be finite, got nan"):
+        store.search("g", np.ones((1, 4)), 3, [SearchFilter(time_from=float("nan"))])
     with pytest.raises(GalleryExists, match=r"\[5\]"):
         store.add("g", np.array([5]), np.ones((1, 4)), [EntryMetadata()])
     store.add("g", np.array([5]), -np.ones((1, 4)), [EntryMetadata(person_id="new")], replace=True)

@@ -6,6 +6,7 @@ metadata: person/track id, camera id, timestamp and free-form labels.
 from __future__ import annotations
 
 import abc
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -152,6 +153,8 @@ def check_queries(gallery: str, dim: int, queries: np.ndarray, filters: list, to
     if len(filters) not in (1, len(queries)):
         raise InvalidEntry(f"give one filter for all queries or one per query, got {len(filters)} for {len(queries)}")
     for i, f in enumerate(filters):
+        if not (math.isfinite(f.time_from) and math.isfinite(f.time_to)):  # NaN matched nothing, silently
+            raise InvalidEntry(f"filter {i}: time_from and time_to must be finite, got {f.time_from} and {f.time_to}")
         if f.time_from and f.time_to and f.time_from > f.time_to:
             # an empty window is a swapped pair far more often than an intended "match nothing"
             raise InvalidEntry(f"filter {i}: time_from {f.time_from} is after time_to {f.time_to}")
