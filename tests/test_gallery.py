@@ -85,6 +85,8 @@ def test_validation_errors(store):
     with pytest.raises(InvalidEntry, match="embedding 1 is all zeros"):
         store.add("g", np.array([0, 0]), np.array([[1, 0, 0, 0], [0, 0, 0, 0]]), [EntryMetadata()] * 2)
     assert store.info("g").size == 1  # nothing of the refused request was added
+    with pytest.raises(InvalidEntry, match="entry 0 has timestamp inf; timestamps must be finite"):
+        store.add("g", np.array([0]), np.ones((1, 4)), [EntryMetadata(timestamp=float("inf"))])
     with pytest.raises(InvalidEntry, match="query embedding 0 is all zeros"):
         store.search("g", np.zeros((1, 4)), 3, [])
     with pytest.raises(InvalidEntry, match="filter 1: time_from 5.0 is after time_to 1.0"):

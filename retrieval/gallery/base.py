@@ -132,6 +132,9 @@ def check_entries(gallery: str, dim: int, ids: np.ndarray, vectors: np.ndarray, 
     if not np.isfinite(vectors).all():
         raise InvalidEntry("embeddings contain NaN or inf")
     _check_directions(vectors, "embedding")
+    odd = [i for i, m in enumerate(metadata) if not math.isfinite(m.timestamp)]
+    if odd:  # it would never match a time filter, nor fail one
+        raise InvalidEntry(f"entry {odd[0]} has timestamp {metadata[odd[0]].timestamp}; timestamps must be finite")
     if (ids < 0).any():
         raise InvalidEntry(f"ids must be between 1 and {MAX_ID}")
     given = ids[ids > 0]
