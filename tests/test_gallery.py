@@ -227,6 +227,9 @@ def test_unreadable_gallery_config_refuses_to_start_naming_it(tmp_path):
     (tmp_path / "g" / "gallery.json").write_text('{"dim": 4')
     with pytest.raises(GalleryError, match=r"g/gallery.json is unreadable .*refusing to start"):
         FaissGalleryStore(tmp_path)
+    (tmp_path / "g" / "gallery.json").write_text('{"dim": 4, "index_type": "ivf"}')  # loaded as flat before
+    with pytest.raises(GalleryError, match=r"g/gallery.json is unreadable \(dim 4 and index_type 'ivf'\)"):
+        FaissGalleryStore(tmp_path)
 
 
 def test_assigned_ids_are_never_reused(tmp_path):

@@ -21,8 +21,8 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from retrieval.faiss_setup import import_faiss
 from retrieval.gallery.base import (
-    EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit, RerankOptions,
-    SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
+    INDEX_TYPES, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
+    RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
 )
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
 from retrieval.gallery.pool_rerank import pool_rerank
@@ -411,6 +411,8 @@ class FaissGalleryStore(GalleryBackend):
             try:
                 meta = json.loads(cfg.read_text())
                 dim, index_type = int(meta["dim"]), str(meta["index_type"])
+                if index_type not in INDEX_TYPES or dim < 1:  # else it would load as some other index
+                    raise ValueError(f"dim {dim} and index_type {index_type!r}")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise GalleryError(f"{cfg} is unreadable ({exc}); refusing to start: restore it (it holds "
                                    '{"dim": D, "index_type": "flat" or "hnsw"}) or move the gallery directory aside') from None
