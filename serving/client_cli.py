@@ -143,10 +143,15 @@ def _embed(args, connect) -> int:
             rows.append(np.full(dim, np.nan, dtype=np.float32))
             print(f"{path}: error {o.error_code}: {o.error}", file=sys.stderr)
     if output is not None:
+        tmp = output.with_name(output.name + ".tmp")  # renamed into place: an interrupted write keeps the old file whole
         try:
-            np.save(output, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+            with open(tmp, "wb") as f:
+                np.save(f, np.stack(rows) if rows else np.zeros((0, dim), np.float32))
+            tmp.replace(output)
         except OSError as exc:
             raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"wrote {output} ({len(rows)} x {dim})")
     return 1 if failed else 0
 

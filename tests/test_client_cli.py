@@ -217,3 +217,20 @@ def test_numbers_out_of_range_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         client_main(argv)
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == message
+
+
+def test_an_interrupted_embed_output_leaves_the_previous_file_whole(server, crops, tmp_path, capsys, monkeypatch):
+    a1, a2, _ = crops
+    out_file = tmp_path / "emb.npy"
+    assert _run(capsys, server, "embed", str(a1), "--output", str(out_file))[0] == 0
+    before = out_file.read_bytes()
+    real_save = np.save
+
+    def interrupted(file, array):
+        real_save(file, array[:, :3])  # part of the file written...
+        raise KeyboardInterrupt  # ...then Ctrl-C
+
+    monkeypatch.setattr(np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client_main(["embed", str(a1), str(a2), "--output", str(out_file), "--server", server.target])
+    assert out_file.read_bytes() == before and sorted(p.name for p in tmp_path.glob("emb*")) == ["emb.npy"]
