@@ -6,7 +6,6 @@ full spec, the train-pid mapping, and the optimizer state and epoch for ``resume
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from training.errors import ReidError
+from training.outputs import replaced_on_success
 
 FORMAT_VERSION = 1
 
@@ -22,9 +22,8 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     """Write atomically (temp file + rename): a crash mid-write never leaves a truncated checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    with replaced_on_success(path) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
     return path
 
 

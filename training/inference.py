@@ -11,7 +11,7 @@ from training.data.market1501 import load_query_gallery
 from training.data.transforms import check_images
 from training.embedders import open_embedder
 from training.errors import ConfigError
-from training.outputs import writable_output
+from training.outputs import replaced_on_success, writable_output
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +35,13 @@ def run_inference(spec) -> Path:
     log.info("embedding %d query and %d gallery images with %s", len(query), len(gallery), embedder.description)
     feats = np.concatenate([embedder.embed(query, "query"), embedder.embed(gallery, "gallery")])
     paths = [str(Path(r.path).resolve()) for r in records]  # absolute: the file is usable from any folder
-    # Written beside and renamed into place: an interrupted write leaves the previous file whole,
-    # not a truncated one that a later `reid evaluate` would refuse.
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if out.suffix == ".npz":
-                np.savez(f, img_path=np.array(paths), pid=np.array([r.pid for r in records]),
-                         camid=np.array([r.camid for r in records]),
-                         split=np.array(["query"] * len(query) + ["gallery"] * len(gallery)),
-                         embedding=feats.astype(np.float32))
-            else:
-                f.write(json.dumps([{"img_path": p, "embedding": e.tolist()} for p, e in zip(paths, feats)]).encode())
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # an interrupted write leaves the previous file whole, not a truncated one `reid evaluate` would refuse
+    with replaced_on_success(out) as tmp, open(tmp, "wb") as f:
+        if out.suffix == ".npz":
+            np.savez(f, img_path=np.array(paths), pid=np.array([r.pid for r in records]),
+                     camid=np.array([r.camid for r in records]),
+                     split=np.array(["query"] * len(query) + ["gallery"] * len(gallery)),
+                     embedding=feats.astype(np.float32))
+        else:
+            f.write(json.dumps([{"img_path": p, "embedding": e.tolist()} for p, e in zip(paths, feats)]).encode())
     return out
