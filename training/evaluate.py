@@ -139,15 +139,15 @@ def run_evaluate(spec) -> dict:
                                    "evaluate.output_sampled_matches_plot" if e.output_sampled_matches_plot else "results_dir")
     query, gallery = load_query_gallery(e.query_dataset or spec.dataset.query_dataset_dir,
                                         e.test_dataset or spec.dataset.test_dataset_dir, "evaluate")
-    if e.server:
+    embedder = None if e.server else open_embedder(e.checkpoint, spec, e.gpu_id,
+                                                   e.batch_size or spec.dataset.val_batch_size)
+    if embedder is None or embedder.reads_images:  # a server is sent the images too
         check_images([r.path for r in query + gallery], spec.dataset.num_workers)
+    if embedder is None:
         source = f"server {e.server}"
         log.info("evaluating through %s on %d query and %d gallery images", e.server, len(query), len(gallery))
         results, curves, dists, dim = score_via_server(e.server, query, gallery, spec.re_ranking)
     else:
-        embedder = open_embedder(e.checkpoint, spec, e.gpu_id, e.batch_size or spec.dataset.val_batch_size)
-        if embedder.reads_images:
-            check_images([r.path for r in query + gallery], spec.dataset.num_workers)
         source = embedder.description
         log.info("evaluating %s on %d query and %d gallery images", embedder.description, len(query), len(gallery))
         qf = embedder.embed(query, "query")
