@@ -111,7 +111,7 @@ class Trainer:
         self.val_split = validation_split(spec) if spec.train.validation_interval else None
         val_paths = [r.path for split in self.val_split for r in split] if self.val_split else []
         check_images([r.path for r in self.records] + val_paths, spec.dataset.num_workers, rank, world_size,
-                     total=self._sum_over_processes if world_size > 1 else None)
+                     total=self._sum_over_processes)
         self.model_args = model_args_from_spec(spec)
         self.model = build_model(self.model_args).to(device)
         m = spec.model
@@ -150,14 +150,13 @@ class Trainer:
         if ckpt["model_args"] != self.model_args.to_dict():
             raise ConfigError(f"{key} was trained with a different model spec")
         saved = ckpt.get("spec", {})
-        for section, name, now in (("train", "optim.name", self.spec.train.optim.name),
-                                   ("model", "with_center_loss", self.spec.model.with_center_loss)):
-            before = saved.get(section, {})
-            for part in name.split("."):
-                before = before.get(part) if isinstance(before, dict) else None
+        for name, before, now in (
+            ("train.optim.name", saved.get("train", {}).get("optim", {}).get("name"), self.spec.train.optim.name),
+            ("model.with_center_loss", saved.get("model", {}).get("with_center_loss"), self.spec.model.with_center_loss),
+        ):
             if before is not None and before != now:
                 # optimizer state of one kind does not load into another (torch fails with KeyError 'step')
-                raise ConfigError(f"{key} was trained with {section}.{name}={before}; resume with the same value, not {now}")
+                raise ConfigError(f"{key} was trained with {name}={before}; resume with the same value, not {now}")
         self.model.load_state_dict(ckpt["model_state"])
         try:
             self.optimizer.load_state_dict(ckpt["optimizer_state"])
