@@ -125,6 +125,11 @@ def _output_path(output: Path) -> Path:
     return path
 
 
+def _print_failure(path: Path, code: int, message: str) -> None:
+    """One image the server could not use, on its own stderr line (``embed``, ``enroll``, ``search``)."""
+    print(f"{path}: error {code}: {message}", file=sys.stderr)
+
+
 def _embed(args, connect) -> int:
     batches = _batches(args)
     output = _output_path(args.output) if args.output is not None else None
@@ -141,7 +146,7 @@ def _embed(args, connect) -> int:
         else:
             failed += 1
             rows.append(np.full(dim, np.nan, dtype=np.float32))
-            print(f"{path}: error {o.error_code}: {o.error}", file=sys.stderr)
+            _print_failure(path, o.error_code, o.error)
     if output is not None:
         tmp = output.with_name(output.name + ".tmp")  # renamed into place: an interrupted write keeps the old file whole
         try:
@@ -195,7 +200,7 @@ def _enroll(args, connect) -> int:
             for path, o in zip(batch, outcomes):
                 if not o.ok:
                     failed += 1
-                    print(f"{path}: error {o.error_code}: {o.error}", file=sys.stderr)
+                    _print_failure(path, o.error_code, o.error)
             good = [(path, o.embedding) for path, o in zip(batch, outcomes) if o.ok]
             if good:
                 ids = g.add(args.gallery, embeddings=np.stack([e for _, e in good]), metadata=[meta] * len(good))
@@ -214,7 +219,7 @@ def _search(args, connect) -> int:
     for path, result in zip(args.images, results):
         if result.HasField("error"):
             failed += 1
-            print(f"{path}: error {result.error.code}: {result.error.message}", file=sys.stderr)
+            _print_failure(path, result.error.code, result.error.message)
             continue
         hits = [{"id": h.id, "score": round(h.score, 6), "distance": round(h.distance, 6), "person_id": h.metadata.person_id,
                  "camera_id": h.metadata.camera_id, "timestamp": h.metadata.timestamp, "labels": dict(h.metadata.labels)}
