@@ -103,6 +103,46 @@ def test_validation_errors(store):
         store.add("g", np.array([7, 7]), np.ones((2, 4)), [EntryMetadata()] * 2)
 
 
+def test_filters_match_any_text_exactly(store):
+    """Camera ids and label values with quotes, backslashes, line breaks, control characters and
+    non-ASCII letters: Milvus refused JSON's \\u escapes in its filter expressions (UNAVAILABLE)."""
+    texts = ["entrée", 'a"b', "a\\b", "x\\", "nl\nx", "cr\rx", "ctl\x01x", "\\u0041", "quote'x", "emoji😀"]
+    store.create("g", 4)
+    vecs = np.ones((len(texts), 4), np.float32) + np.arange(len(texts))[:, None] * np.array([0, 0.1, 0, 0], np.float32)
+    store.add("g", np.arange(1, len(texts) + 1), vecs, [EntryMetadata("p", t, 1.0, {"k": t}) for t in texts])
+    for i, text in enumerate(texts, start=1):
+        excluded = store.search("g", vecs[:1], len(texts), [SearchFilter(exclude_camera_id=text)])[0]
+        assert sorted(h.id for h in excluded) == [j for j in range(1, len(texts) + 1) if j != i], repr(text)
+        labelled = store.search("g", vecs[:1], len(texts), [SearchFilter(labels={"k": text})])[0]
+        assert [(h.id, h.metadata.camera_id) for h in labelled] == [(i, text)], repr(text)
+
+
+def test_long_ids_are_refused_the_same_way_by_every_backend(store):
+    """Milvus stores person_id and camera_id as VARCHAR(512) and refused longer ones at insert, as
+    UNAVAILABLE, which clients retry; every backend now refuses them up front."""
+    store.create("g", 4)
+    fits = "é" * 256  # 512 bytes in UTF-8
+    store.add("g", np.array([1]), np.ones((1, 4)), [EntryMetadata(fits, "c" * 512)])
+    with pytest.raises(InvalidEntry, match="entry 1: person_id is 513 bytes long; at most 512"):
+        store.add("g", np.array([2, 3]), np.ones((2, 4)), [EntryMetadata(), EntryMetadata(fits + "x")])
+    with pytest.raises(InvalidEntry, match="entry 0: camera_id is 513 bytes long"):
+        store.add("g", np.array([2]), np.ones((1, 4)), [EntryMetadata(camera_id="c" * 513)])
+    assert store.info("g").size == 1
+    assert store.search("g", np.ones((1, 4)), 1, [])[0][0].metadata.person_id == fits
+
+
+def test_milvus_refuses_gallery_names_too_long_for_a_collection(tmp_path):
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    store = open_milvus_store(tmp_path)
+    try:
+        store.create("n" * 125, 4)  # the longest that fits Milvus's 255-character collection names
+        with pytest.raises(InvalidEntry, match="126 characters; Milvus galleries allow at most 125"):
+            store.create("n" * 126, 4)
+        assert [g.name for g in store.list()] == ["n" * 125]
+    finally:
+        close_milvus_store(store)
+
+
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
 def test_restart_replays_log_and_snapshot(tmp_path, index_type):
     vecs, meta = _data(60)

@@ -101,6 +101,9 @@ class GalleryInfo:
 
 INDEX_TYPES = ("flat", "hnsw")
 MAX_ID = 2**63 - 1
+# person_id and camera_id, in UTF-8 bytes: Milvus stores them as VARCHAR(512) and refused longer
+# ones only at insert. The same limit holds for every backend, so moving a gallery keeps it valid.
+MAX_TEXT_BYTES = 512
 GALLERY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -135,6 +138,11 @@ def check_entries(gallery: str, dim: int, ids: np.ndarray, vectors: np.ndarray, 
     odd = [i for i, m in enumerate(metadata) if not math.isfinite(m.timestamp)]
     if odd:  # it would never match a time filter, nor fail one
         raise InvalidEntry(f"entry {odd[0]} has timestamp {metadata[odd[0]].timestamp}; timestamps must be finite")
+    for i, m in enumerate(metadata):
+        for what in ("person_id", "camera_id"):
+            size = len(getattr(m, what).encode())
+            if size > MAX_TEXT_BYTES:
+                raise InvalidEntry(f"entry {i}: {what} is {size} bytes long; at most {MAX_TEXT_BYTES} (UTF-8)")
     if (ids < 0).any():
         raise InvalidEntry(f"ids must be between 1 and {MAX_ID}")
     given = ids[ids > 0]

@@ -33,7 +33,7 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from retrieval.gallery.base import (
     MAX_ID, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
-    RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
+    InvalidEntry, RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
 )
 from retrieval.gallery.pool_rerank import pool_rerank
 
@@ -42,6 +42,10 @@ PREFIX = "reid_"
 CONSISTENCY_LEVELS = {"strong": "Strong", "bounded": "Bounded", "session": "Session", "eventually": "Eventually"}
 META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
 HNSW_PARAMS = {"M": 32, "efConstruction": 80}
+# Milvus's default limit on collection names (proxy.maxNameLength): with the prefix and two hex
+# digits per character, gallery names up to 125 characters fit.
+MAX_COLLECTION_NAME = 255
+MAX_NAME = (MAX_COLLECTION_NAME - len(PREFIX)) // 2
 
 
 # How long a reconnect waits for Milvus: the store's lock is held meanwhile.
@@ -66,7 +70,14 @@ def _collection(name: str) -> str:
 
 
 def _quote(value: str) -> str:
-    return json.dumps(value)  # a double-quoted string with escapes, as Milvus expressions expect
+    """``value`` as a double-quoted Milvus string literal.
+
+    Milvus's expression parser knows backslash escapes such as \\n and \\", but not JSON's \\uXXXX,
+    which json.dumps writes for every non-ASCII or control character: a filter on a camera
+    named "entrée" failed. Only what would end the literal is escaped; everything else goes raw.
+    """
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
 
 
 def _entry_metadata(row: dict) -> EntryMetadata:
@@ -188,6 +199,8 @@ class MilvusGalleryStore(GalleryBackend):
         from pymilvus import DataType, MilvusClient
 
         check_new_gallery(name, dim, index_type, max_dim=32768)
+        if len(name) > MAX_NAME:  # Milvus would refuse the collection, a retryable UNAVAILABLE
+            raise InvalidEntry(f"gallery name {name[:20]!r}... is {len(name)} characters; Milvus galleries allow at most {MAX_NAME}")
         with self.lock:
             coll = _collection(name)
             if self._call("has_collection", coll):
