@@ -361,6 +361,47 @@ def test_reranked_search_matches_offline_when_the_pool_covers_the_gallery(store)
         np.testing.assert_allclose([h.distance for h in row], np.sort(offline[q]), atol=1e-5)
 
 
+def test_reranked_search_whose_filter_leaves_nothing_answers_no_hits(store):
+    """Milvus failed it with a numpy reshape error (INTERNAL)."""
+    store.create("g", 4)
+    store.add("g", np.arange(1, 6), np.random.default_rng(0).normal(size=(5, 4)), [EntryMetadata(camera_id="c1")] * 5)
+    hits = store.search("g", np.ones((2, 4)), 3, [SearchFilter(exclude_camera_id="c1")], RerankOptions(k1=2, k2=1))
+    assert hits == [[], []]
+
+
+def test_milvus_reranked_search_goes_on_without_an_entry_another_replica_removed(tmp_path, monkeypatch):
+    """Replicas share a Milvus gallery without sharing a lock: an entry found by the pool search can
+    be gone when its vector is fetched. The search used to fail with a KeyError (INTERNAL)."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    from retrieval.gallery.milvus_store import _collection
+
+    rng = np.random.default_rng(4)
+    gallery = rng.normal(size=(40, 16)).astype(np.float32)
+    queries = rng.normal(size=(3, 16)).astype(np.float32)
+    store = open_milvus_store(tmp_path)
+    try:
+        store.create("g", 16)
+        ids = store.add("g", np.arange(1, 41), gallery, [EntryMetadata()] * 40)
+        pool_search, removed = store._search, []
+
+        def search_then_another_replica_removes(*args):
+            scores, found, meta = pool_search(*args)
+            if not removed:
+                removed.append(int(found[0, 0]))
+                store.client.delete(_collection("g"), ids=removed)
+                store.client.flush(_collection("g"))
+            return scores, found, meta
+
+        monkeypatch.setattr(store, "_search", search_then_another_replica_removes)
+        hits = store.search("g", queries, 40, [], RerankOptions(k1=5, k2=2, lambda_value=0.3, pool=40))
+    finally:
+        close_milvus_store(store)
+    keep = ids != removed[0]
+    offline = k_reciprocal_rerank(l2_normalize(queries), l2_normalize(gallery[keep]), 5, 2, 0.3)
+    for q, row in enumerate(hits):
+        assert [h.id for h in row] == ids[keep][np.argsort(offline[q], kind="stable")].tolist()
+
+
 def test_hnsw_recall_against_flat(store):
     vecs, meta = _data(3000, 32, seed=2)
     store.create("flat", 32)

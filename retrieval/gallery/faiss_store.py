@@ -378,9 +378,10 @@ class _Gallery:
                          for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
             return pool_rerank(queries, top_k, filters, rerank, live, self._search, self._fetch)
 
-    def _fetch(self, ids: np.ndarray) -> tuple[np.ndarray, list[EntryMetadata]]:
+    def _fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[EntryMetadata]]:
+        """Under the gallery's lock, as the search that found ``ids``: all of them are present."""
         rows = [self.row[i] for i in ids.tolist()]
-        return self.vectors[rows], [self.meta[r] for r in rows]
+        return ids, self.vectors[rows], [self.meta[r] for r in rows]
 
     def info(self, name: str) -> GalleryInfo:
         return GalleryInfo(name, self.dim, int(self.alive.sum()), self.index_type, "faiss", self.device)

@@ -291,13 +291,16 @@ class MilvusGalleryStore(GalleryBackend):
                     meta[int(hit["id"])] = _entry_metadata(hit["entity"])
         return scores, ids, meta
 
-    def _fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, list[EntryMetadata]]:
+    def _fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[EntryMetadata]]:
+        """The entries of ``ids`` still present: another replica may have removed some since the
+        search that found them."""
         rows = self._call("get", _collection(name), ids=[int(i) for i in ids],
                           output_fields=["vector", *META_FIELDS], consistency_level=self.consistency)
         by_id = {int(r["id"]): r for r in rows}
-        ordered = [by_id[int(i)] for i in ids]
+        present = np.asarray([i for i in ids if int(i) in by_id], dtype=np.int64)
+        ordered = [by_id[int(i)] for i in present]
         vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), -1)
-        return vectors, [_entry_metadata(r) for r in ordered]
+        return present, vectors, [_entry_metadata(r) for r in ordered]
 
     def search(self, name, queries, top_k, filters, rerank: RerankOptions | None = None):
         with self.lock:

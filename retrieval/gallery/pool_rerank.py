@@ -4,6 +4,10 @@ The pool is each query's top ``pool`` hits (filters applied) plus the ``k1`` nea
 of those candidates, so each candidate's reciprocal neighbourhood is present; k-reciprocal
 re-ranking then runs on queries x pool. Its cost depends on ``pool`` and ``k1``, not on the
 gallery size; when the pool covers the gallery the result equals offline re-ranking.
+
+A backend without one lock over search and fetch (Milvus, shared by replicas) may lose a
+candidate between the two reads: another replica removed it. The fetch then leaves it out and
+the search goes on without it, as if it had been removed first.
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ from retrieval.rerank import k_reciprocal_rerank
 
 # (queries, k, per-query filters) -> (scores, ids) with -1 for missing hits
 SearchFn = Callable[[np.ndarray, int, list], tuple]
-# ids -> (L2-normalized vectors in that order, metadata in that order)
-FetchFn = Callable[[np.ndarray], "tuple[np.ndarray, list[EntryMetadata]]"]
+# ids -> (the ids still present, in the given order; their L2-normalized vectors; their metadata)
+FetchFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray, list[EntryMetadata]]"]
 
 
 def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], opts: RerankOptions, live: int,
@@ -25,11 +29,15 @@ def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], op
     pool = min(max(opts.pool, top_k), live)
     _, first = search(queries, pool, filters)
     cand = np.unique(first[first >= 0])
-    if len(cand) < live:
-        vectors, _ = fetch(cand)
-        _, neigh = search(vectors, min(opts.k1 + 1, live), [SearchFilter()] * len(cand))
-        cand = np.unique(np.concatenate([cand, neigh[neigh >= 0]]))
-    gallery, meta = fetch(cand)
+    if len(cand) and len(cand) < live:
+        cand, vectors, _ = fetch(cand)
+        if len(cand):
+            _, neigh = search(vectors, min(opts.k1 + 1, live), [SearchFilter()] * len(cand))
+            cand = np.unique(np.concatenate([cand, neigh[neigh >= 0]]))
+    if len(cand):
+        cand, gallery, meta = fetch(cand)
+    if not len(cand):  # the filters leave nothing (or everything was removed meanwhile)
+        return [[] for _ in queries]
     dist = k_reciprocal_rerank(queries, gallery, opts.k1, opts.k2, opts.lambda_value)
     cos = queries @ gallery.T
     out = []
