@@ -5,12 +5,19 @@ metadata; written to a temporary file, fsync'ed and renamed), ``wal.log`` (every
 the snapshot). An add or remove is in the log, fsync'ed, before it is applied and acknowledged. On
 start a gallery is its snapshot plus the log replayed. A corrupt snapshot stops the start with a
 message naming the file (the log alone cannot rebuild what the snapshot held).
+
+HNSW galleries also save their graph, ``hnsw-<token>.faiss``, written before the snapshot that
+names it: building the graph anew took about 0.45 ms per entry on 2 cores (7 minutes at a million),
+reading it back a few milliseconds per 10,000. Their snapshots keep removed rows (marked dead, as
+in memory) until a compaction, so the graph's nodes stay the snapshot's rows. A missing or
+unusable graph is rebuilt from the rows, with a warning: it holds nothing the snapshot does not.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -106,27 +113,72 @@ class _Gallery:
     # ---- persistence -------------------------------------------------------------------------
     def _load(self) -> None:
         snap = self.dir / "snapshot.npz"
+        graph = ""
         if snap.exists():
             try:
                 with np.load(snap, allow_pickle=False) as data:
                     ids, vectors, meta = data["ids"], data["vectors"], json.loads(str(data["meta"]))
                     next_id = int(data["next_id"]) if "next_id" in data.files else 1  # absent before it was kept
+                    alive = data["alive"].astype(bool) if "alive" in data.files else None  # all live when absent
+                    graph = str(data["graph"]) if "graph" in data.files else ""
+                    if alive is not None and len(alive) != len(ids):
+                        raise ValueError(f"{len(alive)} row flags for {len(ids)} rows")
             except Exception as exc:  # noqa: BLE001 - any unreadable snapshot
                 raise GalleryError(f"snapshot {snap} is corrupt ({exc}); refusing to start: restore it from a backup "
                                    "or move the gallery directory aside") from None
-            self._append_rows(ids.astype(np.int64), vectors.astype(np.float32), [EntryMetadata(**m) for m in meta])
+            self._append_rows(ids.astype(np.int64), vectors.astype(np.float32), [EntryMetadata(**m) for m in meta], alive)
             self.next_id = max(next_id, int(ids.max()) + 1 if len(ids) else 1)
+        if graph:
+            self._read_graph(graph)  # before the log's replay, which then adds to it
         replayed = 0
         for payload in self.wal.replay():
             self._apply(payload)
             replayed += 1
-        start = time.perf_counter()
-        self._rebuild_index()
         if replayed:
             log.info("gallery %s: replayed %d log records", self.dir.name, replayed)
+        if hasattr(self, "index"):
+            return
+        start = time.perf_counter()
+        self._rebuild_index()
         if self.index_type == "hnsw" and len(self.ids):  # minutes at a million entries: say where startup went
             log.info("gallery %s: built its HNSW index over %d entries in %.1f s", self.dir.name, len(self.ids),
                      time.perf_counter() - start)
+
+    def _read_graph(self, name: str) -> None:
+        """Set ``self.index`` to the saved HNSW graph, if it is the one for the rows just loaded."""
+        start = time.perf_counter()
+        try:
+            index = self.faiss.read_index(str(self.dir / name))
+            if not isinstance(index, self.faiss.IndexIDMap2) or index.d != self.dim:
+                raise ValueError(f"a {type(index).__name__} of dimension {index.d}")
+            labels = self.faiss.vector_to_array(index.id_map)
+            if not np.array_equal(labels, np.arange(len(self.ids))):  # nodes are labelled by row
+                raise ValueError(f"{len(labels)} nodes for {len(self.ids)} rows")
+        except (RuntimeError, ValueError) as exc:  # faiss raises RuntimeError for missing or corrupt files
+            log.warning("gallery %s: its saved HNSW graph %s is unusable (%s); rebuilding it", self.dir.name, name, exc)
+            return
+        self.index = index
+        log.info("gallery %s: read its HNSW graph over %d rows in %.2f s", self.dir.name, len(self.ids),
+                 time.perf_counter() - start)
+
+    def _write_graph(self) -> str:
+        """Save the HNSW graph (fsync'ed) under a new name and return it; "" when it cannot be
+        written: the snapshot then goes without it, and the next start rebuilds the graph."""
+        name = f"hnsw-{secrets.token_hex(8)}.faiss"
+        tmp = self.dir / (name + ".tmp")
+        try:
+            self.faiss.write_index(self.index, str(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.dir / name)
+        except (OSError, RuntimeError) as exc:  # faiss reports a failed write as RuntimeError
+            tmp.unlink(missing_ok=True)
+            log.warning("gallery %s: cannot save its HNSW graph (%s); the next start rebuilds it", self.dir.name, exc)
+            return ""
+        return name
 
     @staticmethod
     def _encode(op: dict, vectors: np.ndarray | None = None) -> bytes:
@@ -157,15 +209,26 @@ class _Gallery:
             raise GalleryNotFound(f"gallery {self.dir.name!r} was dropped")
 
     def snapshot(self) -> None:
-        """Write live rows atomically, then empty the log."""
+        """Write the rows (and an HNSW gallery's graph) atomically, then empty the log.
+
+        Removed rows are dropped first, except in an HNSW gallery with at most
+        HNSW_COMPACT_DEAD_SHARE of them: there they are saved marked dead, beside the graph that
+        still holds them.
+        """
         with self.lock:
             self._require_open()
-            keep = self.alive
+            dead = len(self.ids) - int(self.alive.sum())
+            if dead and (self.index_type != "hnsw" or dead > HNSW_COMPACT_DEAD_SHARE * len(self.ids)):
+                self._compact()
+            graph = self._write_graph() if self.index_type == "hnsw" else ""
+            arrays = {"ids": self.ids, "vectors": self.vectors, "next_id": np.int64(self.next_id),
+                      "meta": np.array(json.dumps([m.to_dict() for m in self.meta])), "graph": np.array(graph)}
+            if not self.alive.all():
+                arrays["alive"] = self.alive
             tmp = self.dir / "snapshot.npz.tmp"
             try:
                 with open(tmp, "wb") as f:
-                    np.savez(f, ids=self.ids[keep], vectors=self.vectors[keep], next_id=np.int64(self.next_id),
-                             meta=np.array(json.dumps([m.to_dict() for m, a in zip(self.meta, keep) if a])))
+                    np.savez(f, **arrays)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.dir / "snapshot.npz")
@@ -173,23 +236,27 @@ class _Gallery:
                 self.wal.truncate()
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
+                if graph:  # the snapshot on disk still names the graph before this one
+                    (self.dir / graph).unlink(missing_ok=True)
                 raise _storage(exc, f"cannot write the snapshot of gallery {self.dir.name}") from None
-            dead = len(keep) - int(keep.sum())
-            if self.index_type != "hnsw" or dead > HNSW_COMPACT_DEAD_SHARE * len(keep):
-                self._compact()
+            for old in self.dir.glob("hnsw-*.faiss*"):  # older graphs, and a crashed write's leftovers
+                if old.name != graph:
+                    old.unlink(missing_ok=True)
             self.changes_since_snapshot = 0
 
     # ---- in-memory state -----------------------------------------------------------------------
-    def _append_rows(self, ids, vectors, meta) -> None:
+    def _append_rows(self, ids, vectors, meta, alive: np.ndarray | None = None) -> None:
+        """Append rows, all live unless ``alive`` says otherwise (a snapshot's removed HNSW rows)."""
         start = len(self.ids)
+        alive = np.ones(len(ids), dtype=bool) if alive is None else alive
         self._ids.extend(ids)
         self._vectors.extend(vectors)
         self.meta += list(meta)
         self._cams.extend(np.array([m.camera_id for m in meta], dtype=object))
         self._times.extend(np.array([m.timestamp for m in meta], dtype=np.float64))
-        self._alive.extend(np.ones(len(ids), dtype=bool))
-        for offset, i in enumerate(ids.tolist()):
-            self.row[i] = start + offset
+        self._alive.extend(alive)
+        for offset in np.flatnonzero(alive).tolist():
+            self.row[int(ids[offset])] = start + offset
 
     def _apply_add(self, ids, vectors, meta) -> None:
         if len(ids):
@@ -242,7 +309,6 @@ class _Gallery:
             inner.hnsw.efConstruction = 80
         else:
             inner = f.IndexFlatIP(self.dim)
-        self._inner = inner
         self.index = f.IndexIDMap2(inner)
         rows = np.flatnonzero(self.alive)
         if len(rows):
