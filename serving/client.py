@@ -150,6 +150,10 @@ class AsyncReidClient(_Connection):
     async def close(self) -> None:
         await self.channel.close()
 
+    def __enter__(self):
+        # the inherited one would "close" with a coroutine nobody awaits, leaving the channel open
+        raise TypeError("AsyncReidClient is an asyncio client: use 'async with AsyncReidClient(...) as client'")
+
     async def __aenter__(self):
         return self
 
@@ -172,7 +176,9 @@ class GalleryClient(_Connection):
         super().__init__(target, timeout, max_message_bytes, **options)
 
     def create(self, name: str, dimension: int = 0, index_type: str = "flat") -> reid_pb2.GalleryInfo:
-        index = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}[index_type]
+        index = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}.get(index_type.lower())
+        if index is None:  # a bare KeyError named only the value
+            raise ValueError(f"index_type must be 'flat' or 'hnsw', not {index_type!r}")
         return self.stub.CreateGallery(reid_pb2.CreateGalleryRequest(name=name, dimension=dimension, index_type=index), **self._kw())
 
     def drop(self, name: str) -> None:

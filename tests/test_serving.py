@@ -288,6 +288,28 @@ def test_client_streams_sync_and_async(server, engine):
     assert all(_cos(x.embedding, y.embedding) >= 0.9999 for a, b in zip(answers, again) for x, y in zip(a, b) if x.ok)
 
 
+def test_client_library_misuse_gets_a_clear_error():
+    """A bad index type raised a bare KeyError; a plain ``with`` on the asyncio client "closed" it
+    with a coroutine nobody awaited, leaving the channel open."""
+    import asyncio
+
+    from serving.client import AsyncReidClient
+
+    with GalleryClient("127.0.0.1:1") as g, pytest.raises(ValueError, match="index_type must be 'flat' or 'hnsw', not 'ivf'"):
+        g.create("lobby", index_type="ivf")
+
+    async def plain_with():
+        client = AsyncReidClient("127.0.0.1:1")
+        try:
+            with pytest.raises(TypeError, match="use 'async with AsyncReidClient"):
+                with client:
+                    pass
+        finally:
+            await client.close()
+
+    asyncio.run(plain_with())
+
+
 def test_request_limits(engine):
     config = ServerConfig(port=0, max_message_bytes=200_000, limits=Limits(max_images_per_request=4, max_image_pixels=100 * 100))
     with ServerThread(engine, config) as s, ReidClient(s.target, max_message_bytes=10 * 2**20) as client:
