@@ -535,6 +535,8 @@ def test_a_failed_snapshot_leaves_the_previous_graph_and_a_failed_graph_write_on
     assert "read its HNSW graph over 40 rows" in caplog.text and _hnsw_answers(reopened, vecs) == before
 
     gallery = reopened.galleries["g"]
+    reopened.remove("g", np.array([5, 6]))  # dead rows, saved with the snapshot
+    before = _hnsw_answers(reopened, vecs)
     monkeypatch.setattr(gallery.faiss, "write_index", lambda *a: (_ for _ in ()).throw(RuntimeError("write error")))
     with caplog.at_level(logging.INFO):
         reopened.snapshot("g")  # saved without a graph
@@ -544,6 +546,14 @@ def test_a_failed_snapshot_leaves_the_previous_graph_and_a_failed_graph_write_on
     with caplog.at_level(logging.INFO):
         again = FaissGalleryStore(tmp_path)
     assert "built its HNSW index over 80 entries" in caplog.text and _hnsw_answers(again, vecs) == before
+    again.add("g", np.array([81]), vecs[:1] + 0.5, [EntryMetadata()])
+    again.snapshot("g")  # the rebuilt graph, dead rows included, is saved and read back whole
+    before = _hnsw_answers(again, vecs)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        last = FaissGalleryStore(tmp_path)
+    assert "read its HNSW graph over 81 rows" in caplog.text and "unusable" not in caplog.text
+    assert _hnsw_answers(last, vecs) == before
 
 
 @pytest.mark.parametrize("cutoff", [0, 40_000])  # the graph walk with a selector, and the exact scan

@@ -295,7 +295,11 @@ class _Gallery:
         self._rebuild_index()
 
     def _rebuild_index(self) -> None:
-        """The CPU index over live rows and, for flat galleries on a machine with GPUs, a GPU copy.
+        """The CPU index and, for flat galleries on a machine with GPUs, a GPU copy.
+
+        A flat index holds the live rows. An HNSW graph holds every row, dead ones too (there are
+        some only when a snapshot that saved them is loaded without its graph): node i is row i,
+        as in the graphs that snapshots save and read back.
 
         The CPU index answers filtered searches and removals. FAISS GPU indexes can do neither:
         they ignore an IDSelector in the search parameters (faiss issues 3114, 3924) and do not
@@ -310,7 +314,7 @@ class _Gallery:
         else:
             inner = f.IndexFlatIP(self.dim)
         self.index = f.IndexIDMap2(inner)
-        rows = np.flatnonzero(self.alive)
+        rows = np.arange(len(self.ids)) if self.index_type == "hnsw" else np.flatnonzero(self.alive)
         if len(rows):
             self.index.add_with_ids(self.vectors[rows], self._labels(rows))
         self._gpu = None
