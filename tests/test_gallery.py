@@ -693,6 +693,63 @@ def test_milvus_searches_read_at_the_chosen_consistency_and_write_checks_at_stro
         store.close()
 
 
+def test_milvus_gallery_dropped_or_remade_through_another_replica(tmp_path):
+    """This replica cached the gallery's description: after a drop elsewhere every call answered
+    UNAVAILABLE (which clients retry) until a restart, and a gallery made anew with another
+    dimension was judged by the old one."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    from retrieval.gallery.milvus_store import _collection
+
+    store = open_milvus_store(tmp_path)
+    try:
+        store.create("g", 4)
+        store.add("g", np.array([1]), np.ones((1, 4)), [EntryMetadata()])
+        assert store.search("g", np.ones((1, 4)), 1, [])[0][0].id == 1
+        store.client.drop_collection(_collection("g"))  # as another replica's DropGallery does
+        for call in (lambda: store.search("g", np.ones((1, 4)), 1, []), lambda: store.info("g"),
+                     lambda: store.add("g", np.array([2]), np.ones((1, 4)), [EntryMetadata()]), lambda: store.remove("g", [1])):
+            with pytest.raises(GalleryNotFound, match="no gallery named 'g'"):
+                call()
+        # another replica (a second store on the same Milvus) makes it anew, 8-d: this one follows
+        args = {k: v for k, v in store._connect_args.items() if k not in ("uri", "dedicated")}
+        other = type(store)(store.uri, **args)
+        other.create("g", 8)
+        other.close()
+        assert [(g.name, g.dim) for g in store.list()] == [("g", 8)]
+        store.add("g", np.array([3]), np.ones((1, 8)), [EntryMetadata()])
+        assert [h.id for h in store.search("g", np.ones((1, 8)), 5, [])[0]] == [3]
+        with pytest.raises(InvalidEntry, match="holds 8-d embeddings, got 4-d"):
+            store.search("g", np.ones((1, 4)), 1, [])
+    finally:
+        close_milvus_store(store)
+
+
+def test_milvus_searches_run_beside_each_other(tmp_path):
+    """Searches held the store's lock: at Strong consistency each waits about 300 ms for a Milvus
+    server's time tick, so concurrent searches queued behind one another. Two searches must be
+    inside Milvus at the same time here (a barrier of two), or both would fail."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    store = open_milvus_store(tmp_path)
+    try:
+        store.create("g", 4)
+        store.add("g", np.array([1, 2]), np.eye(4)[:2], [EntryMetadata()] * 2)
+        together, search = threading.Barrier(2, timeout=10), store.client.search
+
+        def search_at_the_barrier(*args, **kwargs):
+            together.wait()
+            return search(*args, **kwargs)
+
+        store.client.search = search_at_the_barrier
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda q: store.search("g", q[None], 1, []), np.eye(4)[:2]))
+        assert [a[0][0].id for a in answers] == [1, 2]
+    finally:
+        close_milvus_store(store)
+
+
 def test_milvus_store_reconnects_after_a_lost_connection(tmp_path, caplog, monkeypatch):
     """A client whose connection broke waits out gRPC's reconnect backoff (up to 2 minutes) after
     Milvus is back; the store makes a new one at once. Reads are retried, writes are not."""

@@ -54,6 +54,13 @@ RECONNECT_SECONDS = 3.0
 WRITES = frozenset({"insert", "upsert", "delete", "create_collection", "drop_collection"})
 
 
+def _collection_missing(exc: Exception) -> bool:
+    """Whether Milvus said the collection does not exist (dropped, e.g. through another replica)."""
+    from pymilvus.exceptions import ErrorCode
+
+    return getattr(exc, "code", None) == ErrorCode.COLLECTION_NOT_FOUND
+
+
 def _connection_lost(exc: Exception) -> bool:
     """Whether ``exc`` says Milvus could not be reached, as opposed to refusing the request."""
     import grpc
@@ -67,6 +74,16 @@ def _connection_lost(exc: Exception) -> bool:
 
 def _collection(name: str) -> str:
     return PREFIX + name.encode().hex()
+
+
+def _gallery_name(collection: str) -> str | None:
+    """The gallery a collection holds; None for collections that are not ours."""
+    if not collection.startswith(PREFIX):
+        return None
+    try:
+        return bytes.fromhex(collection[len(PREFIX):]).decode()
+    except ValueError:
+        return None
 
 
 def _quote(value: str) -> str:
@@ -119,7 +136,12 @@ class MilvusGalleryStore(GalleryBackend):
             # pymilvus words a refused token or an unverifiable certificate as "server unavailable" too
             raise StorageError(f"cannot connect to Milvus at {uri} (is it up? are the token and CA right?): {exc}") from None
         self.uri = uri
+        # Held by writes, whose existence check and insert must not interleave within a replica.
+        # Searches and counts do not take it: at Strong consistency each waits for Milvus's next
+        # time tick (about 300 ms on a server), and under the lock concurrent searches queued
+        # behind one another.
         self.lock = threading.RLock()
+        self._connect_lock = threading.Lock()
         self._dims: dict[str, tuple[int, str]] = {}
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -135,42 +157,58 @@ class MilvusGalleryStore(GalleryBackend):
         to connect again, for at most RECONNECT_SECONDS.
         """
         what = what or method
-        if self.client is None:
-            self._reconnect()
+        client = self.client or self._reconnect(None)
         try:
-            return getattr(self.client, method)(*args, **kwargs)
+            return getattr(client, method)(*args, **kwargs)
         except GalleryError:
             raise
         except Exception as exc:  # noqa: BLE001 - MilvusException and transport errors
             if not _connection_lost(exc):
-                raise StorageError(f"Milvus {what} failed: {exc}") from None
+                raise self._failure(what, exc, args) from None
             failure = exc
-        self._reconnect()
+        client = self._reconnect(client)
         if method in WRITES:
             raise StorageError(f"Milvus {what} failed, connection lost: {failure}; reconnected, retry the call")
         try:
-            return getattr(self.client, method)(*args, **kwargs)
+            return getattr(client, method)(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"Milvus {what} failed: {exc}") from None
+            raise self._failure(what, exc, args) from None
 
-    def _reconnect(self) -> None:
-        """A new client with a connection of its own, after closing the old one."""
+    def _failure(self, what: str, exc: Exception, args: tuple) -> GalleryError:
+        """NOT_FOUND for a collection dropped behind this replica's back, whose description it had
+        cached (it answered UNAVAILABLE, which clients retry, until a restart); else UNAVAILABLE."""
+        name = _gallery_name(args[0]) if args and isinstance(args[0], str) else None
+        if name is not None and _collection_missing(exc):
+            self._dims.pop(name, None)
+            return GalleryNotFound(f"no gallery named {name!r} (it was dropped)")
+        return StorageError(f"Milvus {what} failed: {exc}")
+
+    def _reconnect(self, failed) -> "object":
+        """Replace ``failed`` (None: no client yet) with a new client that has a connection of its
+        own, and return it. Calls that failed together reconnect once: the first to get here
+        replaces the client, the others use its replacement."""
         from pymilvus import MilvusClient
 
-        old, self.client = self.client, None
-        if old is not None:
+        with self._connect_lock:
+            if self.client is not None and self.client is not failed:
+                return self.client
+            old, self.client = self.client, None
+            if old is not None:
+                try:
+                    old.close()
+                except Exception:  # noqa: BLE001 - closing a broken client may fail too
+                    pass
             try:
-                old.close()
-            except Exception:  # noqa: BLE001 - closing a broken client may fail too
-                pass
-        try:
-            self.client = MilvusClient(**self._connect_args, timeout=RECONNECT_SECONDS)
-        except Exception as exc:  # noqa: BLE001 - self.client stays None: the next call tries again
-            raise StorageError(f"cannot reconnect to Milvus at {self.uri}: {exc}") from None
-        log.warning("reconnected to Milvus at %s", self.uri)
+                self.client = MilvusClient(**self._connect_args, timeout=RECONNECT_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - self.client stays None: the next call tries again
+                raise StorageError(f"cannot reconnect to Milvus at {self.uri}: {exc}") from None
+            log.warning("reconnected to Milvus at %s", self.uri)
+            return self.client
 
-    def _describe(self, name: str) -> tuple[int, str]:
-        if name in self._dims:
+    def _describe(self, name: str, fresh: bool = False) -> tuple[int, str]:
+        """The gallery's dimension and index type, cached; ``fresh`` reads them again (another
+        replica may have dropped the gallery and made a new one of that name)."""
+        if name in self._dims and not fresh:
             return self._dims[name]
         coll = _collection(name)
         if not self._call("has_collection", coll):
@@ -181,6 +219,12 @@ class MilvusGalleryStore(GalleryBackend):
         self._call("load_collection", coll)
         self._dims[name] = (dim, index)
         return dim, index
+
+    def _describe_for(self, name: str, width: int) -> tuple[int, str]:
+        """As ``_describe``, read again when ``width`` is not the cached dimension, so that a gallery
+        another replica made anew with another dimension is not judged by the old one."""
+        dim, index_type = self._describe(name)
+        return self._describe(name, fresh=True) if width != dim else (dim, index_type)
 
     def _count(self, name: str) -> int:
         rows = self._call("query", _collection(name), filter="", output_fields=["count(*)"],
@@ -230,23 +274,17 @@ class MilvusGalleryStore(GalleryBackend):
             self._dims.pop(name, None)
 
     def list(self) -> list[GalleryInfo]:
-        names = []
-        for coll in self._call("list_collections"):
-            if coll.startswith(PREFIX):
-                try:
-                    names.append(bytes.fromhex(coll[len(PREFIX):]).decode())
-                except ValueError:
-                    continue
-        return [self.info(n) for n in sorted(names)]
+        names = [_gallery_name(coll) for coll in self._call("list_collections")]
+        return [self.info(n) for n in sorted(n for n in names if n is not None)]
 
     def info(self, name: str) -> GalleryInfo:
-        dim, index_type = self._describe(name)
+        dim, index_type = self._describe(name, fresh=True)  # what Milvus holds now, not what this replica saw
         return GalleryInfo(name, dim, self._count(name), index_type, "milvus")
 
     def add(self, name, ids, vectors, metadata, replace=False):
         with self.lock:
-            dim, _ = self._describe(name)
             vectors = np.asarray(vectors, dtype=np.float32)
+            dim, _ = self._describe_for(name, vectors.shape[-1])
             ids = check_entries(name, dim, ids, vectors, metadata)
             given = [int(i) for i in ids if i > 0]
             if not replace:
@@ -303,24 +341,24 @@ class MilvusGalleryStore(GalleryBackend):
         return present, vectors, [_entry_metadata(r) for r in ordered]
 
     def search(self, name, queries, top_k, filters, rerank: RerankOptions | None = None):
-        with self.lock:
-            dim, index_type = self._describe(name)
-            queries = np.asarray(queries, dtype=np.float32)
-            filters = check_queries(name, dim, queries, filters, top_k)
-            queries = l2_normalize(queries)
-            if rerank is None:  # no count first: each read at Strong waits for a time tick of its own
-                scores, ids, meta = self._search(name, index_type, queries, min(top_k, 16384), filters)  # Milvus's cap
-                return [[Hit(int(i), float(s), 1.0 - float(s), meta[int(i)]) for s, i in zip(srow, irow) if i >= 0]
-                        for srow, irow in zip(scores, ids)]
-            live = self._count(name)
-            if live == 0:
-                return [[] for _ in queries]
+        # without self.lock: a search may run beside writes and other searches (see __init__)
+        queries = np.asarray(queries, dtype=np.float32)
+        dim, index_type = self._describe_for(name, queries.shape[-1])
+        filters = check_queries(name, dim, queries, filters, top_k)
+        queries = l2_normalize(queries)
+        if rerank is None:  # no count first: each read at Strong waits for a time tick of its own
+            scores, ids, meta = self._search(name, index_type, queries, min(top_k, 16384), filters)  # Milvus's cap
+            return [[Hit(int(i), float(s), 1.0 - float(s), meta[int(i)]) for s, i in zip(srow, irow) if i >= 0]
+                    for srow, irow in zip(scores, ids)]
+        live = self._count(name)
+        if live == 0:
+            return [[] for _ in queries]
 
-            def search_fn(q, kk, flts):
-                scores, ids, _ = self._search(name, index_type, q, min(kk, 16384), flts)
-                return scores, ids
+        def search_fn(q, kk, flts):
+            scores, ids, _ = self._search(name, index_type, q, min(kk, 16384), flts)
+            return scores, ids
 
-            return pool_rerank(queries, top_k, filters, rerank, min(live, 16384), search_fn, lambda ids: self._fetch(name, ids))
+        return pool_rerank(queries, top_k, filters, rerank, min(live, 16384), search_fn, lambda ids: self._fetch(name, ids))
 
     def close(self) -> None:
         try:
