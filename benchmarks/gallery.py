@@ -1,6 +1,6 @@
 """Gallery figures: add throughput, search latency (p50/p99 for 1 and 64 queries), HNSW recall@10,
 server vs in-process, FAISS vs Milvus (Lite, or a server with --milvus-uri), memory per million
-entries (512-d), and how long an HNSW gallery takes to snapshot and start again.
+entries (512-d), concurrent searches, and how long an HNSW gallery takes to snapshot and start again.
 
 Usage: python benchmarks/gallery.py [--sizes 10000 100000 1000000] [--milvus-sizes 10000 100000] [--server-size 100000]
                                     [--milvus-uri http://host:19530] [--milvus-consistency strong]
@@ -75,6 +75,30 @@ def report(label: str, store, name: str, vecs: np.ndarray, exact=None) -> dict:
         line += f" | recall@10 {recall:.3f}"
     print(line)
     return out
+
+
+def concurrent(label: str, store, name: str, seconds: float = 3.0) -> None:
+    """Single-query searches a second from 1, 2 and 4 threads at once on one gallery."""
+    import threading
+
+    queries = data(256, seed=11)
+    rates = []
+    for threads in (1, 2, 4):
+        done, stop = [0] * threads, time.perf_counter() + seconds
+
+        def work(slot: int) -> None:
+            while time.perf_counter() < stop:
+                store.search(name, queries[(slot * 97 + done[slot]) % 256][None], 10, [SearchFilter()])
+                done[slot] += 1
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        rates.append(sum(done) / (time.perf_counter() - start))
+    print(f"  {label:26s} single-query searches/s with 1 / 2 / 4 threads: " + " / ".join(f"{r:,.0f}" for r in rates))
 
 
 def restart(store: FaissGalleryStore, root: Path) -> None:
@@ -175,11 +199,13 @@ def main() -> None:
             print(f"  faiss flat: add {rate:,.0f} entries/s (durable: logged + fsync'ed per 10k batch); "
                   f"RSS grew {grew:.2f} GiB ({grew / n * 1e6:.2f} GiB per million)")
             report("faiss flat", store, "flat", vecs)
+            concurrent("faiss flat", store, "flat")
             if n <= 100_000:
                 hnsw = FaissGalleryStore(tmp / f"hnsw{n}", snapshot_every=10**9)
                 hnsw.create("hnsw", DIM, "hnsw")
                 print(f"  faiss hnsw: add {fill(hnsw, 'hnsw', vecs):,.0f} entries/s")
                 report("faiss hnsw (M=32)", hnsw, "hnsw", vecs, exact=store)
+                concurrent("faiss hnsw (M=32)", hnsw, "hnsw")
                 restart(hnsw, tmp / f"hnsw{n}")
             if n in args.milvus_sizes:
                 try:

@@ -1,7 +1,7 @@
 """Gallery RPCs of the ReIdentification service, over any ``GalleryBackend``.
 
-Store calls block (fsync, FAISS), so they run in a thread pool; each gallery serializes its own
-writes and searches with a lock, so concurrent adds and searches stay consistent.
+Store calls block (fsync, FAISS), so they run in a thread pool; the stores keep concurrent adds
+and searches consistent (a FAISS gallery runs its searches side by side and each change alone).
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from retrieval.gallery.base import (
 )
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
 from retrieval.gallery.pool_rerank import pool_rerank
+from retrieval.gallery.rwlock import ReadWriteLock
 
 log = logging.getLogger(__name__)
 HNSW_M = 32
@@ -85,7 +86,7 @@ class _Gallery:
 
     def __init__(self, directory: Path, dim: int, index_type: str, snapshot_every: int):
         self.dir, self.dim, self.index_type, self.snapshot_every = directory, dim, index_type, snapshot_every
-        self.lock = threading.RLock()
+        self.lock = ReadWriteLock()  # searches read side by side; changes write alone
         self.faiss = import_faiss()
         self._ids = _Column(np.int64)
         self._vectors = _Column(np.float32, dim)
@@ -96,6 +97,7 @@ class _Gallery:
         self.row: dict[int, int] = {}
         self.changes_since_snapshot = 0
         self._gpu = None  # flat galleries: a GPU copy of every row, dead ones included (see _rebuild_index)
+        self._gpu_lock = threading.Lock()  # FAISS GPU indexes allow no concurrent searches
         self.dropped = False  # set under the lock by the store's drop
         # Above every id this gallery has held, removed ones included, so an assigned id is never
         # reused: a caller may still hold a removed one. Kept in snapshots (compaction forgets the
@@ -215,7 +217,7 @@ class _Gallery:
         HNSW_COMPACT_DEAD_SHARE of them: there they are saved marked dead, beside the graph that
         still holds them.
         """
-        with self.lock:
+        with self.lock.write():
             self._require_open()
             dead = len(self.ids) - int(self.alive.sum())
             if dead and (self.index_type != "hnsw" or dead > HNSW_COMPACT_DEAD_SHARE * len(self.ids)):
@@ -333,7 +335,8 @@ class _Gallery:
         fetch = min(k + dead, len(self.ids))
         if self._gpu is None or fetch > GPU_MAX_K:
             return None
-        scores, rows = self._gpu.search(queries, fetch)
+        with self._gpu_lock:
+            scores, rows = self._gpu.search(queries, fetch)
         keep = rows >= 0
         keep[keep] = self.alive[rows[keep]]
         order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the live ones first, in score order
@@ -342,7 +345,7 @@ class _Gallery:
 
     # ---- operations ----------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray, meta: list[EntryMetadata], replace: bool) -> np.ndarray:
-        with self.lock:
+        with self.lock.write():
             self._require_open()
             ids = check_entries(self.dir.name, self.dim, ids, vectors, meta)
             given = ids[ids > 0]
@@ -361,7 +364,7 @@ class _Gallery:
             return ids
 
     def remove(self, ids: np.ndarray) -> tuple[int, list[int]]:
-        with self.lock:
+        with self.lock.write():
             self._require_open()
             ids = np.asarray(ids, dtype=np.int64)
             missing = [i for i in ids.tolist() if i not in self.row]
@@ -434,7 +437,7 @@ class _Gallery:
         return scores, ids
 
     def search(self, queries: np.ndarray, top_k: int, filters: list[SearchFilter], rerank: RerankOptions | None) -> list[list[Hit]]:
-        with self.lock:
+        with self.lock.read():
             self._require_open()
             filters = check_queries(self.dir.name, self.dim, queries, filters, top_k)
             live = int(self.alive.sum())
@@ -457,7 +460,7 @@ class _Gallery:
         return GalleryInfo(name, self.dim, int(self.alive.sum()), self.index_type, "faiss", self.device)
 
     def close(self) -> None:
-        with self.lock:
+        with self.lock.write():
             if self.changes_since_snapshot:
                 try:
                     self.snapshot()
@@ -524,7 +527,7 @@ class FaissGalleryStore(GalleryBackend):
         """Waits for the gallery's calls in progress; calls that reach it later find it dropped."""
         with self.lock:
             gallery = self._get(name)
-            with gallery.lock:
+            with gallery.lock.write():
                 gallery.wal.close()
                 try:
                     shutil.rmtree(gallery.dir)
