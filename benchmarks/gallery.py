@@ -1,6 +1,6 @@
 """Gallery figures: add throughput, search latency (p50/p99 for 1 and 64 queries), HNSW recall@10,
 server vs in-process, FAISS vs Milvus (Lite, or a server with --milvus-uri), memory per million
-entries (512-d), concurrent searches, and how long an HNSW gallery takes to snapshot and start again.
+entries (512-d), concurrent and filtered searches, and how long an HNSW gallery takes to snapshot and start again.
 
 Usage: python benchmarks/gallery.py [--sizes 10000 100000 1000000] [--milvus-sizes 10000 100000] [--server-size 100000]
                                     [--milvus-uri http://host:19530] [--milvus-consistency strong]
@@ -52,7 +52,7 @@ def timed_search(search, queries: np.ndarray, reps: int) -> tuple[float, float]:
 
 
 def fill(store, name: str, vecs: np.ndarray, chunk: int = 10_000) -> float:
-    meta = [EntryMetadata(camera_id=f"c{i % 6}") for i in range(chunk)]
+    meta = [EntryMetadata(camera_id=f"c{i % 6}", labels={"site": "ab"[i % 2]}) for i in range(chunk)]
     start = time.perf_counter()
     for s in range(0, len(vecs), chunk):
         part = vecs[s:s + chunk]
@@ -99,6 +99,19 @@ def concurrent(label: str, store, name: str, seconds: float = 3.0) -> None:
             w.join()
         rates.append(sum(done) / (time.perf_counter() - start))
     print(f"  {label:26s} single-query searches/s with 1 / 2 / 4 threads: " + " / ".join(f"{r:,.0f}" for r in rates))
+
+
+def filtered(label: str, store, name: str, remove_one: bool = False) -> None:
+    """One query's p50 with a camera filter, a label filter, and with ``remove_one`` (last: it
+    changes the gallery) without a filter once one entry is removed, which matters to HNSW only."""
+    query = data(1, seed=12)
+    cases = {"no filter": SearchFilter(), "exclude a camera": SearchFilter(exclude_camera_id="c1"),
+             "one label": SearchFilter(labels={"site": "a"})}
+    p50 = {what: timed_search(lambda x: store.search(name, x, 10, [flt]), query, 30)[0] for what, flt in cases.items()}
+    if remove_one:
+        store.remove(name, np.array([5]))
+        p50["one entry removed"] = timed_search(lambda x: store.search(name, x, 10, [SearchFilter()]), query, 30)[0]
+    print(f"  {label:26s} 1 query p50: " + ", ".join(f"{what} {ms:.2f} ms" for what, ms in p50.items()))
 
 
 def restart(store: FaissGalleryStore, root: Path) -> None:
@@ -200,12 +213,14 @@ def main() -> None:
                   f"RSS grew {grew:.2f} GiB ({grew / n * 1e6:.2f} GiB per million)")
             report("faiss flat", store, "flat", vecs)
             concurrent("faiss flat", store, "flat")
+            filtered("faiss flat", store, "flat")
             if n <= 100_000:
                 hnsw = FaissGalleryStore(tmp / f"hnsw{n}", snapshot_every=10**9)
                 hnsw.create("hnsw", DIM, "hnsw")
                 print(f"  faiss hnsw: add {fill(hnsw, 'hnsw', vecs):,.0f} entries/s")
                 report("faiss hnsw (M=32)", hnsw, "hnsw", vecs, exact=store)
                 concurrent("faiss hnsw (M=32)", hnsw, "hnsw")
+                filtered("faiss hnsw (M=32)", hnsw, "hnsw", remove_one=True)
                 restart(hnsw, tmp / f"hnsw{n}")
             if n in args.milvus_sizes:
                 try:

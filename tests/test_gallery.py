@@ -411,6 +411,46 @@ def test_read_write_lock():
     assert order == ["write", "late read"] and log == ["nested"]
 
 
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_camera_and_label_filters_follow_adds_removals_compaction_and_restarts(tmp_path, index_type):
+    """Filters compare integer-coded columns (a label's column is made at its first search and kept
+    up to date after): they must keep matching what ``SearchFilter.matches`` says."""
+    rng = np.random.default_rng(5)
+    store, entries = FaissGalleryStore(tmp_path), {}
+
+    def add(ids, meta):
+        vectors = rng.normal(size=(len(ids), 8)).astype(np.float32)
+        store.add("g", np.asarray(ids), vectors, meta)
+        entries.update(zip(ids, zip(l2_normalize(vectors), meta)))
+
+    def check(flt):
+        query = rng.normal(size=(1, 8)).astype(np.float32)
+        allowed = sorted((-float(v @ l2_normalize(query)[0]), i) for i, (v, m) in entries.items() if flt.matches(m))
+        got = store.search("g", query, 100, [flt])[0]
+        assert [h.id for h in got] == [i for _, i in allowed], flt
+
+    filters = [SearchFilter(labels={"site": "a"}), SearchFilter(labels={"zone": "z1"}), SearchFilter(labels={"site": "a", "zone": "z1"}),
+               SearchFilter(labels={"nowhere": "x"}), SearchFilter(exclude_camera_id="c1"), SearchFilter(exclude_camera_id="c9"),
+               SearchFilter(exclude_camera_id="unknown"), SearchFilter(exclude_camera_id="c0", labels={"site": "b"})]
+    store.create("g", 8, index_type)
+    add(list(range(1, 31)), [EntryMetadata(camera_id=f"c{i % 3}", labels={"site": "ab"[i % 2]}) for i in range(30)])
+    for flt in filters:
+        check(flt)
+    add(list(range(31, 41)), [EntryMetadata(camera_id="c9", labels={"site": "a", "zone": "z1"}) for _ in range(10)])
+    for flt in filters:  # the label columns made above now cover the new entries
+        check(flt)
+    store.remove("g", np.arange(1, 41, 3))
+    for i in range(1, 41, 3):
+        del entries[i]
+    store.snapshot("g")  # compacts the flat gallery's rows and their columns
+    for flt in filters:
+        check(flt)
+    store.close()
+    store = FaissGalleryStore(tmp_path)
+    for flt in filters:
+        check(flt)
+
+
 def test_remove_and_info(store):
     vecs, meta = _data(30)
     store.create("g", 16)

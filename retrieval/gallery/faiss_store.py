@@ -81,6 +81,26 @@ class _Column:
         self._buf, self.n = kept.copy(), len(kept)
 
 
+class _Coded:
+    """A row-aligned column of strings kept as int32 codes (-1: no value), so that a filter
+    compares integers: comparing 100,000 camera ids as strings took about 2 ms of a 0.5 ms HNSW
+    search, and matching a label entry by entry 60 ms."""
+
+    def __init__(self, values=()):
+        self.codes: dict[str, int] = {}
+        self.column = _Column(np.int32)
+        self.extend(values)
+
+    def extend(self, values) -> None:
+        codes = self.codes
+        self.column.extend(np.array([-1 if v is None else codes.setdefault(v, len(codes)) for v in values], dtype=np.int32))
+
+    def equal(self, value: str) -> np.ndarray:
+        """Which rows hold ``value``."""
+        code = self.codes.get(value)
+        return np.zeros(self.column.n, dtype=bool) if code is None else self.column.view == code
+
+
 class _Gallery:
     """One gallery: rows of vectors and metadata, a FAISS index over the live rows, its log."""
 
@@ -92,7 +112,12 @@ class _Gallery:
         self._vectors = _Column(np.float32, dim)
         self.meta: list[EntryMetadata] = []
         self._alive = _Column(bool)
-        self._cams = _Column(object)  # columns of the metadata used by filters, row-aligned
+        # columns of the metadata that filters use, row-aligned: camera ids, timestamps, and a coded
+        # column per label key, made when a search first filters on that key
+        self._cams = _Coded()
+        self._label_columns: dict[str, _Coded] = {}
+        self._label_keys: set[str] = set()  # every key an entry has had: others match nothing
+        self._label_lock = threading.Lock()  # searches, which share the gallery, make label columns
         self._times = _Column(np.float64)
         self.row: dict[int, int] = {}
         self.changes_since_snapshot = 0
@@ -109,7 +134,6 @@ class _Gallery:
     ids = property(lambda self: self._ids.view)
     vectors = property(lambda self: self._vectors.view)
     alive = property(lambda self: self._alive.view)
-    cams = property(lambda self: self._cams.view)
     times = property(lambda self: self._times.view)
 
     # ---- persistence -------------------------------------------------------------------------
@@ -151,11 +175,10 @@ class _Gallery:
         start = time.perf_counter()
         try:
             index = self.faiss.read_index(str(self.dir / name))
-            if not isinstance(index, self.faiss.IndexIDMap2) or index.d != self.dim:
+            if not isinstance(index, self.faiss.IndexHNSWFlat) or index.d != self.dim:
                 raise ValueError(f"a {type(index).__name__} of dimension {index.d}")
-            labels = self.faiss.vector_to_array(index.id_map)
-            if not np.array_equal(labels, np.arange(len(self.ids))):  # nodes are labelled by row
-                raise ValueError(f"{len(labels)} nodes for {len(self.ids)} rows")
+            if index.ntotal != len(self.ids):  # node i is row i
+                raise ValueError(f"{index.ntotal} nodes for {len(self.ids)} rows")
         except (RuntimeError, ValueError) as exc:  # faiss raises RuntimeError for missing or corrupt files
             log.warning("gallery %s: its saved HNSW graph %s is unusable (%s); rebuilding it", self.dir.name, name, exc)
             return
@@ -254,7 +277,10 @@ class _Gallery:
         self._ids.extend(ids)
         self._vectors.extend(vectors)
         self.meta += list(meta)
-        self._cams.extend(np.array([m.camera_id for m in meta], dtype=object))
+        self._cams.extend(m.camera_id for m in meta)
+        for key, column in self._label_columns.items():
+            column.extend(m.labels.get(key) for m in meta)
+        self._label_keys.update(key for m in meta for key in m.labels)
         self._times.extend(np.array([m.timestamp for m in meta], dtype=np.float64))
         self._alive.extend(alive)
         for offset in np.flatnonzero(alive).tolist():
@@ -267,15 +293,12 @@ class _Gallery:
         start = len(self.ids)
         self._append_rows(ids, vectors, meta)
         if hasattr(self, "index"):
-            self.index.add_with_ids(vectors, self._labels(np.arange(start, start + len(ids))))
+            if self.index_type == "hnsw":
+                self.index.add(vectors)  # nodes start..start+n-1: the new rows
+            else:
+                self.index.add_with_ids(vectors, ids)
         if self._gpu is not None:
             self._gpu.add(vectors)  # rows keep their positions: the copy stays aligned with self.ids
-
-    def _labels(self, rows: np.ndarray) -> np.ndarray:
-        """The FAISS labels of ``rows``: entry ids in a flat index, which removes rows by id; row
-        numbers in an HNSW graph, which keeps removed rows until a compaction. Under entry ids a
-        replaced entry's old vector still answered searches as that id (score 1.0 for its old image)."""
-        return rows if self.index_type == "hnsw" else self.ids[rows]
 
     def _apply_remove(self, ids) -> None:
         present = [i for i in ids.tolist() if i in self.row]
@@ -291,7 +314,8 @@ class _Gallery:
     def _compact(self) -> None:
         keep = self.alive.copy()
         self.meta = [m for m, a in zip(self.meta, keep) if a]
-        for column in (self._ids, self._vectors, self._cams, self._times, self._alive):
+        for column in (self._ids, self._vectors, self._cams.column, self._times, self._alive,
+                       *(c.column for c in self._label_columns.values())):
             column.keep(keep)
         self.row = {i: r for r, i in enumerate(self.ids.tolist())}
         self._rebuild_index()
@@ -299,9 +323,11 @@ class _Gallery:
     def _rebuild_index(self) -> None:
         """The CPU index and, for flat galleries on a machine with GPUs, a GPU copy.
 
-        A flat index holds the live rows. An HNSW graph holds every row, dead ones too (there are
-        some only when a snapshot that saved them is loaded without its graph): node i is row i,
-        as in the graphs that snapshots save and read back.
+        A flat index holds the live rows, labelled by entry id (it removes rows by id). An HNSW
+        graph cannot remove: it holds every row, dead ones too (after a load, those a snapshot
+        saved), and node i is row i, as in the graphs that snapshots save and read back. Searches
+        skip dead rows with a bitmap over rows. (Labelled by entry id, a replaced entry's old
+        vector still answered searches as that id, at score 1.0 for its old image.)
 
         The CPU index answers filtered searches and removals. FAISS GPU indexes can do neither:
         they ignore an IDSelector in the search parameters (faiss issues 3114, 3924) and do not
@@ -311,14 +337,15 @@ class _Gallery:
         """
         f = self.faiss
         if self.index_type == "hnsw":
-            inner = f.IndexHNSWFlat(self.dim, HNSW_M, f.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = 80
+            self.index = f.IndexHNSWFlat(self.dim, HNSW_M, f.METRIC_INNER_PRODUCT)
+            self.index.hnsw.efConstruction = 80
+            if len(self.ids):
+                self.index.add(self.vectors)
         else:
-            inner = f.IndexFlatIP(self.dim)
-        self.index = f.IndexIDMap2(inner)
-        rows = np.arange(len(self.ids)) if self.index_type == "hnsw" else np.flatnonzero(self.alive)
-        if len(rows):
-            self.index.add_with_ids(self.vectors[rows], self._labels(rows))
+            self.index = f.IndexIDMap2(f.IndexFlatIP(self.dim))
+            rows = np.flatnonzero(self.alive)
+            if len(rows):
+                self.index.add_with_ids(self.vectors[rows], self.ids[rows])
         self._gpu = None
         if self.index_type == "flat" and f.get_num_gpus() > 0:  # without GPUs the copy would be an empty replica set
             self._gpu = f.index_cpu_to_all_gpus(f.IndexFlatIP(self.dim))
@@ -386,14 +413,21 @@ class _Gallery:
     def _allowed(self, flt: SearchFilter) -> np.ndarray:
         mask = self.alive.copy()
         if flt.exclude_camera_id:
-            mask &= self.cams != flt.exclude_camera_id
+            mask &= ~self._cams.equal(flt.exclude_camera_id)
         if flt.time_from:
             mask &= self.times >= flt.time_from
         if flt.time_to:
             mask &= self.times <= flt.time_to
-        if flt.labels:
-            mask &= np.array([flt.matches(m) for m in self.meta], dtype=bool)
+        for key, value in flt.labels.items():
+            mask &= self._label_column(key).equal(value) if key in self._label_keys else False
         return mask
+
+    def _label_column(self, key: str) -> _Coded:
+        """The coded column of label ``key``, made on first use and kept up to date after."""
+        with self._label_lock:
+            if key not in self._label_columns:
+                self._label_columns[key] = _Coded(m.labels.get(key) for m in self.meta)
+            return self._label_columns[key]
 
     def _search(self, queries: np.ndarray, k: int, filters: list[SearchFilter]) -> tuple[np.ndarray, np.ndarray]:
         f = self.faiss
@@ -414,7 +448,7 @@ class _Gallery:
                 if self.index_type == "hnsw" and mask.sum() <= EXACT_SEARCH_CUTOFF:
                     scores[rows], ids[rows] = self._exact(queries[rows], mask, k)
                     continue
-                sel = f.IDSelectorBatch(self._labels(np.flatnonzero(mask)))
+                sel = self._selector(mask)
                 params = f.SearchParametersHNSW(sel=sel, efSearch=max(64, k)) if self.index_type == "hnsw" else f.SearchParameters(sel=sel)
             elif self.index_type == "hnsw":
                 params = f.SearchParametersHNSW(efSearch=max(64, k))
@@ -423,6 +457,17 @@ class _Gallery:
                 i = np.where(i >= 0, self.ids[np.maximum(i, 0)], -1)
             scores[rows], ids[rows] = d, i
         return scores, ids
+
+    def _selector(self, mask: np.ndarray):
+        """A FAISS selector of the rows in ``mask``. For an HNSW graph a bitmap over its nodes (the
+        rows): a set of the allowed ids took 2 ms to build per search at 50,000 entries, where the
+        graph walk itself takes 0.1 ms. A flat index is labelled by entry id: a set of those."""
+        if self.index_type != "hnsw":
+            return self.faiss.IDSelectorBatch(self.ids[mask])
+        bits = np.packbits(mask, bitorder="little")
+        selector = self.faiss.IDSelectorBitmap(len(mask), self.faiss.swig_ptr(bits))
+        selector.bits = bits  # FAISS keeps only a pointer to them
+        return selector
 
     def _exact(self, queries: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product among the rows in ``mask``, padded like FAISS (-inf, id -1)."""
