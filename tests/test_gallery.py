@@ -688,7 +688,8 @@ def test_a_replaced_hnsw_entry_answers_with_its_new_vector_only(tmp_path, monkey
     assert (top.id, top.metadata.person_id) == (8, "new") and top.score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_hnsw_with_a_selective_filter_finds_every_matching_entry(store):
+@pytest.mark.parametrize("n_queries", [3, 9])  # FAISS's scan of the allowed rows, then one BLAS product
+def test_hnsw_with_a_selective_filter_finds_every_matching_entry(store, n_queries):
     """The graph walk under a filter that excludes nearly every entry found 2 of 5 matching ones."""
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(5000, 64)).astype(np.float32)  # no neighbourhood structure: the hard case
@@ -697,7 +698,7 @@ def test_hnsw_with_a_selective_filter_finds_every_matching_entry(store):
     for name, index in (("flat", "flat"), ("hnsw", "hnsw")):
         store.create(name, 64, index)
         store.add(name, np.arange(1, 5001), vecs, meta)
-    queries = rng.normal(size=(3, 64)).astype(np.float32)
+    queries = rng.normal(size=(n_queries, 64)).astype(np.float32)
     for flt in (SearchFilter(labels={"site": "rare"}), SearchFilter(exclude_camera_id="c1")):
         exact = store.search("flat", queries, 10, [flt])
         approx = store.search("hnsw", queries, 10, [flt])

@@ -50,6 +50,9 @@ EXACT_SEARCH_CUTOFF = 40_000
 # for 30,000 512-d entries) under the gallery's lock, which stopped every search meanwhile, while
 # dead rows cost only their filtering at search time.
 HNSW_COMPACT_DEAD_SHARE = 0.2
+# Up to this many queries an exact scan of an HNSW gallery's allowed rows runs in FAISS, query by
+# query; more are faster as one BLAS product over a copy of those rows (measured at 8 queries).
+FEW_QUERIES = 4
 
 
 def _storage(exc: OSError, what: str) -> StorageError:
@@ -470,11 +473,24 @@ class _Gallery:
         return selector
 
     def _exact(self, queries: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product among the rows in ``mask``, padded like FAISS (-inf, id -1)."""
+        """Top-k by inner product among the rows in ``mask``, padded like FAISS (-inf, id -1).
+
+        A few queries go to the graph's own flat storage with a bitmap of ``mask``: it computes
+        the allowed rows' products in place (11 ms for 39,000 of 100,000 512-d rows) where the
+        copy below took 35-60 ms. Many queries copy the rows once and multiply with BLAS.
+        """
+        if len(queries) <= FEW_QUERIES and self.index_type == "hnsw":
+            storage = self.faiss.downcast_index(self.index.storage)
+            scores, found = storage.search(queries, k, params=self.faiss.SearchParameters(sel=self._selector(mask)))
+            return scores, np.where(found >= 0, self.ids[np.maximum(found, 0)], -1)
         rows = np.flatnonzero(mask)
         sims = queries @ self.vectors[rows].T
         take = min(k, len(rows))
-        order = np.argsort(-sims, axis=1, kind="stable")[:, :take]
+        order = np.arange(len(rows))[None].repeat(len(queries), axis=0)
+        if take < len(rows):  # the top ``take`` unordered (a full sort of 40,000 took 3 ms a query)
+            order = np.sort(np.argpartition(-sims, take - 1, axis=1)[:, :take], axis=1)
+        # best first; equal scores in row order, as a stable sort of every row would give
+        order = np.take_along_axis(order, np.argsort(-np.take_along_axis(sims, order, axis=1), axis=1, kind="stable"), axis=1)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         scores[:, :take] = np.take_along_axis(sims, order, axis=1)
