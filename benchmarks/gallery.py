@@ -217,7 +217,10 @@ def main() -> None:
             if n <= 100_000:
                 hnsw = FaissGalleryStore(tmp / f"hnsw{n}", snapshot_every=10**9)
                 hnsw.create("hnsw", DIM, "hnsw")
-                print(f"  faiss hnsw: add {fill(hnsw, 'hnsw', vecs):,.0f} entries/s")
+                before = _rss_gib()
+                rate = fill(hnsw, "hnsw", vecs)
+                grew = _rss_gib() - before
+                print(f"  faiss hnsw: add {rate:,.0f} entries/s; RSS grew {grew:.2f} GiB ({grew / n * 1e6:.2f} GiB per million)")
                 report("faiss hnsw (M=32)", hnsw, "hnsw", vecs, exact=store)
                 concurrent("faiss hnsw (M=32)", hnsw, "hnsw")
                 filtered("faiss hnsw (M=32)", hnsw, "hnsw", remove_one=True)

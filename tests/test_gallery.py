@@ -591,6 +591,10 @@ def test_an_hnsw_restart_reads_the_saved_graph_instead_of_rebuilding_it(tmp_path
         reopened = FaissGalleryStore(tmp_path)  # no close(): a crash, with changes in the log
     assert rebuilds == [] and "read its HNSW graph over 205 rows" in caplog.text
     assert reopened.info("g").size == 198
+    # one copy of the vectors: the graph's (row-aligned with the ids), none beside it
+    gallery = reopened.galleries["g"]
+    assert gallery._vectors.n == 0 and len(gallery.vectors) == len(gallery.ids) == 215
+    np.testing.assert_allclose(gallery.vectors[gallery.row[30]], l2_normalize(vecs[29:30])[0], atol=1e-6)
     assert _hnsw_answers(reopened, vecs) == before
     assert len(list((tmp_path / "g").glob("hnsw-*"))) == 1  # one graph on disk
 
@@ -663,6 +667,7 @@ def test_a_failed_snapshot_leaves_the_previous_graph_and_a_failed_graph_write_on
     with caplog.at_level(logging.INFO):
         again = FaissGalleryStore(tmp_path)
     assert "built its HNSW index over 80 entries" in caplog.text and _hnsw_answers(again, vecs) == before
+    assert again.galleries["g"]._vectors.n == 0  # built from the snapshot's copy, which is then let go
     again.add("g", np.array([81]), vecs[:1] + 0.5, [EntryMetadata()])
     again.snapshot("g")  # the rebuilt graph, dead rows included, is saved and read back whole
     before = _hnsw_answers(again, vecs)

@@ -112,7 +112,7 @@ class _Gallery:
         self.lock = ReadWriteLock()  # searches read side by side; changes write alone
         self.faiss = import_faiss()
         self._ids = _Column(np.int64)
-        self._vectors = _Column(np.float32, dim)
+        self._vectors = _Column(np.float32, dim)  # flat galleries; HNSW ones only until their graph exists
         self.meta: list[EntryMetadata] = []
         self._alive = _Column(bool)
         # columns of the metadata that filters use, row-aligned: camera ids, timestamps, and a coded
@@ -135,7 +135,16 @@ class _Gallery:
         self._load()
 
     ids = property(lambda self: self._ids.view)
-    vectors = property(lambda self: self._vectors.view)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """Row-aligned vectors. An HNSW gallery's are its graph's own storage (node i is row i),
+        viewed, not copied: a second copy cost 2 GB per million 512-d entries. The view is valid
+        until the graph next grows, so callers use it within one locked operation."""
+        if self.index_type == "hnsw" and hasattr(self, "index"):
+            n, storage = self.index.ntotal, self.faiss.downcast_index(self.index.storage)
+            return self.faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)
+        return self._vectors.view
     alive = property(lambda self: self._alive.view)
     times = property(lambda self: self._times.view)
 
@@ -185,7 +194,7 @@ class _Gallery:
         except (RuntimeError, ValueError) as exc:  # faiss raises RuntimeError for missing or corrupt files
             log.warning("gallery %s: its saved HNSW graph %s is unusable (%s); rebuilding it", self.dir.name, name, exc)
             return
-        self.index = index
+        self.index, self._vectors = index, _Column(np.float32, self.dim)  # the graph holds them now
         log.info("gallery %s: read its HNSW graph over %d rows in %.2f s", self.dir.name, len(self.ids),
                  time.perf_counter() - start)
 
@@ -278,7 +287,8 @@ class _Gallery:
         start = len(self.ids)
         alive = np.ones(len(ids), dtype=bool) if alive is None else alive
         self._ids.extend(ids)
-        self._vectors.extend(vectors)
+        if not (self.index_type == "hnsw" and hasattr(self, "index")):  # else the graph gets them
+            self._vectors.extend(vectors)
         self.meta += list(meta)
         self._cams.extend(m.camera_id for m in meta)
         for key, column in self._label_columns.items():
@@ -316,15 +326,19 @@ class _Gallery:
 
     def _compact(self) -> None:
         keep = self.alive.copy()
+        vectors = self.vectors[keep]
         self.meta = [m for m, a in zip(self.meta, keep) if a]
-        for column in (self._ids, self._vectors, self._cams.column, self._times, self._alive,
-                       *(c.column for c in self._label_columns.values())):
+        for column in (self._ids, self._cams.column, self._times, self._alive, *(c.column for c in self._label_columns.values())):
             column.keep(keep)
         self.row = {i: r for r, i in enumerate(self.ids.tolist())}
-        self._rebuild_index()
+        self._vectors = _Column(np.float32, self.dim)
+        if self.index_type != "hnsw":
+            self._vectors.extend(vectors)
+        self._rebuild_index(vectors)
 
-    def _rebuild_index(self) -> None:
-        """The CPU index and, for flat galleries on a machine with GPUs, a GPU copy.
+    def _rebuild_index(self, vectors: np.ndarray | None = None) -> None:
+        """The CPU index over ``vectors`` (default: the rows' own) and, for flat galleries on a
+        machine with GPUs, a GPU copy. An HNSW gallery's vectors then live in the graph only.
 
         A flat index holds the live rows, labelled by entry id (it removes rows by id). An HNSW
         graph cannot remove: it holds every row, dead ones too (after a load, those a snapshot
@@ -339,21 +353,23 @@ class _Gallery:
         dropping them; it is rebuilt without them at the next snapshot.
         """
         f = self.faiss
+        vectors = self.vectors if vectors is None else vectors  # may view the old graph: keep it until done
         if self.index_type == "hnsw":
-            self.index = f.IndexHNSWFlat(self.dim, HNSW_M, f.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efConstruction = 80
-            if len(self.ids):
-                self.index.add(self.vectors)
-        else:
-            self.index = f.IndexIDMap2(f.IndexFlatIP(self.dim))
-            rows = np.flatnonzero(self.alive)
-            if len(rows):
-                self.index.add_with_ids(self.vectors[rows], self.ids[rows])
+            index = f.IndexHNSWFlat(self.dim, HNSW_M, f.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            if len(vectors):
+                index.add(vectors)
+            self.index, self._vectors = index, _Column(np.float32, self.dim)
+            return
+        self.index = f.IndexIDMap2(f.IndexFlatIP(self.dim))
+        rows = np.flatnonzero(self.alive)
+        if len(rows):
+            self.index.add_with_ids(vectors[rows], self.ids[rows])
         self._gpu = None
-        if self.index_type == "flat" and f.get_num_gpus() > 0:  # without GPUs the copy would be an empty replica set
+        if f.get_num_gpus() > 0:  # without GPUs the copy would be an empty replica set
             self._gpu = f.index_cpu_to_all_gpus(f.IndexFlatIP(self.dim))
-            if len(self.ids):
-                self._gpu.add(self.vectors)
+            if len(vectors):
+                self._gpu.add(vectors)
 
     @property
     def device(self) -> str:
