@@ -105,7 +105,8 @@ class _Coded:
 
 
 class _Gallery:
-    """One gallery: rows of vectors and metadata, a FAISS index over the live rows, its log."""
+    """One gallery: rows of ids and metadata, a FAISS index over them (flat: the live rows; HNSW:
+    every row, holding the vectors too), its log."""
 
     def __init__(self, directory: Path, dim: int, index_type: str, snapshot_every: int):
         self.dir, self.dim, self.index_type, self.snapshot_every = directory, dim, index_type, snapshot_every
