@@ -873,6 +873,21 @@ def test_milvus_searches_run_beside_each_other(tmp_path):
         close_milvus_store(store)
 
 
+def test_milvus_calls_that_lost_the_connection_together_reconnect_once(tmp_path):
+    """Searches no longer take the store's lock, so several can find the connection lost at once:
+    the first replaces the client, the others use its replacement instead of replacing it again."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    store = open_milvus_store(tmp_path)
+    try:
+        broken = store.client
+        first = store._reconnect(broken)
+        assert first is not broken and store.client is first
+        assert store._reconnect(broken) is first  # a second caller that saw the same broken client
+        assert store._reconnect(first) is not first  # a new failure replaces the replacement
+    finally:
+        close_milvus_store(store)
+
+
 def test_milvus_store_reconnects_after_a_lost_connection(tmp_path, caplog, monkeypatch):
     """A client whose connection broke waits out gRPC's reconnect backoff (up to 2 minutes) after
     Milvus is back; the store makes a new one at once. Reads are retried, writes are not."""
