@@ -14,7 +14,8 @@ from typing import Iterator
 class ReadWriteLock:
     """Many readers or one writer. A waiting writer holds back new readers, so a steady stream of
     searches cannot starve an add. The writer may take the lock again (a change that snapshots),
-    and may read while it writes; a reader must not ask to write."""
+    and may read while it writes. A reader must neither ask to write nor read again: with a writer
+    waiting, either would wait for itself."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
