@@ -451,6 +451,49 @@ def test_camera_and_label_filters_follow_adds_removals_compaction_and_restarts(t
         check(flt)
 
 
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+@pytest.mark.parametrize("n_queries", [1, 9])  # FAISS's scan with a bitmap, or BLAS
+@pytest.mark.parametrize("share", [0.1, 0.9])  # BLAS over a copy of the allowed rows, or block by block over all
+def test_exact_scans_equal_brute_force(tmp_path, monkeypatch, index_type, n_queries, share):
+    monkeypatch.setattr("retrieval.gallery.faiss_store.EXACT_BLOCK", 7)  # many blocks, merged
+    rng = np.random.default_rng(int(share * 10) + n_queries)
+    vecs = rng.normal(size=(60, 8)).astype(np.float32)
+    chosen = rng.random(60) < share
+    meta = [EntryMetadata(labels={"in": "y" if c else "n"}) for c in chosen]
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 8, index_type)
+    store.add("g", np.arange(1, 61), vecs, meta)
+    store.remove("g", np.array([int(np.flatnonzero(chosen)[0]) + 1]))  # a dead row among the allowed ones
+    chosen[np.flatnonzero(chosen)[0]] = False
+    queries = rng.normal(size=(n_queries, 8)).astype(np.float32)
+    sims = l2_normalize(queries) @ l2_normalize(vecs).T
+    for k in (3, 60):
+        for q, row in enumerate(store.search("g", queries, k, [SearchFilter(labels={"in": "y"})])):
+            allowed = np.flatnonzero(chosen)
+            best = allowed[np.argsort(-sims[q, allowed], kind="stable")][:k]
+            assert [h.id for h in row] == (best + 1).tolist()
+            np.testing.assert_allclose([h.score for h in row], sims[q, best], atol=1e-5)
+
+
+@pytest.mark.parametrize("overfetch", [0, 1024])  # a scan of the live rows, or k + dead fetched and the dead dropped
+def test_flat_search_after_removals_equals_brute_force(tmp_path, monkeypatch, overfetch):
+    monkeypatch.setattr("retrieval.gallery.faiss_store.OVERFETCH_DEAD", overfetch)
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(80, 8)).astype(np.float32)
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 8)
+    store.add("g", np.arange(1, 81), vecs, [EntryMetadata()] * 80)
+    store.add("g", np.array([2]), -vecs[1:2], [EntryMetadata()], replace=True)  # its old row is dead
+    vecs[1] = -vecs[1]
+    store.remove("g", np.arange(10, 30))
+    live = np.setdiff1d(np.arange(80), np.arange(9, 29))
+    queries = rng.normal(size=(9, 8)).astype(np.float32)
+    sims = l2_normalize(queries) @ l2_normalize(vecs).T
+    for q, row in enumerate(store.search("g", queries, 12, [])):
+        best = live[np.argsort(-sims[q, live], kind="stable")][:12]
+        assert [h.id for h in row] == (best + 1).tolist()
+
+
 def test_remove_and_info(store):
     vecs, meta = _data(30)
     store.create("g", 16)

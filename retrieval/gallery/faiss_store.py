@@ -14,6 +14,7 @@ unusable graph is rebuilt from the rows, with a warning: it holds nothing the sn
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,9 +51,27 @@ EXACT_SEARCH_CUTOFF = 40_000
 # for 30,000 512-d entries) under the gallery's lock, which stopped every search meanwhile, while
 # dead rows cost only their filtering at search time.
 HNSW_COMPACT_DEAD_SHARE = 0.2
-# Up to this many queries an exact scan of an HNSW gallery's allowed rows runs in FAISS, query by
-# query; more are faster as one BLAS product over a copy of those rows (measured at 8 queries).
+# Up to this many queries an exact scan of the allowed rows runs in FAISS, query by query; more
+# are faster as BLAS products (measured at 8 queries).
 FEW_QUERIES = 4
+# Up to this many dead rows (removed since the last snapshot) an unfiltered flat search fetches k
+# more and drops the dead ones; past it, it scans the live rows only.
+OVERFETCH_DEAD = 1024
+# Rows per BLAS product when an exact scan covers most rows: 64 queries x 65,536 rows of scores
+# is 16 MB at a time, not 256 MB for a million rows.
+EXACT_BLOCK = 65_536
+
+
+def _top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``sims``, the k largest values and their columns, best first; equal values in
+    column order (as a stable sort of the whole row gives, up to ties at the k-th place)."""
+    take = min(k, sims.shape[1])
+    if take < sims.shape[1]:  # the top ``take`` unordered: a full sort of 40,000 took 3 ms a query
+        cols = np.sort(np.argpartition(-sims, take - 1, axis=1)[:, :take], axis=1)
+    else:
+        cols = np.broadcast_to(np.arange(take), (len(sims), take))
+    cols = np.take_along_axis(cols, np.argsort(-np.take_along_axis(sims, cols, axis=1), axis=1, kind="stable"), axis=1)
+    return np.take_along_axis(sims, cols, axis=1), cols
 
 
 def _storage(exc: OSError, what: str) -> StorageError:
@@ -105,15 +124,15 @@ class _Coded:
 
 
 class _Gallery:
-    """One gallery: rows of ids and metadata, a FAISS index over them (flat: the live rows; HNSW:
-    every row, holding the vectors too), its log."""
+    """One gallery: rows of ids and metadata, a FAISS index over every row (node i is row i; it
+    holds the vectors), its log. Removed rows stay, marked dead, until a snapshot compacts them."""
 
     def __init__(self, directory: Path, dim: int, index_type: str, snapshot_every: int):
         self.dir, self.dim, self.index_type, self.snapshot_every = directory, dim, index_type, snapshot_every
         self.lock = ReadWriteLock()  # searches read side by side; changes write alone
         self.faiss = import_faiss()
         self._ids = _Column(np.int64)
-        self._vectors = _Column(np.float32, dim)  # flat galleries; HNSW ones only until their graph exists
+        self._vectors = _Column(np.float32, dim)  # a snapshot's vectors, until the index holds them
         self.meta: list[EntryMetadata] = []
         self._alive = _Column(bool)
         # columns of the metadata that filters use, row-aligned: camera ids, timestamps, and a coded
@@ -139,13 +158,16 @@ class _Gallery:
 
     @property
     def vectors(self) -> np.ndarray:
-        """Row-aligned vectors. An HNSW gallery's are its graph's own storage (node i is row i),
-        viewed, not copied: a second copy cost 2 GB per million 512-d entries. The view is valid
-        until the graph next grows, so callers use it within one locked operation."""
-        if self.index_type == "hnsw" and hasattr(self, "index"):
-            n, storage = self.index.ntotal, self.faiss.downcast_index(self.index.storage)
-            return self.faiss.rev_swig_ptr(storage.get_xb(), n * self.dim).reshape(n, self.dim)
-        return self._vectors.view
+        """Row-aligned vectors: the index's own storage (node i is row i), viewed, not copied: a
+        second copy cost 2 GB per million 512-d entries. The view is valid until the index next
+        grows, so callers use it within one locked operation."""
+        if not hasattr(self, "index"):
+            return self._vectors.view
+        return self.faiss.rev_swig_ptr(self._flat().get_xb(), self.index.ntotal * self.dim).reshape(-1, self.dim)
+
+    def _flat(self):
+        """The flat index over every row: the index itself, or an HNSW graph's storage."""
+        return self.index if self.index_type == "flat" else self.faiss.downcast_index(self.index.storage)
     alive = property(lambda self: self._alive.view)
     times = property(lambda self: self._times.view)
 
@@ -288,7 +310,7 @@ class _Gallery:
         start = len(self.ids)
         alive = np.ones(len(ids), dtype=bool) if alive is None else alive
         self._ids.extend(ids)
-        if not (self.index_type == "hnsw" and hasattr(self, "index")):  # else the graph gets them
+        if not hasattr(self, "index"):  # else the index gets them
             self._vectors.extend(vectors)
         self.meta += list(meta)
         self._cams.extend(m.camera_id for m in meta)
@@ -307,10 +329,7 @@ class _Gallery:
         start = len(self.ids)
         self._append_rows(ids, vectors, meta)
         if hasattr(self, "index"):
-            if self.index_type == "hnsw":
-                self.index.add(vectors)  # nodes start..start+n-1: the new rows
-            else:
-                self.index.add_with_ids(vectors, ids)
+            self.index.add(vectors)  # nodes start..start+n-1: the new rows
         if self._gpu is not None:
             self._gpu.add(vectors)  # rows keep their positions: the copy stays aligned with self.ids
 
@@ -320,10 +339,7 @@ class _Gallery:
             return
         for i in present:
             self.alive[self.row.pop(i)] = False
-        if hasattr(self, "index") and self.index_type == "flat":
-            self.index.remove_ids(np.asarray(present, dtype=np.int64))
-        # HNSW and the GPU copy cannot delete: dead rows are filtered out at search time and dropped
-        # at the next snapshot
+        # the indexes keep the row: searches skip dead rows, and the next snapshot drops them
 
     def _compact(self) -> None:
         keep = self.alive.copy()
@@ -332,20 +348,17 @@ class _Gallery:
         for column in (self._ids, self._cams.column, self._times, self._alive, *(c.column for c in self._label_columns.values())):
             column.keep(keep)
         self.row = {i: r for r, i in enumerate(self.ids.tolist())}
-        self._vectors = _Column(np.float32, self.dim)
-        if self.index_type != "hnsw":
-            self._vectors.extend(vectors)
         self._rebuild_index(vectors)
 
     def _rebuild_index(self, vectors: np.ndarray | None = None) -> None:
-        """The CPU index over ``vectors`` (default: the rows' own) and, for flat galleries on a
-        machine with GPUs, a GPU copy. An HNSW gallery's vectors then live in the graph only.
+        """The CPU index over ``vectors`` (default: the rows' own), which then holds the only copy
+        of them, and for flat galleries on a machine with GPUs a GPU copy.
 
-        A flat index holds the live rows, labelled by entry id (it removes rows by id). An HNSW
-        graph cannot remove: it holds every row, dead ones too (after a load, those a snapshot
-        saved), and node i is row i, as in the graphs that snapshots save and read back. Searches
-        skip dead rows with a bitmap over rows. (Labelled by entry id, a replaced entry's old
-        vector still answered searches as that id, at score 1.0 for its old image.)
+        Both index types hold every row, dead ones too, and node i is row i, as in the HNSW graphs
+        that snapshots save and read back: an HNSW graph cannot remove, and a flat index that
+        removed rows would no longer line up with them. Searches skip dead rows with a bitmap over
+        rows. (Labelled by entry id, a replaced entry's old vector still answered searches as that
+        id, at score 1.0 for its old image.)
 
         The CPU index answers filtered searches and removals. FAISS GPU indexes can do neither:
         they ignore an IDSelector in the search parameters (faiss issues 3114, 3924) and do not
@@ -358,16 +371,13 @@ class _Gallery:
         if self.index_type == "hnsw":
             index = f.IndexHNSWFlat(self.dim, HNSW_M, f.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = 80
-            if len(vectors):
-                index.add(vectors)
-            self.index, self._vectors = index, _Column(np.float32, self.dim)
-            return
-        self.index = f.IndexIDMap2(f.IndexFlatIP(self.dim))
-        rows = np.flatnonzero(self.alive)
-        if len(rows):
-            self.index.add_with_ids(vectors[rows], self.ids[rows])
+        else:
+            index = f.IndexFlatIP(self.dim)
+        if len(vectors):
+            index.add(vectors)
+        self.index, self._vectors = index, _Column(np.float32, self.dim)
         self._gpu = None
-        if f.get_num_gpus() > 0:  # without GPUs the copy would be an empty replica set
+        if self.index_type == "flat" and f.get_num_gpus() > 0:  # without GPUs the copy would be an empty replica set
             self._gpu = f.index_cpu_to_all_gpus(f.IndexFlatIP(self.dim))
             if len(vectors):
                 self._gpu.add(vectors)
@@ -376,14 +386,21 @@ class _Gallery:
     def device(self) -> str:
         return "cpu" if self._gpu is None else "cuda"
 
-    def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Unfiltered top-k from the GPU copy with its dead rows dropped; None when it cannot answer."""
+    def _search_live(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Unfiltered top-k from a plain search of a flat index over every row (the GPU copy, else
+        the CPU index) that fetches k + the dead rows and drops those: as fast as a search with no
+        dead row (a bitmap of the live rows made FAISS scan row by row: 64 queries took 3x as long).
+        None when too many rows are dead for that."""
         dead = len(self.ids) - int(self.alive.sum())
         fetch = min(k + dead, len(self.ids))
-        if self._gpu is None or fetch > GPU_MAX_K:
+        if self._gpu is not None and fetch <= GPU_MAX_K:
+            index, lock = self._gpu, self._gpu_lock
+        elif self.index_type == "flat" and dead <= OVERFETCH_DEAD:
+            index, lock = self.index, contextlib.nullcontext()
+        else:
             return None
-        with self._gpu_lock:
-            scores, rows = self._gpu.search(queries, fetch)
+        with lock:
+            scores, rows = index.search(queries, fetch)
         keep = rows >= 0
         keep[keep] = self.alive[rows[keep]]
         order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the live ones first, in score order
@@ -458,32 +475,27 @@ class _Gallery:
             groups.setdefault(flt.key(), []).append(i)
         for rows in groups.values():
             flt = filters[rows[0]]
-            found = self._search_gpu(queries[rows], k) if flt.is_empty() else None
+            found = self._search_live(queries[rows], k) if flt.is_empty() else None
             if found is not None:
                 scores[rows], ids[rows] = found
                 continue
             params = None
             if not flt.is_empty() or not self.alive.all():
                 mask = self._allowed(flt)
-                if self.index_type == "hnsw" and mask.sum() <= EXACT_SEARCH_CUTOFF:
+                if self.index_type == "flat" or mask.sum() <= EXACT_SEARCH_CUTOFF:
                     scores[rows], ids[rows] = self._exact(queries[rows], mask, k)
                     continue
-                sel = self._selector(mask)
-                params = f.SearchParametersHNSW(sel=sel, efSearch=max(64, k)) if self.index_type == "hnsw" else f.SearchParameters(sel=sel)
+                params = f.SearchParametersHNSW(sel=self._selector(mask), efSearch=max(64, k))
             elif self.index_type == "hnsw":
                 params = f.SearchParametersHNSW(efSearch=max(64, k))
             d, i = self.index.search(queries[rows], k, params=params)
-            if self.index_type == "hnsw":  # row numbers -> entry ids
-                i = np.where(i >= 0, self.ids[np.maximum(i, 0)], -1)
-            scores[rows], ids[rows] = d, i
+            scores[rows], ids[rows] = d, np.where(i >= 0, self.ids[np.maximum(i, 0)], -1)  # rows -> entry ids
         return scores, ids
 
     def _selector(self, mask: np.ndarray):
-        """A FAISS selector of the rows in ``mask``. For an HNSW graph a bitmap over its nodes (the
-        rows): a set of the allowed ids took 2 ms to build per search at 50,000 entries, where the
-        graph walk itself takes 0.1 ms. A flat index is labelled by entry id: a set of those."""
-        if self.index_type != "hnsw":
-            return self.faiss.IDSelectorBatch(self.ids[mask])
+        """A FAISS selector of the rows in ``mask``: a bitmap over the index's nodes (the rows). A
+        set of the allowed ids took 2 ms to build per search at 50,000 entries, where an HNSW
+        graph walk itself takes 0.1 ms."""
         bits = np.packbits(mask, bitorder="little")
         selector = self.faiss.IDSelectorBitmap(len(mask), self.faiss.swig_ptr(bits))
         selector.bits = bits  # FAISS keeps only a pointer to them
@@ -492,27 +504,34 @@ class _Gallery:
     def _exact(self, queries: np.ndarray, mask: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product among the rows in ``mask``, padded like FAISS (-inf, id -1).
 
-        A few queries go to the graph's own flat storage with a bitmap of ``mask``: it computes
-        the allowed rows' products in place (11 ms for 39,000 of 100,000 512-d rows) where the
-        copy below took 35-60 ms. Many queries copy the rows once and multiply with BLAS.
+        A few queries go to FAISS's flat scan with a bitmap of ``mask``: it computes the allowed
+        rows' products in place (11 ms for 39,000 of 100,000 512-d rows, where copying them took
+        35-60 ms). More queries use BLAS: over a copy of the allowed rows when they are few, else
+        over every row, block by block, with the others scored -inf.
         """
-        if len(queries) <= FEW_QUERIES and self.index_type == "hnsw":
-            storage = self.faiss.downcast_index(self.index.storage)
-            scores, found = storage.search(queries, k, params=self.faiss.SearchParameters(sel=self._selector(mask)))
+        if len(queries) <= FEW_QUERIES:
+            scores, found = self._flat().search(queries, k, params=self.faiss.SearchParameters(sel=self._selector(mask)))
             return scores, np.where(found >= 0, self.ids[np.maximum(found, 0)], -1)
-        rows = np.flatnonzero(mask)
-        sims = queries @ self.vectors[rows].T
-        take = min(k, len(rows))
-        order = np.arange(len(rows))[None].repeat(len(queries), axis=0)
-        if take < len(rows):  # the top ``take`` unordered (a full sort of 40,000 took 3 ms a query)
-            order = np.sort(np.argpartition(-sims, take - 1, axis=1)[:, :take], axis=1)
-        # best first; equal scores in row order, as a stable sort of every row would give
-        order = np.take_along_axis(order, np.argsort(-np.take_along_axis(sims, order, axis=1), axis=1, kind="stable"), axis=1)
-        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(queries), k), -1, dtype=np.int64)
-        scores[:, :take] = np.take_along_axis(sims, order, axis=1)
-        ids[:, :take] = self.ids[rows][order]
-        return scores, ids
+        allowed = np.flatnonzero(mask)
+        if 2 * len(allowed) < len(mask):
+            scores, cols = _top_k(queries @ self.vectors[allowed].T, k)
+            found = allowed[cols]
+        else:
+            scores, found = np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+            vectors = self.vectors
+            for start in range(0, len(mask), EXACT_BLOCK):
+                sims = queries @ vectors[start:start + EXACT_BLOCK].T
+                sims[:, ~mask[start:start + EXACT_BLOCK]] = -np.inf
+                best, cols = _top_k(sims, k)
+                # the best so far first: they are earlier rows, so equal scores stay in row order
+                scores, pick = _top_k(np.concatenate([scores, best], axis=1), k)
+                found = np.take_along_axis(np.concatenate([found, cols + start], axis=1), pick, axis=1)
+        out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+        hit = np.isfinite(scores)
+        out_scores[:, : scores.shape[1]] = np.where(hit, scores, -np.inf)
+        out_ids[:, : scores.shape[1]] = np.where(hit, self.ids[found], -1)
+        return out_scores, out_ids
 
     def search(self, queries: np.ndarray, top_k: int, filters: list[SearchFilter], rerank: RerankOptions | None) -> list[list[Hit]]:
         with self.lock.read():
