@@ -368,6 +368,57 @@ def test_faiss_searches_of_one_gallery_run_side_by_side_and_changes_alone(tmp_pa
         assert slow.result()[0][0].id == 1 and add.result().tolist() == [51]
 
 
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_concurrent_searches_adds_removals_and_snapshots_stay_consistent(tmp_path, index_type):
+    """Searches share a gallery and read its vectors in place, in the FAISS index's storage, which
+    an add may move: every search must see a whole state, and the gallery must end as its changes say."""
+    import threading
+
+    rng = np.random.default_rng(8)
+    store = FaissGalleryStore(tmp_path, snapshot_every=40)
+    store.create("g", 8, index_type)
+    vectors = {i: rng.normal(size=8).astype(np.float32) for i in range(1, 401)}
+    meta = {i: EntryMetadata(camera_id=f"c{i % 3}", labels={"site": "ab"[i % 2]}) for i in vectors}
+    store.add("g", np.arange(1, 101), np.stack([vectors[i] for i in range(1, 101)]), [meta[i] for i in range(1, 101)])
+    removed, errors, stop = set(), [], threading.Event()
+
+    def writer():
+        for start in range(101, 401, 20):
+            ids = np.arange(start, start + 20)
+            store.add("g", ids, np.stack([vectors[i] for i in ids]), [meta[i] for i in ids])
+            gone = ids[:5]
+            store.remove("g", gone)
+            removed.update(gone.tolist())
+        stop.set()
+
+    def searcher(seed):
+        local = np.random.default_rng(seed)
+        flts = [SearchFilter(), SearchFilter(exclude_camera_id="c1"), SearchFilter(labels={"site": "a"})]
+        try:
+            while not stop.is_set():
+                q = local.normal(size=(local.integers(1, 7), 8)).astype(np.float32)
+                unit = l2_normalize(q)
+                for qi, row in enumerate(store.search("g", q, 10, [flts[local.integers(0, 3)]])):
+                    for h in row:  # each hit is a real entry, scored with its own vector
+                        assert h.metadata is meta[h.id]
+                        assert h.score == pytest.approx(float(l2_normalize(vectors[h.id][None])[0] @ unit[qi]), abs=1e-5)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=searcher, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    live = sorted(set(vectors) - removed)
+    assert store.info("g").size == len(live)
+    q = rng.normal(size=(1, 8)).astype(np.float32)
+    hits = store.search("g", q, len(live), [SearchFilter(time_from=-1.0)])[0]  # an exact scan of every live entry
+    sims = {i: float(l2_normalize(vectors[i][None])[0] @ l2_normalize(q)[0]) for i in live}
+    assert [h.id for h in hits] == sorted(live, key=lambda i: -sims[i])
+
+
 def test_read_write_lock():
     import threading
     import time
