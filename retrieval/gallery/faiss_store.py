@@ -6,6 +6,10 @@ the snapshot). An add or remove is in the log, fsync'ed, before it is applied an
 start a gallery is its snapshot plus the log replayed. A corrupt snapshot stops the start with a
 message naming the file (the log alone cannot rebuild what the snapshot held).
 
+In memory a gallery's FAISS index holds every row (node i is row i) and the only copy of its
+vectors; removed rows stay in it, marked dead and skipped by searches, until a snapshot compacts
+them. Searches of a gallery run side by side; changes run alone.
+
 HNSW galleries also save their graph, ``hnsw-<token>.faiss``, written before the snapshot that
 names it: building the graph anew took about 0.45 ms per entry on 2 cores (7 minutes at a million),
 reading it back a few milliseconds per 10,000. Their snapshots keep removed rows (marked dead, as
