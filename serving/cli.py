@@ -36,6 +36,8 @@ def serve_parser() -> argparse.ArgumentParser:
                         "among them, so callers wait for batches of equal length (default 250)")
     p.add_argument("--queue-capacity", type=int, help="images that may wait; beyond it calls fail with RESOURCE_EXHAUSTED (default 1024)")
     p.add_argument("--workers", type=int, help="preprocessing threads (default 2)")
+    p.add_argument("--gallery-threads", type=int,
+                   help="gallery calls run at once (default 4); searches of one FAISS gallery run side by side")
     p.add_argument("--instances", type=int,
                    help="engine runs in flight at once (default: 2 for ONNX Runtime on a CPU, else 1)")
     p.add_argument("--no-batching", action="store_true", help="run each request on its own (for comparison)")
@@ -121,7 +123,7 @@ def build_config(args) -> ServerConfig:
     """The server's settings from ``parse_serve_args``'s result."""
     values = dict(getattr(args, "config_values", {}))
     for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "split_batch_ms",
-                "queue_capacity", "workers", "instances", "max_message_bytes", "min_client_ping_seconds"):
+                "queue_capacity", "workers", "gallery_threads", "instances", "max_message_bytes", "min_client_ping_seconds"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.no_batching:

@@ -43,6 +43,7 @@ class ServerConfig:
     split_batch_ms: float = 250.0  # a full batch longer than this is shared among the instances
     queue_capacity: int = 1024
     workers: int = 2
+    gallery_threads: int = 4  # gallery calls at once: searches of a FAISS gallery overlap, changes do not
     instances: int = 0  # engine runs in flight at once; 0 = the engine's choice (Engine.instances)
     batching: bool = True
     max_message_bytes: int = 64 * 2**20
@@ -78,7 +79,7 @@ class ServerConfig:
 # (option, lowest, highest) of ServerConfig's numbers: out of range, most of them started a server
 # that refused every call (a queue or message limit of 0) or failed later with an unrelated message.
 _RANGES = (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_batch_size", 1, None), ("max_queue_delay_ms", 0, None),
-           ("split_batch_ms", 0, None), ("queue_capacity", 1, None), ("workers", 1, None),
+           ("split_batch_ms", 0, None), ("queue_capacity", 1, None), ("workers", 1, None), ("gallery_threads", 1, None),
            ("max_message_bytes", 4096, None), ("min_client_ping_seconds", 0, None), ("grace_seconds", 0, None),
            ("shutdown_delay_seconds", 0, None))
 
@@ -124,7 +125,8 @@ class ReidServer:
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
                                       c.batching, self.metrics, c.instances, c.split_batch_ms / 1000)
-        self.service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store)
+        self.service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store,
+                                               c.gallery_threads)
         reid_pb2_grpc.add_ReIdentificationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

@@ -308,3 +308,28 @@ def test_startup_names_galleries_made_for_another_model(tiny_onnx, tmp_path, cap
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("this model's 32-d embeddings: old (512-d);" in w for w in warnings), warnings
     assert not any("current" in w for w in warnings)
+
+
+def test_gallery_threads_let_searches_of_one_gallery_run_together(tiny_onnx, tmp_path):
+    """Two searches of one gallery must be inside the store at the same time (a barrier of two):
+    with --gallery-threads 1 the second would wait for the first, which waits for it."""
+    import threading
+
+    from serving.cli import build_config, parse_serve_args
+
+    assert build_config(parse_serve_args(["--model", "m.onnx", "--gallery-threads", "2"])).gallery_threads == 2
+    with pytest.raises(ValueError, match=r"gallery_threads \(--gallery-threads\) must be at least 1"):
+        build_config(parse_serve_args(["--model", "m.onnx", "--gallery-threads", "0"]))
+    store = FaissGalleryStore(tmp_path / "galleries")
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, gallery_threads=2))
+    thread.server.store = store
+    with thread as s, GalleryClient(s.target) as g:
+        dim = g.create("g").dimension
+        vecs = np.random.default_rng(2).normal(size=(4, dim)).astype(np.float32)
+        g.add("g", embeddings=vecs, ids=[1, 2, 3, 4])
+        gallery, together = store.galleries["g"], threading.Barrier(2, timeout=10)
+        search = gallery._search
+        gallery._search = lambda *args: (together.wait(), search(*args))[1]
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda i: g.search("g", embeddings=vecs[i:i + 1], top_k=1), range(2)))
+    assert [a[0].hits[0].id for a in answers] == [1, 2]
