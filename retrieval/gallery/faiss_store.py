@@ -159,6 +159,8 @@ class _Gallery:
         self._load()
 
     ids = property(lambda self: self._ids.view)
+    alive = property(lambda self: self._alive.view)
+    times = property(lambda self: self._times.view)
 
     @property
     def vectors(self) -> np.ndarray:
@@ -172,8 +174,6 @@ class _Gallery:
     def _flat(self):
         """The flat index over every row: the index itself, or an HNSW graph's storage."""
         return self.index if self.index_type == "flat" else self.faiss.downcast_index(self.index.storage)
-    alive = property(lambda self: self._alive.view)
-    times = property(lambda self: self._times.view)
 
     # ---- persistence -------------------------------------------------------------------------
     def _load(self) -> None:
