@@ -165,7 +165,7 @@ class ReidServer:
         if self.store is None:
             return
         dim = self.engine.metadata.embedding_dim
-        other = [f"{g.name} ({g.dim}-d)" for g in self.store.list() if g.dim != dim]
+        other = [f"{name} ({width}-d)" for name, width in self.store.dimensions().items() if width != dim]
         if other:
             log.warning("galleries of another width than this model's %d-d embeddings: %s; adding or searching "
                         "images there fails until they are rebuilt with this model", dim, ", ".join(other))

@@ -941,6 +941,17 @@ def test_milvus_gallery_dropped_or_remade_through_another_replica(tmp_path):
         close_milvus_store(store)
 
 
+def test_gallery_dimensions_need_no_entry_counts(store):
+    """reid-serve's startup check of gallery widths went through ``list``, which on Milvus counts
+    every gallery's entries (a Strong read each, about 300 ms on a server)."""
+    store.create("a", 4)
+    store.create("b", 8)
+    store.add("b", np.array([1]), np.ones((1, 8)), [EntryMetadata()])
+    if hasattr(store, "_count"):
+        store._count = lambda name: (_ for _ in ()).throw(AssertionError("counted the entries of " + name))
+    assert store.dimensions() == {"a": 4, "b": 8}
+
+
 def test_milvus_searches_run_beside_each_other(tmp_path):
     """Searches held the store's lock: at Strong consistency each waits about 300 ms for a Milvus
     server's time tick, so concurrent searches queued behind one another. Two searches must be

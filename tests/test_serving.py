@@ -620,8 +620,8 @@ def test_wait_returns_only_after_the_whole_shutdown(engine):
     class Store:  # the shutdown's last step is closing (snapshotting) the gallery store
         closed = False
 
-        def list(self):
-            return []
+        def dimensions(self):
+            return {}
 
         def close(self):
             self.closed = True
@@ -650,8 +650,8 @@ def test_a_failed_shutdown_step_is_raised_by_wait(engine):
     from serving.server import ReidServer
 
     class Store:
-        def list(self):
-            return []
+        def dimensions(self):
+            return {}
 
         def close(self):
             raise OSError("disk full")

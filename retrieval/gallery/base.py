@@ -187,6 +187,11 @@ class GalleryBackend(abc.ABC):
     @abc.abstractmethod
     def info(self, name: str) -> GalleryInfo: ...
 
+    def dimensions(self) -> dict[str, int]:
+        """Each gallery's embedding width: what a startup check needs of ``list``, without the rest
+        (a Milvus store counts every gallery's entries there, a Strong read each)."""
+        return {g.name: g.dim for g in self.list()}
+
     @abc.abstractmethod
     def add(self, name: str, ids: np.ndarray, vectors: np.ndarray, metadata: list[EntryMetadata], replace: bool = False) -> np.ndarray:
         """Store entries durably before returning their ids (0 in ``ids`` = assign one)."""

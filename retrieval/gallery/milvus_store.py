@@ -48,7 +48,7 @@ MAX_COLLECTION_NAME = 255
 MAX_NAME = (MAX_COLLECTION_NAME - len(PREFIX)) // 2
 
 
-# How long a reconnect waits for Milvus: the store's lock is held meanwhile.
+# How long a reconnect waits for Milvus: calls that lost the connection wait for it meanwhile.
 RECONNECT_SECONDS = 3.0
 # Calls that change data: never repeated after a lost connection (the first attempt may have landed).
 WRITES = frozenset({"insert", "upsert", "delete", "create_collection", "drop_collection"})
@@ -273,9 +273,15 @@ class MilvusGalleryStore(GalleryBackend):
             self._call("drop_collection", _collection(name))
             self._dims.pop(name, None)
 
-    def list(self) -> list[GalleryInfo]:
+    def _names(self) -> list[str]:
         names = [_gallery_name(coll) for coll in self._call("list_collections")]
-        return [self.info(n) for n in sorted(n for n in names if n is not None)]
+        return sorted(n for n in names if n is not None)
+
+    def list(self) -> list[GalleryInfo]:
+        return [self.info(n) for n in self._names()]
+
+    def dimensions(self) -> dict[str, int]:
+        return {n: self._describe(n, fresh=True)[0] for n in self._names()}
 
     def info(self, name: str) -> GalleryInfo:
         dim, index_type = self._describe(name, fresh=True)  # what Milvus holds now, not what this replica saw
