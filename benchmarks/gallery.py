@@ -12,6 +12,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,8 +80,6 @@ def report(label: str, store, name: str, vecs: np.ndarray, exact=None) -> dict:
 
 def concurrent(label: str, store, name: str, seconds: float = 3.0) -> None:
     """Single-query searches a second from 1, 2 and 4 threads at once on one gallery."""
-    import threading
-
     queries = data(256, seed=11)
     rates = []
     for threads in (1, 2, 4):
@@ -115,6 +114,40 @@ def filtered(label: str, store, name: str, remove_one: bool = False) -> None:
         store.remove(name, np.array([5]))
         p50["one entry removed"] = timed_search(lambda x: store.search(name, x, 10, [SearchFilter()]), query, 30)[0]
     print(f"  {label:26s} p50 (1 query unless said): " + ", ".join(f"{what} {ms:.2f} ms" for what, ms in p50.items()))
+
+
+def during_snapshot(label: str, store: FaissGalleryStore, name: str) -> None:
+    """A snapshot with a search thread and an add thread running: how long it took, and the
+    longest wait of a search and of an add (10 entries) while it ran."""
+    searches, adds, stop = [], [], threading.Event()
+    query, extra = data(1, seed=14), data(10, seed=15)
+
+    def loop(call, waits):
+        while not stop.is_set():
+            start = time.perf_counter()
+            call()
+            waits.append((start, time.perf_counter() - start))
+            time.sleep(0.01)
+
+    workers = [threading.Thread(target=loop, args=(lambda: store.search(name, query, 10, [SearchFilter()]), searches)),
+               threading.Thread(target=loop, args=(lambda: store.add(name, np.zeros(10, np.int64), extra,
+                                                                      [EntryMetadata(camera_id="c9")] * 10), adds))]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)
+    began = time.perf_counter()
+    store.snapshot(name)
+    took = time.perf_counter() - began
+    time.sleep(0.2)
+    stop.set()
+    for w in workers:
+        w.join()
+
+    def longest(waits):  # calls that overlapped the snapshot
+        during = [w for s, w in waits if s + w >= began and s <= began + took]
+        return f"{len(during)}, longest {max(during) * 1000:.0f} ms" if during else "none"
+    print(f"  {label:26s} snapshot beside a search and an add thread: {took:.2f} s; searches during it {longest(searches)}; "
+          f"adds {longest(adds)}")
 
 
 def restart(store: FaissGalleryStore, root: Path) -> None:
@@ -217,6 +250,7 @@ def main() -> None:
             report("faiss flat", store, "flat", vecs)
             concurrent("faiss flat", store, "flat")
             filtered("faiss flat", store, "flat")
+            during_snapshot("faiss flat", store, "flat")
             if n <= 100_000:
                 hnsw = FaissGalleryStore(tmp / f"hnsw{n}", snapshot_every=10**9)
                 hnsw.create("hnsw", DIM, "hnsw")
@@ -227,6 +261,7 @@ def main() -> None:
                 report("faiss hnsw (M=32)", hnsw, "hnsw", vecs, exact=store)
                 concurrent("faiss hnsw (M=32)", hnsw, "hnsw")
                 filtered("faiss hnsw (M=32)", hnsw, "hnsw", remove_one=True)
+                during_snapshot("faiss hnsw (M=32)", hnsw, "hnsw")
                 restart(hnsw, tmp / f"hnsw{n}")
             if n in args.milvus_sizes:
                 try:

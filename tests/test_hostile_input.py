@@ -199,6 +199,7 @@ def test_any_sequence_of_changes_snapshots_and_restarts_keeps_a_gallery_exact(tm
             store.close()
             store = FaissGalleryStore(root, snapshot_every=7)
         elif op == "crash and restart":
+            store.settle()  # a kill -9 would end its snapshot thread too (mid-snapshot crashes: test_gallery.py)
             store = FaissGalleryStore(root, snapshot_every=7)  # the old one is abandoned, as by kill -9
         assert store.info("g").size == len(expected)
     if not expected:

@@ -1,5 +1,8 @@
 """Append-only write-ahead log with checksummed records.
 
+A gallery's changes go to ``wal.log``; a snapshot seals it (``seal``: renamed to a numbered
+segment) and deletes the segment once the snapshot holds its records.
+
 Record: ``b"RWAL"`` | payload length (u32) | CRC32 of payload (u32) | payload. An append is
 flushed and fsync'ed before it returns, so an acknowledged change survives a crash or power
 loss. On replay a record cut short or failing its checksum (a torn last write) ends the log: it
@@ -82,13 +85,16 @@ class WriteAheadLog:
         os.fsync(self._fd)
         self._cut_at = None
 
-    def truncate(self) -> None:
-        """Empty the log (after a snapshot has made its records redundant)."""
+    def seal(self, dest: Path) -> None:
+        """Move this log's records to ``dest`` (renamed, not copied); the next append starts a new,
+        empty log. A snapshot seals the log it covers, so that the changes made while it is being
+        written go to the new log, and deletes ``dest`` once the snapshot is safe on disk."""
+        if self._cut_at is not None:  # a torn record that could not be cut yet must not be sealed in
+            self._cut(self._cut_at)
         self.close()
-        with open(self.path, "wb") as f:
-            f.flush()
-            os.fsync(f.fileno())
-        self._cut_at = None
+        if self.path.exists():
+            os.replace(self.path, dest)
+            fsync_dir(self.path.parent)
 
     def close(self) -> None:
         if self._fd is not None:
