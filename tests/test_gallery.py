@@ -669,12 +669,14 @@ def _held(gallery, method: str):
 
 
 @pytest.mark.parametrize("index_type, dead", [("flat", 0), ("flat", 5), ("hnsw", 5), ("hnsw", 40)])
-def test_searches_and_changes_go_on_while_a_snapshot_writes(tmp_path, index_type, dead):
+def test_searches_and_changes_go_on_while_a_snapshot_writes(tmp_path, monkeypatch, index_type, dead):
     """A snapshot held the gallery's write lock while it wrote every row: 8 s for a million flat
     entries, every 50,000 changes, during which every search of that gallery waited. Each kind
     of snapshot: plain flat, compacting flat, HNSW keeping its dead rows, HNSW rebuilding its graph."""
     from concurrent.futures import ThreadPoolExecutor
 
+    monkeypatch.setattr("retrieval.gallery.faiss_store.SNAPSHOT_CHUNK", 7)  # rows read and written in many chunks
+    monkeypatch.setattr("retrieval.gallery.faiss_store.CATCH_UP_UNDER_LOCK", 1)  # a compaction catches up in rounds
     vecs, meta = _data(100, 16)
     store = FaissGalleryStore(tmp_path)
     store.create("g", 16, index_type)
