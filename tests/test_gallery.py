@@ -247,6 +247,25 @@ def test_a_torn_record_that_cannot_be_cut_at_once_is_cut_before_the_next_append(
     assert list(WriteAheadLog(tmp_path / "wal.log").replay()) == [b"first", b"fourth"]
 
 
+def test_a_new_log_file_is_synced_into_its_folder_before_its_first_record(tmp_path, monkeypatch):
+    """Each snapshot seals the log, and the next change creates a new one: an fsync of the file
+    alone does not make its name durable, so a power loss could take every record in it."""
+    from retrieval.gallery import wal
+
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 4)
+    store.add("g", np.array([1]), np.ones((1, 4)), [EntryMetadata()])
+    store.snapshot("g")  # wal.log sealed and deleted
+    log = tmp_path / "g" / "wal.log"
+    assert not log.exists()
+    synced, real = [], wal.fsync_dir
+    monkeypatch.setattr(wal, "fsync_dir", lambda path: (synced.append((path, log.stat().st_size)), real(path)))
+    store.add("g", np.array([2]), np.ones((1, 4)), [EntryMetadata()])
+    assert synced == [(tmp_path / "g", 0)]  # created, its folder synced, then the record written
+    store.add("g", np.array([3]), np.ones((1, 4)), [EntryMetadata()])
+    assert len(synced) == 1  # once per file
+
+
 def test_create_never_deletes_a_folder_it_did_not_write(tmp_path):
     """A failed create removed its directory, also one that existed before: a folder of the same
     name in the gallery root, with whatever it held, was deleted."""
@@ -737,6 +756,24 @@ def test_the_change_that_triggers_a_snapshot_does_not_wait_for_it(tmp_path):
         assert data["ids"].tolist() == list(range(1, 16))
     store.close()
     assert FaissGalleryStore(tmp_path).info("g").size == 30
+
+
+def test_a_change_succeeds_when_no_thread_can_be_started_for_its_snapshot(tmp_path, monkeypatch, caplog):
+    import threading
+
+    store = FaissGalleryStore(tmp_path, snapshot_every=1)
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    store.create("g", 4)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    assert store.add("g", np.array([0]), np.ones((1, 4)), [EntryMetadata()]).tolist() == [1]
+    assert "cannot start an automatic snapshot (can't start new thread)" in caplog.text
+    monkeypatch.undo()
+    store.add("g", np.array([0]), np.ones((1, 4)), [EntryMetadata()])  # this one starts it
+    store.settle()
+    assert (tmp_path / "g" / "snapshot.npz").exists() and store.info("g").size == 2
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])

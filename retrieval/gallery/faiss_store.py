@@ -611,9 +611,14 @@ class _Gallery:
         self.changes_since_snapshot += n
         running = self._snapshot_thread is not None and self._snapshot_thread.is_alive()
         if self.changes_since_snapshot >= self.snapshot_every and not running:
-            self._snapshot_thread = threading.Thread(target=self._snapshot_in_background, daemon=True,
-                                                     name=f"snapshot {self.dir.name}")
-            self._snapshot_thread.start()
+            thread = threading.Thread(target=self._snapshot_in_background, daemon=True, name=f"snapshot {self.dir.name}")
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no thread to be had: the change is done and logged, so it must not fail
+                log.warning("gallery %s: cannot start an automatic snapshot (%s); the next change tries again",
+                            self.dir.name, exc)
+                return
+            self._snapshot_thread = thread
 
     def _snapshot_in_background(self) -> None:
         try:

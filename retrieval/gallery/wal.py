@@ -64,7 +64,13 @@ class WriteAheadLog:
         where this one began: replay stops at the first torn record, and would otherwise drop every
         acknowledged record after it. Unbuffered, so there is no hidden buffer to fail at close."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:  # a log just created (after each seal) is lost on power loss unless its name is synced too
+                fsync_dir(self.path.parent)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
         if self._cut_at is not None:
             self._cut(self._cut_at)
         start = os.fstat(self._fd).st_size
