@@ -59,6 +59,36 @@ def test_resume_equals_uninterrupted_run(synthetic_root, tmp_path):
     torch.testing.assert_close(resumed_ckpt["loss_state"]["center.centers"], full_ckpt["loss_state"]["center.centers"])
 
 
+@pytest.mark.parametrize("stop, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_stopped_run_names_the_checkpoint_to_resume_from(synthetic_root, tmp_path, stop, code, word):
+    """SIGTERM (docker stop, a preempted machine) ended ``reid train`` at once, without a word;
+    Ctrl-C said only "interrupted". Both now name the last checkpoint and the key that resumes it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    results = tmp_path / "results"
+    overrides = quick_overrides(synthetic_root, results, **{"train.num_epochs": 500})
+    child = subprocess.Popen([sys.executable, "-c", "from training.cli import main; raise SystemExit(main())",
+                              "train", *overrides], cwd=Path(__file__).resolve().parents[1],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((results / "train").glob("model_epoch_*.pth")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.send_signal(getattr(signal, stop))
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    latest = sorted((results / "train").glob("model_epoch_*.pth"))[-1]
+    assert last == f"reid train: {word}; resume with train.resume_training_checkpoint_path={latest}"
+    key = last.split("resume with ")[1]  # what the line says to do works
+    epoch = int(latest.stem.split("_")[-1])
+    resumed = train(build_spec({}, quick_overrides(synthetic_root, results, **{
+        "train.num_epochs": epoch + 1, key.split("=")[0]: key.split("=", 1)[1]})))
+    assert resumed.name == f"model_epoch_{epoch + 1:03d}.pth"
+
+
 def test_resume_rejects_a_different_model(quick_spec, synthetic_root, tmp_path):
     ckpt = train(quick_spec(**{"train.num_epochs": 1}))
     other = build_spec({}, quick_overrides(synthetic_root, tmp_path / "o", **{

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Callable
 
@@ -20,12 +21,36 @@ def _one_line(exc: BaseException) -> str:
     return last
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, a scheduler taking the machine back), handled like Ctrl-C: the
+    default action ended the process without a word about where to go on from."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """How to word a stop, and its exit code (128 + the signal's number, as a shell reports it)."""
+    return ("terminated", 128 + signal.SIGTERM) if isinstance(exc, Terminated) else ("interrupted", 128 + signal.SIGINT)
+
+
 def _cmd_train(args) -> int:
+    from pathlib import Path
+
     from training.config import load_spec
-    from training.engine import train
+    from training.engine import latest_checkpoint, train
 
     spec = load_spec(args.experiment_spec, args.overrides)
-    ckpt = train(spec)
+    try:
+        ckpt = train(spec)
+    except KeyboardInterrupt as exc:  # the epochs since the last checkpoint are lost: say where to go on from
+        word, code = _stopped(exc)
+        last = latest_checkpoint(Path(spec.results_dir) / "train")
+        then = (f"resume with train.resume_training_checkpoint_path={last}" if last
+                else "no checkpoint was written yet: start again")
+        print(f"reid train: {word}; {then}", file=sys.stderr)
+        return code
     if ckpt:
         print(f"checkpoint: {ckpt}")
     return 0
@@ -114,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except ReidError as exc:
@@ -123,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("%s failed", args.command, exc_info=True)
         print(f"reid {args.command}: error: {os_error_line(exc)} (-v shows where)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"reid {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        word, code = _stopped(exc)
+        print(f"reid {args.command}: {word}", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
