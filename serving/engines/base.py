@@ -204,6 +204,11 @@ class Engine(abc.ABC):
     # the server then runs every batch size once before it reports SERVING.
     warm_each_batch_size: bool = False
 
+    @property
+    def label(self) -> str:
+        """The engine as the server's startup line names it: its name and what it chose at load."""
+        return self.name
+
     @abc.abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """N x 3 x H x W float32 -> N x D float32 (N <= max_batch_size)."""
