@@ -52,6 +52,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="auto: uvloop when installed (less CPU per call), else asyncio's own loop")
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="ONNX Runtime threads per run (default: the CPU cores divided among the instances)")
+    p.add_argument("--graph-optimization", choices=["auto", "all", "extended"], default="auto",
+                   help="ONNX Runtime graph optimization level; auto (CPU): time all and extended at load, keep the faster")
     p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the graph's is dynamic")
@@ -192,7 +194,7 @@ def serve_main(argv: list[str] | None = None) -> int:
             fallback = ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean or [0.0] * 3, pixel_std=args.pixel_std or [1.0] * 3)
         run = event_loop_runner(args.event_loop)
         engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size,
-                             config.instances)
+                             config.instances, args.graph_optimization)
         store = None if args.no_gallery else open_store(args)
     except (ModelFileError, GalleryError, SecurityError, ValueError, OSError, yaml.YAMLError) as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)

@@ -81,6 +81,19 @@ def test_a_cpu_session_keeps_the_faster_graph_optimization(tiny_onnx, monkeypatc
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_graph_optimization_level_that_is_set_is_used_without_timing(tiny_onnx, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "_timed", staticmethod(lambda *args: pytest.fail("timed a level that was set")))
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    for level, enum in levels.items():
+        engine = OnnxRuntimeEngine(tiny_onnx, device="cpu", graph_optimization=level)
+        assert engine.graph_optimization == level and engine.label == f"onnxruntime on CPU, graph optimization {level}"
+        assert engine.session.get_session_options().graph_optimization_level == enum
+    with pytest.raises(ValueError, match="graph optimization 'basic' is not one of auto, all, extended"):
+        OnnxRuntimeEngine(tiny_onnx, graph_optimization="basic")
+
+
 def test_encoded_raw_and_frame_inputs_match_the_engine(server, engine):
     images = [_jpeg(i) for i in range(3)]
     decoded = [decode_image(b) for b in images]

@@ -29,7 +29,8 @@ def model_kind(path: str | Path) -> str:
 
 
 def open_engine(path: str | Path, device: str = "auto", fallback: ModelMetadata | None = None,
-                intra_op_threads: int = 0, max_batch_size: int = 64, instances: int = 1) -> Engine:
+                intra_op_threads: int = 0, max_batch_size: int = 64, instances: int = 1,
+                graph_optimization: str = "auto") -> Engine:
     """Load the right engine for ``path``; ``fallback`` supplies preprocessing for models without metadata.
 
     ``instances``: batches the caller keeps in flight at once (the server may run several; 0 = the
@@ -45,4 +46,4 @@ def open_engine(path: str | Path, device: str = "auto", fallback: ModelMetadata 
         return TensorRTEngine(path)
     from serving.engines.onnxruntime import OnnxRuntimeEngine
 
-    return OnnxRuntimeEngine(path, device, intra_op_threads, fallback, max_batch_size, instances)
+    return OnnxRuntimeEngine(path, device, intra_op_threads, fallback, max_batch_size, instances, graph_optimization)

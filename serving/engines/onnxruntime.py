@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # load, one image at a time, and keeps the faster; the other must be this much faster to be chosen.
 OPTIMIZATION_MARGIN = 1.1
 OPTIMIZATION_ROUNDS = 3
+GRAPH_OPTIMIZATIONS = ("auto", "all", "extended")
 
 
 def metadata_from_graph(session, fallback: ModelMetadata | None) -> ModelMetadata:
@@ -100,7 +101,8 @@ class OnnxRuntimeEngine(Engine):
     thread_safe_run = True  # InferenceSession.run may be called concurrently
 
     def __init__(self, path: str | Path, device: str = "auto", intra_op_threads: int = 0,
-                 fallback: ModelMetadata | None = None, max_batch_size: int = 64, instances: int = 1):
+                 fallback: ModelMetadata | None = None, max_batch_size: int = 64, instances: int = 1,
+                 graph_optimization: str = "auto"):
         import onnxruntime as ort
 
         path = Path(path)
@@ -108,6 +110,8 @@ class OnnxRuntimeEngine(Engine):
             raise ModelFileError(f"model file {path} does not exist")
         if instances < 0 or intra_op_threads < 0:
             raise ValueError("instances and intra-op threads must not be negative (0 = automatic)")
+        if graph_optimization not in GRAPH_OPTIMIZATIONS:
+            raise ValueError(f"graph optimization {graph_optimization!r} is not one of {', '.join(GRAPH_OPTIMIZATIONS)}")
         available = ort.get_available_providers()
         providers: list = ["CPUExecutionProvider"]
         preload_report = ""
@@ -126,6 +130,8 @@ class OnnxRuntimeEngine(Engine):
         options = ort.SessionOptions()
         # 0 lets ONNX Runtime use every core, which is right for one instance only.
         options.intra_op_num_threads = intra_op_threads or (max(1, cores // self.instances) if self.instances > 1 else 0)
+        if graph_optimization == "extended":
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -141,8 +147,8 @@ class OnnxRuntimeEngine(Engine):
                                      f"(ONNX Runtime's own log above names the missing library{hint})")
             log.warning("ONNX Runtime's CUDA provider did not start; %s runs on the CPU%s", path.name, hint)
         check_interface(self.session)
-        self.graph_optimization = "all"
-        if self.providers[0] == "CPUExecutionProvider":
+        self.graph_optimization = "extended" if graph_optimization == "extended" else "all"
+        if graph_optimization == "auto" and self.providers[0] == "CPUExecutionProvider":
             self._choose_optimization(ort, path, options)
         self._half_input = self.session.get_inputs()[0].type == "tensor(float16)"
         props = self.session.get_modelmeta().custom_metadata_map
@@ -198,7 +204,7 @@ class OnnxRuntimeEngine(Engine):
     @property
     def label(self) -> str:
         where = "CUDA" if self.providers[0] == "CUDAExecutionProvider" else "CPU"
-        return f"{self.name} on {where}" + (f", graph optimization {self.graph_optimization}" if where == "CPU" else "")
+        return f"{self.name} on {where}, graph optimization {self.graph_optimization}"
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if self._half_input:  # a graph converted to FP16 with its inputs too
