@@ -16,6 +16,7 @@ import yaml
 from retrieval.gallery import FaissGalleryStore, GalleryError
 from retrieval.gallery.milvus_store import CONSISTENCY_LEVELS
 from serving.engines import ModelFileError, ModelMetadata, open_engine
+from serving.engines.onnxruntime import GRAPH_OPTIMIZATIONS
 from serving.security import SecurityError, load_tokens
 from serving.server import ServerConfig, serve_forever
 from serving.service import Limits
@@ -52,7 +53,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="auto: uvloop when installed (less CPU per call), else asyncio's own loop")
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="ONNX Runtime threads per run (default: the CPU cores divided among the instances)")
-    p.add_argument("--graph-optimization", choices=["auto", "all", "extended"], default="auto",
+    p.add_argument("--graph-optimization", choices=GRAPH_OPTIMIZATIONS, default="auto",
                    help="ONNX Runtime graph optimization level; auto (CPU): time all and extended at load, keep the faster")
     p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")

@@ -39,17 +39,14 @@ def _cmd_train(args) -> int:
     from pathlib import Path
 
     from training.config import load_spec
-    from training.engine import latest_checkpoint, train
+    from training.engine import resume_hint, train
 
     spec = load_spec(args.experiment_spec, args.overrides)
     try:
         ckpt = train(spec)
     except KeyboardInterrupt as exc:  # the epochs since the last checkpoint are lost: say where to go on from
         word, code = _stopped(exc)
-        last = latest_checkpoint(Path(spec.results_dir) / "train")
-        then = (f"resume with train.resume_training_checkpoint_path={last}" if last
-                else "no checkpoint was written yet: start again")
-        print(f"reid train: {word}; {then}", file=sys.stderr)
+        print(f"reid train: {word}; {resume_hint(Path(spec.results_dir) / 'train')}", file=sys.stderr)
         return code
     if ckpt:
         print(f"checkpoint: {ckpt}")

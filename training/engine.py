@@ -45,6 +45,13 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return existing[-1] if existing else None
 
 
+def resume_hint(out_dir: Path) -> str:
+    """Where a stopped run goes on from: the override that resumes its last checkpoint."""
+    last = latest_checkpoint(out_dir)
+    return (f"resume with train.resume_training_checkpoint_path={last}" if last
+            else "start again (no checkpoint was written yet)")
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
@@ -229,12 +236,9 @@ class Trainer:
     def _diverged(self, loss: float, epoch: int, lr: float) -> None:
         """Stop before a checkpoint holds the lost weights (without mixed precision, the step that
         gave a NaN loss already wrote NaN into them), and say where to go on from."""
-        last = latest_checkpoint(self.out_dir)
-        then = (f"resume with train.resume_training_checkpoint_path={last}" if last
-                else "start again (no checkpoint was written yet)")
         what = f"the loss is {loss}" if not math.isfinite(loss) else "another process's loss is not finite"
         raise TrainingDiverged(f"{what} in epoch {epoch + 1} (lr {lr:.3g}): training diverged; lower "
-                               f"train.optim.base_lr or set train.clip_grad_norm, then {then}")
+                               f"train.optim.base_lr or set train.clip_grad_norm, then {resume_hint(self.out_dir)}")
 
     def fit(self) -> Path | None:
         spec, t = self.spec, self.spec.train

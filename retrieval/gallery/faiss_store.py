@@ -360,19 +360,19 @@ class _Gallery:
             with self._changes, self.lock.write():  # never between the parts of an add: the log holds all of it
                 self._require_open()
                 frozen = self._freeze()
-            graph = ""
+            graph, tmp = "", self.dir / "snapshot.npz.tmp"
             try:
                 if frozen.keep is not None:
                     self._build(frozen)
                 if self.index_type == "hnsw":
                     graph = self._write_graph(frozen.index)
-                tmp = self._write_rows(frozen, graph)
+                self._write_rows(frozen, graph, tmp)
                 if frozen.keep is not None:
                     self._adopt(frozen)
                 os.replace(tmp, self.dir / "snapshot.npz")
                 fsync_dir(self.dir)
             except BaseException as exc:
-                (self.dir / "snapshot.npz.tmp").unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 if graph:  # the snapshot on disk still names the graph before this one
                     (self.dir / graph).unlink(missing_ok=True)
                 with self.lock.write():
@@ -417,20 +417,16 @@ class _Gallery:
         a chunk at a time under its read lock: a copy of every kept row under the write lock took
         0.8 s at a million 512-d entries, and twice their memory."""
         frozen.index, frozen.gpu = self._new_index(np.empty((0, self.dim), dtype=np.float32))
-        for start in range(0, frozen.rows, SNAPSHOT_CHUNK):
-            stop = min(frozen.rows, start + SNAPSHOT_CHUNK)
-            with self.lock.read():
-                part = self.vectors[start:stop][frozen.keep[start:stop]]  # a copy
+        for part in self._live_rows(frozen.rows, frozen.keep):
             self._add_to(frozen.index, frozen.gpu, part)
 
-    def _write_rows(self, frozen: _Frozen, graph: str) -> Path:
-        """Write the frozen rows to a temporary file, fsync'ed, as ``np.savez`` lays them out; the
-        vectors come from the saved index, or chunk by chunk from the live flat index."""
+    def _write_rows(self, frozen: _Frozen, graph: str, tmp: Path) -> None:
+        """Write the frozen rows to ``tmp``, fsync'ed, as ``np.savez`` lays them out; the vectors
+        come from the saved index, or chunk by chunk from the live flat index."""
         arrays = {"ids": frozen.ids, "next_id": np.int64(frozen.next_id), "graph": np.array(graph),
                   "meta": np.array(_meta_json(frozen.meta)), "sealed": np.int64(frozen.segment)}
         if frozen.alive is not None:
             arrays["alive"] = frozen.alive
-        tmp = self.dir / "snapshot.npz.tmp"
         with open(tmp, "wb") as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
                 for name, array in arrays.items():
@@ -445,17 +441,23 @@ class _Gallery:
                         out.write(np.ascontiguousarray(chunk, dtype=np.float32).data)
             f.flush()
             os.fsync(f.fileno())
-        return tmp
 
     def _saved_vectors(self, frozen: _Frozen, rows: int):
         """The vectors of the ``rows`` saved rows, in chunks."""
         if frozen.index is not None:  # the snapshot's own index: nothing else touches it
             yield self._stored(frozen.index)[:rows]
             return
-        for start in range(0, rows, SNAPSHOT_CHUNK):
-            with self.lock.read():  # the live index may grow (and move its storage) between chunks
-                chunk = self.vectors[start : min(rows, start + SNAPSHOT_CHUNK)].copy()
-            yield chunk
+        yield from self._live_rows(rows)
+
+    def _live_rows(self, stop: int, keep: np.ndarray | None = None):
+        """Copies of the live index's rows before ``stop`` (those in ``keep``, if given),
+        SNAPSHOT_CHUNK rows at a time, each copied under the read lock: the index may grow, and
+        move its storage, between chunks."""
+        for start in range(0, stop, SNAPSHOT_CHUNK):
+            end = min(stop, start + SNAPSHOT_CHUNK)
+            with self.lock.read():
+                part = self.vectors[start:end].copy() if keep is None else self.vectors[start:end][keep[start:end]]
+            yield part
 
     def _adopt(self, frozen: _Frozen) -> None:
         """Make a compaction's index the live one: it takes the rows added since the freeze, most
@@ -509,12 +511,9 @@ class _Gallery:
         if len(ids):
             self.next_id = max(self.next_id, int(ids.max()) + 1)
         self._apply_remove(ids[[i in self.row for i in ids.tolist()]])
-        start = len(self.ids)
         self._append_rows(ids, vectors, meta)
-        if hasattr(self, "index"):
-            self.index.add(vectors)  # nodes start..start+n-1: the new rows
-        if self._gpu is not None:
-            self._gpu.add(vectors)  # rows keep their positions: the copy stays aligned with self.ids
+        if hasattr(self, "index"):  # the new rows' nodes (and GPU rows) follow the others: still row-aligned
+            self._add_to(self.index, self._gpu, vectors)
 
     def _apply_remove(self, ids) -> None:
         present = [i for i in ids.tolist() if i in self.row]
@@ -604,10 +603,10 @@ class _Gallery:
             self._log(self._encode({"op": "add", "ids": ids.tolist(), "meta": [m.to_dict() for m in meta]}, vectors))
             step = HNSW_ADD_CHUNK if self.index_type == "hnsw" else max(len(ids), 1)
             for start in range(0, len(ids), step):
-                with self.lock.write():
+                with self.lock.write():  # each hold waits for the searches in progress: no extra one for the count
                     self._apply_add(ids[start : start + step], vectors[start : start + step], meta[start : start + step])
-            with self.lock.write():
-                self._after_change(len(ids))
+                    if start + step >= len(ids):
+                        self._after_change(len(ids))
             return ids
 
     def remove(self, ids: np.ndarray) -> tuple[int, list[int]]:
