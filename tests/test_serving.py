@@ -92,6 +92,21 @@ def test_a_graph_optimization_level_that_is_set_is_used_without_timing(tiny_onnx
         assert engine.session.get_session_options().graph_optimization_level == enum
     with pytest.raises(ValueError, match="graph optimization 'basic' is not one of auto, all, extended"):
         OnnxRuntimeEngine(tiny_onnx, graph_optimization="basic")
+    # reid-serve --graph-optimization reaches the engine
+    import serving.cli
+    from serving.engines import ModelFileError
+
+    asked = []
+
+    def stop_at_the_engine(*args):
+        asked.append(args[-1])
+        raise ModelFileError("stopped here")
+
+    monkeypatch.setattr(serving.cli, "open_engine", stop_at_the_engine)
+    assert serving.cli.serve_main(["--model", str(tiny_onnx), "--graph-optimization", "extended", "--no-gallery"]) == 2
+    assert asked == ["extended"]
+    with pytest.raises(SystemExit):
+        serving.cli.parse_serve_args(["--model", str(tiny_onnx), "--graph-optimization", "basic"])
 
 
 def test_encoded_raw_and_frame_inputs_match_the_engine(server, engine):
