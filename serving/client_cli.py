@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from serving.proto import reid_pb2
 class UsageError(Exception):
     """A problem with the command line, found before any call (exit status 2)."""
 
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what a folder argument picks up
+NAME_GROUPS = ("person", "camera")  # the named groups --name-pattern reads
 
 CONNECTION_DEFAULTS = {"server": "127.0.0.1:50051", "timeout": 60.0, "token": None, "tls_ca": None}
 
@@ -64,7 +68,7 @@ def client_parser() -> argparse.ArgumentParser:
     _add_connection_options(p)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("embed", parents=[common, images], help="embed image files; print embeddings or write them as .npy")
-    e.add_argument("images", nargs="+", type=Path)
+    e.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order)")
     e.add_argument("--output", type=Path, help=".npy file for the N x D embeddings (rows of failed images are NaN)")
 
     sub.add_parser("galleries", parents=[common], help="list galleries: name, entries, dimension, index, backend")
@@ -77,15 +81,19 @@ def client_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("enroll", parents=[common, images], help="embed images on the server and add them to a gallery")
     a.add_argument("gallery")
-    a.add_argument("images", nargs="+", type=Path)
+    a.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order)")
     a.add_argument("--person-id", default="", help="person or track id recorded with every image of this call")
     a.add_argument("--camera-id", default="", help="camera id recorded with every image of this call")
+    a.add_argument("--name-pattern", type=_name_pattern, metavar="REGEX",
+                   help="read each image's person and/or camera id from its file name: a regular expression with "
+                        "named groups 'person' and/or 'camera', e.g. '^(?P<person>\\d+)_(?P<camera>c\\d+)' for "
+                        "Market-1501 names")
     a.add_argument("--timestamp", type=_number(float, 0), default=0.0, help="seconds, recorded with every image of this call")
     a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a free-form label (repeatable)")
 
     s = sub.add_parser("search", parents=[common, images], help="who is in these images: the closest gallery entries")
     s.add_argument("gallery")
-    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order)")
     s.add_argument("--top-k", type=_number(int, 1), default=5, help="hits per image (default 5)")
     s.add_argument("--exclude-camera", default="", help="leave out entries seen by this camera")
     s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of the candidate pool (server defaults)")
@@ -97,14 +105,40 @@ def client_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _name_pattern(text: str) -> re.Pattern:
+    """An argparse type: a regular expression naming at least one of ``NAME_GROUPS``."""
+    try:
+        pattern = re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a regular expression: {exc}") from None
+    if not set(NAME_GROUPS) & set(pattern.groupindex):
+        raise argparse.ArgumentTypeError(f"'{text}' has no (?P<person>...) or (?P<camera>...) group")
+    return pattern
+
+
+def _image_files(paths: list[Path]) -> list[Path]:
+    """The files given, each folder replaced by the image files directly inside it in name order:
+    a gallery of thousands of crops is one folder, not a glob that can outgrow the command line."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not inside:
+                raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+            files += inside
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UsageError(f"no such file or folder: {path}")
+    return files
+
+
 def _batches(args) -> list[list[Path]]:
-    """The command's image files in calls of ``--batch``, after checking that every file exists."""
-    missing = [str(x) for x in args.images if not x.is_file()]
-    if missing:
-        raise UsageError(f"no such file: {missing[0]}")
+    """The command's image files (``_image_files``) in calls of ``--batch``, all checked before any call."""
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    return [args.images[i : i + args.batch] for i in range(0, len(args.images), args.batch)]
+    files = _image_files(args.images)
+    return [files[i : i + args.batch] for i in range(0, len(files), args.batch)]
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -138,7 +172,7 @@ def _embed(args, connect) -> int:
     failed = 0
     dim = next((len(o.embedding) for o in outcomes if o.ok), 0)
     rows = []
-    for path, o in zip(args.images, outcomes):
+    for path, o in zip((p for batch in batches for p in batch), outcomes):
         if o.ok:
             rows.append(o.embedding)
             if output is None:
@@ -186,12 +220,33 @@ def _drop(args, connect) -> int:
     return 0
 
 
+def _metadata(args, files: list[Path]) -> dict[Path, reid_pb2.EntryMetadata]:
+    """Each file's entry metadata: the command's ids, or those ``--name-pattern`` reads from its
+    name (every name checked before any call, so a stray file does not stop the command midway)."""
+    labels = _labels(args.label)
+    pattern = args.name_pattern
+    groups = set(pattern.groupindex) & set(NAME_GROUPS) if pattern else set()
+    for group in groups:
+        if getattr(args, f"{group}_id"):
+            raise UsageError(f"--{group}-id and --name-pattern's '{group}' group both set the {group} id; give one")
+    out = {}
+    for path in files:
+        ids = {"person": args.person_id, "camera": args.camera_id}
+        if pattern:
+            match = pattern.search(path.name)
+            if match is None:
+                raise UsageError(f"{path}: file name does not match --name-pattern '{pattern.pattern}'")
+            ids.update({group: match.group(group) or "" for group in groups})
+        out[path] = metadata_message(ids["person"], ids["camera"], args.timestamp, labels)
+    return out
+
+
 def _enroll(args, connect) -> int:
     """Embeds each call's images, then adds the embeddings of those that worked: AddToGallery with
     images adds all of a call's or none, so one corrupt file would stop the command with its
     neighbours and every later image left out. A failed image gets its own line, as in ``embed``."""
     batches = _batches(args)
-    meta = metadata_message(args.person_id, args.camera_id, args.timestamp, _labels(args.label))
+    meta = _metadata(args, [p for batch in batches for p in batch])
     failed = 0
     with connect(GalleryClient) as g, connect(ReidClient) as client:
         g.info(args.gallery)  # NOT_FOUND before any image is embedded
@@ -203,7 +258,7 @@ def _enroll(args, connect) -> int:
                     _print_failure(path, o.error_code, o.error)
             good = [(path, o.embedding) for path, o in zip(batch, outcomes) if o.ok]
             if good:
-                ids = g.add(args.gallery, embeddings=np.stack([e for _, e in good]), metadata=[meta] * len(good))
+                ids = g.add(args.gallery, embeddings=np.stack([e for _, e in good]), metadata=[meta[p] for p, _ in good])
                 for (path, _), entry in zip(good, ids):
                     print(f"{path}: id {entry}", flush=True)
     return 1 if failed else 0
@@ -216,7 +271,7 @@ def _search(args, connect) -> int:
         results = [r for batch in batches for r in g.search(args.gallery, images=batch, top_k=args.top_k, filters=filters,
                                                             rerank={} if args.rerank else None)]
     failed = 0
-    for path, result in zip(args.images, results):
+    for path, result in zip((p for batch in batches for p in batch), results):
         if result.HasField("error"):
             failed += 1
             _print_failure(path, result.error.code, result.error.message)

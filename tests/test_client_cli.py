@@ -128,11 +128,76 @@ def test_errors(server, crops, tmp_path, capsys):
     code, _, err = _run(capsys, server, "search", "nobody", str(a1))
     assert code == 1 and err.startswith("reid-client: error: NOT_FOUND: ")
     code, _, err = _run(capsys, server, "enroll", "g", str(tmp_path / "missing.jpg"))
-    assert code == 2 and err.strip() == f"reid-client: error: no such file: {tmp_path / 'missing.jpg'}"
+    assert code == 2 and err.strip() == f"reid-client: error: no such file or folder: {tmp_path / 'missing.jpg'}"
     code, _, err = _run(capsys, server, "enroll", "g", str(a1), "--label", "novalue")
     assert code == 2 and err.strip() == "reid-client: error: --label 'novalue' is not KEY=VALUE"
     code, _, err = _run(capsys, server, "galleries", "--tls-ca", str(tmp_path / "nope.pem"))
     assert code == 2 and err.startswith("reid-client: error: cannot read --tls-ca: ")
+
+
+def test_folders_stand_for_their_images_in_name_order(server, crops, tmp_path, capsys):
+    """A folder used to be refused as "no such file"; now it is its image files, sorted, so a
+    gallery of thousands of crops needs no glob that can outgrow the command line."""
+    a1, a2, b = crops
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for name, source in [("c.png", a1), ("a.JPG", a2), ("b.jpeg", b)]:
+        (folder / name).write_bytes(source.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub.jpg").mkdir()  # a folder, even one named like an image, is not picked up
+    code, out, _ = _run(capsys, server, "embed", str(folder), str(a1), "--batch", "3")  # the server takes 3 a call
+    assert code == 0
+    assert [line.split(": ")[0] for line in out.splitlines()] == [str(folder / n) for n in ("a.JPG", "b.jpeg", "c.png")] + [str(a1)]
+    rows = [np.array(line.split(": ")[1].split(), dtype=np.float32) for line in out.splitlines()]
+    np.testing.assert_allclose(rows[2], rows[3], atol=1e-5)  # c.png is a1's bytes: same embedding
+    assert _run(capsys, server, "create", "g")[0] == 0
+    code, out, _ = _run(capsys, server, "enroll", "g", str(folder), "--batch", "2")
+    assert code == 0 and [line.split(": id ")[0] for line in out.splitlines()] == [str(folder / n) for n in ("a.JPG", "b.jpeg", "c.png")]
+    code, out, _ = _run(capsys, server, "search", "g", str(folder), "--top-k", "1", "--json")
+    assert code == 0 and [json.loads(line)["image"] for line in out.splitlines()] == [str(folder / n) for n in ("a.JPG", "b.jpeg", "c.png")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = _run(capsys, server, "embed", str(a1), str(empty))
+    assert code == 2 and out == "" and err.strip().startswith(f"reid-client: error: no images (.jpg, ") and err.strip().endswith(f"in folder {empty}")
+
+
+def test_name_pattern_reads_each_images_ids_from_its_name(server, crops, tmp_path, capsys):
+    a1, a2, b = crops  # Market-1501 names: PPPP_cC...
+    pattern = r"^(?P<person>\d+)_(?P<camera>c\d+)"
+    assert _run(capsys, server, "create", "g")[0] == 0
+    code, out, _ = _run(capsys, server, "enroll", "g", str(a1), str(a2), str(b), "--name-pattern", pattern, "--batch", "2")
+    assert code == 0
+    code, out, _ = _run(capsys, server, "search", "g", str(a1), str(a2), str(b), "--top-k", "1", "--json")
+    got = [(h["person_id"], h["camera_id"]) for h in (json.loads(line)["hits"][0] for line in out.splitlines())]
+    assert got == [(p.name.split("_")[0], p.name.split("_")[1][:2]) for p in (a1, a2, b)]
+    assert got[0][0] == got[1][0] != got[2][0] and got[0][1] != got[1][1]  # the crops' people and cameras
+
+    # only the camera from the name; the person from --person-id
+    code, _, _ = _run(capsys, server, "enroll", "g", str(b), "--name-pattern", r"_(?P<camera>c\d)", "--person-id", "X")
+    assert code == 0
+    code, out, _ = _run(capsys, server, "search", "g", str(b), "--top-k", "2", "--json")
+    assert {(h["person_id"], h["camera_id"]) for h in json.loads(out)["hits"]} == {
+        (b.name.split("_")[0], b.name.split("_")[1][:2]), ("X", b.name.split("_")[1][:2])}
+
+    stray = tmp_path / "frame.jpg"
+    stray.write_bytes(a1.read_bytes())
+    code, out, err = _run(capsys, server, "enroll", "g", str(a1), str(stray), "--name-pattern", pattern)
+    assert code == 2 and out == ""  # checked before any call: a1 was not enrolled either
+    assert err.strip() == f"reid-client: error: {stray}: file name does not match --name-pattern '{pattern}'"
+    code, _, err = _run(capsys, server, "enroll", "g", str(a1), "--name-pattern", pattern, "--person-id", "7")
+    assert code == 2 and "--person-id and --name-pattern's 'person' group both set the person id" in err
+    assert _run(capsys, server, "galleries")[1].startswith("g: 4 entries")
+
+
+@pytest.mark.parametrize("pattern, message", [
+    (r"^(\d+)_", "has no (?P<person>...) or (?P<camera>...) group"),
+    (r"(?P<person>\d+", "is not a regular expression: missing ), unterminated subpattern"),
+])
+def test_a_bad_name_pattern_is_a_usage_error(pattern, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        client_main(["enroll", "g", "a.jpg", "--name-pattern", pattern])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and err.startswith(f"reid-client enroll: error: argument --name-pattern: '{pattern}' {message}")
 
 
 def test_embed_writes_npy_with_nan_rows_for_failed_images(server, crops, tmp_path, capsys):
