@@ -6,12 +6,14 @@ and searches consistent (a FAISS gallery runs its searches side by side and each
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
 from retrieval.gallery import EntryMetadata, GalleryError, GalleryInfo, RerankOptions, SearchFilter
+from serving.metrics import timed
 from serving.proto import reid_pb2
 
 _INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}
@@ -33,7 +35,7 @@ def _filter(f: reid_pb2.SearchFilter) -> SearchFilter:
 
 
 class GalleryRpcs:
-    """Mixed into the service; needs ``store``, ``gallery_pool``, ``limits``, ``engine`` and ``embed_outcomes``."""
+    """Mixed into the service; needs ``store``, ``gallery_pool``, ``limits``, ``metrics``, ``engine`` and ``embed_outcomes``."""
 
     store = None
     gallery_pool: ThreadPoolExecutor | None = None
@@ -43,10 +45,14 @@ class GalleryRpcs:
             # UNIMPLEMENTED, not UNAVAILABLE: nothing transient, so a client's retry policy must not retry it
             await self._fail(context, method, grpc.StatusCode.UNIMPLEMENTED,
                              "galleries are off on this server (reid-serve --no-gallery)")
+        store_seconds = self.metrics.stage_seconds.labels("gallery")
+        start = time.monotonic()
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.gallery_pool, fn, *args)
         except GalleryError as exc:
+            store_seconds.observe(time.monotonic() - start)  # before the caller can see the failure
             await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
+        store_seconds.observe(time.monotonic() - start)
         self._count(method, grpc.StatusCode.OK)
         return result
 
@@ -67,6 +73,7 @@ class GalleryRpcs:
                   if isinstance(o, Exception) else None for o in outcomes]
         return rows, errors
 
+    @timed
     async def CreateGallery(self, request, context):
         dim = request.dimension or self.engine.metadata.embedding_dim
         if self.store is not None and request.index_type not in _INDEX_NAMES:  # a newer client's: not silently flat
@@ -76,17 +83,21 @@ class GalleryRpcs:
                                 request.name, dim, _INDEX_NAMES.get(request.index_type, ""))
         return _info(info)
 
+    @timed
     async def DropGallery(self, request, context):
         await self._call(context, "DropGallery", self.store.drop if self.store else None, request.name)
         return reid_pb2.DropGalleryResponse()
 
+    @timed
     async def ListGalleries(self, request, context):
         infos = await self._call(context, "ListGalleries", self.store.list if self.store else None)
         return reid_pb2.ListGalleriesResponse(galleries=[_info(i) for i in infos])
 
+    @timed
     async def GetGalleryInfo(self, request, context):
         return _info(await self._call(context, "GetGalleryInfo", self.store.info if self.store else None, request.name))
 
+    @timed
     async def AddToGallery(self, request, context):
         method = "AddToGallery"
         if bool(request.images) == bool(request.embeddings):
@@ -116,11 +127,13 @@ class GalleryRpcs:
                                ids.astype(np.int64), vectors, meta, request.replace_existing)
         return reid_pb2.AddToGalleryResponse(ids=[int(i) for i in out])
 
+    @timed
     async def RemoveFromGallery(self, request, context):
         removed, missing = await self._call(context, "RemoveFromGallery", self.store.remove if self.store else None,
                                             request.gallery, np.asarray(list(request.ids), dtype=np.uint64).astype(np.int64))
         return reid_pb2.RemoveFromGalleryResponse(removed=removed, missing=missing)
 
+    @timed
     async def Search(self, request, context):
         method = "Search"
         if bool(request.images) == bool(request.embeddings):

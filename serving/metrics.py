@@ -1,6 +1,9 @@
 """Prometheus metrics of one server (own registry, so several servers can live in one process)."""
 from __future__ import annotations
 
+import functools
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -17,6 +20,8 @@ class ServerMetrics:
         self.batch_size = Histogram("reid_batch_size", "Images per engine call", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("reid_queue_depth", "Images waiting for the engine", registry=r)
         self.stage_seconds = Histogram("reid_stage_seconds", "Latency per stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram("reid_request_seconds", "Whole-call latency by RPC method (EmbedStream: per message), "
+                                         "failed calls included", ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("reid_errors_total", "Errors by gRPC status code (per call and per image)", ["code"], registry=r)
 
     def serve_http(self, port: int, host: str = "0.0.0.0"):
@@ -27,3 +32,16 @@ class ServerMetrics:
     def value(self, name: str, **labels) -> float:
         """Current value of a sample (tests and benchmarks read figures without scraping HTTP)."""
         return self.registry.get_sample_value(name, labels) or 0.0
+
+
+def timed(rpc):
+    """Decorates a unary RPC method of a servicer holding ``metrics``: its whole latency, whatever
+    it ends with (an abort raises), goes into ``reid_request_seconds{method}``, named after it."""
+    @functools.wraps(rpc)
+    async def call(self, request, context):
+        start = time.monotonic()
+        try:
+            return await rpc(self, request, context)
+        finally:
+            self.metrics.request_seconds.labels(rpc.__name__).observe(time.monotonic() - start)
+    return call

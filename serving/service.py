@@ -20,7 +20,7 @@ from retrieval.gallery import GalleryBackend
 from serving.batcher import DeadlineExpired, DynamicBatcher, EngineFailed, QueueFull
 from serving.engines.base import Engine
 from serving.gallery_service import GalleryRpcs
-from serving.metrics import ServerMetrics
+from serving.metrics import ServerMetrics, timed
 from serving.preprocessing import count_images, prepare
 from serving.proto import reid_pb2, reid_pb2_grpc
 from serving.threads import stage_pool
@@ -53,6 +53,7 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
         self.model_name = md.backbone or "model"
         self._preprocess_seconds = metrics.stage_seconds.labels("preprocess")
         self._total_seconds = metrics.stage_seconds.labels("total")
+        self._stream_seconds = metrics.request_seconds.labels("EmbedStream")
         self._images_ok = metrics.images.labels("ok")
         self._closing = False
         self._stop_waiting_readers: set[Callable[[], None]] = set()  # of streams blocked on the caller's next request
@@ -131,6 +132,7 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
+    @timed
     async def Embed(self, request, context):
         start = time.monotonic()
         try:
@@ -148,6 +150,7 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
         closing = object()  # in the queue after the last request read before shutdown
 
         async def one(request):
+            start = time.monotonic()
             try:
                 response = await self.embed_arrays(request, self._deadline(context))
                 self._count("EmbedStream", grpc.StatusCode.OK)
@@ -158,6 +161,8 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                 for _ in range(max(count_images(request), 1)):
                     response.results.add(error=reid_pb2.Error(code=exc.code.value[0], message=exc.message))
                 return response
+            finally:
+                self._stream_seconds.observe(time.monotonic() - start)
 
         stopped_for_shutdown = False
 

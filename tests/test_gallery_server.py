@@ -99,6 +99,25 @@ def test_images_are_embedded_by_the_server(server, synthetic_root):
         assert g.info("imgs").size == 6  # the failed add added nothing
 
 
+def test_gallery_calls_report_their_latency_and_the_store_time(server, synthetic_root):
+    """Search and AddToGallery had no latency metric: an operator could not see a slow gallery."""
+    metrics = server.metrics
+    files = [str(f) for f in sorted((synthetic_root / "bounding_box_test").iterdir())[:2]]
+    with GalleryClient(server.target) as g:
+        g.create("timed")
+        g.add("timed", images=files)
+        g.search("timed", images=files[:1], top_k=1)
+        with pytest.raises(grpc.RpcError):
+            g.search("nobody", embeddings=np.ones((1, 32), np.float32))
+    deadline = time.monotonic() + 5  # a failed call's status reaches the caller before the server's handler has unwound
+    while (counts := {m: metrics.value("reid_request_seconds_count", method=m)
+                      for m in ("CreateGallery", "AddToGallery", "Search")})["Search"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert counts == {"CreateGallery": 1, "AddToGallery": 1, "Search": 2}
+    assert metrics.value("reid_request_seconds_sum", method="AddToGallery") > 0
+    assert metrics.value("reid_stage_seconds_count", stage="gallery") == 4  # each store call, the failed one too
+
+
 def test_concurrent_adds_and_searches_stay_consistent(server):
     rng = np.random.default_rng(1)
     with GalleryClient(server.target) as g:

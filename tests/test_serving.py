@@ -285,6 +285,26 @@ def test_stream_answers_each_request_in_order(server, engine):
     assert responses[3].results[0].WhichOneof("result") == "error"
 
 
+def test_request_latency_is_recorded_per_call_and_per_stream_message(server):
+    """reid_request_seconds{method}: every call, failed ones too (the "total" stage covers
+    successful Embed calls only), and each message of a stream."""
+    def count(method: str) -> float:
+        return server.metrics.value("reid_request_seconds_count", method=method)
+
+    before = {m: count(m) for m in ("Embed", "EmbedStream")}
+    stub = reid_pb2_grpc.ReIdentificationStub(grpc.insecure_channel(server.target))
+    stub.Embed(build_request([_jpeg(1)]), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(reid_pb2.EmbedRequest(), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(list(stub.EmbedStream(iter([build_request([_jpeg(i)]) for i in range(3)]), timeout=30))) == 3
+    deadline = time.monotonic() + 5  # a failed call's status reaches the caller before the server's handler has unwound
+    while count("Embed") - before["Embed"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (count("Embed") - before["Embed"], count("EmbedStream") - before["EmbedStream"]) == (2, 3)
+    assert server.metrics.value("reid_request_seconds_sum", method="Embed") > 0
+
+
 def _stream_survives_idle_pings(engine, min_client_ping_seconds: float) -> bool:
     """Whether an EmbedStream whose client pings every second outlives 6 s of silence on a server
     that accepts pings ``min_client_ping_seconds`` apart (with gRPC's default policy the third
