@@ -90,6 +90,10 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
     for path in outputs:  # found otherwise only after the stage, as "NAME.tmp: Is a directory"
         if path.is_dir():
             raise ExportError(f"{path} is a folder; give a file name to write")
+    if engine_path is not None:
+        from export.tensorrt import check_profile
+
+        check_profile(*batches, workspace_gb)
     if checkpoint is not None:
         log(f"[1] ONNX export of {checkpoint} ...")
         report = export_onnx(checkpoint, onnx_path, normalize_output=normalize)

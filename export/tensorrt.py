@@ -40,11 +40,19 @@ def gpu_available() -> tuple[bool, str]:
     return True, ""
 
 
+def check_profile(min_batch: int, opt_batch: int, max_batch: int, workspace_gb: float) -> None:
+    """Refuse a batch profile or workspace TensorRT would refuse, before any stage runs (the
+    pipeline checks it first, so a typo does not cost an ONNX export and an FP16 conversion)."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ExportError(f"need 1 <= --min-batch ({min_batch}) <= --opt-batch ({opt_batch}) <= --max-batch ({max_batch})")
+    if not workspace_gb > 0:
+        raise ExportError(f"--workspace-gb must be above 0, got {workspace_gb}")
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, min_batch: int = 1, opt_batch: int = 16,
                  max_batch: int = 64, workspace_gb: float = 4.0, timing_cache: str | Path | None = None) -> dict:
     """Build and serialize the engine; writes ``engine_path`` and ``engine_path + '.json'``."""
-    if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise ExportError(f"need 1 <= min batch ({min_batch}) <= opt batch ({opt_batch}) <= max batch ({max_batch})")
+    check_profile(min_batch, opt_batch, max_batch, workspace_gb)
     import tensorrt as trt
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)

@@ -141,6 +141,20 @@ def test_engine_without_gpu_is_one_line_and_keeps_onnx(swin_ckpt, tmp_path, caps
     assert (tmp_path / "m.onnx").is_file() and not (tmp_path / "m.engine").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--min-batch", "8", "--opt-batch", "4"], "need 1 <= --min-batch (8) <= --opt-batch (4) <= --max-batch (64)"),
+    (["--max-batch", "0", "--min-batch", "0", "--opt-batch", "0"], "need 1 <= --min-batch (0)"),
+    (["--workspace-gb", "0"], "--workspace-gb must be above 0, got 0.0"),
+])
+def test_a_bad_engine_profile_is_refused_before_any_stage(swin_ckpt, tmp_path, capsys, flags, message):
+    """Found only by the TensorRT stage before, after the ONNX export and FP16 conversion had run."""
+    code = export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(tmp_path / "m.onnx"), "--fp16",
+                        "--engine", str(tmp_path / "m.engine"), *flags])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.strip().startswith(f"reid-export: error: {message}") and len(err.strip().splitlines()) == 1
+    assert out == "" and list(tmp_path.iterdir()) == []  # no stage ran
+
+
 def test_unwritable_output_is_one_line(swin_ckpt, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
