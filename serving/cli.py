@@ -90,6 +90,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def _from_config(action: argparse.Action, value, name: str):
+    """A config file's value for an option, checked and converted as the command line's would be.
+
+    Values went to the option unchecked: ``insecure: "false"`` (a string, so true) allowed plaintext
+    beyond localhost, and ``pixel_mean: 0.5`` ended the start in a traceback.
+    """
+    if action.nargs == 0:  # a flag: --insecure, --no-gallery, --no-batching
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+        return value
+    if isinstance(action.nargs, int):  # --pixel-mean R G B, --input-size H W
+        if not isinstance(value, list) or len(value) != action.nargs:
+            raise ValueError(f"{name} must be a list of {action.nargs} values, not {value!r}")
+        return [_config_scalar(action, v, name) for v in value]
+    return _config_scalar(action, value, name)
+
+
+def _config_scalar(action: argparse.Action, value, name: str):
+    kind = {int: "a whole number", float: "a number"}.get(action.type, "a single value")
+    if isinstance(value, (bool, list, dict)) or value is None:  # YAML's yes/no, lists and mappings are no option's value
+        raise ValueError(f"{name} must be {kind}, not {value!r}")
+    try:
+        converted = action.type(str(value)) if action.type else str(value)  # int("8.5") fails, as --port 8.5 does
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{name} must be {kind}, not {value!r}") from None
+    if action.choices and converted not in action.choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
+    return converted
+
+
 def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line over ``--config``: any option may sit in the file, and what the file holds
     beyond the options (``grace_seconds``, ...) stays in ``args.config_values`` for ``build_config``."""
@@ -109,11 +139,12 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--config {args.config} must hold a mapping of option: value")
         values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
         actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-        for key, value in values.items():
-            choices = actions[key].choices if key in actions else None
-            if choices and value not in choices:
-                parser.error(f"{key} in {args.config} must be one of {', '.join(map(str, choices))}, not {value!r}")
-        parser.set_defaults(**{k: v for k, v in values.items() if k in actions})
+        try:
+            options = {key: _from_config(actions[key], value, f"{key} in {args.config}")
+                       for key, value in values.items() if key in actions}
+        except ValueError as exc:
+            parser.error(str(exc))
+        parser.set_defaults(**options)
         args = parser.parse_args(argv)
         values = {k: v for k, v in values.items() if k not in actions}
     if not args.model:
