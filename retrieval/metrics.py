@@ -58,8 +58,9 @@ def evaluate_rank(
 ):
     """Return ``(cmc, mAP)`` (or ``(cmc, mAP, mINP)``) for a query x gallery distance matrix.
 
-    ``cmc[k-1]`` is the rank-k accuracy. Raises ``ValueError`` when no query has a valid match,
-    since every figure would then be undefined.
+    ``cmc[k-1]`` is the rank-k accuracy. Raises ``ValueError`` when no query has a valid match, or
+    a distance is NaN, since every figure would then be undefined. An infinite distance is valid:
+    the item ranks last (evaluation through a server gives it to items a search did not return).
     """
     distmat = np.asarray(distmat)
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
@@ -72,6 +73,10 @@ def evaluate_rank(
         )
     if max_rank < 1:
         raise ValueError("max_rank must be >= 1")
+    nan_rows = int(np.isnan(distmat.min(axis=1)).sum()) if distmat.size else 0  # min carries NaN; half isnan's time
+    if nan_rows:  # NaN compares false with everything: each positive would rank first, and mAP read 1.0
+        raise ValueError(f"the distance matrix holds NaN for {nan_rows} of {num_q} queries: no ranking exists; "
+                         f"the embeddings behind it are not finite numbers")
     g_junk = g_pids == JUNK_PID
     first_ranks, aps, inps = [], [], []
     for i in range(num_q):

@@ -33,6 +33,26 @@ def test_train_writes_checkpoints_and_metrics(quick_spec):
     assert payload["epoch"] == 2 and payload["spec"]["train"]["num_epochs"] == 2
 
 
+def test_validation_with_embeddings_that_are_not_finite_logs_an_error_and_training_goes_on(quick_spec, monkeypatch, caplog):
+    """NaN embeddings used to give a validation mAP of 1.0; stopping instead would leave the other
+    processes of a multi-GPU run waiting at the barrier."""
+    import training.engine as engine
+
+    real = engine.embed_records
+
+    def broken(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[0] = np.nan
+        return out
+
+    monkeypatch.setattr(engine, "embed_records", broken)
+    spec = quick_spec(**{"train.validation_interval": 1})
+    ckpt = train(spec)
+    lines = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and not any("mAP" in m for m in lines)
+    assert "validation skipped: 2 of " in caplog.text and "embeddings are not finite" in caplog.text
+
+
 def test_checkpoint_rebuilds_the_same_model(quick_spec, synthetic_root):
     spec = quick_spec(**{"train.num_epochs": 1})
     trainer = Trainer(spec, torch.device("cpu"))

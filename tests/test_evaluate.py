@@ -63,6 +63,25 @@ def test_inference_file_scores_like_the_checkpoint(trained, tmp_path, capsys, su
     assert a["without re-ranking"]["mAP"] == pytest.approx(b["without re-ranking"]["mAP"], abs=1e-6)
 
 
+def test_embeddings_that_are_not_finite_are_refused_not_scored(trained, tmp_path, capsys):
+    """A model giving NaN (a broken checkpoint, an FP16 export that overflows) used to score mAP 1.0."""
+    ckpt, overrides = trained
+    stored = tmp_path / "emb.npz"
+    assert main(["inference", *overrides, f"results_dir={tmp_path}", f"inference.checkpoint={ckpt}",
+                 f"inference.output_file={stored}"]) == 0
+    data = dict(np.load(stored))
+    data["embedding"][np.flatnonzero(data["split"] == "query")[:2]] = np.nan
+    data["embedding"][np.flatnonzero(data["split"] == "gallery")[0], 3] = np.inf
+    np.savez(stored, **data)
+    capsys.readouterr()
+    code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", f"evaluate.checkpoint={stored}")
+    n_query, n_gallery = int((data["split"] == "query").sum()), int((data["split"] == "gallery").sum())
+    assert code != 0 and err.strip().splitlines()[-1].endswith(
+        f"2 of {n_query} query and 1 of {n_gallery} gallery embeddings are not finite (NaN or inf): the model gives "
+        "invalid outputs (an FP16 export can overflow); nothing was scored")
+    assert not (tmp_path / "evaluate" / "results.json").exists()
+
+
 def test_bad_inputs_give_one_line_and_nonzero_exit(trained, tmp_path, capsys, synthetic_root):
     ckpt, overrides = trained
     unknown = tmp_path / "model.bin"

@@ -73,6 +73,22 @@ def test_no_valid_query_and_shape_errors():
         evaluate_rank(np.zeros((1, 2)), np.array([1, 2]), np.array([1, 2]), np.array([1]), np.array([1, 2]))
 
 
+def test_nan_distances_are_refused_and_infinite_ones_rank_last():
+    """NaN compares false with everything: every match ranked first and a broken model scored mAP 1.0."""
+    q, g = np.array([1, 2]), np.array([1, 2, 3])
+    qc, gc = np.array([1, 1]), np.array([2, 2, 2])
+    dist = np.array([[0.5, 0.1, 0.2], [0.3, 0.25, 0.2]])
+    nan = dist.copy()
+    nan[1, 0] = np.nan
+    with pytest.raises(ValueError, match="holds NaN for 1 of 2 queries"):
+        evaluate_rank(nan, q, g, qc, gc)
+    inf = dist.copy()
+    inf[0, 0] = np.inf  # query 0's match, not returned by a search: after both other items
+    cmc, m_ap = evaluate_rank(inf, q, g, qc, gc, max_rank=3)
+    np.testing.assert_allclose(cmc, [0.0, 0.5, 1.0])
+    assert m_ap == pytest.approx((1 / 3 + 1 / 2) / 2)  # query 1's match is second
+
+
 def test_l2_normalize_survives_huge_finite_values():
     from retrieval.distance import l2_normalize
 

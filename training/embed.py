@@ -19,6 +19,12 @@ def model_from_checkpoint(path: str) -> tuple[ReIdModel, dict]:
     return model.eval(), ckpt
 
 
+def nonfinite_rows(features: np.ndarray) -> int:
+    """How many embeddings hold a NaN or an infinity: a broken model or an FP16 export that
+    overflows gives them, and no distance to them means anything."""
+    return int((~np.isfinite(features)).any(axis=1).sum())
+
+
 @torch.no_grad()
 def embed_records(
     model: ReIdModel, records, device: torch.device, batch_size: int = 128, num_workers: int = 0, desc: str | None = None

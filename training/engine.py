@@ -25,7 +25,7 @@ from training.config import ExperimentSpec, spec_to_dict
 from training.data.market1501 import ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.transforms import ImageDataset, build_train_transform, check_images
-from training.embed import embed_records
+from training.embed import embed_records, nonfinite_rows
 from training.errors import ConfigError, DataError, ReidError, TrainingDiverged
 from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
@@ -75,10 +75,18 @@ def validation_split(spec: ExperimentSpec) -> tuple[list[ImageRecord], list[Imag
 
 def validate(model, spec: ExperimentSpec, device: torch.device, query: list[ImageRecord],
              gallery: list[ImageRecord]) -> dict:
-    """mAP and rank-1 of ``model`` on the validation query/gallery records (cosine distance)."""
+    """mAP and rank-1 of ``model`` on the validation query/gallery records (cosine distance).
+
+    Nothing (and an error in the log) when some embeddings are not finite: no figure would mean
+    anything, and stopping here would leave the other processes of a multi-GPU run waiting.
+    """
     d = spec.dataset
     qf = embed_records(model, query, device, d.val_batch_size, d.num_workers)
     gf = embed_records(model, gallery, device, d.val_batch_size, d.num_workers)
+    bad = nonfinite_rows(qf) + nonfinite_rows(gf)
+    if bad:
+        log.error("validation skipped: %d of %d embeddings are not finite (NaN or inf)", bad, len(qf) + len(gf))
+        return {}
     cmc, m_ap = evaluate_rank(cosine_distance(qf, gf), *protocol_ids(query, gallery))
     return {"mAP": m_ap, "rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)])}
 

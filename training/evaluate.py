@@ -14,6 +14,7 @@ from retrieval.metrics import evaluate_rank
 from retrieval.rerank import k_reciprocal_rerank
 from training.data.market1501 import load_query_gallery, protocol_ids
 from training.data.transforms import check_images
+from training.embed import nonfinite_rows
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
 from training.outputs import writable_output
@@ -40,6 +41,10 @@ def score(qf: np.ndarray, gf: np.ndarray, query, gallery, rerank_cfg, device: st
     """
     if qf.shape[1] != gf.shape[1]:
         raise ReidError(f"query embeddings are {qf.shape[1]}-d but gallery embeddings {gf.shape[1]}-d")
+    bad_q, bad_g = nonfinite_rows(qf), nonfinite_rows(gf)
+    if bad_q or bad_g:
+        raise ReidError(f"{bad_q} of {len(qf)} query and {bad_g} of {len(gf)} gallery embeddings are not finite (NaN or "
+                        f"inf): the model gives invalid outputs (an FP16 export can overflow); nothing was scored")
     qf, gf = l2_normalize(qf), l2_normalize(gf)
     ids = protocol_ids(query, gallery)
     dists = {"without re-ranking": compute_distance(qf, gf, "cosine")}
