@@ -14,6 +14,7 @@ import numpy as np
 
 from retrieval.gallery import EntryMetadata, GalleryError, GalleryInfo, RerankOptions, SearchFilter
 from serving.metrics import timed
+from serving.wire import error_message, image_status
 from serving.proto import reid_pb2
 
 _INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}
@@ -61,7 +62,7 @@ class GalleryRpcs:
         await context.abort(code, message)
 
     async def _embed_images(self, images, context, method: str) -> tuple[list, list]:
-        """Embed request images through the batcher; returns (rows for good images, per-image errors)."""
+        """Embed request images through the batcher; returns (rows for good images, per-image exceptions)."""
         from serving.service import RequestError
 
         try:
@@ -69,8 +70,7 @@ class GalleryRpcs:
         except RequestError as exc:
             await self._fail(context, method, exc.code, exc.message)
         rows = [None if isinstance(o, Exception) else o for o in outcomes]
-        errors = [reid_pb2.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(o))
-                  if isinstance(o, Exception) else None for o in outcomes]
+        errors = [o if isinstance(o, Exception) else None for o in outcomes]
         return rows, errors
 
     @timed
@@ -111,8 +111,8 @@ class GalleryRpcs:
             bad = [(i, e) for i, e in enumerate(errors) if e is not None]
             if bad:
                 i, e = bad[0]
-                await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"image {i}: {e.message} ({len(bad)} of {n} images unusable; nothing was added)")
+                await self._fail(context, method, image_status(e),
+                                 f"image {i}: {e} ({len(bad)} of {n} images unusable; nothing was added)")
             vectors = np.stack(rows)
         else:
             lengths = {len(e.values) for e in request.embeddings}
@@ -174,7 +174,7 @@ class GalleryRpcs:
         for i in range(n):
             result = response.results.add()
             if errors[i] is not None:
-                result.error.CopyFrom(errors[i])
+                result.error.CopyFrom(error_message(errors[i]))
                 continue
             for h in found.get(i, []):
                 m = h.metadata

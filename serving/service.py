@@ -15,16 +15,17 @@ from dataclasses import dataclass
 from typing import Callable
 
 import grpc
+import numpy as np
 
 from retrieval.gallery import GalleryBackend
 from serving.batcher import DeadlineExpired, DynamicBatcher, EngineFailed, QueueFull
-from serving.engines.base import Engine
+from serving.engines.base import Engine, NonFiniteEmbedding
 from serving.gallery_service import GalleryRpcs
 from serving.metrics import ServerMetrics, timed
 from serving.preprocessing import count_images, prepare
 from serving.proto import reid_pb2, reid_pb2_grpc
 from serving.threads import stage_pool
-from serving.wire import embedding_message
+from serving.wire import embedding_message, error_message
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
             stop_reading()
 
     async def embed_outcomes(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> list:
-        """One outcome per requested image, in order: an embedding (numpy row) or its ``ImageError``.
+        """One outcome per requested image, in order: an embedding (numpy row), its ``ImageError``,
+        or ``NonFiniteEmbedding`` when the model gave NaN or infinity for it.
 
         Call-level failures raise ``RequestError``. Shared by Embed and the gallery RPCs, which
         use the rows directly.
@@ -90,7 +92,8 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
         finally:
             self.batcher.release(n)
         valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
-        rows = {}
+        rows: dict = {}  # index -> embedding row, or NonFiniteEmbedding
+        broken = 0
         if valid:
             try:
                 future = self.batcher.submit([prepared[i] for i in valid], deadline)
@@ -107,13 +110,20 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
             except asyncio.CancelledError:
                 self.batcher.discard(future)
                 raise
-            rows = dict(zip(valid, embedded))
+            finite = np.isfinite(embedded).all(axis=1)
+            broken = len(valid) - int(np.count_nonzero(finite))
+            rows = {i: row if ok else NonFiniteEmbedding("the model gave a non-finite embedding (NaN or inf) for this image")
+                    for i, row, ok in zip(valid, embedded, finite)}
         outcomes = [rows.get(i, p) for i, p in enumerate(prepared)]
         invalid = len(outcomes) - len(rows)
-        self._images_ok.inc(len(rows))
+        self._images_ok.inc(len(rows) - broken)
         if invalid:
             self.metrics.images.labels("invalid").inc(invalid)
             self.metrics.errors.labels("INVALID_ARGUMENT").inc(invalid)
+        if broken:
+            self.metrics.images.labels("model_error").inc(broken)
+            self.metrics.errors.labels("INTERNAL").inc(broken)
+            log.error("the model gave non-finite embeddings for %d of %d images", broken, len(rows))
         return outcomes
 
     async def embed_arrays(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> reid_pb2.EmbedResponse:
@@ -122,7 +132,7 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                                           request_id=request.request_id, model=self.model_name)
         for outcome in await self.embed_outcomes(request, deadline):
             if isinstance(outcome, Exception):
-                response.results.add(error=reid_pb2.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=str(outcome)))
+                response.results.add(error=error_message(outcome))
             else:
                 response.results.add(embedding=embedding_message(outcome))
         return response

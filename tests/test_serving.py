@@ -910,6 +910,47 @@ def _graph_model(path: Path, nodes: list, inputs: list, output_shape: list) -> P
     return path
 
 
+def test_a_non_finite_embedding_is_that_images_internal_error(tmp_path):
+    """A model giving NaN for some images (an FP16 engine that overflows) used to return the NaN
+    vector as an embedding, and an AddToGallery with that image failed with "embeddings must be
+    finite", about vectors the caller never sent."""
+    from onnx import TensorProto, helper
+
+    from retrieval.gallery import FaissGalleryStore
+    from serving.engines import ModelMetadata
+
+    nodes = [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]), helper.make_node("Log", ["pooled"], ["out"])]
+    model = _graph_model(tmp_path / "log.onnx", nodes, [("images", TensorProto.FLOAT, ["n", 3, 64, 32])], ["n", 3, 1, 1])
+    engine = OnnxRuntimeEngine(model, fallback=ModelMetadata(64, 32, 0, pixel_mean=[0.5] * 3, pixel_std=[0.25] * 3))
+
+    def png(level: int) -> bytes:  # log of the mean normalized pixel: finite above 127, NaN below
+        out = io.BytesIO()
+        Image.new("RGB", (32, 64), (level,) * 3).save(out, format="PNG")
+        return out.getvalue()
+
+    bright, dark, brighter = png(200), png(20), png(240)
+    thread = ServerThread(engine, ServerConfig(port=0))
+    thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    internal = grpc.StatusCode.INTERNAL
+    with thread as s, ReidClient(s.target) as client, GalleryClient(s.target) as g:
+        outcomes = client.embed([bright, dark, brighter])
+        assert [o.ok for o in outcomes] == [True, False, True]
+        assert np.isfinite(outcomes[0].embedding).all() and np.isfinite(outcomes[2].embedding).all()
+        assert (outcomes[1].error_code, outcomes[1].error) == (
+            internal.value[0], "the model gave a non-finite embedding (NaN or inf) for this image")
+        assert s.metrics.value("reid_images_total", outcome="model_error") == 1
+        assert s.metrics.value("reid_images_total", outcome="ok") >= 2
+
+        g.create("people")
+        assert len(g.add("people", images=[bright, brighter])) == 2
+        with pytest.raises(grpc.RpcError) as err:
+            g.add("people", images=[bright, dark])
+        assert err.value.code() == internal and err.value.details().startswith("image 1: the model gave a non-finite")
+        results = g.search("people", images=[dark, brighter], top_k=1)
+        assert results[0].error.code == internal.value[0] and len(results[1].hits) == 1
+        assert g.info("people").size == 2
+
+
 def test_models_with_another_interface_are_refused_in_one_line_or_adapted(tmp_path):
     """A model of the wrong layout, with two inputs, or whose output is not N x D used to pass loading:
     one gave a traceback at startup, another started and then left every request waiting forever."""

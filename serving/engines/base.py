@@ -28,6 +28,12 @@ class ImageError(ValueError):
     """One input image cannot be used (undecodable, too large, bad crop box); fails that image only."""
 
 
+class NonFiniteEmbedding(Exception):
+    """The model gave NaN or infinity for one image (an FP16 engine that overflows, say): that
+    image's error (INTERNAL: the model's fault, not the caller's), never a vector that silently
+    ranks nowhere or fails a gallery add with a message about embeddings the caller never sent."""
+
+
 @dataclass
 class ModelMetadata:
     """What a caller must know to feed a model: input size, output size, and preprocessing.
