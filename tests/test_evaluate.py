@@ -63,7 +63,7 @@ def test_inference_file_scores_like_the_checkpoint(trained, tmp_path, capsys, su
     assert a["without re-ranking"]["mAP"] == pytest.approx(b["without re-ranking"]["mAP"], abs=1e-6)
 
 
-def test_embeddings_that_are_not_finite_are_refused_not_scored(trained, tmp_path, capsys):
+def test_embeddings_that_are_not_finite_are_refused_not_scored(trained, tmp_path, capsys, caplog):
     """A model giving NaN (a broken checkpoint, an FP16 export that overflows) used to score mAP 1.0."""
     ckpt, overrides = trained
     stored = tmp_path / "emb.npz"
@@ -80,6 +80,18 @@ def test_embeddings_that_are_not_finite_are_refused_not_scored(trained, tmp_path
         f"2 of {n_query} query and 1 of {n_gallery} gallery embeddings are not finite (NaN or inf): the model gives "
         "invalid outputs (an FP16 export can overflow); nothing was scored")
     assert not (tmp_path / "evaluate" / "results.json").exists()
+
+    # reid inference keeps them, but JSON has no NaN: null, which reads back as NaN and is refused the same way
+    as_json = tmp_path / "emb.json"
+    assert main(["inference", *overrides, f"results_dir={tmp_path}", f"inference.checkpoint={stored}",
+                 f"inference.output_file={as_json}"]) == 0
+    assert f"3 of {n_query + n_gallery} embeddings are not finite (NaN or inf)" in caplog.text
+    assert "written as null (JSON has no NaN)" in caplog.text
+    items = json.loads(as_json.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    nulls = [i for i, item in enumerate(items) if None in item["embedding"]]
+    assert len(nulls) == 3 and sum(v is None for v in items[nulls[-1]]["embedding"]) in (1, len(items[0]["embedding"]))
+    code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", f"evaluate.checkpoint={as_json}")
+    assert code != 0 and "2 of " in err and "1 of " in err and "embeddings are not finite" in err
 
 
 def test_bad_inputs_give_one_line_and_nonzero_exit(trained, tmp_path, capsys, synthetic_root):

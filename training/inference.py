@@ -35,6 +35,11 @@ def run_inference(spec) -> Path:
     log.info("embedding %d query and %d gallery images with %s", len(query), len(gallery), embedder.description)
     feats = np.concatenate([embedder.embed(query, "query"), embedder.embed(gallery, "gallery")])
     paths = [str(Path(r.path).resolve()) for r in records]  # absolute: the file is usable from any folder
+    finite = np.isfinite(feats)
+    if not finite.all():  # kept, so that nothing is lost, but said: no distance to them means anything
+        bad = np.flatnonzero(~finite.all(axis=1))
+        log.warning("%d of %d embeddings are not finite (NaN or inf), e.g. %s; %s", len(bad), len(feats), paths[bad[0]],
+                    "written as null (JSON has no NaN)" if out.suffix == ".json" else "written as they are")
     # an interrupted write leaves the previous file whole, not a truncated one `reid evaluate` would refuse
     with replaced_on_success(out) as tmp, open(tmp, "wb") as f:
         if out.suffix == ".npz":
@@ -43,5 +48,7 @@ def run_inference(spec) -> Path:
                      split=np.array(["query"] * len(query) + ["gallery"] * len(gallery)),
                      embedding=feats.astype(np.float32))
         else:
-            f.write(json.dumps([{"img_path": p, "embedding": e.tolist()} for p, e in zip(paths, feats)]).encode())
+            rows = [e.tolist() if ok.all() else [v if k else None for v, k in zip(e.tolist(), ok)]
+                    for e, ok in zip(feats, finite)]
+            f.write(json.dumps([{"img_path": p, "embedding": e} for p, e in zip(paths, rows)], allow_nan=False).encode())
     return out
