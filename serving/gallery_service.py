@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 
 from retrieval.gallery import EntryMetadata, GalleryError, GalleryInfo, RerankOptions, SearchFilter
+from serving.image_errors import error_message, image_status
 from serving.metrics import timed
-from serving.wire import error_message, image_status
 from serving.proto import reid_pb2
 
 _INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}

@@ -21,11 +21,12 @@ from retrieval.gallery import GalleryBackend
 from serving.batcher import DeadlineExpired, DynamicBatcher, EngineFailed, QueueFull
 from serving.engines.base import Engine, NonFiniteEmbedding
 from serving.gallery_service import GalleryRpcs
+from serving.image_errors import error_message
 from serving.metrics import ServerMetrics, timed
 from serving.preprocessing import count_images, prepare
 from serving.proto import reid_pb2, reid_pb2_grpc
 from serving.threads import stage_pool
-from serving.wire import embedding_message, error_message
+from serving.wire import embedding_message
 
 log = logging.getLogger(__name__)
 

@@ -56,3 +56,13 @@ def test_starting_the_serving_modules_loads_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_client_library_loads_no_decoder_runtime_or_index():
+    """Pipelines import ``serving.client`` beside their own stack: it needs grpc and numpy, not the
+    server's decoders (OpenCV, Pillow, simplejpeg), ONNX Runtime or FAISS."""
+    code = ("import sys, serving.client, serving.client_cli; "
+            "print(sorted(m for m in ('cv2', 'PIL', 'simplejpeg', 'onnxruntime', 'faiss') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
