@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from export.fp16 import TOOLS
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reid-export", description=__doc__)
+    p.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('reid')}")
     p.add_argument("--checkpoint", type=Path, help="training checkpoint (.pth); omit to start from an existing --onnx")
     p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write (or to read, without --checkpoint)")
     p.add_argument("--engine", type=Path, help="TensorRT engine to build (GPU machines only)")

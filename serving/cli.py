@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import asyncio
 import dataclasses
 import json
@@ -24,6 +25,7 @@ from serving.service import Limits
 
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reid-serve", description="Serve ReID embeddings over gRPC with dynamic batching.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('reid')}")
     p.add_argument("--model", help="ONNX file or TensorRT engine (with its .json sidecar); required, here or in --config")
     p.add_argument("--config", type=Path,
                    help="YAML file with any of these options (dashes or underscores; the command line wins)")

@@ -8,6 +8,7 @@ error found before calling.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import os
@@ -65,6 +66,7 @@ def client_parser() -> argparse.ArgumentParser:
                         help="images per call (default 64; the server refuses calls over its per-request limit)")
 
     p = argparse.ArgumentParser(prog="reid-client", description="Call a reid-serve server.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('reid')}")
     _add_connection_options(p)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("embed", parents=[common, images], help="embed image files; print embeddings or write them as .npy")

