@@ -202,8 +202,10 @@ class GalleryClient(_Connection):
         return self.stub.RemoveFromGallery(reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids)), **self._kw())
 
     def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
-               filters: Sequence = (), rerank: dict | None = None) -> list:
-        request = reid_pb2.SearchRequest(gallery=gallery, images=[to_image(i) for i in images], top_k=top_k, filters=list(filters))
+               filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:
+        """One ``SearchResult`` per query; ``group_by_person``: the best entry of each of ``top_k`` people."""
+        request = reid_pb2.SearchRequest(gallery=gallery, images=[to_image(i) for i in images], top_k=top_k,
+                                         filters=list(filters), group_by_person=group_by_person)
         if embeddings is not None:
             request.embeddings.extend(embeddings_message(embeddings))
         if rerank is not None:

@@ -99,6 +99,8 @@ def client_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=_number(int, 1), default=5, help="hits per image (default 5)")
     s.add_argument("--exclude-camera", default="", help="leave out entries seen by this camera")
     s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of the candidate pool (server defaults)")
+    s.add_argument("--by-person", action="store_true",
+                   help="one hit per person: the best entry of each of --top-k people (entries without a person id stand alone)")
     s.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
 
     r = sub.add_parser("remove", parents=[common], help="remove entries from a gallery by id")
@@ -271,7 +273,8 @@ def _search(args, connect) -> int:
     filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []  # one for all
     with connect(GalleryClient) as g:
         results = [r for batch in batches for r in g.search(args.gallery, images=batch, top_k=args.top_k, filters=filters,
-                                                            rerank={} if args.rerank else None)]
+                                                            rerank={} if args.rerank else None,
+                                                            group_by_person=args.by_person)]
     failed = 0
     for path, result in zip((p for batch in batches for p in batch), results):
         if result.HasField("error"):

@@ -168,7 +168,7 @@ class GalleryRpcs:
         if good:
             query_filters = filters if len(filters) == 1 else [filters[i] for i in good]
             hits = await self._call(context, method, self.store.search if self.store else None, request.gallery,
-                                    queries, top_k, query_filters, rerank)
+                                    queries, top_k, query_filters, rerank, request.group_by_person)
         response = reid_pb2.SearchResponse()
         found = dict(zip(good, hits))
         for i in range(n):

@@ -189,6 +189,19 @@ def test_name_pattern_reads_each_images_ids_from_its_name(server, crops, tmp_pat
     assert _run(capsys, server, "galleries")[1].startswith("g: 4 entries")
 
 
+def test_search_by_person_answers_with_distinct_people(server, crops, capsys):
+    a1, _, b = crops
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1), str(a1), "--person-id", "A")[0] == 0  # two entries of A
+    assert _run(capsys, server, "enroll", "g", str(b), "--person-id", "B")[0] == 0
+    code, out, _ = _run(capsys, server, "search", "g", str(a1), "--top-k", "2", "--json")
+    assert code == 0 and [h["person_id"] for h in json.loads(out)["hits"]] == ["A", "A"]
+    code, out, _ = _run(capsys, server, "search", "g", str(a1), "--top-k", "2", "--json", "--by-person")
+    assert code == 0 and [h["person_id"] for h in json.loads(out)["hits"]] == ["A", "B"]
+    code, out, _ = _run(capsys, server, "search", "g", str(a1), "--top-k", "2", "--by-person", "--rerank")
+    assert code == 0 and [m for m in re.findall(r"person (\S+)", out)] == ["A", "B"]
+
+
 @pytest.mark.parametrize("pattern, message", [
     (r"^(\d+)_", "has no (?P<person>...) or (?P<camera>...) group"),
     (r"(?P<person>\d+", "is not a regular expression: missing ), unterminated subpattern"),

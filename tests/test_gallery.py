@@ -611,6 +611,78 @@ def test_reranked_search_matches_offline_when_the_pool_covers_the_gallery(store)
         np.testing.assert_allclose([h.distance for h in row], np.sort(offline[q]), atol=1e-5)
 
 
+def _people_data(seed=5):
+    """300 entries: person "0" has 150 (all near one centre), 19 others 6 each, 36 have no person id."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, 16))
+    owner = np.concatenate([np.zeros(150, int), np.repeat(np.arange(1, 20), 6), np.full(36, -1)])
+    vecs = (centres[np.maximum(owner, 0)] * (owner >= 0)[:, None] + rng.normal(size=(300, 16)) * 0.5).astype(np.float32)
+    meta = [EntryMetadata(person_id="" if o < 0 else str(o), camera_id=f"c{i % 3}") for i, o in enumerate(owner)]
+    return vecs, meta, centres
+
+
+def _grouped_brute_force(query, vecs, meta, ids, top_k, allowed=lambda m: True):
+    sims = l2_normalize(query[None]) @ l2_normalize(vecs).T
+    out, seen = [], set()
+    for j in np.argsort(-sims[0], kind="stable"):
+        key = meta[j].person_id or f"entry {ids[j]}"
+        if allowed(meta[j]) and key not in seen:
+            seen.add(key)
+            out.append(int(ids[j]))
+    return out[:top_k]
+
+
+def test_search_by_person_returns_each_persons_best_entry(store):
+    vecs, meta, centres = _people_data()
+    store.create("g", 16)
+    ids = store.add("g", np.arange(1, 301), vecs, meta)
+    queries = np.stack([centres[0], centres[3], vecs[200]]).astype(np.float32)  # near the crowded person, another, a loner
+    plain = store.search("g", queries[:1], 8, [])
+    assert {h.metadata.person_id for h in plain[0]} == {"0"}  # the crowded person fills a plain answer
+    grouped = store.search("g", queries, 8, [], group_by_person=True)
+    for q, row in enumerate(grouped):
+        assert [h.id for h in row] == _grouped_brute_force(queries[q], vecs, meta, ids, 8)
+        people = [h.metadata.person_id for h in row if h.metadata.person_id]
+        assert len(people) == len(set(people))
+    assert grouped[0][0].metadata.person_id == "0" and grouped[0][0].id == plain[0][0].id
+    flt = SearchFilter(exclude_camera_id="c1")
+    filtered = store.search("g", queries, 5, [flt], group_by_person=True)
+    for q, row in enumerate(filtered):
+        assert [h.id for h in row] == _grouped_brute_force(queries[q], vecs, meta, ids, 5, lambda m: m.camera_id != "c1")
+    everyone = store.search("g", queries[:1], 1000, [], group_by_person=True)  # more people asked for than there are
+    assert len(everyone[0]) == 19 + 1 + 36 == len({h.metadata.person_id or h.id for h in everyone[0]})
+
+    reranked = store.search("g", queries, 6, [], RerankOptions(k1=6, k2=3, pool=60), group_by_person=True)
+    pooled = store.search("g", queries, 60, [], RerankOptions(k1=6, k2=3, pool=60))
+    for row, pool in zip(reranked, pooled):
+        expected, seen = [], set()
+        for h in pool:  # the re-ranked pool's order, each person's first entry
+            key = h.metadata.person_id or h.id
+            if key not in seen:
+                seen.add(key)
+                expected.append(h.id)
+        assert [h.id for h in row] == expected[:6]
+
+
+def test_search_by_person_widens_until_it_has_enough_people():
+    from retrieval.gallery import Hit
+    from retrieval.gallery.grouping import search_by_person
+
+    entries = [Hit(i, 1.0 - i / 100, i / 100, EntryMetadata(person_id=str(0 if i < 50 else i))) for i in range(60)]
+    asked = []
+
+    def search(rows, k):
+        asked.append((list(rows), k))
+        return [entries[:k] for _ in rows]
+
+    out = search_by_person(search, 2, 3, cap=60)
+    assert [[h.id for h in row] for row in out] == [[0, 50, 51]] * 2
+    assert asked == [([0, 1], 12), ([0, 1], 48), ([0, 1], 60)]  # 4x wider each round, up to the cap
+    asked.clear()
+    assert [h.id for h in search_by_person(search, 1, 20, cap=60)[0]] == [0, *range(50, 60)]  # fewer people than asked
+    assert asked == [([0], 60)]
+
+
 def test_reranked_search_whose_filter_leaves_nothing_answers_no_hits(store):
     """Milvus failed it with a numpy reshape error (INTERNAL)."""
     store.create("g", 4)

@@ -202,7 +202,9 @@ class GalleryBackend(abc.ABC):
 
     @abc.abstractmethod
     def search(self, name: str, queries: np.ndarray, top_k: int, filters: list[SearchFilter],
-               rerank: RerankOptions | None = None) -> list[list[Hit]]: ...
+               rerank: RerankOptions | None = None, group_by_person: bool = False) -> list[list[Hit]]:
+        """Each query's best hits. With ``group_by_person``, the best entry of each of ``top_k``
+        distinct people (``retrieval.gallery.grouping``); re-ranked, those drawn from the pool."""
 
     def close(self) -> None:
         """Flush and release resources."""

@@ -46,9 +46,10 @@ from retrieval.gallery.base import (
     INDEX_TYPES, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
     RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
 )
-from retrieval.gallery.wal import WriteAheadLog, fsync_dir
+from retrieval.gallery.grouping import best_per_person, search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
 from retrieval.gallery.rwlock import ReadWriteLock
+from retrieval.gallery.wal import WriteAheadLog, fsync_dir
 
 log = logging.getLogger(__name__)
 HNSW_M = 32
@@ -740,7 +741,8 @@ class _Gallery:
         out_ids[:, : scores.shape[1]] = np.where(hit, self.ids[found], -1)
         return out_scores, out_ids
 
-    def search(self, queries: np.ndarray, top_k: int, filters: list[SearchFilter], rerank: RerankOptions | None) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, top_k: int, filters: list[SearchFilter], rerank: RerankOptions | None,
+               group_by_person: bool = False) -> list[list[Hit]]:
         with self.lock.read():
             self._require_open()
             filters = check_queries(self.dir.name, self.dim, queries, filters, top_k)
@@ -749,11 +751,21 @@ class _Gallery:
             k = min(top_k, live)
             if k <= 0:
                 return [[] for _ in queries]
-            if rerank is None:
-                scores, ids = self._search(queries, k, filters)
-                return [[Hit(int(i), float(s), 1.0 - float(s), self.meta[self.row[int(i)]])
-                         for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
-            return pool_rerank(queries, top_k, filters, rerank, live, self._search, self._fetch)
+            if rerank is not None:
+                if not group_by_person:
+                    return pool_rerank(queries, top_k, filters, rerank, live, self._search, self._fetch)
+                pooled = pool_rerank(queries, min(max(rerank.pool, top_k), live), filters, rerank, live, self._search,
+                                     self._fetch)
+                return [best_per_person(hits, top_k) for hits in pooled]
+            if group_by_person:
+                return search_by_person(lambda rows, kk: self._hits(*self._search(queries[rows], kk, [filters[r] for r in rows])),
+                                        len(queries), top_k, live)
+            return self._hits(*self._search(queries, k, filters))
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """``_search``'s arrays as hits, under the read lock that search held."""
+        return [[Hit(int(i), float(s), 1.0 - float(s), self.meta[self.row[int(i)]]) for s, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(scores, ids)]
 
     def _fetch(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[EntryMetadata]]:
         """Under the gallery's lock, as the search that found ``ids``: all of them are present."""
@@ -860,8 +872,8 @@ class FaissGalleryStore(GalleryBackend):
     def remove(self, name, ids):
         return self._get(name).remove(ids)
 
-    def search(self, name, queries, top_k, filters, rerank=None):
-        return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank)
+    def search(self, name, queries, top_k, filters, rerank=None, group_by_person=False):
+        return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank, group_by_person)
 
     def snapshot(self, name: str) -> None:
         self._get(name).snapshot()

@@ -35,6 +35,7 @@ from retrieval.gallery.base import (
     MAX_ID, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
     InvalidEntry, RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
 )
+from retrieval.gallery.grouping import best_per_person, search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ PREFIX = "reid_"
 CONSISTENCY_LEVELS = {"strong": "Strong", "bounded": "Bounded", "session": "Session", "eventually": "Eventually"}
 META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
 HNSW_PARAMS = {"M": 32, "efConstruction": 80}
+MAX_LIMIT = 16384  # the most hits Milvus returns for one query (its topk limit)
 # Milvus's default limit on collection names (proxy.maxNameLength): with the prefix and two hex
 # digits per character, gallery names up to 125 characters fit.
 MAX_COLLECTION_NAME = 255
@@ -346,25 +348,39 @@ class MilvusGalleryStore(GalleryBackend):
         vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), -1)
         return present, vectors, [_entry_metadata(r) for r in ordered]
 
-    def search(self, name, queries, top_k, filters, rerank: RerankOptions | None = None):
+    def search(self, name, queries, top_k, filters, rerank: RerankOptions | None = None, group_by_person: bool = False):
         # without self.lock: a search may run beside writes and other searches (see __init__)
         queries = np.asarray(queries, dtype=np.float32)
         dim, index_type = self._describe_for(name, queries.shape[-1])
         filters = check_queries(name, dim, queries, filters, top_k)
         queries = l2_normalize(queries)
-        if rerank is None:  # no count first: each read at Strong waits for a time tick of its own
-            scores, ids, meta = self._search(name, index_type, queries, min(top_k, 16384), filters)  # Milvus's cap
+
+        def hits(q, kk, flts) -> list[list[Hit]]:
+            scores, ids, meta = self._search(name, index_type, q, min(kk, MAX_LIMIT), flts)
             return [[Hit(int(i), float(s), 1.0 - float(s), meta[int(i)]) for s, i in zip(srow, irow) if i >= 0]
                     for srow, irow in zip(scores, ids)]
+
+        if rerank is None and not group_by_person:  # no count first: each read at Strong waits for a time tick of its own
+            return hits(queries, top_k, filters)
+        if rerank is None:  # a search that returns fewer hits than asked has seen every entry: no count needed
+            return search_by_person(lambda rows, kk: hits(queries[rows], kk, [filters[r] for r in rows]),
+                                    len(queries), top_k, MAX_LIMIT)
         live = self._count(name)
         if live == 0:
             return [[] for _ in queries]
 
         def search_fn(q, kk, flts):
-            scores, ids, _ = self._search(name, index_type, q, min(kk, 16384), flts)
+            scores, ids, _ = self._search(name, index_type, q, min(kk, MAX_LIMIT), flts)
             return scores, ids
 
-        return pool_rerank(queries, top_k, filters, rerank, min(live, 16384), search_fn, lambda ids: self._fetch(name, ids))
+        def fetch(ids):
+            return self._fetch(name, ids)
+
+        cap = min(live, MAX_LIMIT)
+        if not group_by_person:
+            return pool_rerank(queries, top_k, filters, rerank, cap, search_fn, fetch)
+        pooled = pool_rerank(queries, min(max(rerank.pool, top_k), cap), filters, rerank, cap, search_fn, fetch)
+        return [best_per_person(h, top_k) for h in pooled]
 
     def close(self) -> None:
         try:
