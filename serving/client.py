@@ -198,8 +198,10 @@ class GalleryClient(_Connection):
             request.embeddings.extend(embeddings_message(embeddings))
         return list(self.stub.AddToGallery(request, **self._kw()).ids)
 
-    def remove(self, gallery: str, ids: Sequence[int]) -> reid_pb2.RemoveFromGalleryResponse:
-        return self.stub.RemoveFromGallery(reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids)), **self._kw())
+    def remove(self, gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = ()) -> reid_pb2.RemoveFromGalleryResponse:
+        """Entries by id, or every entry of ``person_ids`` (not both)."""
+        request = reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids), person_ids=list(person_ids))
+        return self.stub.RemoveFromGallery(request, **self._kw())
 
     def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
                filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:

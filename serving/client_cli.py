@@ -103,9 +103,11 @@ def client_parser() -> argparse.ArgumentParser:
                    help="one hit per person: the best entry of each of --top-k people (entries without a person id stand alone)")
     s.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
 
-    r = sub.add_parser("remove", parents=[common], help="remove entries from a gallery by id")
+    r = sub.add_parser("remove", parents=[common], help="remove entries from a gallery by id, or every entry of a person")
     r.add_argument("gallery")
-    r.add_argument("ids", nargs="+", type=_number(int, 1))
+    r.add_argument("ids", nargs="*", type=_number(int, 1))
+    r.add_argument("--person", action="append", default=[], metavar="PERSON_ID",
+                   help="remove every entry of this person (repeatable; instead of ids)")
     return p
 
 
@@ -296,10 +298,15 @@ def _search(args, connect) -> int:
 
 
 def _remove(args, connect) -> int:
+    if bool(args.ids) == bool(args.person):
+        raise UsageError("give entry ids or --person, not both" if args.ids else "give entry ids or --person PERSON_ID")
+    if any(not p for p in args.person):
+        raise UsageError("--person must not be empty")
     with connect(GalleryClient) as g:
-        answer = g.remove(args.gallery, args.ids)
-    print(f"removed {answer.removed}" + (f"; not found: {' '.join(map(str, answer.missing))}" if answer.missing else ""))
-    return 1 if answer.missing else 0
+        answer = g.remove(args.gallery, args.ids, args.person)
+    missing = [*map(str, answer.missing), *answer.missing_person_ids]
+    print(f"removed {answer.removed}" + (f"; not found: {' '.join(missing)}" if missing else ""))
+    return 1 if missing else 0
 
 
 COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop": _drop, "enroll": _enroll,

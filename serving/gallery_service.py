@@ -129,7 +129,14 @@ class GalleryRpcs:
 
     @timed
     async def RemoveFromGallery(self, request, context):
-        removed, missing = await self._call(context, "RemoveFromGallery", self.store.remove if self.store else None,
+        method = "RemoveFromGallery"
+        if request.ids and request.person_ids:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "give ids or person_ids, not both")
+        if request.person_ids:
+            removed, missing_people = await self._call(context, method, self.store.remove_people if self.store else None,
+                                                       request.gallery, list(request.person_ids))
+            return reid_pb2.RemoveFromGalleryResponse(removed=removed, missing_person_ids=missing_people)
+        removed, missing = await self._call(context, method, self.store.remove if self.store else None,
                                             request.gallery, np.asarray(list(request.ids), dtype=np.uint64).astype(np.int64))
         return reid_pb2.RemoveFromGalleryResponse(removed=removed, missing=missing)
 

@@ -189,6 +189,23 @@ def test_name_pattern_reads_each_images_ids_from_its_name(server, crops, tmp_pat
     assert _run(capsys, server, "galleries")[1].startswith("g: 4 entries")
 
 
+def test_remove_every_entry_of_a_person(server, crops, capsys):
+    a1, a2, b = crops
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1), str(a2), "--person-id", "A")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(b), "--person-id", "B")[0] == 0
+    code, out, _ = _run(capsys, server, "remove", "g", "--person", "A", "--person", "Z")
+    assert code == 1 and out.strip() == "removed 2; not found: Z"
+    code, out, _ = _run(capsys, server, "search", "g", str(a1), "--top-k", "5", "--json")
+    assert [h["person_id"] for h in json.loads(out)["hits"]] == ["B"]
+    assert _run(capsys, server, "remove", "g", "--person", "B")[1].strip() == "removed 1"
+    for argv, message in [(["remove", "g"], "give entry ids or --person PERSON_ID"),
+                          (["remove", "g", "3", "--person", "B"], "give entry ids or --person, not both"),
+                          (["remove", "g", "--person", ""], "--person must not be empty")]:
+        code, _, err = _run(capsys, server, *argv)
+        assert code == 2 and err.strip() == f"reid-client: error: {message}"
+
+
 def test_search_by_person_answers_with_distinct_people(server, crops, capsys):
     a1, _, b = crops
     assert _run(capsys, server, "create", "g")[0] == 0

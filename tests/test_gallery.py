@@ -597,6 +597,70 @@ def test_remove_and_info(store):
         store.info("g")
 
 
+def test_remove_people_removes_every_entry_of_theirs(store):
+    vecs, meta = _data(60)  # person ids "0".."19", three entries each
+    meta[5] = EntryMetadata(camera_id="c1")  # one entry without a person id
+    store.create("g", 16)
+    store.add("g", np.arange(1, 61), vecs, meta)
+    assert store.remove_people("g", ["3", "nobody", "7", "3"]) == (6, ["nobody"])
+    assert store.info("g").size == 54
+    hits = store.search("g", vecs, 60, [])
+    assert all(h.metadata.person_id not in ("3", "7") for row in hits for h in row)
+    assert {h.metadata.person_id for row in hits for h in row} == {str(i) for i in range(20)} - {"3", "7"} | {""}
+    assert store.remove_people("g", ["3"]) == (0, ["3"])
+    with pytest.raises(InvalidEntry, match="must not be empty"):  # "" would mean every entry without a person id
+        store.remove_people("g", [""])
+    assert store.info("g").size == 54
+    with pytest.raises(GalleryNotFound):
+        store.remove_people("nope", ["1"])
+
+
+def test_removed_people_stay_removed_after_a_restart(tmp_path):
+    vecs, meta = _data(40)
+    store = FaissGalleryStore(tmp_path / "g")
+    store.create("g", 16)
+    store.add("g", np.arange(1, 41), vecs, meta)
+    store.snapshot("g")
+    assert store.remove_people("g", ["4"]) == (2, [])  # logged after the snapshot
+    store.settle()
+    reopened = FaissGalleryStore(tmp_path / "g")  # as after a crash: the log is replayed
+    assert reopened.info("g").size == 38
+    assert all(h.metadata.person_id != "4" for h in reopened.search("g", vecs[:10], 40, [])[0])
+    reopened.close()
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_removed_people_leave_the_disk_too(tmp_path, index_type):
+    """A request to forget someone: their vectors were still in the log that added them, and in an
+    HNSW gallery's saved rows and graph (compacted only once a large share of rows is dead)."""
+    vecs, meta = _data(200)
+    store = FaissGalleryStore(tmp_path / "g")
+    store.create("g", 16, index_type)
+    store.add("g", np.arange(1, 201), vecs, meta)
+    store.snapshot("g")  # the rows and (HNSW) the graph on disk
+    store.add("g", np.arange(201, 211), vecs[:10] + 1, meta[:10])  # and some in the log only
+    gone = [i for i, m in enumerate(meta) if m.person_id == "3"] + [200 + i for i, m in enumerate(meta[:10]) if m.person_id == "3"]
+    secret = l2_normalize(np.stack([vecs[i] if i < 200 else vecs[i - 200] + 1 for i in gone]))  # as stored
+
+    def on_disk(vector: np.ndarray) -> bool:
+        return any(vector.tobytes() in f.read_bytes() for f in (tmp_path / "g" / "g").iterdir() if f.is_file())
+
+    assert all(on_disk(v) for v in secret)
+    assert store.remove_people("g", ["3"]) == (len(gone), [])  # 10 of 200 rows: an HNSW gallery would keep them
+    store.settle()  # the purge runs in the background, at once
+    assert not any(on_disk(v) for v in secret)
+    assert store.info("g").size == 210 - len(gone)
+    kept = (tmp_path / "g" / "g" / "snapshot.npz").stat().st_mtime_ns
+    assert store.remove("g", np.array([1])) == (1, [])  # an ordinary removal waits for the next snapshot, as before
+    store.settle()
+    assert (tmp_path / "g" / "g" / "snapshot.npz").stat().st_mtime_ns == kept
+    store.close()
+    reopened = FaissGalleryStore(tmp_path / "g")
+    assert reopened.info("g").size == 209 - len(gone)
+    assert all(h.metadata.person_id != "3" for h in reopened.search("g", vecs[:5], 50, [])[0])
+    reopened.close()
+
+
 def test_reranked_search_matches_offline_when_the_pool_covers_the_gallery(store):
     rng = np.random.default_rng(4)
     centers = rng.normal(size=(10, 16))

@@ -78,6 +78,14 @@ def test_round_trip_filters_and_errors(server):
                 call()
             assert err.value.code() == code, err.value.details()
         assert g.add("people", embeddings=vecs[:1], ids=[5], replace=True) == [5]
+        gone = g.remove("people", person_ids=["7", "nobody"])  # the entry with id 8 carries person "7"
+        assert (gone.removed, list(gone.missing_person_ids)) == (1, ["nobody"]) and g.info("people").size == 47
+        for call, code in [(lambda: g.remove("people", ids=[3], person_ids=["1"]), grpc.StatusCode.INVALID_ARGUMENT),
+                           (lambda: g.remove("people", person_ids=[""]), grpc.StatusCode.INVALID_ARGUMENT),
+                           (lambda: g.remove("nobody", person_ids=["1"]), grpc.StatusCode.NOT_FOUND)]:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == code, err.value.details()
         assert [i.name for i in g.list()] == ["people"]
         g.drop("people")
         assert g.list() == []

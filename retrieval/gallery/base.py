@@ -151,6 +151,14 @@ def check_entries(gallery: str, dim: int, ids: np.ndarray, vectors: np.ndarray, 
     return ids
 
 
+def check_people(person_ids: list[str]) -> list[str]:
+    """The distinct person ids of a removal, in order; an empty one would mean "every entry
+    without a person id", which nobody asks for by leaving a field blank."""
+    if any(not p for p in person_ids):
+        raise InvalidEntry("person ids to remove must not be empty")
+    return list(dict.fromkeys(person_ids))
+
+
 def check_queries(gallery: str, dim: int, queries: np.ndarray, filters: list, top_k: int) -> list:
     """Validate a search (any backend); returns one filter per query."""
     if top_k < 1:
@@ -199,6 +207,11 @@ class GalleryBackend(abc.ABC):
     @abc.abstractmethod
     def remove(self, name: str, ids: np.ndarray) -> tuple[int, list[int]]:
         """Returns (number removed, ids that were not there)."""
+
+    @abc.abstractmethod
+    def remove_people(self, name: str, person_ids: list[str]) -> tuple[int, list[str]]:
+        """Every entry carrying one of ``person_ids`` (a request to forget someone), in one durable
+        change. Returns (number removed, the person ids no entry carried)."""
 
     @abc.abstractmethod
     def search(self, name: str, queries: np.ndarray, top_k: int, filters: list[SearchFilter],

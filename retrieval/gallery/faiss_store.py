@@ -44,7 +44,7 @@ from retrieval.distance import l2_normalize
 from retrieval.faiss_setup import import_faiss
 from retrieval.gallery.base import (
     INDEX_TYPES, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
-    RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
+    RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_people, check_queries,
 )
 from retrieval.gallery.grouping import best_per_person, search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
@@ -171,6 +171,7 @@ class _Frozen:
     keep: np.ndarray | None = None  # a compaction: which of the ``rows`` it keeps
     index: object = None  # the index saved (an HNSW graph's copy, or a compaction's new index); None: the live flat one
     gpu: object = None  # a compacted flat gallery's new GPU copy
+    purge: bool = False  # it compacts because people were removed: asked again if it fails
 
 
 class _Gallery:
@@ -208,6 +209,9 @@ class _Gallery:
         self._next_segment = 1  # the number of the next sealed log segment, wal-<n>.log
         self._snapshot_lock = threading.RLock()  # one snapshot at a time; a drop or close waits for it
         self._snapshot_thread: threading.Thread | None = None  # the automatic snapshot running, if any
+        # People were removed: the next snapshot compacts, so that their vectors leave the disk too
+        # (the log that added them, the rows and an HNSW graph saved before), not only the searches.
+        self._purge = False
         self._load()
 
     ids = property(lambda self: self._ids.view)
@@ -378,6 +382,7 @@ class _Gallery:
                     (self.dir / graph).unlink(missing_ok=True)
                 with self.lock.write():
                     self.changes_since_snapshot += frozen.changes  # its log segment is still there
+                    self._purge |= frozen.purge
                 if isinstance(exc, OSError):
                     raise _storage(exc, f"cannot write the snapshot of gallery {self.dir.name}") from None
                 raise
@@ -395,7 +400,8 @@ class _Gallery:
         as it is (a concurrent add changes the graph's links)."""
         rows = len(self.ids)
         dead = rows - int(self.alive.sum())
-        compact = dead > 0 and (self.index_type != "hnsw" or dead > HNSW_COMPACT_DEAD_SHARE * rows)
+        purge, self._purge = self._purge, False
+        compact = dead > 0 and (purge or self.index_type != "hnsw" or dead > HNSW_COMPACT_DEAD_SHARE * rows)
         segment = self._next_segment
         try:
             self.wal.seal(self.dir / f"wal-{segment:08d}.log")
@@ -403,7 +409,7 @@ class _Gallery:
             raise _storage(exc, f"cannot seal the log of gallery {self.dir.name}") from None
         self._next_segment += 1
         frozen = _Frozen(segment, self.changes_since_snapshot, rows, self.next_id, self.ids.copy(), list(self.meta),
-                         None if not dead else self.alive.copy())
+                         None if not dead else self.alive.copy(), purge=purge)
         self.changes_since_snapshot = 0
         if compact:
             keep = self.alive.copy()
@@ -617,19 +623,37 @@ class _Gallery:
                 ids = np.asarray(ids, dtype=np.int64)
                 missing = [i for i in ids.tolist() if i not in self.row]
                 present = np.asarray([i for i in ids.tolist() if i in self.row], dtype=np.int64)
-            if len(present):
-                self._log(self._encode({"op": "remove", "ids": present.tolist()}))
-                with self.lock.write():
-                    self._apply_remove(present)
-                    self._after_change(len(present))
+            self._remove_present(present)
             return len(present), missing
 
-    def _after_change(self, n: int) -> None:
-        """Under the write lock: start an automatic snapshot every ``snapshot_every`` changes, in a
-        thread of its own (one at a time)."""
+    def remove_people(self, person_ids: list[str]) -> tuple[int, list[str]]:
+        people = set(check_people(person_ids))
+        with self._changes:  # no add can slip a new entry of theirs in between the scan and the removal
+            with self.lock.read():
+                self._require_open()
+                rows = [r for r in np.flatnonzero(self.alive).tolist() if self.meta[r].person_id in people]
+                present = self.ids[rows] if rows else np.empty(0, np.int64)
+                found = {self.meta[r].person_id for r in rows}
+            self._remove_present(present, purge=True)
+            return len(present), [p for p in dict.fromkeys(person_ids) if p not in found]
+
+    def _remove_present(self, present: np.ndarray, purge: bool = False) -> None:
+        """Under ``_changes``: log the removal of entries that are present, then apply it; with
+        ``purge``, a snapshot that compacts them off the disk starts at once."""
+        if len(present):
+            self._log(self._encode({"op": "remove", "ids": present.tolist()}))
+            with self.lock.write():
+                self._apply_remove(present)
+                self._after_change(len(present), purge)
+
+    def _after_change(self, n: int, purge: bool = False) -> None:
+        """Under the write lock: start an automatic snapshot every ``snapshot_every`` changes, or at
+        once for a purge, in a thread of its own (one at a time; it runs again for a purge asked
+        for after it froze its rows)."""
         self.changes_since_snapshot += n
+        self._purge |= purge
         running = self._snapshot_thread is not None and self._snapshot_thread.is_alive()
-        if self.changes_since_snapshot >= self.snapshot_every and not running:
+        if (self.changes_since_snapshot >= self.snapshot_every or self._purge) and not running:
             thread = threading.Thread(target=self._snapshot_in_background, daemon=True, name=f"snapshot {self.dir.name}")
             try:
                 thread.start()
@@ -640,14 +664,22 @@ class _Gallery:
             self._snapshot_thread = thread
 
     def _snapshot_in_background(self) -> None:
-        try:
-            self.snapshot()
-        except GalleryNotFound:  # dropped before it began
-            pass
-        except StorageError as exc:  # the changes themselves are durable in the log
-            log.warning("%s", exc)
-        except Exception:  # noqa: BLE001 - a thread's error would otherwise vanish; the log still holds every change
-            log.exception("gallery %s: automatic snapshot failed", self.dir.name)
+        while True:
+            try:
+                self.snapshot()
+            except GalleryNotFound:  # dropped before it began
+                return
+            except StorageError as exc:  # the changes themselves are durable in the log
+                log.warning("%s", exc)
+                return
+            except Exception:  # noqa: BLE001 - a thread's error would otherwise vanish; the log still holds every change
+                log.exception("gallery %s: automatic snapshot failed", self.dir.name)
+                return
+            with self.lock.write():  # as _after_change decides: a purge asked for from now on starts a thread
+                if not self._purge or self.dropped:
+                    if self._snapshot_thread is threading.current_thread():
+                        self._snapshot_thread = None
+                    return
 
     def settle(self) -> None:
         """Wait for an automatic snapshot in progress."""
@@ -871,6 +903,9 @@ class FaissGalleryStore(GalleryBackend):
 
     def remove(self, name, ids):
         return self._get(name).remove(ids)
+
+    def remove_people(self, name, person_ids):
+        return self._get(name).remove_people(person_ids)
 
     def search(self, name, queries, top_k, filters, rerank=None, group_by_person=False):
         return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank, group_by_person)

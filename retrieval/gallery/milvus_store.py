@@ -33,7 +33,8 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from retrieval.gallery.base import (
     MAX_ID, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
-    InvalidEntry, RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_queries,
+    InvalidEntry, RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_people,
+    check_queries,
 )
 from retrieval.gallery.grouping import best_per_person, search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
@@ -318,6 +319,22 @@ class MilvusGalleryStore(GalleryBackend):
                 self._call("delete", coll, ids=sorted(present))
                 self._call("flush", coll)
             return len(present), [i for i in ids if i not in present]
+
+    def remove_people(self, name, person_ids):
+        """Deleted by a filter on the person ids, not by the ids a query found, so that an entry of
+        theirs another replica adds meanwhile goes too (unless it lands after the delete)."""
+        people = check_people(person_ids)
+        with self.lock:
+            self._describe(name)
+            coll = _collection(name)
+            found = {p for p in people if self._call("query", coll, filter=f"person_id == {_quote(p)}", output_fields=["id"],
+                                                     limit=1, consistency_level="Strong")}
+            if not found:
+                return 0, people
+            result = self._call("delete", coll, filter=f"person_id in [{', '.join(_quote(p) for p in sorted(found))}]")
+            self._call("flush", coll)
+            removed = int(result["delete_count"]) if isinstance(result, dict) else len(result)  # a server; Milvus Lite
+            return removed, [p for p in people if p not in found]
 
     def _search(self, name: str, index_type: str, queries: np.ndarray, k: int, filters: list[SearchFilter]):
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)

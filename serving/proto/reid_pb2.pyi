@@ -205,20 +205,24 @@ class AddToGalleryResponse(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RemoveFromGalleryRequest(_message.Message):
-    __slots__ = ("gallery", "ids")
+    __slots__ = ("gallery", "ids", "person_ids")
     GALLERY_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
     gallery: str
     ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, gallery: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    person_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, gallery: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., person_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RemoveFromGalleryResponse(_message.Message):
-    __slots__ = ("removed", "missing")
+    __slots__ = ("removed", "missing", "missing_person_ids")
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    MISSING_PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
     removed: int
     missing: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, removed: _Optional[int] = ..., missing: _Optional[_Iterable[int]] = ...) -> None: ...
+    missing_person_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, removed: _Optional[int] = ..., missing: _Optional[_Iterable[int]] = ..., missing_person_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchFilter(_message.Message):
     __slots__ = ("exclude_camera_id", "time_from", "time_to", "labels")
