@@ -790,8 +790,10 @@ class _Gallery:
                                      self._fetch)
                 return [best_per_person(hits, top_k) for hits in pooled]
             if group_by_person:
-                return search_by_person(lambda rows, kk: self._hits(*self._search(queries[rows], kk, [filters[r] for r in rows])),
-                                        len(queries), top_k, live)
+                def hits_of(rows: list[int], kk: int) -> list[list[Hit]]:
+                    return self._hits(*self._search(queries[rows], kk, [filters[r] for r in rows]))
+
+                return search_by_person(hits_of, len(queries), top_k, live)
             return self._hits(*self._search(queries, k, filters))
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
