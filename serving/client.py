@@ -123,7 +123,24 @@ class ReidClient(_Connection):
             yield parse_response(response)
 
 
-class AsyncReidClient(_Connection):
+class _AsyncConnection(_Connection):
+    """An asyncio channel, opened and closed with ``async with``."""
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def __enter__(self):
+        # the inherited one would "close" with a coroutine nobody awaits, leaving the channel open
+        raise TypeError(f"{type(self).__name__} is an asyncio client: use 'async with {type(self).__name__}(...) as client'")
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+class AsyncReidClient(_AsyncConnection):
     """asyncio client; use ``async with AsyncReidClient(target) as c: await c.embed([...])``."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 30.0, max_message_bytes: int = 64 * 2**20, **options):
@@ -147,19 +164,6 @@ class AsyncReidClient(_Connection):
         async for response in self.stub.EmbedStream(requests(), timeout=timeout, metadata=self.metadata):
             yield parse_response(response)
 
-    async def close(self) -> None:
-        await self.channel.close()
-
-    def __enter__(self):
-        # the inherited one would "close" with a coroutine nobody awaits, leaving the channel open
-        raise TypeError("AsyncReidClient is an asyncio client: use 'async with AsyncReidClient(...) as client'")
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
 
 def metadata_message(person_id: str = "", camera_id: str = "", timestamp: float = 0.0, labels: dict | None = None):
     return reid_pb2.EntryMetadata(person_id=person_id, camera_id=camera_id, timestamp=timestamp, labels=labels or {})
@@ -169,6 +173,39 @@ def embeddings_message(vectors) -> list:
     return [embedding_message(v) for v in vectors]
 
 
+def create_request(name: str, dimension: int = 0, index_type: str = "flat") -> reid_pb2.CreateGalleryRequest:
+    index = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}.get(index_type.lower())
+    if index is None:  # a bare KeyError named only the value
+        raise ValueError(f"index_type must be 'flat' or 'hnsw', not {index_type!r}")
+    return reid_pb2.CreateGalleryRequest(name=name, dimension=dimension, index_type=index)
+
+
+def add_request(gallery: str, images: Sequence[ImageInput] = (), embeddings=None, metadata: Sequence = (),
+                ids: Sequence[int] = (), replace: bool = False) -> reid_pb2.AddToGalleryRequest:
+    request = reid_pb2.AddToGalleryRequest(gallery=gallery, images=[to_image(i) for i in images], metadata=list(metadata),
+                                           ids=list(ids), replace_existing=replace)
+    if embeddings is not None:
+        request.embeddings.extend(embeddings_message(embeddings))
+    return request
+
+
+def remove_request(gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = ()) -> reid_pb2.RemoveFromGalleryRequest:
+    """Entries by id, or every entry of ``person_ids`` (not both)."""
+    return reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids), person_ids=list(person_ids))
+
+
+def search_request(gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
+                   filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> reid_pb2.SearchRequest:
+    """``group_by_person``: the best entry of each of ``top_k`` people; ``rerank``: RerankOptions fields ({} = defaults)."""
+    request = reid_pb2.SearchRequest(gallery=gallery, images=[to_image(i) for i in images], top_k=top_k,
+                                     filters=list(filters), group_by_person=group_by_person)
+    if embeddings is not None:
+        request.embeddings.extend(embeddings_message(embeddings))
+    if rerank is not None:
+        request.rerank.CopyFrom(reid_pb2.RerankOptions(enabled=True, **rerank))
+    return request
+
+
 class GalleryClient(_Connection):
     """Blocking client for the gallery RPCs; failures raise ``grpc.RpcError``."""
 
@@ -176,10 +213,7 @@ class GalleryClient(_Connection):
         super().__init__(target, timeout, max_message_bytes, **options)
 
     def create(self, name: str, dimension: int = 0, index_type: str = "flat") -> reid_pb2.GalleryInfo:
-        index = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}.get(index_type.lower())
-        if index is None:  # a bare KeyError named only the value
-            raise ValueError(f"index_type must be 'flat' or 'hnsw', not {index_type!r}")
-        return self.stub.CreateGallery(reid_pb2.CreateGalleryRequest(name=name, dimension=dimension, index_type=index), **self._kw())
+        return self.stub.CreateGallery(create_request(name, dimension, index_type), **self._kw())
 
     def drop(self, name: str) -> None:
         self.stub.DropGallery(reid_pb2.DropGalleryRequest(name=name), **self._kw())
@@ -192,24 +226,47 @@ class GalleryClient(_Connection):
 
     def add(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, metadata: Sequence = (),
             ids: Sequence[int] = (), replace: bool = False) -> list[int]:
-        request = reid_pb2.AddToGalleryRequest(gallery=gallery, images=[to_image(i) for i in images], metadata=list(metadata),
-                                               ids=list(ids), replace_existing=replace)
-        if embeddings is not None:
-            request.embeddings.extend(embeddings_message(embeddings))
-        return list(self.stub.AddToGallery(request, **self._kw()).ids)
+        return list(self.stub.AddToGallery(add_request(gallery, images, embeddings, metadata, ids, replace), **self._kw()).ids)
 
     def remove(self, gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = ()) -> reid_pb2.RemoveFromGalleryResponse:
         """Entries by id, or every entry of ``person_ids`` (not both)."""
-        request = reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids), person_ids=list(person_ids))
-        return self.stub.RemoveFromGallery(request, **self._kw())
+        return self.stub.RemoveFromGallery(remove_request(gallery, ids, person_ids), **self._kw())
 
     def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
                filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:
-        """One ``SearchResult`` per query; ``group_by_person``: the best entry of each of ``top_k`` people."""
-        request = reid_pb2.SearchRequest(gallery=gallery, images=[to_image(i) for i in images], top_k=top_k,
-                                         filters=list(filters), group_by_person=group_by_person)
-        if embeddings is not None:
-            request.embeddings.extend(embeddings_message(embeddings))
-        if rerank is not None:
-            request.rerank.CopyFrom(reid_pb2.RerankOptions(enabled=True, **rerank))
+        """One ``SearchResult`` per query (``search_request`` says what the options mean)."""
+        request = search_request(gallery, images, embeddings, top_k, filters, rerank, group_by_person)
         return list(self.stub.Search(request, **self._kw()).results)
+
+
+class AsyncGalleryClient(_AsyncConnection):
+    """asyncio client for the gallery RPCs (``async with AsyncGalleryClient(target) as g: await g.search(...)``),
+    with ``GalleryClient``'s methods and arguments; failures raise ``grpc.aio.AioRpcError``."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 60.0, max_message_bytes: int = 256 * 2**20, **options):
+        super().__init__(target, timeout, max_message_bytes, aio=True, **options)
+
+    async def create(self, name: str, dimension: int = 0, index_type: str = "flat") -> reid_pb2.GalleryInfo:
+        return await self.stub.CreateGallery(create_request(name, dimension, index_type), **self._kw())
+
+    async def drop(self, name: str) -> None:
+        await self.stub.DropGallery(reid_pb2.DropGalleryRequest(name=name), **self._kw())
+
+    async def list(self) -> list:
+        return list((await self.stub.ListGalleries(reid_pb2.ListGalleriesRequest(), **self._kw())).galleries)
+
+    async def info(self, name: str) -> reid_pb2.GalleryInfo:
+        return await self.stub.GetGalleryInfo(reid_pb2.GetGalleryInfoRequest(name=name), **self._kw())
+
+    async def add(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, metadata: Sequence = (),
+                  ids: Sequence[int] = (), replace: bool = False) -> list[int]:
+        return list((await self.stub.AddToGallery(add_request(gallery, images, embeddings, metadata, ids, replace),
+                                                  **self._kw())).ids)
+
+    async def remove(self, gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = ()) -> reid_pb2.RemoveFromGalleryResponse:
+        return await self.stub.RemoveFromGallery(remove_request(gallery, ids, person_ids), **self._kw())
+
+    async def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
+                     filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:
+        request = search_request(gallery, images, embeddings, top_k, filters, rerank, group_by_person)
+        return list((await self.stub.Search(request, **self._kw())).results)

@@ -91,6 +91,36 @@ def test_round_trip_filters_and_errors(server):
         assert g.list() == []
 
 
+def test_the_asyncio_gallery_client_does_what_the_blocking_one_does(server, synthetic_root):
+    import asyncio
+
+    from serving.client import AsyncGalleryClient
+
+    files = [str(f) for f in sorted((synthetic_root / "bounding_box_test").iterdir())[:4]]
+    vecs = np.random.default_rng(1).normal(size=(6, 32)).astype(np.float32)
+
+    async def session():
+        async with AsyncGalleryClient(server.target) as g:
+            assert (await g.create("aio", index_type="hnsw")).index_type == reid_pb2.HNSW
+            ids = await g.add("aio", embeddings=vecs, metadata=[metadata_message(str(i % 2)) for i in range(6)])
+            image_ids = await g.add("aio", images=files[:2], metadata=[metadata_message("img")] * 2)
+            assert [i.name for i in await g.list()] == ["aio"] and (await g.info("aio")).size == 8
+            plain, grouped = await asyncio.gather(g.search("aio", embeddings=vecs[:1], top_k=3),
+                                                  g.search("aio", embeddings=vecs[:1], top_k=3, group_by_person=True))
+            assert plain[0].hits[0].id == ids[0] and len({h.metadata.person_id for h in grouped[0].hits}) == 3
+            found = await g.search("aio", images=files[1:2], top_k=1, rerank={"k1": 2, "k2": 1})
+            assert found[0].hits[0].id == image_ids[1]
+            gone = await g.remove("aio", person_ids=["0"])
+            assert gone.removed == 3 and (await g.remove("aio", ids=[ids[1], 999])).missing == [999]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await g.info("nobody")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            await g.drop("aio")
+            return await g.list()
+
+    assert asyncio.run(session()) == []
+
+
 def test_images_are_embedded_by_the_server(server, synthetic_root):
     files = sorted((synthetic_root / "bounding_box_test").iterdir())[:6]
     with GalleryClient(server.target) as g:

@@ -365,21 +365,22 @@ def test_client_library_misuse_gets_a_clear_error():
     with a coroutine nobody awaited, leaving the channel open."""
     import asyncio
 
-    from serving.client import AsyncReidClient
+    from serving.client import AsyncGalleryClient, AsyncReidClient
 
     with GalleryClient("127.0.0.1:1") as g, pytest.raises(ValueError, match="index_type must be 'flat' or 'hnsw', not 'ivf'"):
         g.create("lobby", index_type="ivf")
 
-    async def plain_with():
-        client = AsyncReidClient("127.0.0.1:1")
+    async def plain_with(kind):
+        client = kind("127.0.0.1:1")
         try:
-            with pytest.raises(TypeError, match="use 'async with AsyncReidClient"):
+            with pytest.raises(TypeError, match=f"use 'async with {kind.__name__}"):
                 with client:
                     pass
         finally:
             await client.close()
 
-    asyncio.run(plain_with())
+    asyncio.run(plain_with(AsyncReidClient))
+    asyncio.run(plain_with(AsyncGalleryClient))
 
 
 def test_request_limits(engine):
