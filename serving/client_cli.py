@@ -73,7 +73,7 @@ def client_parser() -> argparse.ArgumentParser:
     e.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order)")
     e.add_argument("--output", type=Path, help=".npy file for the N x D embeddings (rows of failed images are NaN)")
 
-    sub.add_parser("galleries", parents=[common], help="list galleries: name, entries, dimension, index, backend")
+    sub.add_parser("galleries", parents=[common], help="list galleries: name, entries, dimension, index, backend, model")
     c = sub.add_parser("create", parents=[common], help="create an empty gallery")
     c.add_argument("gallery")
     c.add_argument("--index", choices=["flat", "hnsw"], default="flat", help="flat: exact (default); hnsw: approximate")
@@ -203,7 +203,7 @@ def _embed(args, connect) -> int:
 
 def _print_info(info: reid_pb2.GalleryInfo) -> None:
     print(f"{info.name}: {info.size} entries, {info.dimension}-d, {reid_pb2.IndexType.Name(info.index_type).lower()} index, "
-          f"{info.backend} on {info.device or 'cpu'}")
+          f"{info.backend} on {info.device or 'cpu'}" + (f", model {info.model}" if info.model else ""))
 
 
 def _galleries(args, connect) -> int:

@@ -24,7 +24,7 @@ _INDEX_ENUMS = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}
 def _info(info: GalleryInfo) -> reid_pb2.GalleryInfo:
     return reid_pb2.GalleryInfo(name=info.name, dimension=info.dim, size=info.size,
                                 index_type=_INDEX_ENUMS.get(info.index_type, reid_pb2.INDEX_TYPE_UNSPECIFIED),
-                                backend=info.backend, device=info.device)
+                                backend=info.backend, device=info.device, model=info.model)
 
 
 def _meta(m: reid_pb2.EntryMetadata) -> EntryMetadata:
@@ -61,9 +61,22 @@ class GalleryRpcs:
         self._count(method, code)
         await context.abort(code, message)
 
-    async def _embed_images(self, images, context, method: str) -> tuple[list, list]:
-        """Embed request images through the batcher; returns (rows for good images, per-image exceptions)."""
+    async def _embed_images(self, images, context, method: str, gallery: str) -> tuple[list, list]:
+        """Embed request images through the batcher for ``gallery``, once it is known to hold this
+        model's embeddings; returns (rows for good images, per-image exceptions)."""
         from serving.service import RequestError
+
+        if self.store is not None:
+            try:
+                theirs = await asyncio.get_running_loop().run_in_executor(self.gallery_pool, self.store.model, gallery)
+            except GalleryError as exc:
+                await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
+            ours = self.engine.model_id
+            if theirs and ours and theirs != ours:
+                await self._fail(context, method, grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"gallery {gallery!r} holds embeddings of model {theirs}, and this server embeds images "
+                                 f"with model {ours}: they do not compare. Enroll the images again into a new gallery, "
+                                 "or search this one with embeddings of its own model")
 
         try:
             outcomes = await self.embed_outcomes(reid_pb2.EmbedRequest(images=images), self._deadline(context))
@@ -79,8 +92,10 @@ class GalleryRpcs:
         if self.store is not None and request.index_type not in _INDEX_NAMES:  # a newer client's: not silently flat
             await self._fail(context, "CreateGallery", grpc.StatusCode.INVALID_ARGUMENT,
                              f"index_type {request.index_type} is not one this server knows (FLAT = 1, HNSW = 2)")
+        # a gallery of another width than the model's holds embeddings from elsewhere: no model to record
+        model = self.engine.model_id if dim == self.engine.metadata.embedding_dim else ""
         info = await self._call(context, "CreateGallery", self.store.create if self.store else None,
-                                request.name, dim, _INDEX_NAMES.get(request.index_type, ""))
+                                request.name, dim, _INDEX_NAMES.get(request.index_type, ""), model)
         return _info(info)
 
     @timed
@@ -107,7 +122,7 @@ class GalleryRpcs:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
                              f"{n} entries need {n} metadata and {n} ids (or none), got {len(request.metadata)} and {len(request.ids)}")
         if request.images:
-            rows, errors = await self._embed_images(request.images, context, method)
+            rows, errors = await self._embed_images(request.images, context, method, request.gallery)
             bad = [(i, e) for i, e in enumerate(errors) if e is not None]
             if bad:
                 i, e = bad[0]
@@ -158,7 +173,7 @@ class GalleryRpcs:
         filters = [_filter(f) for f in request.filters] or [SearchFilter()]
         errors: list = [None] * n
         if request.images:
-            rows, errors = await self._embed_images(request.images, context, method)
+            rows, errors = await self._embed_images(request.images, context, method, request.gallery)
             good = [i for i, e in enumerate(errors) if e is None]
             queries = np.stack([rows[i] for i in good]) if good else None
         else:

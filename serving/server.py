@@ -151,25 +151,31 @@ class ReidServer:
         # ~60,000 objects and stops the event loop for tens of milliseconds (docs/performance.md).
         gc.collect()
         gc.freeze()
-        self._warn_of_other_widths()
+        self._warn_of_other_models()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d (reid %s, %s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)",
-                 SERVICE_NAME, c.host, self.port, importlib.metadata.version("reid"), self.engine.label, self.batcher.instances, self.batcher.max_batch_size,
-                 c.max_queue_delay_ms, ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext",
+        log.info("serving %s on %s:%d (reid %s, model %s, %s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)",
+                 SERVICE_NAME, c.host, self.port, importlib.metadata.version("reid"), self.engine.model_id, self.engine.label,
+                 self.batcher.instances, self.batcher.max_batch_size, c.max_queue_delay_ms, ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext",
                  f"{len(c.tokens)} token(s)" if c.tokens else "no authentication",
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         return self.port
 
-    def _warn_of_other_widths(self) -> None:
+    def _warn_of_other_models(self) -> None:
         """Galleries made with another model (after a model change) refuse this one's embeddings on
         every add and search from images; say so at startup rather than per call."""
         if self.store is None:
             return
-        dim = self.engine.metadata.embedding_dim
-        other = [f"{name} ({width}-d)" for name, width in self.store.dimensions().items() if width != dim]
+        dim, ours = self.engine.metadata.embedding_dim, self.engine.model_id
+        widths = self.store.dimensions()
+        other = [f"{name} ({width}-d)" for name, width in widths.items() if width != dim]
         if other:
             log.warning("galleries of another width than this model's %d-d embeddings: %s; adding or searching "
                         "images there fails until they are rebuilt with this model", dim, ", ".join(other))
+        other = [f"{name} (model {model})" for name, model in self.store.models().items()
+                 if model and model != ours and widths.get(name) == dim]
+        if other:
+            log.warning("galleries filled by another model than this one (%s): %s; adding or searching images there "
+                        "is refused (FAILED_PRECONDITION) until they are rebuilt with this model", ours, ", ".join(other))
 
     def _bind(self, creds) -> int:
         """The gRPC port, bound before anything starts so that a taken one is reported in one line."""

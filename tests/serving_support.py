@@ -54,6 +54,7 @@ class SlowEngine(Engine):
                  per_image: float = 0.0):
         self.inner, self.delay, self.fail_on_call, self.per_image = inner, delay, fail_on_call, per_image
         self.metadata = inner.metadata
+        self.model_id = inner.model_id
         self.max_batch_size = inner.max_batch_size
         self.thread_safe_run = thread_safe
         self.calls: list[int] = []

@@ -46,7 +46,7 @@ def _run(capsys, server, *args: str) -> tuple[int, str, str]:
 def test_gallery_round_trip(server, crops, capsys):
     a1, a2, b = crops
     code, out, _ = _run(capsys, server, "create", "lobby")
-    assert code == 0 and out.strip() == "lobby: 0 entries, 32-d, flat index, faiss on cpu"
+    assert code == 0 and out.strip() == f"lobby: 0 entries, 32-d, flat index, faiss on cpu, model {server.server.engine.model_id}"
 
     code, out, _ = _run(capsys, server, "enroll", "lobby", str(a1), "--person-id", "A", "--camera-id", "c1",
                         "--label", "site=door", "--timestamp", "12.5")
@@ -283,7 +283,7 @@ def test_connection_options_go_before_or_after_the_command(server, monkeypatch, 
     monkeypatch.setenv("REID_SERVER", server.target)
     assert client_main(["galleries", "--timeout", "5"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1:] == ["front: 0 entries, 32-d, flat index, faiss on cpu"] * 2
+    assert out[1:] == [f"front: 0 entries, 32-d, flat index, faiss on cpu, model {server.server.engine.model_id}"] * 2
 
 
 def test_a_reader_that_leaves_early_ends_the_output_quietly(server, crops):

@@ -584,6 +584,20 @@ def test_flat_search_after_removals_equals_brute_force(tmp_path, monkeypatch, ov
         assert [h.id for h in row] == (best + 1).tolist()
 
 
+def test_galleries_keep_the_model_they_were_made_for(store, tmp_path):
+    store.create("g", 16, "hnsw", model="abc123")
+    store.create("legacy", 16)
+    assert (store.info("g").model, store.model("g"), store.info("legacy").model) == ("abc123", "abc123", "")
+    # read back, not remembered: a Milvus HNSW gallery used to read as flat (its schema description came back empty)
+    assert [(i.name, i.index_type) for i in store.list()] == [("g", "hnsw"), ("legacy", "flat")]
+    assert store.models() == {"g": "abc123", "legacy": ""}
+    with pytest.raises(GalleryNotFound):
+        store.model("nope")
+    if isinstance(store, FaissGalleryStore):
+        store.close()
+        assert FaissGalleryStore(tmp_path / "faiss").models() == {"g": "abc123", "legacy": ""}
+
+
 def test_remove_and_info(store):
     vecs, meta = _data(30)
     store.create("g", 16)

@@ -367,6 +367,61 @@ def test_startup_names_galleries_made_for_another_model(tiny_onnx, tmp_path, cap
     assert not any("current" in w for w in warnings)
 
 
+def test_images_are_refused_by_a_gallery_another_model_filled(tiny_onnx, synthetic_root, tmp_path, caplog):
+    """A retrained model of the same width was searched against the old model's gallery, and every
+    answer ranked at random: galleries now record their model, and image calls check it."""
+    import logging
+
+    files = [str(f) for f in sorted((synthetic_root / "bounding_box_test").iterdir())[:3]]
+    first = OnnxRuntimeEngine(tiny_onnx)
+    thread = ServerThread(first, ServerConfig(port=0))
+    thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    with thread as s, GalleryClient(s.target) as g:
+        assert g.create("lobby").model == first.model_id != ""
+        assert g.create("outside", dimension=8).model == ""  # another width: embeddings from elsewhere
+        ids = g.add("lobby", images=files)
+        kept = g.search("lobby", images=files[:1], top_k=1)[0].hits[0]
+    assert kept.id == ids[0]
+
+    retrained = OnnxRuntimeEngine(tiny_onnx)
+    retrained.model_id = "0123456789abcdef"  # as a retrained model of the same width would have
+    store = FaissGalleryStore(tmp_path / "galleries")  # the same folder, after a restart
+    assert store.info("lobby").model == first.model_id
+    thread = ServerThread(retrained, ServerConfig(port=0))
+    thread.server.store = store
+    with caplog.at_level(logging.WARNING), thread as s, GalleryClient(s.target) as g:
+        for call in (lambda: g.search("lobby", images=files[:1]), lambda: g.add("lobby", images=files[:1])):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert err.value.details().startswith(f"gallery 'lobby' holds embeddings of model {first.model_id}, and this "
+                                                  "server embeds images with model 0123456789abcdef")
+        vector = first.embed_images([decode_image(Path(files[0]).read_bytes())])
+        assert g.search("lobby", embeddings=vector, top_k=1)[0].hits[0].id == ids[0]  # its own model's embeddings: fine
+        assert g.info("lobby").size == 3  # nothing was added
+        g.create("fresh")
+        assert g.add("fresh", images=files[:1]) and g.info("fresh").model == "0123456789abcdef"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"another model than this one (0123456789abcdef): lobby (model {first.model_id})" in w for w in warnings)
+
+
+def test_engines_name_their_model_by_checkpoint_else_by_file(tiny_onnx, tmp_path):
+    import hashlib
+
+    from serving.engines import ModelMetadata
+
+    engine = OnnxRuntimeEngine(tiny_onnx)
+    assert engine.model_id == engine.metadata.checkpoint_sha256[:16]  # an FP16 export or engine of it shares it
+    plain = tmp_path / "plain.onnx"
+    import onnx
+
+    model = onnx.load(str(tiny_onnx))
+    del model.metadata_props[:]  # as a model from another tool comes
+    onnx.save(model, str(plain))
+    other = OnnxRuntimeEngine(plain, fallback=ModelMetadata(64, 32, 0, pixel_mean=[0.5] * 3, pixel_std=[0.25] * 3))
+    assert other.model_id == hashlib.sha256(plain.read_bytes()).hexdigest()[:16]
+
+
 def test_gallery_threads_let_searches_of_one_gallery_run_together(tiny_onnx, tmp_path):
     """Two searches of one gallery must be inside the store at the same time (a barrier of two):
     with --gallery-threads 1 the second would wait for the first, which waits for it."""

@@ -723,6 +723,9 @@ def test_wait_returns_only_after_the_whole_shutdown(engine):
         def dimensions(self):
             return {}
 
+        def models(self):
+            return {}
+
         def close(self):
             self.closed = True
 
@@ -751,6 +754,9 @@ def test_a_failed_shutdown_step_is_raised_by_wait(engine):
 
     class Store:
         def dimensions(self):
+            return {}
+
+        def models(self):
             return {}
 
         def close(self):

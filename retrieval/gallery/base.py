@@ -33,6 +33,12 @@ class InvalidEntry(GalleryError):
     code = "INVALID_ARGUMENT"
 
 
+class ModelMismatch(GalleryError):
+    """The gallery holds another model's embeddings than the ones offered to it."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class StorageError(GalleryError):
     """The gallery directory cannot be written (read-only, disk full): writes fail, reads go on."""
 
@@ -97,6 +103,7 @@ class GalleryInfo:
     index_type: str
     backend: str
     device: str = "cpu"
+    model: str = ""  # the model whose embeddings it holds ("": not recorded)
 
 
 INDEX_TYPES = ("flat", "hnsw")
@@ -184,7 +191,8 @@ class GalleryBackend(abc.ABC):
     """What the server needs from a gallery store. Every method is thread-safe."""
 
     @abc.abstractmethod
-    def create(self, name: str, dim: int, index_type: str = "flat") -> GalleryInfo: ...
+    def create(self, name: str, dim: int, index_type: str = "flat", model: str = "") -> GalleryInfo:
+        """A new empty gallery; ``model`` names the model whose embeddings it will hold."""
 
     @abc.abstractmethod
     def drop(self, name: str) -> None: ...
@@ -199,6 +207,14 @@ class GalleryBackend(abc.ABC):
         """Each gallery's embedding width: what a startup check needs of ``list``, without the rest
         (a Milvus store counts every gallery's entries there, a Strong read each)."""
         return {g.name: g.dim for g in self.list()}
+
+    def models(self) -> dict[str, str]:
+        """Each gallery's model ("" where none was recorded), as cheaply as ``dimensions``."""
+        return {g.name: g.model for g in self.list()}
+
+    def model(self, name: str) -> str:
+        """The model whose embeddings gallery ``name`` holds: checked before images are embedded for it."""
+        return self.info(name).model
 
     @abc.abstractmethod
     def add(self, name: str, ids: np.ndarray, vectors: np.ndarray, metadata: list[EntryMetadata], replace: bool = False) -> np.ndarray:

@@ -1,6 +1,6 @@
 """FAISS galleries on local disk that survive crashes: snapshot + write-ahead log per gallery.
 
-Layout: ``ROOT/<gallery>/gallery.json`` (dimension, index type), ``snapshot.npz`` (ids, vectors,
+Layout: ``ROOT/<gallery>/gallery.json`` (dimension, index type, model), ``snapshot.npz`` (ids, vectors,
 metadata; written to a temporary file, fsync'ed and renamed), ``wal.log`` (every add/remove since
 the snapshot). An add or remove is in the log, fsync'ed, before it is applied and acknowledged. On
 start a gallery is its snapshot plus the log replayed. A corrupt snapshot stops the start with a
@@ -178,8 +178,9 @@ class _Gallery:
     """One gallery: rows of ids and metadata, a FAISS index over every row (node i is row i; it
     holds the vectors), its log. Removed rows stay, marked dead, until a snapshot compacts them."""
 
-    def __init__(self, directory: Path, dim: int, index_type: str, snapshot_every: int):
+    def __init__(self, directory: Path, dim: int, index_type: str, snapshot_every: int, model: str = ""):
         self.dir, self.dim, self.index_type, self.snapshot_every = directory, dim, index_type, snapshot_every
+        self.model = model
         self.lock = ReadWriteLock()  # searches read side by side; changes write alone
         # Changes one at a time, in the log's order, from validation to their last applied row; they
         # take the write lock only to apply rows (not to log them), so searches get in between.
@@ -807,7 +808,7 @@ class _Gallery:
         return ids, self.vectors[rows], [self.meta[r] for r in rows]
 
     def info(self, name: str) -> GalleryInfo:
-        return GalleryInfo(name, self.dim, int(self.alive.sum()), self.index_type, "faiss", self.device)
+        return GalleryInfo(name, self.dim, int(self.alive.sum()), self.index_type, "faiss", self.device, self.model)
 
     def close(self) -> None:
         self.settle()
@@ -836,13 +837,13 @@ class FaissGalleryStore(GalleryBackend):
         for cfg in sorted(self.root.glob("*/gallery.json")):
             try:
                 meta = json.loads(cfg.read_text())
-                dim, index_type = int(meta["dim"]), str(meta["index_type"])
+                dim, index_type, model = int(meta["dim"]), str(meta["index_type"]), str(meta.get("model", ""))
                 if index_type not in INDEX_TYPES or dim < 1:  # else it would load as some other index
                     raise ValueError(f"dim {dim} and index_type {index_type!r}")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise GalleryError(f"{cfg} is unreadable ({exc}); refusing to start: restore it (it holds "
                                    '{"dim": D, "index_type": "flat" or "hnsw"}) or move the gallery directory aside') from None
-            self.galleries[cfg.parent.name] = _Gallery(cfg.parent, dim, index_type, snapshot_every)
+            self.galleries[cfg.parent.name] = _Gallery(cfg.parent, dim, index_type, snapshot_every, model)
 
     def _get(self, name: str) -> _Gallery:
         try:
@@ -850,7 +851,7 @@ class FaissGalleryStore(GalleryBackend):
         except KeyError:
             raise GalleryNotFound(f"no gallery named {name!r}") from None
 
-    def create(self, name: str, dim: int, index_type: str = "flat") -> GalleryInfo:
+    def create(self, name: str, dim: int, index_type: str = "flat", model: str = "") -> GalleryInfo:
         check_new_gallery(name, dim, index_type, max_dim=65536)
         with self.lock:
             if name in self.galleries:
@@ -866,13 +867,13 @@ class FaissGalleryStore(GalleryBackend):
             try:
                 directory.mkdir()
                 tmp = directory / "gallery.json.tmp"
-                tmp.write_text(json.dumps({"dim": dim, "index_type": index_type}))
+                tmp.write_text(json.dumps({"dim": dim, "index_type": index_type, **({"model": model} if model else {})}))
                 os.replace(tmp, directory / "gallery.json")
                 fsync_dir(directory)
             except OSError as exc:
                 shutil.rmtree(directory, ignore_errors=True)
                 raise _storage(exc, f"cannot create gallery {name!r}") from None
-            self.galleries[name] = _Gallery(directory, dim, index_type, self.snapshot_every)
+            self.galleries[name] = _Gallery(directory, dim, index_type, self.snapshot_every, model)
             return self.galleries[name].info(name)
 
     def drop(self, name: str) -> None:
@@ -908,6 +909,13 @@ class FaissGalleryStore(GalleryBackend):
 
     def remove_people(self, name, person_ids):
         return self._get(name).remove_people(person_ids)
+
+    def model(self, name: str) -> str:
+        return self._get(name).model
+
+    def models(self) -> dict[str, str]:
+        with self.lock:
+            return {name: g.model for name, g in self.galleries.items()}
 
     def search(self, name, queries, top_k, filters, rerank=None, group_by_person=False):
         return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank, group_by_person)

@@ -45,6 +45,7 @@ CONSISTENCY_LEVELS = {"strong": "Strong", "bounded": "Bounded", "session": "Sess
 META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
 HNSW_PARAMS = {"M": 32, "efConstruction": 80}
 MAX_LIMIT = 16384  # the most hits Milvus returns for one query (its topk limit)
+MODEL_PROPERTY = "reid.model"  # the collection property naming the gallery's model (descriptions come back empty)
 # Milvus's default limit on collection names (proxy.maxNameLength): with the prefix and two hex
 # digits per character, gallery names up to 125 characters fit.
 MAX_COLLECTION_NAME = 255
@@ -146,6 +147,7 @@ class MilvusGalleryStore(GalleryBackend):
         self.lock = threading.RLock()
         self._connect_lock = threading.Lock()
         self._dims: dict[str, tuple[int, str]] = {}
+        self._models: dict[str, str] = {}  # each gallery's model, read with its dimension
 
     # ---- helpers -------------------------------------------------------------------------------
     def _call(self, method: str, *args, what: str = "", **kwargs):
@@ -218,9 +220,13 @@ class MilvusGalleryStore(GalleryBackend):
             raise GalleryNotFound(f"no gallery named {name!r}")
         desc = self._call("describe_collection", coll)
         dim = next(int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector")
-        index = json.loads(desc.get("description") or "{}").get("index_type", "flat")
+        # from the index itself: the schema's description, where this was kept, came back empty
+        # from Milvus Lite, so every HNSW gallery read as flat (and searched without its ef)
+        built = self._call("describe_index", coll, index_name="vector")
+        index = "hnsw" if str(built.get("index_type", "")).upper() == "HNSW" else "flat"
         self._call("load_collection", coll)
         self._dims[name] = (dim, index)
+        self._models[name] = str((desc.get("properties") or {}).get(MODEL_PROPERTY, ""))
         return dim, index
 
     def _describe_for(self, name: str, width: int) -> tuple[int, str]:
@@ -242,7 +248,7 @@ class MilvusGalleryStore(GalleryBackend):
         return {int(r["id"]) for r in rows}
 
     # ---- GalleryBackend ------------------------------------------------------------------------
-    def create(self, name: str, dim: int, index_type: str = "flat") -> GalleryInfo:
+    def create(self, name: str, dim: int, index_type: str = "flat", model: str = "") -> GalleryInfo:
         from pymilvus import DataType, MilvusClient
 
         check_new_gallery(name, dim, index_type, max_dim=32768)
@@ -266,9 +272,10 @@ class MilvusGalleryStore(GalleryBackend):
             else:
                 index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
             self._call("create_collection", coll, schema=schema, index_params=index,
-                       consistency_level="Strong")
+                       consistency_level="Strong", properties={MODEL_PROPERTY: model} if model else None)
             self._dims[name] = (dim, index_type)
-            return GalleryInfo(name, dim, 0, index_type, "milvus")
+            self._models[name] = model
+            return GalleryInfo(name, dim, 0, index_type, "milvus", model=model)
 
     def drop(self, name: str) -> None:
         with self.lock:
@@ -288,7 +295,17 @@ class MilvusGalleryStore(GalleryBackend):
 
     def info(self, name: str) -> GalleryInfo:
         dim, index_type = self._describe(name, fresh=True)  # what Milvus holds now, not what this replica saw
-        return GalleryInfo(name, dim, self._count(name), index_type, "milvus")
+        return GalleryInfo(name, dim, self._count(name), index_type, "milvus", model=self._models[name])
+
+    def model(self, name: str) -> str:
+        self._describe(name)
+        return self._models[name]
+
+    def models(self) -> dict[str, str]:
+        names = self._names()
+        for n in names:
+            self._describe(n, fresh=True)
+        return {n: self._models[n] for n in names}
 
     def add(self, name, ids, vectors, metadata, replace=False):
         with self.lock:

@@ -7,9 +7,11 @@ resizing, scaling and (for graphs without it) normalization, so every runtime se
 from __future__ import annotations
 
 import abc
+import hashlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import cv2
@@ -209,6 +211,21 @@ class Engine(abc.ABC):
     # True where the first run at each batch size is slow (GPU runtimes pick kernels per shape):
     # the server then runs every batch size once before it reports SERVING.
     warm_each_batch_size: bool = False
+    # Whose embeddings these are: galleries record it, so that images are never searched against
+    # a gallery another model filled (a retrained model of the same width ranks at random there).
+    model_id: str = ""
+
+    def _identify(self, path: Path) -> None:
+        """Set ``model_id``: the training checkpoint's hash where the file carries it (its ONNX, FP16
+        ONNX and TensorRT engine then share one id), else the file's own."""
+        if self.metadata.checkpoint_sha256:
+            self.model_id = self.metadata.checkpoint_sha256[:16]
+            return
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        self.model_id = digest.hexdigest()[:16]
 
     @property
     def label(self) -> str:

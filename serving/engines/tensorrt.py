@@ -52,6 +52,7 @@ class TensorRTEngine(Engine):
         self.metadata = ModelMetadata.from_props(props or {})
         if self.metadata is None:
             raise ModelFileError(f"{sidecar} lacks reid metadata; rebuild from an ONNX file with metadata or give preprocessing")
+        self._identify(path)
         try:
             import tensorrt as trt
 

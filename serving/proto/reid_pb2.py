@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12reid/v1/reid.proto\x12\x07reid.v1\"_\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12$\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x14.reid.v1.PixelFormat\"D\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12 \n\x03raw\x18\x02 \x01(\x0b\x32\x11.reid.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"=\n\x0b\x42oundingBox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"K\n\x05\x46rame\x12\x1d\n\x05image\x18\x01 \x01(\x0b\x32\x0e.reid.v1.Image\x12#\n\x05\x62oxes\x18\x02 \x03(\x0b\x32\x14.reid.v1.BoundingBox\"a\n\x0c\x45mbedRequest\x12\x1e\n\x06images\x18\x01 \x03(\x0b\x32\x0e.reid.v1.Image\x12\x1d\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0e.reid.v1.Frame\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"a\n\x0b\x45mbedResult\x12\'\n\tembedding\x18\x01 \x01(\x0b\x32\x12.reid.v1.EmbeddingH\x00\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0e.reid.v1.ErrorH\x00\x42\x08\n\x06result\"\x80\x01\n\rEmbedResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.reid.v1.EmbedResult\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x12\n\nnormalized\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\xab\x01\n\rEntryMetadata\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x32\n\x06labels\x18\x04 \x03(\x0b\x32\".reid.v1.EntryMetadata.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x14\x43reateGalleryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12&\n\nindex_type\x18\x03 \x01(\x0e\x32\x12.reid.v1.IndexType\"\x85\x01\n\x0bGalleryInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12&\n\nindex_type\x18\x04 \x01(\x0e\x32\x12.reid.v1.IndexType\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\"\"\n\x12\x44ropGalleryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44ropGalleryResponse\"\x16\n\x14ListGalleriesRequest\"@\n\x15ListGalleriesResponse\x12\'\n\tgalleries\x18\x01 \x03(\x0b\x32\x14.reid.v1.GalleryInfo\"%\n\x15GetGalleryInfoRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xbf\x01\n\x13\x41\x64\x64ToGalleryRequest\x12\x0f\n\x07gallery\x18\x01 \x01(\t\x12\x1e\n\x06images\x18\x02 \x03(\x0b\x32\x0e.reid.v1.Image\x12&\n\nembeddings\x18\x03 \x03(\x0b\x32\x12.reid.v1.Embedding\x12(\n\x08metadata\x18\x04 \x03(\x0b\x32\x16.reid.v1.EntryMetadata\x12\x0b\n\x03ids\x18\x05 \x03(\x04\x12\x18\n\x10replace_existing\x18\x06 \x01(\x08\"#\n\x14\x41\x64\x64ToGalleryResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"L\n\x18RemoveFromGalleryRequest\x12\x0f\n\x07gallery\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x04\x12\x12\n\nperson_ids\x18\x03 \x03(\t\"Y\n\x19RemoveFromGalleryResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x0f\n\x07missing\x18\x02 \x03(\x04\x12\x1a\n\x12missing_person_ids\x18\x03 \x03(\t\"\xaf\x01\n\x0cSearchFilter\x12\x19\n\x11\x65xclude_camera_id\x18\x01 \x01(\t\x12\x11\n\ttime_from\x18\x02 \x01(\x01\x12\x0f\n\x07time_to\x18\x03 \x01(\x01\x12\x31\n\x06labels\x18\x04 \x03(\x0b\x32!.reid.v1.SearchFilter.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\rRerankOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\n\n\x02k1\x18\x02 \x01(\r\x12\n\n\x02k2\x18\x03 \x01(\r\x12\x14\n\x0clambda_value\x18\x04 \x01(\x02\x12\x0c\n\x04pool\x18\x05 \x01(\r\"\xe0\x01\n\rSearchRequest\x12\x0f\n\x07gallery\x18\x01 \x01(\t\x12\x1e\n\x06images\x18\x02 \x03(\x0b\x32\x0e.reid.v1.Image\x12&\n\nembeddings\x18\x03 \x03(\x0b\x32\x12.reid.v1.Embedding\x12\r\n\x05top_k\x18\x04 \x01(\r\x12&\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x15.reid.v1.SearchFilter\x12&\n\x06rerank\x18\x06 \x01(\x0b\x32\x16.reid.v1.RerankOptions\x12\x17\n\x0fgroup_by_person\x18\x07 \x01(\x08\"b\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64istance\x18\x03 \x01(\x02\x12(\n\x08metadata\x18\x04 \x01(\x0b\x32\x16.reid.v1.EntryMetadata\"O\n\x0cSearchResult\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.reid.v1.SearchHit\x12\x1d\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0e.reid.v1.Error\"8\n\x0eSearchResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.reid.v1.SearchResult*?\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x08\n\x04RGB8\x10\x01\x12\x08\n\x04\x42GR8\x10\x02*;\n\tIndexType\x12\x1a\n\x16INDEX_TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46LAT\x10\x01\x12\x08\n\x04HNSW\x10\x02\x32\x98\x05\n\x10ReIdentification\x12\x36\n\x05\x45mbed\x12\x15.reid.v1.EmbedRequest\x1a\x16.reid.v1.EmbedResponse\x12@\n\x0b\x45mbedStream\x12\x15.reid.v1.EmbedRequest\x1a\x16.reid.v1.EmbedResponse(\x01\x30\x01\x12\x44\n\rCreateGallery\x12\x1d.reid.v1.CreateGalleryRequest\x1a\x14.reid.v1.GalleryInfo\x12H\n\x0b\x44ropGallery\x12\x1b.reid.v1.DropGalleryRequest\x1a\x1c.reid.v1.DropGalleryResponse\x12N\n\rListGalleries\x12\x1d.reid.v1.ListGalleriesRequest\x1a\x1e.reid.v1.ListGalleriesResponse\x12\x46\n\x0eGetGalleryInfo\x12\x1e.reid.v1.GetGalleryInfoRequest\x1a\x14.reid.v1.GalleryInfo\x12K\n\x0c\x41\x64\x64ToGallery\x12\x1c.reid.v1.AddToGalleryRequest\x1a\x1d.reid.v1.AddToGalleryResponse\x12Z\n\x11RemoveFromGallery\x12!.reid.v1.RemoveFromGalleryRequest\x1a\".reid.v1.RemoveFromGalleryResponse\x12\x39\n\x06Search\x12\x16.reid.v1.SearchRequest\x1a\x17.reid.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12reid/v1/reid.proto\x12\x07reid.v1\"_\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12$\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x14.reid.v1.PixelFormat\"D\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12 \n\x03raw\x18\x02 \x01(\x0b\x32\x11.reid.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"=\n\x0b\x42oundingBox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"K\n\x05\x46rame\x12\x1d\n\x05image\x18\x01 \x01(\x0b\x32\x0e.reid.v1.Image\x12#\n\x05\x62oxes\x18\x02 \x03(\x0b\x32\x14.reid.v1.BoundingBox\"a\n\x0c\x45mbedRequest\x12\x1e\n\x06images\x18\x01 \x03(\x0b\x32\x0e.reid.v1.Image\x12\x1d\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0e.reid.v1.Frame\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"a\n\x0b\x45mbedResult\x12\'\n\tembedding\x18\x01 \x01(\x0b\x32\x12.reid.v1.EmbeddingH\x00\x12\x1f\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0e.reid.v1.ErrorH\x00\x42\x08\n\x06result\"\x80\x01\n\rEmbedResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.reid.v1.EmbedResult\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x12\n\nnormalized\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\"\xab\x01\n\rEntryMetadata\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x11\n\tcamera_id\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x01\x12\x32\n\x06labels\x18\x04 \x03(\x0b\x32\".reid.v1.EntryMetadata.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\x14\x43reateGalleryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12&\n\nindex_type\x18\x03 \x01(\x0e\x32\x12.reid.v1.IndexType\"\x94\x01\n\x0bGalleryInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12&\n\nindex_type\x18\x04 \x01(\x0e\x32\x12.reid.v1.IndexType\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\"\"\n\x12\x44ropGalleryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44ropGalleryResponse\"\x16\n\x14ListGalleriesRequest\"@\n\x15ListGalleriesResponse\x12\'\n\tgalleries\x18\x01 \x03(\x0b\x32\x14.reid.v1.GalleryInfo\"%\n\x15GetGalleryInfoRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xbf\x01\n\x13\x41\x64\x64ToGalleryRequest\x12\x0f\n\x07gallery\x18\x01 \x01(\t\x12\x1e\n\x06images\x18\x02 \x03(\x0b\x32\x0e.reid.v1.Image\x12&\n\nembeddings\x18\x03 \x03(\x0b\x32\x12.reid.v1.Embedding\x12(\n\x08metadata\x18\x04 \x03(\x0b\x32\x16.reid.v1.EntryMetadata\x12\x0b\n\x03ids\x18\x05 \x03(\x04\x12\x18\n\x10replace_existing\x18\x06 \x01(\x08\"#\n\x14\x41\x64\x64ToGalleryResponse\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"L\n\x18RemoveFromGalleryRequest\x12\x0f\n\x07gallery\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\x04\x12\x12\n\nperson_ids\x18\x03 \x03(\t\"Y\n\x19RemoveFromGalleryResponse\x12\x0f\n\x07removed\x18\x01 \x01(\r\x12\x0f\n\x07missing\x18\x02 \x03(\x04\x12\x1a\n\x12missing_person_ids\x18\x03 \x03(\t\"\xaf\x01\n\x0cSearchFilter\x12\x19\n\x11\x65xclude_camera_id\x18\x01 \x01(\t\x12\x11\n\ttime_from\x18\x02 \x01(\x01\x12\x0f\n\x07time_to\x18\x03 \x01(\x01\x12\x31\n\x06labels\x18\x04 \x03(\x0b\x32!.reid.v1.SearchFilter.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\rRerankOptions\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\n\n\x02k1\x18\x02 \x01(\r\x12\n\n\x02k2\x18\x03 \x01(\r\x12\x14\n\x0clambda_value\x18\x04 \x01(\x02\x12\x0c\n\x04pool\x18\x05 \x01(\r\"\xe0\x01\n\rSearchRequest\x12\x0f\n\x07gallery\x18\x01 \x01(\t\x12\x1e\n\x06images\x18\x02 \x03(\x0b\x32\x0e.reid.v1.Image\x12&\n\nembeddings\x18\x03 \x03(\x0b\x32\x12.reid.v1.Embedding\x12\r\n\x05top_k\x18\x04 \x01(\r\x12&\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x15.reid.v1.SearchFilter\x12&\n\x06rerank\x18\x06 \x01(\x0b\x32\x16.reid.v1.RerankOptions\x12\x17\n\x0fgroup_by_person\x18\x07 \x01(\x08\"b\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x10\n\x08\x64istance\x18\x03 \x01(\x02\x12(\n\x08metadata\x18\x04 \x01(\x0b\x32\x16.reid.v1.EntryMetadata\"O\n\x0cSearchResult\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.reid.v1.SearchHit\x12\x1d\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0e.reid.v1.Error\"8\n\x0eSearchResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.reid.v1.SearchResult*?\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x08\n\x04RGB8\x10\x01\x12\x08\n\x04\x42GR8\x10\x02*;\n\tIndexType\x12\x1a\n\x16INDEX_TYPE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46LAT\x10\x01\x12\x08\n\x04HNSW\x10\x02\x32\x98\x05\n\x10ReIdentification\x12\x36\n\x05\x45mbed\x12\x15.reid.v1.EmbedRequest\x1a\x16.reid.v1.EmbedResponse\x12@\n\x0b\x45mbedStream\x12\x15.reid.v1.EmbedRequest\x1a\x16.reid.v1.EmbedResponse(\x01\x30\x01\x12\x44\n\rCreateGallery\x12\x1d.reid.v1.CreateGalleryRequest\x1a\x14.reid.v1.GalleryInfo\x12H\n\x0b\x44ropGallery\x12\x1b.reid.v1.DropGalleryRequest\x1a\x1c.reid.v1.DropGalleryResponse\x12N\n\rListGalleries\x12\x1d.reid.v1.ListGalleriesRequest\x1a\x1e.reid.v1.ListGalleriesResponse\x12\x46\n\x0eGetGalleryInfo\x12\x1e.reid.v1.GetGalleryInfoRequest\x1a\x14.reid.v1.GalleryInfo\x12K\n\x0c\x41\x64\x64ToGallery\x12\x1c.reid.v1.AddToGalleryRequest\x1a\x1d.reid.v1.AddToGalleryResponse\x12Z\n\x11RemoveFromGallery\x12!.reid.v1.RemoveFromGalleryRequest\x1a\".reid.v1.RemoveFromGalleryResponse\x12\x39\n\x06Search\x12\x16.reid.v1.SearchRequest\x1a\x17.reid.v1.SearchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENTRYMETADATA_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_SEARCHFILTER_LABELSENTRY']._loaded_options = None
   _globals['_SEARCHFILTER_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_PIXELFORMAT']._serialized_start=2469
-  _globals['_PIXELFORMAT']._serialized_end=2532
-  _globals['_INDEXTYPE']._serialized_start=2534
-  _globals['_INDEXTYPE']._serialized_end=2593
+  _globals['_PIXELFORMAT']._serialized_start=2484
+  _globals['_PIXELFORMAT']._serialized_end=2547
+  _globals['_INDEXTYPE']._serialized_start=2549
+  _globals['_INDEXTYPE']._serialized_end=2608
   _globals['_RAWIMAGE']._serialized_start=31
   _globals['_RAWIMAGE']._serialized_end=126
   _globals['_IMAGE']._serialized_start=128
@@ -64,39 +64,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEGALLERYREQUEST']._serialized_start=910
   _globals['_CREATEGALLERYREQUEST']._serialized_end=1005
   _globals['_GALLERYINFO']._serialized_start=1008
-  _globals['_GALLERYINFO']._serialized_end=1141
-  _globals['_DROPGALLERYREQUEST']._serialized_start=1143
-  _globals['_DROPGALLERYREQUEST']._serialized_end=1177
-  _globals['_DROPGALLERYRESPONSE']._serialized_start=1179
-  _globals['_DROPGALLERYRESPONSE']._serialized_end=1200
-  _globals['_LISTGALLERIESREQUEST']._serialized_start=1202
-  _globals['_LISTGALLERIESREQUEST']._serialized_end=1224
-  _globals['_LISTGALLERIESRESPONSE']._serialized_start=1226
-  _globals['_LISTGALLERIESRESPONSE']._serialized_end=1290
-  _globals['_GETGALLERYINFOREQUEST']._serialized_start=1292
-  _globals['_GETGALLERYINFOREQUEST']._serialized_end=1329
-  _globals['_ADDTOGALLERYREQUEST']._serialized_start=1332
-  _globals['_ADDTOGALLERYREQUEST']._serialized_end=1523
-  _globals['_ADDTOGALLERYRESPONSE']._serialized_start=1525
-  _globals['_ADDTOGALLERYRESPONSE']._serialized_end=1560
-  _globals['_REMOVEFROMGALLERYREQUEST']._serialized_start=1562
-  _globals['_REMOVEFROMGALLERYREQUEST']._serialized_end=1638
-  _globals['_REMOVEFROMGALLERYRESPONSE']._serialized_start=1640
-  _globals['_REMOVEFROMGALLERYRESPONSE']._serialized_end=1729
-  _globals['_SEARCHFILTER']._serialized_start=1732
-  _globals['_SEARCHFILTER']._serialized_end=1907
+  _globals['_GALLERYINFO']._serialized_end=1156
+  _globals['_DROPGALLERYREQUEST']._serialized_start=1158
+  _globals['_DROPGALLERYREQUEST']._serialized_end=1192
+  _globals['_DROPGALLERYRESPONSE']._serialized_start=1194
+  _globals['_DROPGALLERYRESPONSE']._serialized_end=1215
+  _globals['_LISTGALLERIESREQUEST']._serialized_start=1217
+  _globals['_LISTGALLERIESREQUEST']._serialized_end=1239
+  _globals['_LISTGALLERIESRESPONSE']._serialized_start=1241
+  _globals['_LISTGALLERIESRESPONSE']._serialized_end=1305
+  _globals['_GETGALLERYINFOREQUEST']._serialized_start=1307
+  _globals['_GETGALLERYINFOREQUEST']._serialized_end=1344
+  _globals['_ADDTOGALLERYREQUEST']._serialized_start=1347
+  _globals['_ADDTOGALLERYREQUEST']._serialized_end=1538
+  _globals['_ADDTOGALLERYRESPONSE']._serialized_start=1540
+  _globals['_ADDTOGALLERYRESPONSE']._serialized_end=1575
+  _globals['_REMOVEFROMGALLERYREQUEST']._serialized_start=1577
+  _globals['_REMOVEFROMGALLERYREQUEST']._serialized_end=1653
+  _globals['_REMOVEFROMGALLERYRESPONSE']._serialized_start=1655
+  _globals['_REMOVEFROMGALLERYRESPONSE']._serialized_end=1744
+  _globals['_SEARCHFILTER']._serialized_start=1747
+  _globals['_SEARCHFILTER']._serialized_end=1922
   _globals['_SEARCHFILTER_LABELSENTRY']._serialized_start=863
   _globals['_SEARCHFILTER_LABELSENTRY']._serialized_end=908
-  _globals['_RERANKOPTIONS']._serialized_start=1909
-  _globals['_RERANKOPTIONS']._serialized_end=2001
-  _globals['_SEARCHREQUEST']._serialized_start=2004
-  _globals['_SEARCHREQUEST']._serialized_end=2228
-  _globals['_SEARCHHIT']._serialized_start=2230
-  _globals['_SEARCHHIT']._serialized_end=2328
-  _globals['_SEARCHRESULT']._serialized_start=2330
-  _globals['_SEARCHRESULT']._serialized_end=2409
-  _globals['_SEARCHRESPONSE']._serialized_start=2411
-  _globals['_SEARCHRESPONSE']._serialized_end=2467
-  _globals['_REIDENTIFICATION']._serialized_start=2596
-  _globals['_REIDENTIFICATION']._serialized_end=3260
+  _globals['_RERANKOPTIONS']._serialized_start=1924
+  _globals['_RERANKOPTIONS']._serialized_end=2016
+  _globals['_SEARCHREQUEST']._serialized_start=2019
+  _globals['_SEARCHREQUEST']._serialized_end=2243
+  _globals['_SEARCHHIT']._serialized_start=2245
+  _globals['_SEARCHHIT']._serialized_end=2343
+  _globals['_SEARCHRESULT']._serialized_start=2345
+  _globals['_SEARCHRESULT']._serialized_end=2424
+  _globals['_SEARCHRESPONSE']._serialized_start=2426
+  _globals['_SEARCHRESPONSE']._serialized_end=2482
+  _globals['_REIDENTIFICATION']._serialized_start=2611
+  _globals['_REIDENTIFICATION']._serialized_end=3275
 # @@protoc_insertion_point(module_scope)

@@ -141,20 +141,22 @@ class CreateGalleryRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., index_type: _Optional[_Union[IndexType, str]] = ...) -> None: ...
 
 class GalleryInfo(_message.Message):
-    __slots__ = ("name", "dimension", "size", "index_type", "backend", "device")
+    __slots__ = ("name", "dimension", "size", "index_type", "backend", "device", "model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     size: int
     index_type: IndexType
     backend: str
     device: str
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., size: _Optional[int] = ..., index_type: _Optional[_Union[IndexType, str]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., size: _Optional[int] = ..., index_type: _Optional[_Union[IndexType, str]] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class DropGalleryRequest(_message.Message):
     __slots__ = ("name",)
