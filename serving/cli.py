@@ -57,6 +57,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime threads per run (default: the CPU cores divided among the instances)")
     p.add_argument("--graph-optimization", choices=GRAPH_OPTIMIZATIONS, default="auto",
                    help="ONNX Runtime graph optimization level; auto (CPU): time all and extended at load, keep the faster")
+    p.add_argument("--model-id", help="the model's id, recorded in the galleries it fills and checked against them "
+                   "(default: the training checkpoint's hash from the model's metadata, else the model file's hash)")
     p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the graph's is dynamic")
@@ -229,6 +231,10 @@ def serve_main(argv: list[str] | None = None) -> int:
         run = event_loop_runner(args.event_loop)
         engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size,
                              config.instances, args.graph_optimization)
+        if args.model_id is not None:
+            if not args.model_id.strip():
+                raise ValueError("--model-id must not be empty")
+            engine.model_id = args.model_id.strip()
         store = None if args.no_gallery else open_store(args)
     except (ModelFileError, GalleryError, SecurityError, ValueError, OSError, yaml.YAMLError) as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)

@@ -109,6 +109,24 @@ def test_a_graph_optimization_level_that_is_set_is_used_without_timing(tiny_onnx
         serving.cli.parse_serve_args(["--model", str(tiny_onnx), "--graph-optimization", "basic"])
 
 
+def test_model_id_can_be_given_for_a_model_saved_again(tiny_onnx, monkeypatch, capsys):
+    """The id comes from the checkpoint's hash, else the file's: a third-party model saved again
+    (another doc string, an optimized copy) would be refused by its own galleries without --model-id."""
+    import serving.cli
+
+    served = []
+
+    async def record(engine, config, store):
+        served.append(engine.model_id)
+
+    monkeypatch.setattr(serving.cli, "serve_forever", record)
+    assert serving.cli.serve_main(["--model", str(tiny_onnx), "--no-gallery", "--model-id", " osnet-msmt17 "]) == 0
+    assert serving.cli.serve_main(["--model", str(tiny_onnx), "--no-gallery"]) == 0
+    assert served == ["osnet-msmt17", OnnxRuntimeEngine(tiny_onnx).model_id]
+    assert serving.cli.serve_main(["--model", str(tiny_onnx), "--no-gallery", "--model-id", " "]) == 2
+    assert capsys.readouterr().err.strip().endswith("reid-serve: error: --model-id must not be empty")
+
+
 def test_encoded_raw_and_frame_inputs_match_the_engine(server, engine):
     images = [_jpeg(i) for i in range(3)]
     decoded = [decode_image(b) for b in images]
