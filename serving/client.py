@@ -189,9 +189,12 @@ def add_request(gallery: str, images: Sequence[ImageInput] = (), embeddings=None
     return request
 
 
-def remove_request(gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = ()) -> reid_pb2.RemoveFromGalleryRequest:
-    """Entries by id, or every entry of ``person_ids`` (not both)."""
-    return reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids), person_ids=list(person_ids))
+def remove_request(gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = (),
+                   before_timestamp: float = 0.0) -> reid_pb2.RemoveFromGalleryRequest:
+    """Entries by id, every entry of ``person_ids``, or every entry whose timestamp is set and
+    before ``before_timestamp`` (one of the three)."""
+    return reid_pb2.RemoveFromGalleryRequest(gallery=gallery, ids=list(ids), person_ids=list(person_ids),
+                                             before_timestamp=before_timestamp)
 
 
 def search_request(gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
@@ -228,9 +231,10 @@ class GalleryClient(_Connection):
             ids: Sequence[int] = (), replace: bool = False) -> list[int]:
         return list(self.stub.AddToGallery(add_request(gallery, images, embeddings, metadata, ids, replace), **self._kw()).ids)
 
-    def remove(self, gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = ()) -> reid_pb2.RemoveFromGalleryResponse:
-        """Entries by id, or every entry of ``person_ids`` (not both)."""
-        return self.stub.RemoveFromGallery(remove_request(gallery, ids, person_ids), **self._kw())
+    def remove(self, gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = (),
+               before_timestamp: float = 0.0) -> reid_pb2.RemoveFromGalleryResponse:
+        """``remove_request`` says what is removed."""
+        return self.stub.RemoveFromGallery(remove_request(gallery, ids, person_ids, before_timestamp), **self._kw())
 
     def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
                filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:
@@ -263,8 +267,9 @@ class AsyncGalleryClient(_AsyncConnection):
         return list((await self.stub.AddToGallery(add_request(gallery, images, embeddings, metadata, ids, replace),
                                                   **self._kw())).ids)
 
-    async def remove(self, gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = ()) -> reid_pb2.RemoveFromGalleryResponse:
-        return await self.stub.RemoveFromGallery(remove_request(gallery, ids, person_ids), **self._kw())
+    async def remove(self, gallery: str, ids: Sequence[int] = (), person_ids: Sequence[str] = (),
+                     before_timestamp: float = 0.0) -> reid_pb2.RemoveFromGalleryResponse:
+        return await self.stub.RemoveFromGallery(remove_request(gallery, ids, person_ids, before_timestamp), **self._kw())
 
     async def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
                      filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:

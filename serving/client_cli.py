@@ -103,11 +103,14 @@ def client_parser() -> argparse.ArgumentParser:
                    help="one hit per person: the best entry of each of --top-k people (entries without a person id stand alone)")
     s.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
 
-    r = sub.add_parser("remove", parents=[common], help="remove entries from a gallery by id, or every entry of a person")
+    r = sub.add_parser("remove", parents=[common],
+                       help="remove entries from a gallery by id, every entry of a person, or every entry older than a time")
     r.add_argument("gallery")
     r.add_argument("ids", nargs="*", type=_number(int, 1))
     r.add_argument("--person", action="append", default=[], metavar="PERSON_ID",
                    help="remove every entry of this person (repeatable; instead of ids)")
+    r.add_argument("--before", type=_number(float, 0, inclusive=False), metavar="TIMESTAMP",
+                   help="remove every entry whose timestamp is set and earlier (seconds, as enroll's --timestamp): a retention period")
     return p
 
 
@@ -298,12 +301,14 @@ def _search(args, connect) -> int:
 
 
 def _remove(args, connect) -> int:
-    if bool(args.ids) == bool(args.person):
-        raise UsageError("give entry ids or --person, not both" if args.ids else "give entry ids or --person PERSON_ID")
+    given = sum(map(bool, (args.ids, args.person, args.before)))
+    if given != 1:
+        raise UsageError("give one of: entry ids, --person, --before" if given else
+                         "give entry ids, --person PERSON_ID or --before TIMESTAMP")
     if any(not p for p in args.person):
         raise UsageError("--person must not be empty")
     with connect(GalleryClient) as g:
-        answer = g.remove(args.gallery, args.ids, args.person)
+        answer = g.remove(args.gallery, args.ids, args.person, args.before or 0.0)
     missing = [*map(str, answer.missing), *answer.missing_person_ids]
     print(f"removed {answer.removed}" + (f"; not found: {' '.join(missing)}" if missing else ""))
     return 1 if missing else 0

@@ -145,8 +145,12 @@ class GalleryRpcs:
     @timed
     async def RemoveFromGallery(self, request, context):
         method = "RemoveFromGallery"
-        if request.ids and request.person_ids:
-            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "give ids or person_ids, not both")
+        if sum(map(bool, (request.ids, request.person_ids, request.before_timestamp))) > 1:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "give one of ids, person_ids and before_timestamp")
+        if request.before_timestamp:
+            removed = await self._call(context, method, self.store.remove_before if self.store else None,
+                                       request.gallery, request.before_timestamp)
+            return reid_pb2.RemoveFromGalleryResponse(removed=removed)
         if request.person_ids:
             removed, missing_people = await self._call(context, method, self.store.remove_people if self.store else None,
                                                        request.gallery, list(request.person_ids))

@@ -199,11 +199,27 @@ def test_remove_every_entry_of_a_person(server, crops, capsys):
     code, out, _ = _run(capsys, server, "search", "g", str(a1), "--top-k", "5", "--json")
     assert [h["person_id"] for h in json.loads(out)["hits"]] == ["B"]
     assert _run(capsys, server, "remove", "g", "--person", "B")[1].strip() == "removed 1"
-    for argv, message in [(["remove", "g"], "give entry ids or --person PERSON_ID"),
-                          (["remove", "g", "3", "--person", "B"], "give entry ids or --person, not both"),
+    for argv, message in [(["remove", "g"], "give entry ids, --person PERSON_ID or --before TIMESTAMP"),
+                          (["remove", "g", "3", "--person", "B"], "give one of: entry ids, --person, --before"),
+                          (["remove", "g", "--person", "B", "--before", "5"], "give one of: entry ids, --person, --before"),
                           (["remove", "g", "--person", ""], "--person must not be empty")]:
         code, _, err = _run(capsys, server, *argv)
         assert code == 2 and err.strip() == f"reid-client: error: {message}"
+
+
+def test_remove_entries_older_than_a_retention_period(server, crops, capsys):
+    a1, a2, b = crops
+    assert _run(capsys, server, "create", "g")[0] == 0
+    for image, when in [(a1, "100"), (a2, "200"), (b, "300")]:
+        assert _run(capsys, server, "enroll", "g", str(image), "--timestamp", when)[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(b))[0] == 0  # no timestamp: never removed by time
+    code, out, _ = _run(capsys, server, "remove", "g", "--before", "250")
+    assert code == 0 and out.strip() == "removed 2"
+    code, out, _ = _run(capsys, server, "search", "g", str(a1), "--top-k", "5", "--json")
+    assert sorted(h["timestamp"] for h in json.loads(out)["hits"]) == [0.0, 300.0]
+    with pytest.raises(SystemExit):
+        client_main(["remove", "g", "--before", "0", "--server", server.target])
+    assert "argument --before: must be above 0" in capsys.readouterr().err
 
 
 def test_search_by_person_answers_with_distinct_people(server, crops, capsys):

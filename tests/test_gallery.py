@@ -629,6 +629,21 @@ def test_remove_people_removes_every_entry_of_theirs(store):
         store.remove_people("nope", ["1"])
 
 
+def test_remove_before_removes_entries_older_than_a_time(store):
+    vecs, meta = _data(40)  # timestamps 0..39; 0 means "not recorded"
+    store.create("g", 16)
+    store.add("g", np.arange(1, 41), vecs, meta)
+    assert store.remove_before("g", 10.5) == 10  # timestamps 1..10; the entry without one stays
+    left = {h.metadata.timestamp for h in store.search("g", vecs[:1], 40, [])[0]}
+    assert left == {0.0, *map(float, range(11, 40))}
+    assert store.remove_before("g", 5) == 0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidEntry, match="before_timestamp must be a time above 0"):
+            store.remove_before("g", bad)
+    with pytest.raises(GalleryNotFound):
+        store.remove_before("nope", 5)
+
+
 def test_removed_people_stay_removed_after_a_restart(tmp_path):
     vecs, meta = _data(40)
     store = FaissGalleryStore(tmp_path / "g")
@@ -663,6 +678,12 @@ def test_removed_people_leave_the_disk_too(tmp_path, index_type):
     assert store.remove_people("g", ["3"]) == (len(gone), [])  # 10 of 200 rows: an HNSW gallery would keep them
     store.settle()  # the purge runs in the background, at once
     assert not any(on_disk(v) for v in secret)
+    old = [i for i, m in enumerate(meta) if 0 < m.timestamp < 20 and m.person_id != "3"]
+    old_extra = [j for j, m in enumerate(meta[:10]) if 0 < m.timestamp < 20 and m.person_id != "3"]  # ids 201..210
+    assert store.remove_before("g", 20) == len(old) + len(old_extra)  # a retention period purges the same way
+    store.settle()
+    assert not any(on_disk(v) for v in l2_normalize(np.concatenate([vecs[old], vecs[old_extra] + 1])))
+    gone += old + old_extra
     assert store.info("g").size == 210 - len(gone)
     kept = (tmp_path / "g" / "g" / "snapshot.npz").stat().st_mtime_ns
     assert store.remove("g", np.array([1])) == (1, [])  # an ordinary removal waits for the next snapshot, as before

@@ -166,6 +166,12 @@ def check_people(person_ids: list[str]) -> list[str]:
     return list(dict.fromkeys(person_ids))
 
 
+def check_cutoff(timestamp: float) -> float:
+    if not (math.isfinite(timestamp) and timestamp > 0):
+        raise InvalidEntry(f"before_timestamp must be a time above 0, got {timestamp}")
+    return float(timestamp)
+
+
 def check_queries(gallery: str, dim: int, queries: np.ndarray, filters: list, top_k: int) -> list:
     """Validate a search (any backend); returns one filter per query."""
     if top_k < 1:
@@ -228,6 +234,11 @@ class GalleryBackend(abc.ABC):
     def remove_people(self, name: str, person_ids: list[str]) -> tuple[int, list[str]]:
         """Every entry carrying one of ``person_ids`` (a request to forget someone), in one durable
         change. Returns (number removed, the person ids no entry carried)."""
+
+    @abc.abstractmethod
+    def remove_before(self, name: str, timestamp: float) -> int:
+        """Every entry whose timestamp is set (above 0) and earlier than ``timestamp`` (a retention
+        period), in one durable change, as ``remove_people`` does. Returns how many were removed."""
 
     @abc.abstractmethod
     def search(self, name: str, queries: np.ndarray, top_k: int, filters: list[SearchFilter],

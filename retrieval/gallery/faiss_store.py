@@ -44,7 +44,8 @@ from retrieval.distance import l2_normalize
 from retrieval.faiss_setup import import_faiss
 from retrieval.gallery.base import (
     INDEX_TYPES, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
-    RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_people, check_queries,
+    RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery, check_people,
+    check_queries,
 )
 from retrieval.gallery.grouping import best_per_person, search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
@@ -638,6 +639,15 @@ class _Gallery:
             self._remove_present(present, purge=True)
             return len(present), [p for p in dict.fromkeys(person_ids) if p not in found]
 
+    def remove_before(self, timestamp: float) -> int:
+        cutoff = check_cutoff(timestamp)
+        with self._changes:
+            with self.lock.read():
+                self._require_open()
+                present = self.ids[self.alive & (self.times > 0) & (self.times < cutoff)]
+            self._remove_present(present, purge=True)
+            return len(present)
+
     def _remove_present(self, present: np.ndarray, purge: bool = False) -> None:
         """Under ``_changes``: log the removal of entries that are present, then apply it; with
         ``purge``, a snapshot that compacts them off the disk starts at once."""
@@ -909,6 +919,9 @@ class FaissGalleryStore(GalleryBackend):
 
     def remove_people(self, name, person_ids):
         return self._get(name).remove_people(person_ids)
+
+    def remove_before(self, name, timestamp):
+        return self._get(name).remove_before(timestamp)
 
     def model(self, name: str) -> str:
         return self._get(name).model

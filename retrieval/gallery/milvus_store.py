@@ -33,8 +33,8 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from retrieval.gallery.base import (
     MAX_ID, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
-    InvalidEntry, RerankOptions, SearchFilter, StorageError, check_entries, check_new_gallery, check_people,
-    check_queries,
+    InvalidEntry, RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery,
+    check_people, check_queries,
 )
 from retrieval.gallery.grouping import best_per_person, search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
@@ -103,6 +103,11 @@ def _quote(value: str) -> str:
 
 def _entry_metadata(row: dict) -> EntryMetadata:
     return EntryMetadata(row["person_id"], row["camera_id"], row["timestamp"], dict(row["labels"] or {}))
+
+
+def _deleted(result) -> int:
+    """How many entries a delete removed: a server answers with a count, Milvus Lite with their ids."""
+    return int(result["delete_count"]) if isinstance(result, dict) else len(result)
 
 
 def filter_expression(flt: SearchFilter) -> str:
@@ -350,8 +355,16 @@ class MilvusGalleryStore(GalleryBackend):
                 return 0, people
             result = self._call("delete", coll, filter=f"person_id in [{', '.join(_quote(p) for p in sorted(found))}]")
             self._call("flush", coll)
-            removed = int(result["delete_count"]) if isinstance(result, dict) else len(result)  # a server; Milvus Lite
-            return removed, [p for p in people if p not in found]
+            return _deleted(result), [p for p in people if p not in found]
+
+    def remove_before(self, name, timestamp):
+        cutoff = check_cutoff(timestamp)
+        with self.lock:
+            self._describe(name)
+            coll = _collection(name)
+            result = self._call("delete", coll, filter=f"timestamp > 0 and timestamp < {cutoff!r}")
+            self._call("flush", coll)
+            return _deleted(result)
 
     def _search(self, name: str, index_type: str, queries: np.ndarray, k: int, filters: list[SearchFilter]):
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)

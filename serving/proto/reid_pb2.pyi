@@ -207,14 +207,16 @@ class AddToGalleryResponse(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RemoveFromGalleryRequest(_message.Message):
-    __slots__ = ("gallery", "ids", "person_ids")
+    __slots__ = ("gallery", "ids", "person_ids", "before_timestamp")
     GALLERY_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     gallery: str
     ids: _containers.RepeatedScalarFieldContainer[int]
     person_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, gallery: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., person_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    before_timestamp: float
+    def __init__(self, gallery: _Optional[str] = ..., ids: _Optional[_Iterable[int]] = ..., person_ids: _Optional[_Iterable[str]] = ..., before_timestamp: _Optional[float] = ...) -> None: ...
 
 class RemoveFromGalleryResponse(_message.Message):
     __slots__ = ("removed", "missing", "missing_person_ids")
