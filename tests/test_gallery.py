@@ -622,6 +622,9 @@ def test_remove_people_removes_every_entry_of_theirs(store):
     assert all(h.metadata.person_id not in ("3", "7") for row in hits for h in row)
     assert {h.metadata.person_id for row in hits for h in row} == {str(i) for i in range(20)} - {"3", "7"} | {""}
     assert store.remove_people("g", ["3"]) == (0, ["3"])
+    odd = ['O"Brien', "entrée", "back\\slash"]  # what would end or break a Milvus string literal
+    store.add("g", np.arange(100, 103), vecs[:3], [EntryMetadata(person_id=p) for p in odd])
+    assert store.remove_people("g", odd) == (3, [])
     with pytest.raises(InvalidEntry, match="must not be empty"):  # "" would mean every entry without a person id
         store.remove_people("g", [""])
     assert store.info("g").size == 54
