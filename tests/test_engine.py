@@ -109,6 +109,25 @@ def test_a_stopped_run_names_the_checkpoint_to_resume_from(synthetic_root, tmp_p
     assert resumed.name == f"model_epoch_{epoch + 1:03d}.pth"
 
 
+def test_a_stop_whose_exception_was_lost_ends_training_at_the_next_batch(quick_spec, synthetic_root, tmp_path, capsys):
+    """Under load, one SIGTERM in the full suite let training run on to its last epoch: the
+    exception raised where the signal landed was lost. The request is noted too, and the loop
+    raises it again at its next batch."""
+    from training.cli import main
+    from training.errors import STOP_REQUESTED, Terminated
+
+    STOP_REQUESTED.set()  # as the handler leaves it, its exception gone
+    try:
+        with pytest.raises(Terminated):
+            train(quick_spec(**{"train.num_epochs": 3}))
+        assert not list((tmp_path / "results" / "train").glob("*.pth"))  # stopped in the first batch
+        # a later command in the same process starts afresh
+        assert main(["train", *quick_overrides(synthetic_root, tmp_path / "again", **{"train.num_epochs": 1})]) == 0
+        assert not STOP_REQUESTED.is_set()
+    finally:
+        STOP_REQUESTED.clear()
+
+
 def test_resume_rejects_a_different_model(quick_spec, synthetic_root, tmp_path):
     ckpt = train(quick_spec(**{"train.num_epochs": 1}))
     other = build_spec({}, quick_overrides(synthetic_root, tmp_path / "o", **{

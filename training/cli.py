@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import Callable
 
-from training.errors import ReidError, os_error_line
+from training.errors import STOP_REQUESTED, ReidError, Terminated, os_error_line
 
 log = logging.getLogger("reid")
 
@@ -22,12 +22,11 @@ def _one_line(exc: BaseException) -> str:
     return last
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``docker stop``, a scheduler taking the machine back), handled like Ctrl-C: the
-    default action ended the process without a word about where to go on from."""
-
-
 def _terminate(signum, frame) -> None:
+    """Raise where the main thread is, and note the request: the training loop raises it again at
+    the end of the next batch, in case the first was lost where it landed (a training run once
+    went on to its last epoch after SIGTERM)."""
+    STOP_REQUESTED.set()
     raise Terminated()
 
 
@@ -138,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    STOP_REQUESTED.clear()  # a stop asked of an earlier command in this process is not this one's
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)

@@ -26,7 +26,7 @@ from training.data.market1501 import ImageRecord, load_gallery, load_query, load
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.transforms import ImageDataset, build_train_transform, check_images
 from training.embed import embed_records, nonfinite_rows
-from training.errors import ConfigError, DataError, ReidError, TrainingDiverged
+from training.errors import STOP_REQUESTED, ConfigError, DataError, ReidError, Terminated, TrainingDiverged
 from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
 from training.models.build import load_pretrained
@@ -274,6 +274,8 @@ class Trainer:
             n_images, n_steps, start = 0, 0, time.perf_counter()
             bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not main, unit="batch", mininterval=1.0)
             for images, pids, _ in bar:
+                if STOP_REQUESTED.is_set():  # a SIGTERM whose exception was lost where it landed
+                    raise Terminated()
                 total, parts = self._step(images.to(self.device, non_blocking=True), pids.to(self.device))
                 n_images += images.shape[0] * self.world_size
                 if self._sum_over_processes(int(not math.isfinite(total))):

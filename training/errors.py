@@ -1,5 +1,7 @@
 """Errors that the CLI reports as one line and a non-zero exit instead of a stack trace."""
 
+import threading
+
 
 class ReidError(Exception):
     """Base class for user-facing errors (bad spec, bad data, bad model file)."""
@@ -11,6 +13,16 @@ class ConfigError(ReidError):
 
 class DataError(ReidError):
     """A dataset folder or image cannot be used; the message names the path."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, a scheduler taking the machine back), handled like Ctrl-C: the
+    default action ended the process without a word about where to go on from."""
+
+
+# Set with the SIGTERM that raised ``Terminated``: the training loop raises it again at its next
+# batch, in case the first landed somewhere that lost it.
+STOP_REQUESTED = threading.Event()
 
 
 class TrainingDiverged(ReidError):
