@@ -1,9 +1,10 @@
 """Gallery figures: add throughput, search latency (p50/p99 for 1 and 64 queries), HNSW recall@10,
 server vs in-process, FAISS vs Milvus (Lite, or a server with --milvus-uri), memory per million
-entries (512-d), concurrent and filtered searches, and how long an HNSW gallery takes to snapshot and start again.
+entries (512-d), concurrent and filtered searches, how long an HNSW gallery takes to snapshot and start again,
+and plain against grouped search by person.
 
 Usage: python benchmarks/gallery.py [--sizes 10000 100000 1000000] [--milvus-sizes 10000 100000] [--server-size 100000]
-                                    [--milvus-uri http://host:19530] [--milvus-consistency strong]
+                                    [--milvus-uri http://host:19530] [--milvus-consistency strong] [--by-person-size 100000]
 HNSW is built up to 100k entries (building it for 1M takes far longer than the rest on 2 cores).
 """
 from __future__ import annotations
@@ -207,6 +208,28 @@ def server_vs_direct(size: int, tmp: Path) -> None:
         stop_server(proc)
 
 
+def by_person(size: int, per_person: int, tmp: Path) -> None:
+    """Plain against grouped search (``group_by_person``) on a flat gallery where each person has
+    ``per_person`` entries close together: the plain top 10 is then one person."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(size // per_person, DIM)).astype(np.float32)
+    vecs = np.repeat(centres, per_person, axis=0) + rng.normal(size=(size, DIM)).astype(np.float32) * 0.3
+    store = FaissGalleryStore(tmp / "by_person", snapshot_every=10**9)
+    store.create("g", DIM)
+    for s in range(0, size, 10_000):
+        part = vecs[s:s + 10_000]
+        store.add("g", np.arange(s + 1, s + len(part) + 1), part,
+                  [EntryMetadata(person_id=str(i // per_person)) for i in range(s, s + len(part))])
+    queries = vecs[rng.integers(0, size, 8)] + 0.05
+    print(f"search by person at {size:,} (flat, {per_person} entries per person, 8 queries, top_k 10):")
+    for grouped in (False, True):
+        p50, p99 = timed_search(lambda x: store.search("g", x, 10, [], group_by_person=grouped), queries, 10)
+        people = np.mean([len({h.metadata.person_id for h in row})
+                          for row in store.search("g", queries, 10, [], group_by_person=grouped)])
+        print(f"  {'grouped' if grouped else 'plain  '}: p50 {p50:.1f} ms, p99 {p99:.1f} ms; people in the top 10: {people:.1f}")
+    store.close()
+
+
 def _tiny_onnx(path: Path) -> None:
     """A 512-d model file only so reid-serve can start (the benchmark sends embeddings)."""
     import onnx
@@ -234,6 +257,7 @@ def main() -> None:
                    help="a Milvus server (http://host:19530) instead of Milvus Lite; its galleries named "
                         "bench_flat/bench_hnsw are replaced")
     p.add_argument("--milvus-consistency", default="strong", choices=list(CONSISTENCY_LEVELS))
+    p.add_argument("--by-person-size", type=int, default=100_000, help="entries for plain vs grouped search (0: skip)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     tmp = Path(tempfile.mkdtemp(prefix="gallery-bench-"))
@@ -286,6 +310,8 @@ def main() -> None:
             del vecs
         if args.server_size:
             server_vs_direct(args.server_size, tmp)
+        if args.by_person_size:
+            by_person(args.by_person_size, 20, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
