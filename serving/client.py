@@ -112,7 +112,12 @@ class ReidClient(_Connection):
         super().__init__(target, timeout, max_message_bytes, **options)
 
     def embed(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(), **kw) -> list[EmbedOutcome]:
-        return parse_response(self.stub.Embed(build_request(images, frame, boxes, **kw), **self._kw()))
+        return parse_response(self.embed_response(images, frame, boxes, **kw))
+
+    def embed_response(self, images: Sequence[ImageInput] = (), frame: ImageInput | None = None, boxes=(),
+                       **kw) -> reid_pb2.EmbedResponse:
+        """As ``embed``, the whole answer: with its ``model_id`` too (``parse_response`` gives the outcomes)."""
+        return self.stub.Embed(build_request(images, frame, boxes, **kw), **self._kw())
 
     def embed_stream(self, batches: Iterable[Sequence[ImageInput]], timeout: float | None = None) -> Iterator[list[EmbedOutcome]]:
         """One long-lived EmbedStream: each item of ``batches`` (e.g. one frame's crops) is one request;

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from serving.client import GalleryClient, ReidClient, metadata_message
+from serving.client import GalleryClient, ReidClient, metadata_message, parse_response
 from serving.proto import reid_pb2
 
 
@@ -258,9 +258,14 @@ def _enroll(args, connect) -> int:
     meta = _metadata(args, [p for batch in batches for p in batch])
     failed = 0
     with connect(GalleryClient) as g, connect(ReidClient) as client:
-        g.info(args.gallery)  # NOT_FOUND before any image is embedded
+        holds = g.info(args.gallery).model  # and NOT_FOUND before any image is embedded
         for batch in batches:
-            outcomes = client.embed(batch)
+            response = client.embed_response(batch)
+            if holds and response.model_id and response.model_id != holds:  # the server checks images, not embeddings
+                print(f"reid-client: error: gallery {args.gallery!r} holds embeddings of model {holds}, and the server "
+                      f"embeds with model {response.model_id}: enroll into a new gallery", file=sys.stderr)
+                return 1
+            outcomes = parse_response(response)
             for path, o in zip(batch, outcomes):
                 if not o.ok:
                     failed += 1

@@ -130,7 +130,8 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
     async def embed_arrays(self, request: reid_pb2.EmbedRequest, deadline: float | None) -> reid_pb2.EmbedResponse:
         md = self.engine.metadata
         response = reid_pb2.EmbedResponse(dimension=md.embedding_dim, normalized=md.output_normalized,
-                                          request_id=request.request_id, model=self.model_name)
+                                          request_id=request.request_id, model=self.model_name,
+                                          model_id=self.engine.model_id)
         for outcome in await self.embed_outcomes(request, deadline):
             if isinstance(outcome, Exception):
                 response.results.add(error=error_message(outcome))

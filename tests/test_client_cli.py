@@ -189,6 +189,25 @@ def test_name_pattern_reads_each_images_ids_from_its_name(server, crops, tmp_pat
     assert _run(capsys, server, "galleries")[1].startswith("g: 4 entries")
 
 
+def test_enroll_refuses_a_gallery_another_model_filled(server, crops, capsys):
+    """enroll adds the server's embeddings, which the server does not check against the gallery's
+    model (only calls with images are): the client compares the ids itself."""
+    from serving.client import ReidClient
+
+    a1, _, _ = crops
+    ours = server.server.engine.model_id
+    with ReidClient(server.target) as client:
+        assert client.embed_response([str(a1)]).model_id == ours
+    server.server.store.create("old", 32, model="0123456789abcdef")
+    code, out, err = _run(capsys, server, "enroll", "old", str(a1))
+    assert code == 1 and out == "" and err.strip() == (
+        f"reid-client: error: gallery 'old' holds embeddings of model 0123456789abcdef, and the server embeds with "
+        f"model {ours}: enroll into a new gallery")
+    assert server.server.store.info("old").size == 0
+    server.server.store.create("unrecorded", 32)  # made before models were recorded: not checked
+    assert _run(capsys, server, "enroll", "unrecorded", str(a1))[0] == 0
+
+
 def test_remove_every_entry_of_a_person(server, crops, capsys):
     a1, a2, b = crops
     assert _run(capsys, server, "create", "g")[0] == 0

@@ -98,18 +98,20 @@ class EmbedResult(_message.Message):
     def __init__(self, embedding: _Optional[_Union[Embedding, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("results", "dimension", "normalized", "request_id", "model")
+    __slots__ = ("results", "dimension", "normalized", "request_id", "model", "model_id")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[EmbedResult]
     dimension: int
     normalized: bool
     request_id: str
     model: str
-    def __init__(self, results: _Optional[_Iterable[_Union[EmbedResult, _Mapping]]] = ..., dimension: _Optional[int] = ..., normalized: _Optional[bool] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    model_id: str
+    def __init__(self, results: _Optional[_Iterable[_Union[EmbedResult, _Mapping]]] = ..., dimension: _Optional[int] = ..., normalized: _Optional[bool] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class EntryMetadata(_message.Message):
     __slots__ = ("person_id", "camera_id", "timestamp", "labels")
