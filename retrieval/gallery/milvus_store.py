@@ -36,7 +36,7 @@ from retrieval.gallery.base import (
     InvalidEntry, RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery,
     check_people, check_queries,
 )
-from retrieval.gallery.grouping import best_per_person, search_by_person
+from retrieval.gallery.grouping import search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
 
 log = logging.getLogger(__name__)
@@ -420,14 +420,8 @@ class MilvusGalleryStore(GalleryBackend):
             scores, ids, _ = self._search(name, index_type, q, min(kk, MAX_LIMIT), flts)
             return scores, ids
 
-        def fetch(ids):
-            return self._fetch(name, ids)
-
-        cap = min(live, MAX_LIMIT)
-        if not group_by_person:
-            return pool_rerank(queries, top_k, filters, rerank, cap, search_fn, fetch)
-        pooled = pool_rerank(queries, min(max(rerank.pool, top_k), cap), filters, rerank, cap, search_fn, fetch)
-        return [best_per_person(h, top_k) for h in pooled]
+        return pool_rerank(queries, top_k, filters, rerank, min(live, MAX_LIMIT), search_fn, lambda ids: self._fetch(name, ids),
+                           group_by_person)
 
     def close(self) -> None:
         try:

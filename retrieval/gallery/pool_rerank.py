@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from retrieval.gallery.base import EntryMetadata, Hit, RerankOptions, SearchFilter
+from retrieval.gallery.grouping import best_per_person
 from retrieval.rerank import k_reciprocal_rerank
 
 # (queries, k, per-query filters) -> (scores, ids) with -1 for missing hits
@@ -25,7 +26,9 @@ FetchFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray, list[EntryMetada
 
 
 def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], opts: RerankOptions, live: int,
-                search: SearchFn, fetch: FetchFn) -> list[list[Hit]]:
+                search: SearchFn, fetch: FetchFn, group_by_person: bool = False) -> list[list[Hit]]:
+    """Each query's top_k re-ranked hits; with ``group_by_person``, the best entry of each of top_k
+    people among the pool's first ``pool`` re-ranked hits."""
     pool = min(max(opts.pool, top_k), live)
     _, first = search(queries, pool, filters)
     cand = np.unique(first[first >= 0])
@@ -44,6 +47,7 @@ def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], op
     for qi, flt in enumerate(filters):
         allowed = np.array([flt.matches(m) for m in meta], dtype=bool)
         d = np.where(allowed, dist[qi], np.inf)
-        order = np.argsort(d, kind="stable")[: min(top_k, int(allowed.sum()))]
-        out.append([Hit(int(cand[j]), float(cos[qi, j]), float(d[j]), meta[j]) for j in order])
+        order = np.argsort(d, kind="stable")[: min(pool if group_by_person else top_k, int(allowed.sum()))]
+        hits = [Hit(int(cand[j]), float(cos[qi, j]), float(d[j]), meta[j]) for j in order]
+        out.append(best_per_person(hits, top_k) if group_by_person else hits)
     return out
