@@ -153,9 +153,10 @@ class ReidServer:
         gc.freeze()
         self._warn_of_other_models()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        transport = ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext"
         log.info("serving %s on %s:%d (reid %s, model %s, %s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)",
                  SERVICE_NAME, c.host, self.port, importlib.metadata.version("reid"), self.engine.model_id, self.engine.label,
-                 self.batcher.instances, self.batcher.max_batch_size, c.max_queue_delay_ms, ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext",
+                 self.batcher.instances, self.batcher.max_batch_size, c.max_queue_delay_ms, transport,
                  f"{len(c.tokens)} token(s)" if c.tokens else "no authentication",
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         return self.port

@@ -23,9 +23,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _terminate(signum, frame) -> None:
-    """Raise where the main thread is, and note the request: the training loop raises it again at
-    the end of the next batch, in case the first was lost where it landed (a training run once
-    went on to its last epoch after SIGTERM)."""
+    """Raise where the main thread is, and note the request: the training loop raises it again
+    before its next batch, in case the first was lost where it landed (a training run once went on
+    to its last epoch after SIGTERM)."""
     STOP_REQUESTED.set()
     raise Terminated()
 

@@ -33,12 +33,6 @@ class InvalidEntry(GalleryError):
     code = "INVALID_ARGUMENT"
 
 
-class ModelMismatch(GalleryError):
-    """The gallery holds another model's embeddings than the ones offered to it."""
-
-    code = "FAILED_PRECONDITION"
-
-
 class StorageError(GalleryError):
     """The gallery directory cannot be written (read-only, disk full): writes fail, reads go on."""
 

@@ -47,7 +47,7 @@ from retrieval.gallery.base import (
     RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery, check_people,
     check_queries,
 )
-from retrieval.gallery.grouping import best_per_person, search_by_person
+from retrieval.gallery.grouping import search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
 from retrieval.gallery.rwlock import ReadWriteLock
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
@@ -629,15 +629,16 @@ class _Gallery:
             return len(present), missing
 
     def remove_people(self, person_ids: list[str]) -> tuple[int, list[str]]:
-        people = set(check_people(person_ids))
+        people = check_people(person_ids)
+        wanted = set(people)
         with self._changes:  # no add can slip a new entry of theirs in between the scan and the removal
             with self.lock.read():
                 self._require_open()
-                rows = [r for r in np.flatnonzero(self.alive).tolist() if self.meta[r].person_id in people]
+                rows = [r for r in np.flatnonzero(self.alive).tolist() if self.meta[r].person_id in wanted]
                 present = self.ids[rows] if rows else np.empty(0, np.int64)
                 found = {self.meta[r].person_id for r in rows}
             self._remove_present(present, purge=True)
-            return len(present), [p for p in dict.fromkeys(person_ids) if p not in found]
+            return len(present), [p for p in people if p not in found]
 
     def remove_before(self, timestamp: float) -> int:
         cutoff = check_cutoff(timestamp)
@@ -795,11 +796,7 @@ class _Gallery:
             if k <= 0:
                 return [[] for _ in queries]
             if rerank is not None:
-                if not group_by_person:
-                    return pool_rerank(queries, top_k, filters, rerank, live, self._search, self._fetch)
-                pooled = pool_rerank(queries, min(max(rerank.pool, top_k), live), filters, rerank, live, self._search,
-                                     self._fetch)
-                return [best_per_person(hits, top_k) for hits in pooled]
+                return pool_rerank(queries, top_k, filters, rerank, live, self._search, self._fetch, group_by_person)
             if group_by_person:
                 def hits_of(rows: list[int], kk: int) -> list[list[Hit]]:
                     return self._hits(*self._search(queries[rows], kk, [filters[r] for r in rows]))
@@ -925,10 +922,6 @@ class FaissGalleryStore(GalleryBackend):
 
     def model(self, name: str) -> str:
         return self._get(name).model
-
-    def models(self) -> dict[str, str]:
-        with self.lock:
-            return {name: g.model for name, g in self.galleries.items()}
 
     def search(self, name, queries, top_k, filters, rerank=None, group_by_person=False):
         return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank, group_by_person)
