@@ -214,6 +214,12 @@ def search_request(gallery: str, images: Sequence[ImageInput] = (), embeddings=N
     return request
 
 
+def entries_request(gallery: str, person_ids: Sequence[str] = (), include_embeddings: bool = False, page_size: int = 0,
+                    after_id: int = 0) -> reid_pb2.ListEntriesRequest:
+    return reid_pb2.ListEntriesRequest(gallery=gallery, person_ids=list(person_ids), include_embeddings=include_embeddings,
+                                       page_size=page_size, after_id=after_id)
+
+
 class GalleryClient(_Connection):
     """Blocking client for the gallery RPCs; failures raise ``grpc.RpcError``."""
 
@@ -246,6 +252,18 @@ class GalleryClient(_Connection):
         """One ``SearchResult`` per query (``search_request`` says what the options mean)."""
         request = search_request(gallery, images, embeddings, top_k, filters, rerank, group_by_person)
         return list(self.stub.Search(request, **self._kw()).results)
+
+    def entries(self, gallery: str, person_ids: Sequence[str] = (), include_embeddings: bool = False,
+                page_size: int = 0) -> Iterator[reid_pb2.GalleryEntry]:
+        """Every entry of the gallery (only those of ``person_ids`` when given), lowest id first, a
+        page per call (``page_size`` 0: the server's default)."""
+        after = 0
+        while True:
+            page = self.stub.ListEntries(entries_request(gallery, person_ids, include_embeddings, page_size, after), **self._kw())
+            yield from page.entries
+            if not page.next_after_id:
+                return
+            after = page.next_after_id
 
 
 class AsyncGalleryClient(_AsyncConnection):
@@ -280,3 +298,16 @@ class AsyncGalleryClient(_AsyncConnection):
                      filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:
         request = search_request(gallery, images, embeddings, top_k, filters, rerank, group_by_person)
         return list((await self.stub.Search(request, **self._kw())).results)
+
+    async def entries(self, gallery: str, person_ids: Sequence[str] = (), include_embeddings: bool = False,
+                      page_size: int = 0) -> AsyncIterator[reid_pb2.GalleryEntry]:
+        """``async for entry in g.entries(...)``: as ``GalleryClient.entries``."""
+        after = 0
+        while True:
+            request = entries_request(gallery, person_ids, include_embeddings, page_size, after)
+            page = await self.stub.ListEntries(request, **self._kw())
+            for entry in page.entries:
+                yield entry
+            if not page.next_after_id:
+                return
+            after = page.next_after_id

@@ -111,6 +111,14 @@ def client_parser() -> argparse.ArgumentParser:
                    help="remove every entry of this person (repeatable; instead of ids)")
     r.add_argument("--before", type=_number(float, 0, inclusive=False), metavar="TIMESTAMP",
                    help="remove every entry whose timestamp is set and earlier (seconds, as enroll's --timestamp): a retention period")
+
+    n = sub.add_parser("entries", parents=[common],
+                       help="list a gallery's entries (id, person, camera, timestamp, labels), lowest id first")
+    n.add_argument("gallery")
+    n.add_argument("--person", action="append", default=[], metavar="PERSON_ID",
+                   help="only this person's entries (repeatable): what the gallery holds about them")
+    n.add_argument("--json", action="store_true", help="one JSON object per entry instead of text")
+    n.add_argument("--embeddings", action="store_true", help="with --json: each entry's stored embedding too")
     return p
 
 
@@ -278,6 +286,10 @@ def _enroll(args, connect) -> int:
     return 1 if failed else 0
 
 
+def _meta_fields(m: reid_pb2.EntryMetadata) -> dict:
+    return {"person_id": m.person_id, "camera_id": m.camera_id, "timestamp": m.timestamp, "labels": dict(m.labels)}
+
+
 def _search(args, connect) -> int:
     batches = _batches(args)
     filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []  # one for all
@@ -291,8 +303,7 @@ def _search(args, connect) -> int:
             failed += 1
             _print_failure(path, result.error.code, result.error.message)
             continue
-        hits = [{"id": h.id, "score": round(h.score, 6), "distance": round(h.distance, 6), "person_id": h.metadata.person_id,
-                 "camera_id": h.metadata.camera_id, "timestamp": h.metadata.timestamp, "labels": dict(h.metadata.labels)}
+        hits = [{"id": h.id, "score": round(h.score, 6), "distance": round(h.distance, 6), **_meta_fields(h.metadata)}
                 for h in result.hits]
         if args.json:
             print(json.dumps({"image": str(path), "hits": hits}))
@@ -319,8 +330,31 @@ def _remove(args, connect) -> int:
     return 1 if missing else 0
 
 
+def _entries(args, connect) -> int:
+    if args.embeddings and not args.json:
+        raise UsageError("--embeddings needs --json")
+    if any(not p for p in args.person):
+        raise UsageError("--person must not be empty")
+    seen = set()
+    with connect(GalleryClient) as g:
+        for entry in g.entries(args.gallery, args.person, include_embeddings=args.embeddings):
+            m = entry.metadata
+            seen.add(m.person_id)
+            if args.json:
+                embedding = {"embedding": [round(v, 7) for v in entry.embedding.values]} if args.embeddings else {}
+                print(json.dumps({"id": entry.id, **_meta_fields(m), **embedding}))
+            else:
+                labels = "".join(f"  {k}={v}" for k, v in sorted(m.labels.items()))
+                print(f"id {entry.id}  person {m.person_id or '-'}  camera {m.camera_id or '-'}  "
+                      f"timestamp {m.timestamp:.3f}{labels}", flush=True)
+    missing = [p for p in dict.fromkeys(args.person) if p not in seen]
+    if missing:
+        print(f"reid-client: no entries of: {' '.join(missing)}", file=sys.stderr)
+    return 1 if missing else 0
+
+
 COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop": _drop, "enroll": _enroll,
-            "search": _search, "remove": _remove}
+            "search": _search, "remove": _remove, "entries": _entries}
 
 
 def client_main(argv: list[str] | None = None) -> int:

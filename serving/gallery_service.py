@@ -19,6 +19,10 @@ from serving.proto import reid_pb2
 
 _INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}
 _INDEX_ENUMS = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}
+DEFAULT_PAGE = 1000  # ListEntries' page size when none is asked for
+# A ListEntries page's room for entries: under gRPC's default limit on received messages, which
+# other clients than ours keep (an answer above it fails in the client, not here).
+PAGE_BYTES = 4 * 2**20 - 1024
 
 
 def _info(info: GalleryInfo) -> reid_pb2.GalleryInfo:
@@ -29,6 +33,10 @@ def _info(info: GalleryInfo) -> reid_pb2.GalleryInfo:
 
 def _meta(m: reid_pb2.EntryMetadata) -> EntryMetadata:
     return EntryMetadata(m.person_id, m.camera_id, m.timestamp, dict(m.labels))
+
+
+def _meta_message(m: EntryMetadata) -> reid_pb2.EntryMetadata:
+    return reid_pb2.EntryMetadata(person_id=m.person_id, camera_id=m.camera_id, timestamp=m.timestamp, labels=m.labels)
 
 
 def _filter(f: reid_pb2.SearchFilter) -> SearchFilter:
@@ -203,7 +211,25 @@ class GalleryRpcs:
                 result.error.CopyFrom(error_message(errors[i]))
                 continue
             for h in found.get(i, []):
-                m = h.metadata
-                result.hits.add(id=h.id, score=h.score, distance=h.distance, metadata=reid_pb2.EntryMetadata(
-                    person_id=m.person_id, camera_id=m.camera_id, timestamp=m.timestamp, labels=m.labels))
+                result.hits.add(id=h.id, score=h.score, distance=h.distance, metadata=_meta_message(h.metadata))
+        return response
+
+    @timed
+    async def ListEntries(self, request, context):
+        page = await self._call(context, "ListEntries", self.store.entries if self.store else None, request.gallery,
+                                request.after_id, request.page_size or DEFAULT_PAGE, list(request.person_ids),
+                                request.include_embeddings)
+        response = reid_pb2.ListEntriesResponse()
+        room = PAGE_BYTES
+        for i, (entry_id, meta) in enumerate(zip(page.ids.tolist(), page.metadata)):
+            entry = reid_pb2.GalleryEntry(id=entry_id, metadata=_meta_message(meta))
+            if page.vectors is not None:
+                entry.embedding.values.extend(page.vectors[i])
+            room -= entry.ByteSize() + 6  # its field tag and length
+            if room < 0 and response.entries:  # one entry always goes, or the listing could not go on
+                response.next_after_id = response.entries[-1].id
+                return response
+            response.entries.append(entry)
+        if page.more:
+            response.next_after_id = response.entries[-1].id
         return response

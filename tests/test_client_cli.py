@@ -226,6 +226,33 @@ def test_remove_every_entry_of_a_person(server, crops, capsys):
         assert code == 2 and err.strip() == f"reid-client: error: {message}"
 
 
+def test_entries_lists_what_the_gallery_holds(server, crops, capsys, tmp_path):
+    a1, a2, b = crops
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1), str(a2), "--person-id", "A", "--camera-id", "c1",
+                "--timestamp", "12.5", "--label", "site=door")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(b))[0] == 0
+    code, out, _ = _run(capsys, server, "entries", "g")
+    assert code == 0 and out.splitlines() == ["id 1  person A  camera c1  timestamp 12.500  site=door",
+                                              "id 2  person A  camera c1  timestamp 12.500  site=door",
+                                              "id 3  person -  camera -  timestamp 0.000"]
+    code, out, err = _run(capsys, server, "entries", "g", "--person", "A", "--person", "Z", "--json", "--embeddings")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and err.strip() == "reid-client: no entries of: Z"
+    assert [(r["id"], r["person_id"], r["labels"]) for r in rows] == [(1, "A", {"site": "door"}), (2, "A", {"site": "door"})]
+    embedded = _run(capsys, server, "embed", str(a1), str(a2), "--output", str(tmp_path / "a.npy"))
+    assert embedded[0] == 0
+    embeddings = np.load(tmp_path / "a.npy")  # the gallery holds them L2-normalized
+    np.testing.assert_allclose([r["embedding"] for r in rows], embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True),
+                               atol=1e-5)
+    for argv, message in [(["entries", "g", "--embeddings"], "--embeddings needs --json"),
+                          (["entries", "g", "--person", ""], "--person must not be empty")]:
+        code, _, err = _run(capsys, server, *argv)
+        assert code == 2 and err.strip() == f"reid-client: error: {message}"
+    code, _, err = _run(capsys, server, "entries", "nobody")
+    assert code == 1 and err.strip() == "reid-client: error: NOT_FOUND: no gallery named 'nobody'"
+
+
 def test_remove_entries_older_than_a_retention_period(server, crops, capsys):
     a1, a2, b = crops
     assert _run(capsys, server, "create", "g")[0] == 0

@@ -647,6 +647,49 @@ def test_remove_before_removes_entries_older_than_a_time(store):
         store.remove_before("nope", 5)
 
 
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_entries_page_through_the_gallery_by_id(store, index_type):
+    vecs, meta = _data(90)
+    store.create("g", 16, index_type)
+    ids = np.random.default_rng(3).permutation(np.arange(1, 91) * 7)  # added out of id order, in three calls
+    for part in np.array_split(np.arange(90), 3):
+        store.add("g", ids[part], vecs[part], [meta[i] for i in part])
+    store.remove("g", ids[:4])
+    listed, after, pages = [], 0, 0
+    while True:
+        page = store.entries("g", after, 25, with_vectors=True)
+        assert page.ids.tolist() == sorted(page.ids.tolist()) and page.vectors.shape == (len(page.ids), 16)
+        listed += list(zip(page.ids.tolist(), page.metadata, page.vectors))
+        pages += 1
+        if not page.more:
+            break
+        after = int(page.ids[-1])
+    assert pages == 4 and [i for i, _, _ in listed] == sorted(ids[4:].tolist())
+    position = {int(i): n for n, i in enumerate(ids)}
+    for entry_id, m, v in listed:
+        assert m == meta[position[entry_id]]
+        np.testing.assert_allclose(v, l2_normalize(vecs[position[entry_id]][None])[0], atol=1e-6)
+    assert store.entries("g", int(ids.max())).ids.tolist() == []
+
+
+def test_entries_of_some_people(store):
+    vecs, meta = _data(60)  # person ids "0".."19", three entries each
+    store.create("g", 16)
+    store.add("g", np.arange(1, 61), vecs, meta)
+    page = store.entries("g", person_ids=["3", "nobody", "17"])
+    assert page.ids.tolist() == [4, 18, 24, 38, 44, 58] and not page.more and page.vectors is None
+    assert [m.person_id for m in page.metadata] == ["3", "17"] * 3
+    first = store.entries("g", 0, 2, ["3", "17"])
+    assert first.ids.tolist() == [4, 18] and first.more
+    assert store.entries("g", 18, 10, ["3", "17"]).ids.tolist() == [24, 38, 44, 58]
+    for bad, match in [(dict(limit=0), "page size"), (dict(limit=10_001), "page size"), (dict(after_id=-1), "after_id"),
+                       (dict(person_ids=[""]), "must not be empty")]:
+        with pytest.raises(InvalidEntry, match=match):
+            store.entries("g", **bad)
+    with pytest.raises(GalleryNotFound):
+        store.entries("nope")
+
+
 def test_removed_people_stay_removed_after_a_restart(tmp_path):
     vecs, meta = _data(40)
     store = FaissGalleryStore(tmp_path / "g")

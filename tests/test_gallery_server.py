@@ -91,6 +91,49 @@ def test_round_trip_filters_and_errors(server):
         assert g.list() == []
 
 
+def test_entries_list_what_a_gallery_holds_page_by_page(server):
+    vecs = np.random.default_rng(2).normal(size=(30, 32)).astype(np.float32)
+    with GalleryClient(server.target) as g:
+        g.create("people")
+        ids = g.add("people", embeddings=vecs, metadata=[metadata_message(str(i % 4), "c1", float(i), {"n": str(i)}) for i in range(30)],
+                    ids=range(30, 0, -1))  # the highest id first
+        listed = list(g.entries("people", page_size=7, include_embeddings=True))
+        assert [e.id for e in listed] == sorted(ids)
+        for e in listed:
+            i = ids.index(e.id)
+            assert (e.metadata.person_id, e.metadata.timestamp, dict(e.metadata.labels)) == (str(i % 4), float(i), {"n": str(i)})
+            np.testing.assert_allclose(e.embedding.values, l2_normalize(vecs[i : i + 1])[0], atol=1e-6)
+        theirs = list(g.entries("people", person_ids=["1"]))
+        assert [e.id for e in theirs] == sorted(ids[i] for i in range(1, 30, 4)) and not theirs[0].HasField("embedding")
+        page = g.stub.ListEntries(reid_pb2.ListEntriesRequest(gallery="people", page_size=7, after_id=7), timeout=10)
+        assert [e.id for e in page.entries] == list(range(8, 15)) and page.next_after_id == 14
+        last = g.stub.ListEntries(reid_pb2.ListEntriesRequest(gallery="people", after_id=25), timeout=10)
+        assert [e.id for e in last.entries] == list(range(26, 31)) and last.next_after_id == 0
+        for request, code in [(reid_pb2.ListEntriesRequest(gallery="nobody"), grpc.StatusCode.NOT_FOUND),
+                              (reid_pb2.ListEntriesRequest(gallery="people", page_size=10_001), grpc.StatusCode.INVALID_ARGUMENT),
+                              (reid_pb2.ListEntriesRequest(gallery="people", after_id=2**63), grpc.StatusCode.INVALID_ARGUMENT),
+                              (reid_pb2.ListEntriesRequest(gallery="people", person_ids=[""]), grpc.StatusCode.INVALID_ARGUMENT)]:
+            with pytest.raises(grpc.RpcError) as err:
+                g.stub.ListEntries(request, timeout=10)
+            assert err.value.code() == code, err.value.details()
+
+
+def test_entry_pages_stay_under_grpcs_default_message_limit(server):
+    """A client that keeps gRPC's 4 MiB limit on what it receives can list wide embeddings: the
+    server sends fewer entries than asked for rather than a page the client would refuse."""
+    dim = 32768  # 128 KiB per embedding: a full page of 1000 would be 128 MiB
+    vecs = np.random.default_rng(3).normal(size=(40, dim)).astype(np.float32)
+    with GalleryClient(server.target) as g:
+        g.create("wide", dimension=dim)
+        g.add("wide", embeddings=vecs, ids=range(1, 41))
+    with GalleryClient(server.target, max_message_bytes=4 * 2**20) as g:
+        first = g.stub.ListEntries(reid_pb2.ListEntriesRequest(gallery="wide", include_embeddings=True), timeout=30)
+        assert 16 <= len(first.entries) < 40 and first.next_after_id == first.entries[-1].id
+        listed = list(g.entries("wide", include_embeddings=True))
+    assert [e.id for e in listed] == list(range(1, 41))
+    np.testing.assert_allclose([e.embedding.values for e in listed[-2:]], l2_normalize(vecs[-2:]), atol=1e-6)
+
+
 def test_the_asyncio_gallery_client_does_what_the_blocking_one_does(server, synthetic_root):
     import asyncio
 
@@ -110,6 +153,7 @@ def test_the_asyncio_gallery_client_does_what_the_blocking_one_does(server, synt
             assert plain[0].hits[0].id == ids[0] and len({h.metadata.person_id for h in grouped[0].hits}) == 3
             found = await g.search("aio", images=files[1:2], top_k=1, rerank={"k1": 2, "k2": 1})
             assert found[0].hits[0].id == image_ids[1]
+            assert [e.id async for e in g.entries("aio", person_ids=["1"], page_size=2)] == sorted(ids[1::2])
             gone = await g.remove("aio", person_ids=["0"])
             assert gone.removed == 3 and (await g.remove("aio", ids=[ids[1], 999])).missing == [999]
             with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -78,6 +78,7 @@ def test_tokens_separate_read_and_write(tiny_onnx, tmp_path):
             writer.add("g", embeddings=np.ones((1, 32)))
         with GalleryClient(s.target, token=READ) as reader:
             assert reader.search("g", embeddings=np.ones((1, 32)), top_k=1)[0].hits[0].id == 1
+            assert [e.id for e in reader.entries("g")] == [1]
         # health stays open without a token
         status = health_pb2_grpc.HealthStub(grpc.insecure_channel(s.target)).Check(health_pb2.HealthCheckRequest()).status
         assert status == health_pb2.HealthCheckResponse.SERVING

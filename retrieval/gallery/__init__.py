@@ -1,11 +1,11 @@
 """Galleries of embeddings with metadata: the backend interface and the durable FAISS store."""
 from retrieval.gallery.base import (
-    EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit, InvalidEntry,
+    EntryMetadata, EntryPage, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit, InvalidEntry,
     RerankOptions, SearchFilter, StorageError,
 )
 from retrieval.gallery.faiss_store import FaissGalleryStore
 
 __all__ = [
-    "EntryMetadata", "FaissGalleryStore", "GalleryBackend", "GalleryError", "GalleryExists", "GalleryInfo",
+    "EntryMetadata", "EntryPage", "FaissGalleryStore", "GalleryBackend", "GalleryError", "GalleryExists", "GalleryInfo",
     "GalleryNotFound", "Hit", "InvalidEntry", "RerankOptions", "SearchFilter", "StorageError",
 ]

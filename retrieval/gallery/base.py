@@ -100,7 +100,18 @@ class GalleryInfo:
     model: str = ""  # the model whose embeddings it holds ("": not recorded)
 
 
+@dataclass
+class EntryPage:
+    """Entries of a gallery in ascending id order, from ``GalleryBackend.entries``."""
+
+    ids: np.ndarray  # int64
+    metadata: list[EntryMetadata]
+    vectors: np.ndarray | None  # float32 [len(ids), dim], L2-normalized; None unless asked for
+    more: bool  # entries with higher ids (of the people asked for) follow
+
+
 INDEX_TYPES = ("flat", "hnsw")
+MAX_PAGE = 10_000  # entries in one page of ``entries``
 MAX_ID = 2**63 - 1
 # person_id and camera_id, in UTF-8 bytes: Milvus stores them as VARCHAR(512) and refused longer
 # ones only at insert. The same limit holds for every backend, so moving a gallery keeps it valid.
@@ -157,6 +168,17 @@ def check_people(person_ids: list[str]) -> list[str]:
     without a person id", which nobody asks for by leaving a field blank."""
     if any(not p for p in person_ids):
         raise InvalidEntry("person ids to remove must not be empty")
+    return list(dict.fromkeys(person_ids))
+
+
+def check_page(after_id: int, limit: int, person_ids: list[str]) -> list[str]:
+    """Validate a page request of ``entries``; returns its distinct person ids (empty: everyone)."""
+    if not 0 <= after_id <= MAX_ID:
+        raise InvalidEntry(f"after_id must be within 0..2^63-1, got {after_id}")
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidEntry(f"page size must be within 1..{MAX_PAGE}, got {limit}")
+    if any(not p for p in person_ids):
+        raise InvalidEntry("person ids to list must not be empty")
     return list(dict.fromkeys(person_ids))
 
 
@@ -233,6 +255,13 @@ class GalleryBackend(abc.ABC):
     def remove_before(self, name: str, timestamp: float) -> int:
         """Every entry whose timestamp is set (above 0) and earlier than ``timestamp`` (a retention
         period), in one durable change, as ``remove_people`` does. Returns how many were removed."""
+
+    @abc.abstractmethod
+    def entries(self, name: str, after_id: int = 0, limit: int = 1000, person_ids: list[str] = (),
+                with_vectors: bool = False) -> EntryPage:
+        """Up to ``limit`` entries with ids above ``after_id``, the lowest first; only those of
+        ``person_ids`` when given. Paging by id, not by offset, keeps a listing whole while entries
+        come and go between pages: each entry present throughout is listed once."""
 
     @abc.abstractmethod
     def search(self, name: str, queries: np.ndarray, top_k: int, filters: list[SearchFilter],

@@ -43,9 +43,9 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from retrieval.faiss_setup import import_faiss
 from retrieval.gallery.base import (
-    INDEX_TYPES, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
-    RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery, check_people,
-    check_queries,
+    INDEX_TYPES, EntryMetadata, EntryPage, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound,
+    Hit, RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery, check_page,
+    check_people, check_queries,
 )
 from retrieval.gallery.grouping import search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
@@ -699,6 +699,21 @@ class _Gallery:
         if thread is not None:
             thread.join()
 
+    def entries(self, after_id: int, limit: int, person_ids: list[str], with_vectors: bool) -> EntryPage:
+        people = set(check_page(after_id, limit, person_ids))
+        with self.lock.read():
+            self._require_open()
+            rows = np.flatnonzero(self.alive & (self.ids > after_id))
+            if people:
+                rows = rows[np.fromiter((self.meta[r].person_id in people for r in rows.tolist()), bool, len(rows))]
+            more = len(rows) > limit
+            if more:  # rows follow the order of adds, not of ids
+                rows = rows[np.argpartition(self.ids[rows], limit)[:limit]]
+            rows = rows[np.argsort(self.ids[rows])]
+            # copies: the vectors' view lasts only as long as the lock
+            return EntryPage(self.ids[rows], [self.meta[r] for r in rows.tolist()],
+                             self.vectors[rows] if with_vectors else None, more)
+
     def _allowed(self, flt: SearchFilter) -> np.ndarray:
         mask = self.alive.copy()
         if flt.exclude_camera_id:
@@ -922,6 +937,9 @@ class FaissGalleryStore(GalleryBackend):
 
     def model(self, name: str) -> str:
         return self._get(name).model
+
+    def entries(self, name, after_id=0, limit=1000, person_ids=(), with_vectors=False):
+        return self._get(name).entries(after_id, limit, list(person_ids), with_vectors)
 
     def search(self, name, queries, top_k, filters, rerank=None, group_by_person=False):
         return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank, group_by_person)

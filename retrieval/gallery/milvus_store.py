@@ -32,9 +32,9 @@ import numpy as np
 
 from retrieval.distance import l2_normalize
 from retrieval.gallery.base import (
-    MAX_ID, EntryMetadata, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound, Hit,
-    InvalidEntry, RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery,
-    check_people, check_queries,
+    MAX_ID, EntryMetadata, EntryPage, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound,
+    Hit, InvalidEntry, RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery,
+    check_page, check_people, check_queries,
 )
 from retrieval.gallery.grouping import search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
@@ -365,6 +365,27 @@ class MilvusGalleryStore(GalleryBackend):
             result = self._call("delete", coll, filter=f"timestamp > 0 and timestamp < {cutoff!r}")
             self._call("flush", coll)
             return _deleted(result)
+
+    def entries(self, name, after_id=0, limit=1000, person_ids=(), with_vectors=False):
+        people = check_page(after_id, limit, list(person_ids))
+        dim, _ = self._describe(name)
+        coll = _collection(name)
+        expr = f"id > {int(after_id)}" + (f" and person_id in [{', '.join(map(_quote, people))}]" if people else "")
+        # The iterator, not a query with a limit: that returns any ``limit`` matching rows, the
+        # iterator the lowest ids. One more than asked tells whether more follow.
+        batch = self._call("query_iterator", coll, batch_size=limit + 1, limit=limit + 1, filter=expr,
+                           output_fields=["id", *META_FIELDS, *(["vector"] if with_vectors else [])],
+                           consistency_level=self.consistency, what="list entries")
+        try:
+            rows = sorted(batch.next(), key=lambda r: int(r["id"]))
+        except Exception as exc:  # noqa: BLE001 - as in _call
+            raise self._failure("list entries", exc, (coll,)) from None
+        finally:
+            batch.close()
+        more, rows = len(rows) > limit, rows[:limit]
+        vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), dim) if with_vectors else None
+        return EntryPage(np.asarray([int(r["id"]) for r in rows], dtype=np.int64), [_entry_metadata(r) for r in rows],
+                         vectors, more)
 
     def _search(self, name: str, index_type: str, queries: np.ndarray, k: int, filters: list[SearchFilter]):
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)

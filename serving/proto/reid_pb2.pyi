@@ -230,6 +230,38 @@ class RemoveFromGalleryResponse(_message.Message):
     missing_person_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, removed: _Optional[int] = ..., missing: _Optional[_Iterable[int]] = ..., missing_person_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ListEntriesRequest(_message.Message):
+    __slots__ = ("gallery", "person_ids", "after_id", "page_size", "include_embeddings")
+    GALLERY_FIELD_NUMBER: _ClassVar[int]
+    PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    gallery: str
+    person_ids: _containers.RepeatedScalarFieldContainer[str]
+    after_id: int
+    page_size: int
+    include_embeddings: bool
+    def __init__(self, gallery: _Optional[str] = ..., person_ids: _Optional[_Iterable[str]] = ..., after_id: _Optional[int] = ..., page_size: _Optional[int] = ..., include_embeddings: _Optional[bool] = ...) -> None: ...
+
+class GalleryEntry(_message.Message):
+    __slots__ = ("id", "metadata", "embedding")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    metadata: EntryMetadata
+    embedding: Embedding
+    def __init__(self, id: _Optional[int] = ..., metadata: _Optional[_Union[EntryMetadata, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ...) -> None: ...
+
+class ListEntriesResponse(_message.Message):
+    __slots__ = ("entries", "next_after_id")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[GalleryEntry]
+    next_after_id: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[GalleryEntry, _Mapping]]] = ..., next_after_id: _Optional[int] = ...) -> None: ...
+
 class SearchFilter(_message.Message):
     __slots__ = ("exclude_camera_id", "time_from", "time_to", "labels")
     class LabelsEntry(_message.Message):

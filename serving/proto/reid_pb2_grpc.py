@@ -79,6 +79,11 @@ class ReIdentificationStub:
                 request_serializer=reid_dot_v1_dot_reid__pb2.SearchRequest.SerializeToString,
                 response_deserializer=reid_dot_v1_dot_reid__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.ListEntries = channel.unary_unary(
+                '/reid.v1.ReIdentification/ListEntries',
+                request_serializer=reid_dot_v1_dot_reid__pb2.ListEntriesRequest.SerializeToString,
+                response_deserializer=reid_dot_v1_dot_reid__pb2.ListEntriesResponse.FromString,
+                _registered_method=True)
 
 
 class ReIdentificationServicer:
@@ -143,6 +148,13 @@ class ReIdentificationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEntries(self, request, context):
+        """Errors: NOT_FOUND (gallery), INVALID_ARGUMENT (page_size above 10000, after_id at or above 2^63, an empty person id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReIdentificationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +202,11 @@ def add_ReIdentificationServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=reid_dot_v1_dot_reid__pb2.SearchRequest.FromString,
                     response_serializer=reid_dot_v1_dot_reid__pb2.SearchResponse.SerializeToString,
+            ),
+            'ListEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEntries,
+                    request_deserializer=reid_dot_v1_dot_reid__pb2.ListEntriesRequest.FromString,
+                    response_serializer=reid_dot_v1_dot_reid__pb2.ListEntriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +452,33 @@ class ReIdentification:
             '/reid.v1.ReIdentification/Search',
             reid_dot_v1_dot_reid__pb2.SearchRequest.SerializeToString,
             reid_dot_v1_dot_reid__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reid.v1.ReIdentification/ListEntries',
+            reid_dot_v1_dot_reid__pb2.ListEntriesRequest.SerializeToString,
+            reid_dot_v1_dot_reid__pb2.ListEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,
