@@ -119,6 +119,13 @@ def client_parser() -> argparse.ArgumentParser:
                    help="only this person's entries (repeatable): what the gallery holds about them")
     n.add_argument("--json", action="store_true", help="one JSON object per entry instead of text")
     n.add_argument("--embeddings", action="store_true", help="with --json: each entry's stored embedding too")
+
+    m = sub.add_parser("import", parents=[common],
+                       help="add the entries of an 'entries --json --embeddings' listing to a gallery, with their ids")
+    m.add_argument("gallery")
+    m.add_argument("listing", type=Path, help="JSON lines, each with id and embedding (and person_id, camera_id, timestamp, labels)")
+    m.add_argument("--batch", type=_number(int, 1), default=1000, help="entries per call (default 1000)")
+    m.add_argument("--replace", action="store_true", help="overwrite entries whose ids the gallery already holds")
     return p
 
 
@@ -353,8 +360,81 @@ def _entries(args, connect) -> int:
     return 1 if missing else 0
 
 
+def _listing_entry(line: str, where: str, width: int | None) -> tuple[int, list, reid_pb2.EntryMetadata]:
+    """One line of an ``entries --json --embeddings`` listing: (id, embedding, metadata)."""
+    try:
+        row = json.loads(line)
+        entry_id, embedding = row["id"], row["embedding"]
+        if isinstance(entry_id, bool) or not (isinstance(entry_id, int) and 1 <= entry_id < 2**63):
+            raise ValueError(f"id must be a whole number within 1..2^63-1, got {entry_id!r}")
+        if not (isinstance(embedding, list) and embedding and all(isinstance(v, (int, float)) for v in embedding)
+                and all(map(math.isfinite, embedding))):
+            raise ValueError("embedding must be a non-empty list of finite numbers")
+        if width is not None and len(embedding) != width:
+            raise ValueError(f"embedding has {len(embedding)} values, the lines before {width}")
+        labels = row.get("labels") or {}
+        if not (isinstance(labels, dict) and all(isinstance(v, str) for v in labels.values())):
+            raise ValueError("labels must map names to strings")
+        meta = metadata_message(str(row.get("person_id", "")), str(row.get("camera_id", "")),
+                                float(row.get("timestamp", 0.0)), labels)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise UsageError(f"{where}: {what} (expected a line of 'reid-client entries --json --embeddings')") from None
+    return entry_id, embedding, meta
+
+
+def _listing(path: Path):
+    """The listing's entries, one (id, embedding, metadata) at a time; blank lines are skipped."""
+    width = None
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    entry = _listing_entry(line, f"{path}:{n}", width)
+                    width = len(entry[1])
+                    yield entry
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _import(args, connect) -> int:
+    """Every line is checked before any call (a listing that breaks off midway adds nothing), then
+    the entries go in calls of ``--batch``, keeping their ids: an import that fails midway can be
+    run again with ``--replace``."""
+    total = sum(1 for _ in _listing(args.listing))
+    if not total:
+        raise UsageError(f"{args.listing} holds no entries")
+    done = 0
+    with connect(GalleryClient) as g:
+        def add(batch: list) -> int:
+            ids, vectors, meta = zip(*batch)
+            g.add(args.gallery, embeddings=np.asarray(vectors, dtype=np.float32), metadata=meta, ids=ids, replace=args.replace)
+            if sys.stderr.isatty():
+                print(f"\rimported {done + len(batch)} of {total}", end="", file=sys.stderr, flush=True)
+            return len(batch)
+
+        batch: list = []
+        try:
+            for entry in _listing(args.listing):
+                batch.append(entry)
+                if len(batch) == args.batch:
+                    done += add(batch)
+                    batch = []
+            if batch:
+                done += add(batch)
+        except grpc.RpcError:
+            print(f"imported {done} of {total} entries into {args.gallery} before the failure below"
+                  + (" (run again with --replace to go on)" if done else ""), file=sys.stderr)
+            raise
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(f"imported {done} entries into {args.gallery}")
+    return 0
+
+
 COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop": _drop, "enroll": _enroll,
-            "search": _search, "remove": _remove, "entries": _entries}
+            "search": _search, "remove": _remove, "entries": _entries,
+            "import": _import}
 
 
 def client_main(argv: list[str] | None = None) -> int:

@@ -253,6 +253,37 @@ def test_entries_lists_what_the_gallery_holds(server, crops, capsys, tmp_path):
     assert code == 1 and err.strip() == "reid-client: error: NOT_FOUND: no gallery named 'nobody'"
 
 
+def test_import_copies_a_listing_into_another_gallery(server, crops, capsys, tmp_path):
+    a1, a2, b = crops
+    assert _run(capsys, server, "create", "old")[0] == 0
+    assert _run(capsys, server, "enroll", "old", str(a1), str(a2), "--person-id", "A", "--label", "site=door")[0] == 0
+    assert _run(capsys, server, "enroll", "old", str(b), "--camera-id", "c2", "--timestamp", "7")[0] == 0
+    code, listing, _ = _run(capsys, server, "entries", "old", "--json", "--embeddings")
+    (tmp_path / "old.jsonl").write_text(listing)
+    assert _run(capsys, server, "create", "new")[0] == 0
+    code, out, _ = _run(capsys, server, "import", "new", str(tmp_path / "old.jsonl"), "--batch", "2")
+    assert code == 0 and out.strip() == "imported 3 entries into new"
+    assert _run(capsys, server, "entries", "new", "--json", "--embeddings")[1] == listing
+    code, _, err = _run(capsys, server, "import", "new", str(tmp_path / "old.jsonl"))  # the ids are there now
+    assert code == 1 and err.splitlines()[0] == "imported 0 of 3 entries into new before the failure below"
+    assert err.splitlines()[1].startswith("reid-client: error: ALREADY_EXISTS")
+    assert _run(capsys, server, "import", "new", str(tmp_path / "old.jsonl"), "--replace")[0] == 0
+    good = json.loads(listing.splitlines()[0])
+    for name, lines, message in [
+        ("empty", [""], "holds no entries"),
+        ("no_embedding", [{"id": 9}], ":1: no 'embedding'"),
+        ("bad_id", [{**good, "id": 0}], ":1: id must be a whole number within 1..2^63-1, got 0"),
+        ("nan", [{**good, "embedding": [float("nan")] * 32}], ":1: embedding must be a non-empty list of finite numbers"),
+        ("widths", [good, {**good, "id": 99, "embedding": [1.0] * 8}], ":2: embedding has 8 values, the lines before 32"),
+        ("not_json", ["{id: 1}"], ":1: Expecting property name enclosed in double quotes"),
+    ]:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines))
+        code, _, err = _run(capsys, server, "import", "new", str(path))
+        assert code == 2 and err.startswith("reid-client: error: ") and message in err, err
+    assert server.server.store.info("new").size == 3
+
+
 def test_remove_entries_older_than_a_retention_period(server, crops, capsys):
     a1, a2, b = crops
     assert _run(capsys, server, "create", "g")[0] == 0
