@@ -672,6 +672,27 @@ def test_entries_page_through_the_gallery_by_id(store, index_type):
     assert store.entries("g", int(ids.max())).ids.tolist() == []
 
 
+def test_listing_milvus_lite_logs_no_warning(tmp_path):
+    import logging
+
+    import pymilvus  # noqa: F401 - first: its import configures logging afresh, dropping handlers of loggers under it
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    watched = logging.getLogger("pymilvus.client.iterator.query_iterator")
+    watched.addHandler(handler)
+    store = open_milvus_store(tmp_path)
+    try:
+        store.create("g", 4)
+        store.add("g", np.array([1]), np.ones((1, 4)), [EntryMetadata()])
+        assert store.entries("g").ids.tolist() == [1]
+    finally:
+        watched.removeHandler(handler)
+        close_milvus_store(store)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+
+
 def test_entries_of_some_people(store):
     vecs, meta = _data(60)  # person ids "0".."19", three entries each
     store.create("g", 16)

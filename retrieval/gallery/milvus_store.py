@@ -40,6 +40,11 @@ from retrieval.gallery.grouping import search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
 
 log = logging.getLogger(__name__)
+# Milvus Lite gives the query iterator no session timestamp, so pymilvus warned of falling back to
+# the client's clock on every page that ListEntries read: noise in a server's log, as each page is
+# read by an iterator of its own. (pymilvus 3 names the logger so; 2.x has the iterator elsewhere.)
+for _name in ("pymilvus.client.iterator.query_iterator", "pymilvus.orm.iterator"):
+    logging.getLogger(_name).addFilter(lambda record: "failed to get mvccTs" not in record.getMessage())
 PREFIX = "reid_"
 CONSISTENCY_LEVELS = {"strong": "Strong", "bounded": "Bounded", "session": "Session", "eventually": "Eventually"}
 META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
