@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from retrieval.gallery import GalleryBackend, GalleryError
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -24,6 +30,10 @@ class ServerMetrics:
                                          "failed calls included", ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("reid_errors_total", "Errors by gRPC status code (per call and per image)", ["code"], registry=r)
 
+    def watch_galleries(self, store: GalleryBackend) -> None:
+        """Export ``reid_gallery_entries{gallery}``, read from ``store`` at each scrape."""
+        self.registry.register(_GalleryEntries(store))
+
     def serve_http(self, port: int, host: str = "0.0.0.0"):
         """Start the metrics endpoint in a thread; returns its HTTP server (``shutdown()`` stops it)."""
         httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -32,6 +42,28 @@ class ServerMetrics:
     def value(self, name: str, **labels) -> float:
         """Current value of a sample (tests and benchmarks read figures without scraping HTTP)."""
         return self.registry.get_sample_value(name, labels) or 0.0
+
+
+class _GalleryEntries:
+    """A collector of each gallery's size, asked of the store when scraped rather than kept up to
+    date by the calls: other replicas change a shared Milvus gallery too, and removals by person or
+    time do not say which galleries' sizes changed. On Milvus a scrape counts each gallery's entries
+    (one read each); a store that cannot answer leaves the family empty, not the scrape failed."""
+
+    def __init__(self, store: GalleryBackend):
+        self.store = store
+
+    def describe(self):  # registering must not call collect: the store may be slow or down
+        return [GaugeMetricFamily("reid_gallery_entries", "Entries in each gallery")]
+
+    def collect(self):
+        family = GaugeMetricFamily("reid_gallery_entries", "Entries in each gallery", labels=["gallery"])
+        try:
+            for info in self.store.list():
+                family.add_metric([info.name], info.size)
+        except GalleryError as exc:
+            log.warning("metrics: cannot read the galleries' sizes: %s", exc)
+        yield family
 
 
 def timed(rpc):

@@ -133,6 +133,8 @@ class ReidServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._bind(creds)
+        if self.store is not None:
+            self.metrics.watch_galleries(self.store)
         if c.metrics_port:
             try:
                 self._metrics_http = self.metrics.serve_http(c.metrics_port, c.host)

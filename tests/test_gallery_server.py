@@ -200,6 +200,30 @@ def test_gallery_calls_report_their_latency_and_the_store_time(server, synthetic
     assert metrics.value("reid_stage_seconds_count", stage="gallery") == 4  # each store call, the failed one too
 
 
+def test_gallery_sizes_are_exported_at_each_scrape(server, monkeypatch, caplog):
+    from prometheus_client import generate_latest
+
+    from retrieval.gallery import StorageError
+
+    metrics = server.metrics
+    vecs = np.random.default_rng(4).normal(size=(6, 32)).astype(np.float32)
+    with GalleryClient(server.target) as g:
+        g.create("a")
+        g.create("b")
+        g.add("a", embeddings=vecs, metadata=[metadata_message(str(i % 2)) for i in range(6)])
+        assert [metrics.value("reid_gallery_entries", gallery=n) for n in "ab"] == [6, 0]
+        g.remove("a", person_ids=["1"])
+        assert metrics.value("reid_gallery_entries", gallery="a") == 3
+
+    def unavailable():
+        raise StorageError("Milvus list failed: connection refused")
+
+    monkeypatch.setattr(server.server.store, "list", unavailable)
+    scraped = generate_latest(metrics.registry).decode()  # the other metrics still come
+    assert "reid_requests_total" in scraped and 'reid_gallery_entries{' not in scraped
+    assert "cannot read the galleries' sizes: Milvus list failed" in caplog.text
+
+
 def test_concurrent_adds_and_searches_stay_consistent(server):
     rng = np.random.default_rng(1)
     with GalleryClient(server.target) as g:
