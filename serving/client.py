@@ -1,6 +1,7 @@
 """Python clients (sync and asyncio) for the ReIdentification service."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Union
@@ -65,9 +66,31 @@ def parse_response(response: reid_pb2.EmbedResponse) -> list[EmbedOutcome]:
     return out
 
 
+# Calls that change nothing, so that sending one again cannot do anything twice. Writes are never
+# retried for the caller: an add with ids the server assigns would add its entries twice.
+RETRIED_METHODS = ("Embed", "Search", "ListEntries", "ListGalleries", "GetGalleryInfo")
+
+
+def retry_config(retries: int) -> str:
+    """gRPC service config retrying ``RETRIED_METHODS`` up to ``retries`` more times on
+    RESOURCE_EXHAUSTED (the server's queue was full) and UNAVAILABLE (a server shutting down or
+    not reachable yet), with exponential backoff and jitter (gRPC's own retries, within the call's
+    deadline). Retry throttling stops retrying while most calls fail, so that an overloaded server
+    is not sent more."""
+    policy = {"maxAttempts": retries + 1, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+              "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]}
+    names = [{"service": "reid.v1.ReIdentification", "method": m} for m in RETRIED_METHODS]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}],
+                       "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}})
+
+
 class _Connection:
     """Channel options shared by the clients: message size, TLS (CA, optional client pair), token,
-    keepalive.
+    keepalive, retries.
+
+    ``retries`` (default 2) is how many more times a call that changes nothing is sent after
+    RESOURCE_EXHAUSTED or UNAVAILABLE (``retry_config``); 0 turns retrying off. gRPC allows at most
+    4 more.
 
     ``keepalive_seconds`` makes the channel ping the server that often while it is idle, also with
     no call open, so that a proxy or NAT that drops idle connections does not silently break a
@@ -77,8 +100,14 @@ class _Connection:
 
     def __init__(self, target: str, timeout: float | None, max_message_bytes: int, token: str | None = None,
                  root_certificates: bytes | None = None, client_cert: bytes | None = None, client_key: bytes | None = None,
-                 keepalive_seconds: float | None = None, aio: bool = False):
+                 keepalive_seconds: float | None = None, retries: int = 2, aio: bool = False):
+        if not 0 <= retries <= 4:
+            raise ValueError(f"retries must be within 0..4 (gRPC makes at most 5 attempts), got {retries}")
         opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        if retries:
+            opts += [("grpc.enable_retries", 1), ("grpc.service_config", retry_config(retries))]
+        else:
+            opts += [("grpc.enable_retries", 0)]
         if keepalive_seconds:
             opts += [("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)), ("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.max_pings_without_data", 0)]  # keep pinging through idle spells

@@ -403,7 +403,7 @@ def test_client_library_misuse_gets_a_clear_error():
 
 def test_request_limits(engine):
     config = ServerConfig(port=0, max_message_bytes=200_000, limits=Limits(max_images_per_request=4, max_image_pixels=100 * 100))
-    with ServerThread(engine, config) as s, ReidClient(s.target, max_message_bytes=10 * 2**20) as client:
+    with ServerThread(engine, config) as s, ReidClient(s.target, max_message_bytes=10 * 2**20, retries=0) as client:
         with pytest.raises(grpc.RpcError) as too_many:
             client.embed([_jpeg(i) for i in range(5)])
         assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit is 4" in too_many.value.details()
@@ -422,7 +422,7 @@ def test_full_queue_fails_fast_with_resource_exhausted(engine):
     config = ServerConfig(port=0, queue_capacity=4, max_batch_size=4, max_queue_delay_ms=0,
                           limits=Limits(max_images_per_request=4))
     with ServerThread(slow, config) as s:
-        client = ReidClient(s.target)
+        client = ReidClient(s.target, retries=0)  # the server's answer, not what a client makes of it
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(client.embed, [_jpeg(i) for i in range(3)])
             time.sleep(0.2)  # first batch is now running; the queue is empty
