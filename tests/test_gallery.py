@@ -954,8 +954,8 @@ def test_searches_and_changes_go_on_while_a_snapshot_writes(tmp_path, monkeypatc
     of snapshot: plain flat, compacting flat, HNSW keeping its dead rows, HNSW rebuilding its graph."""
     from concurrent.futures import ThreadPoolExecutor
 
-    monkeypatch.setattr("retrieval.gallery.faiss_store.SNAPSHOT_CHUNK", 7)  # rows read and written in many chunks
-    monkeypatch.setattr("retrieval.gallery.faiss_store.CATCH_UP_UNDER_LOCK", 1)  # a compaction catches up in rounds
+    monkeypatch.setattr("retrieval.gallery.faiss_snapshot.SNAPSHOT_CHUNK", 7)  # rows read and written in many chunks
+    monkeypatch.setattr("retrieval.gallery.faiss_snapshot.CATCH_UP_UNDER_LOCK", 1)  # a compaction catches up in rounds
     vecs, meta = _data(100, 16)
     store = FaissGalleryStore(tmp_path)
     store.create("g", 16, index_type)

@@ -1,28 +1,10 @@
-"""FAISS galleries on local disk that survive crashes: snapshot + write-ahead log per gallery.
-
-Layout: ``ROOT/<gallery>/gallery.json`` (dimension, index type, model), ``snapshot.npz`` (ids, vectors,
-metadata; written to a temporary file, fsync'ed and renamed), ``wal.log`` (every add/remove since
-the snapshot). An add or remove is in the log, fsync'ed, before it is applied and acknowledged. On
-start a gallery is its snapshot plus the log replayed. A corrupt snapshot stops the start with a
-message naming the file (the log alone cannot rebuild what the snapshot held).
-
-Snapshots do not stop a gallery's searches or changes while they write (8 s for a million flat
-entries, every ``snapshot_every`` changes, stopped every search before). A snapshot holds the
-gallery's lock only to seal the log (``wal.log`` becomes ``wal-<n>.log``, replayed after the
-snapshot on start until a snapshot covering it lands) and to note which rows it saves; it then
-writes those rows while searches and changes go on (changes into a new ``wal.log``). Automatic
-snapshots run in a thread of their own, so the change that triggers one does not wait for it.
+"""FAISS galleries on local disk that survive crashes: named galleries under one folder, each
+searched in memory and kept on disk as a snapshot plus a write-ahead log (``faiss_snapshot``).
 
 In memory a gallery's FAISS index holds every row (node i is row i) and the only copy of its
 vectors; removed rows stay in it, marked dead and skipped by searches, until a snapshot compacts
 them. Searches of a gallery run side by side; changes run one at a time, logged beside searches
 and applied alone (an HNSW gallery's add in parts, with searches let in between).
-
-HNSW galleries also save their graph, ``hnsw-<token>.faiss``, written before the snapshot that
-names it: building the graph anew took about 0.45 ms per entry on 2 cores (7 minutes at a million),
-reading it back a few milliseconds per 10,000. Their snapshots keep removed rows (marked dead, as
-in memory) until a compaction, so the graph's nodes stay the snapshot's rows. A missing or
-unusable graph is rebuilt from the rows, with a warning: it holds nothing the snapshot does not.
 """
 from __future__ import annotations
 
@@ -30,12 +12,8 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import threading
-import time
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +25,8 @@ from retrieval.gallery.base import (
     Hit, RerankOptions, SearchFilter, StorageError, check_cutoff, check_entries, check_new_gallery, check_page,
     check_people, check_queries,
 )
+from retrieval.gallery.columns import Coded, Column
+from retrieval.gallery.faiss_snapshot import Persistence, storage_error
 from retrieval.gallery.grouping import search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
 from retrieval.gallery.rwlock import ReadWriteLock
@@ -62,22 +42,11 @@ GPU_MAX_K = 1024
 # allowed entries an exact scan of just those is both right and cheap (40,000 x 512-d is about
 # 80 MB). The same cut-off as Weaviate's default flatSearchCutoff.
 EXACT_SEARCH_CUTOFF = 40_000
-# A snapshot compacts an HNSW gallery (drops its removed rows, rebuilds the graph) only when more
-# than this share of its rows is dead: the rebuild takes about 0.45 ms per entry on 2 cores (13.5 s
-# for 30,000 512-d entries, 7 minutes or more for a million), while dead rows cost only their
-# filtering at search time. The rebuild runs beside searches and changes; the rows added meanwhile
-# join the new index in rounds, the last of at most this many rows under the gallery's lock.
-HNSW_COMPACT_DEAD_SHARE = 0.2
-CATCH_UP_UNDER_LOCK = 1024
 # Entries an add to an HNSW gallery puts into the graph per hold of the write lock: the graph takes
 # 0.2-0.5 ms per entry on 2 cores, so one add of 20,000 entries kept every search out for 5.6 s;
 # at 1,024 a part, 0.3 s. Smaller parts cost the add more (FAISS inserts a batch in parallel):
 # 20,000 entries took 5.7 s whole, 6.5 s in parts of 1,024, 8.2 s in parts of 256.
 HNSW_ADD_CHUNK = 1024
-# Rows a snapshot copies out of the live index at a time (to write them, or to build a compaction's
-# index), under the gallery's read lock (128 MB of 512-d rows, tens of milliseconds): a change
-# waits for one chunk, not for the whole snapshot.
-SNAPSHOT_CHUNK = 65_536
 # Up to this many queries an exact scan of the allowed rows runs in FAISS, query by query; more
 # are faster as BLAS products (measured at 8 queries).
 FEW_QUERIES = 4
@@ -101,81 +70,7 @@ def _top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(sims, cols, axis=1), cols
 
 
-def _meta_json(meta: list[EntryMetadata], piece: int = 8192) -> str:
-    """The metadata as one JSON list, encoded a piece at a time: ``json.dumps`` holds the GIL for
-    the whole of its input (about a second for a million entries), which stalled the searches
-    running beside a snapshot."""
-    pieces = (json.dumps([m.to_dict() for m in meta[i : i + piece]])[1:-1] for i in range(0, len(meta), piece))
-    return "[" + ",".join(pieces) + "]"
-
-
-def _storage(exc: OSError, what: str) -> StorageError:
-    return StorageError(f"{what}: {exc.strerror or exc}")
-
-
-class _Column:
-    """A row-aligned array that grows by doubling, so adding n entries copies O(n), not O(n * size)."""
-
-    def __init__(self, dtype, width: int | None = None):
-        self._buf = np.empty((16,) if width is None else (16, width), dtype=dtype)
-        self.n = 0
-
-    @property
-    def view(self) -> np.ndarray:
-        return self._buf[: self.n]
-
-    def extend(self, values: np.ndarray) -> None:
-        need = self.n + len(values)
-        if need > len(self._buf):
-            grown = np.empty((max(need, 2 * len(self._buf)),) + self._buf.shape[1:], dtype=self._buf.dtype)
-            grown[: self.n] = self._buf[: self.n]
-            self._buf = grown
-        self._buf[self.n : need] = values
-        self.n = need
-
-    def keep(self, mask: np.ndarray) -> None:
-        kept = self.view[mask]
-        self._buf, self.n = kept.copy(), len(kept)
-
-
-class _Coded:
-    """A row-aligned column of strings kept as int32 codes (-1: no value), so that a filter
-    compares integers: comparing 100,000 camera ids as strings took about 2 ms of a 0.5 ms HNSW
-    search, and matching a label entry by entry 60 ms."""
-
-    def __init__(self, values=()):
-        self.codes: dict[str, int] = {}
-        self.column = _Column(np.int32)
-        self.extend(values)
-
-    def extend(self, values) -> None:
-        codes = self.codes
-        self.column.extend(np.array([-1 if v is None else codes.setdefault(v, len(codes)) for v in values], dtype=np.int32))
-
-    def equal(self, value: str) -> np.ndarray:
-        """Which rows hold ``value``."""
-        code = self.codes.get(value)
-        return np.zeros(self.column.n, dtype=bool) if code is None else self.column.view == code
-
-
-@dataclass(eq=False)
-class _Frozen:
-    """What one snapshot saves, taken under the gallery's write lock together with the log's seal."""
-
-    segment: int  # the sealed log segment it covers, with every one before it
-    changes: int  # changes since the previous snapshot: given back if this one fails
-    rows: int  # the gallery's rows when it was taken (all of them, dead ones included)
-    next_id: int
-    ids: np.ndarray
-    meta: list[EntryMetadata]
-    alive: np.ndarray | None  # None: every saved row is live
-    keep: np.ndarray | None = None  # a compaction: which of the ``rows`` it keeps
-    index: object = None  # the index saved (an HNSW graph's copy, or a compaction's new index); None: the live flat one
-    gpu: object = None  # a compacted flat gallery's new GPU copy
-    purge: bool = False  # it compacts because people were removed: asked again if it fails
-
-
-class _Gallery:
+class _Gallery(Persistence):
     """One gallery: rows of ids and metadata, a FAISS index over every row (node i is row i; it
     holds the vectors), its log. Removed rows stay, marked dead, until a snapshot compacts them."""
 
@@ -187,17 +82,17 @@ class _Gallery:
         # take the write lock only to apply rows (not to log them), so searches get in between.
         self._changes = threading.Lock()
         self.faiss = import_faiss()
-        self._ids = _Column(np.int64)
-        self._vectors = _Column(np.float32, dim)  # a snapshot's vectors, until the index holds them
+        self._ids = Column(np.int64)
+        self._vectors = Column(np.float32, dim)  # a snapshot's vectors, until the index holds them
         self.meta: list[EntryMetadata] = []
-        self._alive = _Column(bool)
+        self._alive = Column(bool)
         # columns of the metadata that filters use, row-aligned: camera ids, timestamps, and a coded
         # column per label key, made when a search first filters on that key
-        self._cams = _Coded()
-        self._label_columns: dict[str, _Coded] = {}
+        self._cams = Coded()
+        self._label_columns: dict[str, Coded] = {}
         self._label_keys: set[str] = set()  # every key an entry has had: others match nothing
         self._label_lock = threading.Lock()  # searches, which share the gallery, make label columns
-        self._times = _Column(np.float64)
+        self._times = Column(np.float64)
         self.row: dict[int, int] = {}
         self.changes_since_snapshot = 0
         self._gpu = None  # flat galleries: a GPU copy of every row, dead ones included (see _new_index)
@@ -240,256 +135,11 @@ class _Gallery:
         return index if self.index_type == "flat" else self.faiss.downcast_index(index.storage)
 
     # ---- persistence -------------------------------------------------------------------------
-    def _load(self) -> None:
-        snap = self.dir / "snapshot.npz"
-        graph, covered = "", 0
-        if snap.exists():
-            try:
-                with np.load(snap, allow_pickle=False) as data:
-                    ids, vectors, meta = data["ids"], data["vectors"], json.loads(str(data["meta"]))
-                    next_id = int(data["next_id"]) if "next_id" in data.files else 1  # absent before it was kept
-                    alive = data["alive"].astype(bool) if "alive" in data.files else None  # all live when absent
-                    graph = str(data["graph"]) if "graph" in data.files else ""
-                    covered = int(data["sealed"]) if "sealed" in data.files else 0  # log segments it holds
-                    if alive is not None and len(alive) != len(ids):
-                        raise ValueError(f"{len(alive)} row flags for {len(ids)} rows")
-            except Exception as exc:  # noqa: BLE001 - any unreadable snapshot
-                raise GalleryError(f"snapshot {snap} is corrupt ({exc}); refusing to start: restore it from a backup "
-                                   "or move the gallery directory aside") from None
-            self._append_rows(ids.astype(np.int64), vectors.astype(np.float32), [EntryMetadata(**m) for m in meta], alive)
-            self.next_id = max(next_id, int(ids.max()) + 1 if len(ids) else 1)
-        if graph:
-            self._read_graph(graph)  # before the log's replay, which then adds to it
-        replayed = 0
-        for number, segment in self._segments():
-            self._next_segment = max(self._next_segment, number + 1)
-            if number <= covered:  # a crash after its snapshot landed, before the segment was deleted
-                segment.unlink()
-                continue
-            for payload in WriteAheadLog(segment).replay():  # sealed by a snapshot that did not land
-                self._apply(payload)
-                replayed += 1
-        self._next_segment = max(self._next_segment, covered + 1)
-        for payload in self.wal.replay():
-            self._apply(payload)
-            replayed += 1
-        if replayed:
-            log.info("gallery %s: replayed %d log records", self.dir.name, replayed)
-        if hasattr(self, "index"):
-            return
-        start = time.perf_counter()
-        self._rebuild_index()
-        if self.index_type == "hnsw" and len(self.ids):  # minutes at a million entries: say where startup went
-            log.info("gallery %s: built its HNSW index over %d entries in %.1f s", self.dir.name, len(self.ids),
-                     time.perf_counter() - start)
-
-    def _read_graph(self, name: str) -> None:
-        """Set ``self.index`` to the saved HNSW graph, if it is the one for the rows just loaded."""
-        start = time.perf_counter()
-        try:
-            index = self.faiss.read_index(str(self.dir / name))
-            if not isinstance(index, self.faiss.IndexHNSWFlat) or index.d != self.dim:
-                raise ValueError(f"a {type(index).__name__} of dimension {index.d}")
-            if index.ntotal != len(self.ids):  # node i is row i
-                raise ValueError(f"{index.ntotal} nodes for {len(self.ids)} rows")
-        except (RuntimeError, ValueError) as exc:  # faiss raises RuntimeError for missing or corrupt files
-            log.warning("gallery %s: its saved HNSW graph %s is unusable (%s); rebuilding it", self.dir.name, name, exc)
-            return
-        self.index, self._vectors = index, _Column(np.float32, self.dim)  # the graph holds them now
-        log.info("gallery %s: read its HNSW graph over %d rows in %.2f s", self.dir.name, len(self.ids),
-                 time.perf_counter() - start)
-
-    def _segments(self) -> list[tuple[int, Path]]:
-        """The sealed log segments on disk, oldest first."""
-        found = []
-        for path in self.dir.glob("wal-*.log"):
-            number = path.stem[len("wal-"):]
-            if number.isdigit():
-                found.append((int(number), path))
-        return sorted(found)
-
-    def _write_graph(self, index) -> str:
-        """Save the HNSW graph ``index`` (fsync'ed) under a new name and return it; "" when it
-        cannot be written: the snapshot then goes without it, and the next start rebuilds the graph."""
-        name = f"hnsw-{secrets.token_hex(8)}.faiss"
-        tmp = self.dir / (name + ".tmp")
-        try:
-            self.faiss.write_index(index, str(tmp))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.dir / name)
-        except (OSError, RuntimeError) as exc:  # faiss reports a failed write as RuntimeError
-            tmp.unlink(missing_ok=True)
-            log.warning("gallery %s: cannot save its HNSW graph (%s); the next start rebuilds it", self.dir.name, exc)
-            return ""
-        return name
-
-    @staticmethod
-    def _encode(op: dict, vectors: np.ndarray | None = None) -> bytes:
-        header = json.dumps(op).encode()
-        body = vectors.astype(np.float32).tobytes() if vectors is not None else b""
-        return len(header).to_bytes(4, "little") + header + body
-
-    def _apply(self, payload: bytes) -> None:
-        n = int.from_bytes(payload[:4], "little")
-        op = json.loads(payload[4 : 4 + n])
-        ids = np.asarray(op["ids"], dtype=np.int64)
-        if op["op"] == "add":
-            vectors = np.frombuffer(payload[4 + n :], dtype=np.float32).reshape(len(ids), self.dim)
-            self._apply_add(ids, vectors, [EntryMetadata(**m) for m in op["meta"]])
-        else:
-            self._apply_remove(ids)
-
-    def _log(self, payload: bytes) -> None:
-        try:
-            self.wal.append(payload)
-        except OSError as exc:
-            raise _storage(exc, f"cannot write the log of gallery {self.dir.name}") from None
-
     def _require_open(self) -> None:
         """A call that got this gallery before a drop and its lock after: it must not touch files,
         since its log would reopen at the same path, in a new gallery of the same name."""
         if self.dropped:
             raise GalleryNotFound(f"gallery {self.dir.name!r} was dropped")
-
-    def snapshot(self) -> None:
-        """Write the rows (and an HNSW gallery's graph) atomically, then delete the log they cover.
-
-        Removed rows are dropped first, except in an HNSW gallery with at most
-        HNSW_COMPACT_DEAD_SHARE of them: there they are saved marked dead, beside the graph that
-        still holds them. Searches and changes go on while the rows are written (see the module's
-        docstring); a compaction's new index replaces the live one once it has caught up.
-        """
-        with self._snapshot_lock:
-            with self._changes, self.lock.write():  # never between the parts of an add: the log holds all of it
-                self._require_open()
-                frozen = self._freeze()
-            graph, tmp = "", self.dir / "snapshot.npz.tmp"
-            try:
-                if frozen.keep is not None:
-                    self._build(frozen)
-                if self.index_type == "hnsw":
-                    graph = self._write_graph(frozen.index)
-                self._write_rows(frozen, graph, tmp)
-                if frozen.keep is not None:
-                    self._adopt(frozen)
-                os.replace(tmp, self.dir / "snapshot.npz")
-                fsync_dir(self.dir)
-            except BaseException as exc:
-                tmp.unlink(missing_ok=True)
-                if graph:  # the snapshot on disk still names the graph before this one
-                    (self.dir / graph).unlink(missing_ok=True)
-                with self.lock.write():
-                    self.changes_since_snapshot += frozen.changes  # its log segment is still there
-                    self._purge |= frozen.purge
-                if isinstance(exc, OSError):
-                    raise _storage(exc, f"cannot write the snapshot of gallery {self.dir.name}") from None
-                raise
-            for number, segment in self._segments():
-                if number <= frozen.segment:
-                    segment.unlink(missing_ok=True)
-            for old in self.dir.glob("hnsw-*.faiss*"):  # older graphs, and a crashed write's leftovers
-                if old.name != graph:
-                    old.unlink(missing_ok=True)
-
-    def _freeze(self) -> _Frozen:
-        """Under the write lock: seal the log and note what the snapshot saves. Rows are only ever
-        appended and marked dead, so the vectors of the rows up to ``rows`` stay as they are while
-        it reads them; copied here: the marks, the metadata list, and an HNSW graph that it saves
-        as it is (a concurrent add changes the graph's links)."""
-        rows = len(self.ids)
-        dead = rows - int(self.alive.sum())
-        purge, self._purge = self._purge, False
-        compact = dead > 0 and (purge or self.index_type != "hnsw" or dead > HNSW_COMPACT_DEAD_SHARE * rows)
-        segment = self._next_segment
-        try:
-            self.wal.seal(self.dir / f"wal-{segment:08d}.log")
-        except OSError as exc:
-            raise _storage(exc, f"cannot seal the log of gallery {self.dir.name}") from None
-        self._next_segment += 1
-        frozen = _Frozen(segment, self.changes_since_snapshot, rows, self.next_id, self.ids.copy(), list(self.meta),
-                         None if not dead else self.alive.copy(), purge=purge)
-        self.changes_since_snapshot = 0
-        if compact:
-            keep = self.alive.copy()
-            frozen.keep, frozen.alive, frozen.ids = keep, None, frozen.ids[keep]
-            frozen.meta = [m for m, live in zip(frozen.meta, keep) if live]
-        elif self.index_type == "hnsw":
-            frozen.index = self.faiss.clone_index(self.index)  # 0.13 s for 100,000 512-d entries
-        return frozen
-
-    def _build(self, frozen: _Frozen) -> None:
-        """The compacted rows' new index (minutes for a large HNSW gallery), fed from the live index
-        a chunk at a time under its read lock: a copy of every kept row under the write lock took
-        0.8 s at a million 512-d entries, and twice their memory."""
-        frozen.index, frozen.gpu = self._new_index(np.empty((0, self.dim), dtype=np.float32))
-        for part in self._live_rows(frozen.rows, frozen.keep):
-            self._add_to(frozen.index, frozen.gpu, part)
-
-    def _write_rows(self, frozen: _Frozen, graph: str, tmp: Path) -> None:
-        """Write the frozen rows to ``tmp``, fsync'ed, as ``np.savez`` lays them out; the vectors
-        come from the saved index, or chunk by chunk from the live flat index."""
-        arrays = {"ids": frozen.ids, "next_id": np.int64(frozen.next_id), "graph": np.array(graph),
-                  "meta": np.array(_meta_json(frozen.meta)), "sealed": np.int64(frozen.segment)}
-        if frozen.alive is not None:
-            arrays["alive"] = frozen.alive
-        with open(tmp, "wb") as f:
-            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for name, array in arrays.items():
-                    with archive.open(f"{name}.npy", "w", force_zip64=True) as out:
-                        np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
-                with archive.open("vectors.npy", "w", force_zip64=True) as out:
-                    rows = len(frozen.ids)
-                    np.lib.format.write_array_header_2_0(
-                        out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                              "shape": (rows, self.dim)})
-                    for chunk in self._saved_vectors(frozen, rows):
-                        out.write(np.ascontiguousarray(chunk, dtype=np.float32).data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _saved_vectors(self, frozen: _Frozen, rows: int):
-        """The vectors of the ``rows`` saved rows, in chunks."""
-        if frozen.index is not None:  # the snapshot's own index: nothing else touches it
-            yield self._stored(frozen.index)[:rows]
-            return
-        yield from self._live_rows(rows)
-
-    def _live_rows(self, stop: int, keep: np.ndarray | None = None):
-        """Copies of the live index's rows before ``stop`` (those in ``keep``, if given),
-        SNAPSHOT_CHUNK rows at a time, each copied under the read lock: the index may grow, and
-        move its storage, between chunks."""
-        for start in range(0, stop, SNAPSHOT_CHUNK):
-            end = min(stop, start + SNAPSHOT_CHUNK)
-            with self.lock.read():
-                part = self.vectors[start:end].copy() if keep is None else self.vectors[start:end][keep[start:end]]
-            yield part
-
-    def _adopt(self, frozen: _Frozen) -> None:
-        """Make a compaction's index the live one: it takes the rows added since the freeze, most
-        of them without the lock, then the last few and the swap under the write lock. Rows
-        removed meanwhile stay in it, marked dead, as in any index."""
-        index, gpu, done = frozen.index, frozen.gpu, frozen.rows
-        for _ in range(8):  # adds as fast as it catches up would keep it going: then finish under the lock
-            with self.lock.read():
-                tail = self.vectors[done:].copy()
-            if len(tail) <= CATCH_UP_UNDER_LOCK:
-                break
-            self._add_to(index, gpu, tail)
-            done += len(tail)
-        with self.lock.write():
-            self._add_to(index, gpu, self.vectors[done:])
-            keep = np.concatenate([frozen.keep, np.ones(len(self.ids) - frozen.rows, dtype=bool)])
-            self.meta = [m for m, live in zip(self.meta, keep) if live]
-            for column in (self._ids, self._cams.column, self._times, self._alive,
-                           *(c.column for c in self._label_columns.values())):
-                column.keep(keep)
-            alive = self.alive
-            self.row = dict(zip(self.ids[alive].tolist(), np.flatnonzero(alive).tolist()))
-            self.index, self._gpu = index, gpu
 
     @staticmethod
     def _add_to(index, gpu, vectors: np.ndarray) -> None:
@@ -535,7 +185,7 @@ class _Gallery:
     def _rebuild_index(self) -> None:
         """The index over the rows' own vectors, at a start whose snapshot had no usable graph."""
         self.index, self._gpu = self._new_index(self._vectors.view)
-        self._vectors = _Column(np.float32, self.dim)
+        self._vectors = Column(np.float32, self.dim)
 
     def _new_index(self, vectors: np.ndarray):
         """A CPU index over ``vectors``, which then holds the only copy of them, and for flat
@@ -658,47 +308,6 @@ class _Gallery:
                 self._apply_remove(present)
                 self._after_change(len(present), purge)
 
-    def _after_change(self, n: int, purge: bool = False) -> None:
-        """Under the write lock: start an automatic snapshot every ``snapshot_every`` changes, or at
-        once for a purge, in a thread of its own (one at a time; it runs again for a purge asked
-        for after it froze its rows)."""
-        self.changes_since_snapshot += n
-        self._purge |= purge
-        running = self._snapshot_thread is not None and self._snapshot_thread.is_alive()
-        if (self.changes_since_snapshot >= self.snapshot_every or self._purge) and not running:
-            thread = threading.Thread(target=self._snapshot_in_background, daemon=True, name=f"snapshot {self.dir.name}")
-            try:
-                thread.start()
-            except RuntimeError as exc:  # no thread to be had: the change is done and logged, so it must not fail
-                log.warning("gallery %s: cannot start an automatic snapshot (%s); the next change tries again",
-                            self.dir.name, exc)
-                return
-            self._snapshot_thread = thread
-
-    def _snapshot_in_background(self) -> None:
-        while True:
-            try:
-                self.snapshot()
-            except GalleryNotFound:  # dropped before it began
-                return
-            except StorageError as exc:  # the changes themselves are durable in the log
-                log.warning("%s", exc)
-                return
-            except Exception:  # noqa: BLE001 - a thread's error would otherwise vanish; the log still holds every change
-                log.exception("gallery %s: automatic snapshot failed", self.dir.name)
-                return
-            with self.lock.write():  # as _after_change decides: a purge asked for from now on starts a thread
-                if not self._purge or self.dropped:
-                    if self._snapshot_thread is threading.current_thread():
-                        self._snapshot_thread = None
-                    return
-
-    def settle(self) -> None:
-        """Wait for an automatic snapshot in progress."""
-        thread = self._snapshot_thread
-        if thread is not None:
-            thread.join()
-
     def entries(self, after_id: int, limit: int, person_ids: list[str], with_vectors: bool) -> EntryPage:
         people = set(check_page(after_id, limit, person_ids))
         with self.lock.read():
@@ -726,11 +335,11 @@ class _Gallery:
             mask &= self._label_column(key).equal(value) if key in self._label_keys else False
         return mask
 
-    def _label_column(self, key: str) -> _Coded:
+    def _label_column(self, key: str) -> Coded:
         """The coded column of label ``key``, made on first use and kept up to date after."""
         with self._label_lock:
             if key not in self._label_columns:
-                self._label_columns[key] = _Coded(m.labels.get(key) for m in self.meta)
+                self._label_columns[key] = Coded(m.labels.get(key) for m in self.meta)
             return self._label_columns[key]
 
     def _search(self, queries: np.ndarray, k: int, filters: list[SearchFilter]) -> tuple[np.ndarray, np.ndarray]:
@@ -855,7 +464,7 @@ class FaissGalleryStore(GalleryBackend):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _storage(exc, f"cannot create gallery directory {self.root}") from None
+            raise storage_error(exc, f"cannot create gallery directory {self.root}") from None
         for cfg in sorted(self.root.glob("*/gallery.json")):
             try:
                 meta = json.loads(cfg.read_text())
@@ -894,7 +503,7 @@ class FaissGalleryStore(GalleryBackend):
                 fsync_dir(directory)
             except OSError as exc:
                 shutil.rmtree(directory, ignore_errors=True)
-                raise _storage(exc, f"cannot create gallery {name!r}") from None
+                raise storage_error(exc, f"cannot create gallery {name!r}") from None
             self.galleries[name] = _Gallery(directory, dim, index_type, self.snapshot_every, model)
             return self.galleries[name].info(name)
 
@@ -910,7 +519,7 @@ class FaissGalleryStore(GalleryBackend):
             try:
                 shutil.rmtree(gallery.dir)
             except OSError as exc:
-                raise _storage(exc, f"cannot drop gallery {name!r}") from None
+                raise storage_error(exc, f"cannot drop gallery {name!r}") from None
             gallery.dropped = True
         with self.lock:
             if self.galleries.get(name) is gallery:
