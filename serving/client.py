@@ -244,9 +244,10 @@ def search_request(gallery: str, images: Sequence[ImageInput] = (), embeddings=N
 
 
 def entries_request(gallery: str, person_ids: Sequence[str] = (), include_embeddings: bool = False, page_size: int = 0,
-                    after_id: int = 0) -> reid_pb2.ListEntriesRequest:
+                    after_id: int = 0, filter: reid_pb2.SearchFilter | None = None) -> reid_pb2.ListEntriesRequest:
+    """``filter``: only the entries it keeps, as a search's filter would."""
     return reid_pb2.ListEntriesRequest(gallery=gallery, person_ids=list(person_ids), include_embeddings=include_embeddings,
-                                       page_size=page_size, after_id=after_id)
+                                       page_size=page_size, after_id=after_id, filter=filter)
 
 
 class GalleryClient(_Connection):
@@ -283,12 +284,13 @@ class GalleryClient(_Connection):
         return list(self.stub.Search(request, **self._kw()).results)
 
     def entries(self, gallery: str, person_ids: Sequence[str] = (), include_embeddings: bool = False,
-                page_size: int = 0) -> Iterator[reid_pb2.GalleryEntry]:
-        """Every entry of the gallery (only those of ``person_ids`` when given), lowest id first, a
-        page per call (``page_size`` 0: the server's default)."""
+                page_size: int = 0, filter: reid_pb2.SearchFilter | None = None) -> Iterator[reid_pb2.GalleryEntry]:
+        """Every entry of the gallery (only those of ``person_ids`` and those ``filter`` keeps, when
+        given), lowest id first, a page per call (``page_size`` 0: the server's default)."""
         after = 0
         while True:
-            page = self.stub.ListEntries(entries_request(gallery, person_ids, include_embeddings, page_size, after), **self._kw())
+            request = entries_request(gallery, person_ids, include_embeddings, page_size, after, filter)
+            page = self.stub.ListEntries(request, **self._kw())
             yield from page.entries
             if not page.next_after_id:
                 return
@@ -329,11 +331,11 @@ class AsyncGalleryClient(_AsyncConnection):
         return list((await self.stub.Search(request, **self._kw())).results)
 
     async def entries(self, gallery: str, person_ids: Sequence[str] = (), include_embeddings: bool = False,
-                      page_size: int = 0) -> AsyncIterator[reid_pb2.GalleryEntry]:
+                      page_size: int = 0, filter: reid_pb2.SearchFilter | None = None) -> AsyncIterator[reid_pb2.GalleryEntry]:
         """``async for entry in g.entries(...)``: as ``GalleryClient.entries``."""
         after = 0
         while True:
-            request = entries_request(gallery, person_ids, include_embeddings, page_size, after)
+            request = entries_request(gallery, person_ids, include_embeddings, page_size, after, filter)
             page = await self.stub.ListEntries(request, **self._kw())
             for entry in page.entries:
                 yield entry

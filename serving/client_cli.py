@@ -117,6 +117,11 @@ def client_parser() -> argparse.ArgumentParser:
     n.add_argument("gallery")
     n.add_argument("--person", action="append", default=[], metavar="PERSON_ID",
                    help="only this person's entries (repeatable): what the gallery holds about them")
+    n.add_argument("--since", type=_number(float, 0, inclusive=False), metavar="TIMESTAMP",
+                   help="only entries whose timestamp is at or after this (seconds)")
+    n.add_argument("--before", type=_number(float, 0, inclusive=False), metavar="TIMESTAMP",
+                   help="only entries whose timestamp is set and earlier: what 'remove --before' would remove")
+    n.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="only entries with this label (repeatable)")
     n.add_argument("--json", action="store_true", help="one JSON object per entry instead of text")
     n.add_argument("--embeddings", action="store_true", help="with --json: each entry's stored embedding too")
 
@@ -342,9 +347,16 @@ def _entries(args, connect) -> int:
         raise UsageError("--embeddings needs --json")
     if any(not p for p in args.person):
         raise UsageError("--person must not be empty")
+    if args.since and args.before and args.since >= args.before:
+        raise UsageError(f"--since {args.since:g} is not before --before {args.before:g}")
+    # "set and earlier than T", as remove --before counts it, in the filter's inclusive bounds:
+    # at or after the smallest positive time, at or before the last time below T
+    since = args.since or (math.ulp(0.0) if args.before else 0.0)
+    until = math.nextafter(args.before, 0.0) if args.before else 0.0
+    where = reid_pb2.SearchFilter(time_from=since, time_to=until, labels=_labels(args.label))
     seen = set()
     with connect(GalleryClient) as g:
-        for entry in g.entries(args.gallery, args.person, include_embeddings=args.embeddings):
+        for entry in g.entries(args.gallery, args.person, include_embeddings=args.embeddings, filter=where):
             m = entry.metadata
             seen.add(m.person_id)
             if args.json:

@@ -218,7 +218,7 @@ class GalleryRpcs:
     async def ListEntries(self, request, context):
         page = await self._call(context, "ListEntries", self.store.entries if self.store else None, request.gallery,
                                 request.after_id, request.page_size or DEFAULT_PAGE, list(request.person_ids),
-                                request.include_embeddings)
+                                request.include_embeddings, _filter(request.filter) if request.HasField("filter") else None)
         response = reid_pb2.ListEntriesResponse()
         room = PAGE_BYTES
         for i, (entry_id, meta) in enumerate(zip(page.ids.tolist(), page.metadata)):

@@ -245,7 +245,10 @@ def test_entries_lists_what_the_gallery_holds(server, crops, capsys, tmp_path):
     embeddings = np.load(tmp_path / "a.npy")  # the gallery holds them L2-normalized
     np.testing.assert_allclose([r["embedding"] for r in rows], embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True),
                                atol=1e-5)
+    code, out, _ = _run(capsys, server, "entries", "g", "--label", "site=door")
+    assert code == 0 and re.findall(r"^id (\d+)", out, re.M) == ["1", "2"]
     for argv, message in [(["entries", "g", "--embeddings"], "--embeddings needs --json"),
+                          (["entries", "g", "--label", "site"], "--label 'site' is not KEY=VALUE"),
                           (["entries", "g", "--person", ""], "--person must not be empty")]:
         code, _, err = _run(capsys, server, *argv)
         assert code == 2 and err.strip() == f"reid-client: error: {message}"
@@ -290,10 +293,17 @@ def test_remove_entries_older_than_a_retention_period(server, crops, capsys):
     for image, when in [(a1, "100"), (a2, "200"), (b, "300")]:
         assert _run(capsys, server, "enroll", "g", str(image), "--timestamp", when)[0] == 0
     assert _run(capsys, server, "enroll", "g", str(b))[0] == 0  # no timestamp: never removed by time
+    assert _run(capsys, server, "enroll", "g", str(b), "--timestamp", "250")[0] == 0  # not before 250
+    code, out, _ = _run(capsys, server, "entries", "g", "--before", "250", "--json")  # what remove --before would do
+    assert code == 0 and [json.loads(line)["timestamp"] for line in out.splitlines()] == [100.0, 200.0]
+    code, out, _ = _run(capsys, server, "entries", "g", "--since", "150", "--before", "300")
+    assert code == 0 and re.findall(r"timestamp (\S+)", out) == ["200.000", "250.000"]
+    code, _, err = _run(capsys, server, "entries", "g", "--since", "300", "--before", "300")
+    assert code == 2 and err.strip() == "reid-client: error: --since 300 is not before --before 300"
     code, out, _ = _run(capsys, server, "remove", "g", "--before", "250")
     assert code == 0 and out.strip() == "removed 2"
     code, out, _ = _run(capsys, server, "search", "g", str(a1), "--top-k", "5", "--json")
-    assert sorted(h["timestamp"] for h in json.loads(out)["hits"]) == [0.0, 300.0]
+    assert sorted(h["timestamp"] for h in json.loads(out)["hits"]) == [0.0, 250.0, 300.0]
     with pytest.raises(SystemExit):
         client_main(["remove", "g", "--before", "0", "--server", server.target])
     assert "argument --before: must be above 0" in capsys.readouterr().err

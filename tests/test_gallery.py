@@ -2,6 +2,8 @@
 backend (FAISS, and Milvus through Milvus Lite); FAISS durability (log, snapshot) at the end."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -703,8 +705,16 @@ def test_entries_of_some_people(store):
     first = store.entries("g", 0, 2, ["3", "17"])
     assert first.ids.tolist() == [4, 18] and first.more
     assert store.entries("g", 18, 10, ["3", "17"]).ids.tolist() == [24, 38, 44, 58]
+    kept = store.entries("g", 0, 1000, ["3", "17"], flt=SearchFilter(time_from=20, time_to=50, labels={"site": "a"}))
+    assert kept.ids.tolist() == [24, 38, 44]  # timestamps 23, 37 and 43 (ids are one above): odd, so site "a"
+    assert store.entries("g", 0, 1000, ["3", "17"], flt=SearchFilter(time_from=20, time_to=50, labels={"site": "b"})).ids.size == 0
+    smallest = store.entries("g", flt=SearchFilter(time_from=math.ulp(0.0), time_to=math.nextafter(3.0, 0.0)))
+    assert smallest.ids.tolist() == [2, 3]  # timestamps 1 and 2: set, and below 3
+    assert store.entries("g", flt=SearchFilter(exclude_camera_id="c0", labels={"nobody": "x"})).ids.tolist() == []
     for bad, match in [(dict(limit=0), "page size"), (dict(limit=10_001), "page size"), (dict(after_id=-1), "after_id"),
-                       (dict(person_ids=[""]), "must not be empty")]:
+                       (dict(person_ids=[""]), "must not be empty"),
+                       (dict(flt=SearchFilter(time_from=5, time_to=4)), "filter: time_from 5 is after time_to 4"),
+                       (dict(flt=SearchFilter(time_to=float("nan"))), "must be finite")]:
         with pytest.raises(InvalidEntry, match=match):
             store.entries("g", **bad)
     with pytest.raises(GalleryNotFound):

@@ -105,6 +105,8 @@ def test_entries_list_what_a_gallery_holds_page_by_page(server):
             np.testing.assert_allclose(e.embedding.values, l2_normalize(vecs[i : i + 1])[0], atol=1e-6)
         theirs = list(g.entries("people", person_ids=["1"]))
         assert [e.id for e in theirs] == sorted(ids[i] for i in range(1, 30, 4)) and not theirs[0].HasField("embedding")
+        window = reid_pb2.SearchFilter(time_from=10, time_to=12, labels={"n": "11"})
+        assert [e.metadata.timestamp for e in g.entries("people", filter=window)] == [11.0]
         page = g.stub.ListEntries(reid_pb2.ListEntriesRequest(gallery="people", page_size=7, after_id=7), timeout=10)
         assert [e.id for e in page.entries] == list(range(8, 15)) and page.next_after_id == 14
         last = g.stub.ListEntries(reid_pb2.ListEntriesRequest(gallery="people", after_id=25), timeout=10)
@@ -112,7 +114,9 @@ def test_entries_list_what_a_gallery_holds_page_by_page(server):
         for request, code in [(reid_pb2.ListEntriesRequest(gallery="nobody"), grpc.StatusCode.NOT_FOUND),
                               (reid_pb2.ListEntriesRequest(gallery="people", page_size=10_001), grpc.StatusCode.INVALID_ARGUMENT),
                               (reid_pb2.ListEntriesRequest(gallery="people", after_id=2**63), grpc.StatusCode.INVALID_ARGUMENT),
-                              (reid_pb2.ListEntriesRequest(gallery="people", person_ids=[""]), grpc.StatusCode.INVALID_ARGUMENT)]:
+                              (reid_pb2.ListEntriesRequest(gallery="people", person_ids=[""]), grpc.StatusCode.INVALID_ARGUMENT),
+                              (reid_pb2.ListEntriesRequest(gallery="people", filter=reid_pb2.SearchFilter(time_from=2, time_to=1)),
+                               grpc.StatusCode.INVALID_ARGUMENT)]:
             with pytest.raises(grpc.RpcError) as err:
                 g.stub.ListEntries(request, timeout=10)
             assert err.value.code() == code, err.value.details()

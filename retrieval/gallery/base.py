@@ -171,8 +171,10 @@ def check_people(person_ids: list[str]) -> list[str]:
     return list(dict.fromkeys(person_ids))
 
 
-def check_page(after_id: int, limit: int, person_ids: list[str]) -> list[str]:
+def check_page(after_id: int, limit: int, person_ids: list[str], flt: SearchFilter | None) -> list[str]:
     """Validate a page request of ``entries``; returns its distinct person ids (empty: everyone)."""
+    if flt is not None:
+        check_filter(flt)
     if not 0 <= after_id <= MAX_ID:
         raise InvalidEntry(f"after_id must be within 0..2^63-1, got {after_id}")
     if not 1 <= limit <= MAX_PAGE:
@@ -201,12 +203,16 @@ def check_queries(gallery: str, dim: int, queries: np.ndarray, filters: list, to
     if len(filters) not in (1, len(queries)):
         raise InvalidEntry(f"give one filter for all queries or one per query, got {len(filters)} for {len(queries)}")
     for i, f in enumerate(filters):
-        if not (math.isfinite(f.time_from) and math.isfinite(f.time_to)):  # NaN matched nothing, silently
-            raise InvalidEntry(f"filter {i}: time_from and time_to must be finite, got {f.time_from} and {f.time_to}")
-        if f.time_from and f.time_to and f.time_from > f.time_to:
-            # an empty window is a swapped pair far more often than an intended "match nothing"
-            raise InvalidEntry(f"filter {i}: time_from {f.time_from} is after time_to {f.time_to}")
+        check_filter(f, f"filter {i}")
     return filters * len(queries) if len(filters) == 1 else filters
+
+
+def check_filter(f: SearchFilter, what: str = "filter") -> None:
+    if not (math.isfinite(f.time_from) and math.isfinite(f.time_to)):  # NaN matched nothing, silently
+        raise InvalidEntry(f"{what}: time_from and time_to must be finite, got {f.time_from} and {f.time_to}")
+    if f.time_from and f.time_to and f.time_from > f.time_to:
+        # an empty window is a swapped pair far more often than an intended "match nothing"
+        raise InvalidEntry(f"{what}: time_from {f.time_from} is after time_to {f.time_to}")
 
 
 class GalleryBackend(abc.ABC):
@@ -258,10 +264,11 @@ class GalleryBackend(abc.ABC):
 
     @abc.abstractmethod
     def entries(self, name: str, after_id: int = 0, limit: int = 1000, person_ids: list[str] = (),
-                with_vectors: bool = False) -> EntryPage:
+                with_vectors: bool = False, flt: SearchFilter | None = None) -> EntryPage:
         """Up to ``limit`` entries with ids above ``after_id``, the lowest first; only those of
-        ``person_ids`` when given. Paging by id, not by offset, keeps a listing whole while entries
-        come and go between pages: each entry present throughout is listed once."""
+        ``person_ids`` when given, and those ``flt`` keeps (as a search's filter would). Paging by
+        id, not by offset, keeps a listing whole while entries come and go between pages: each
+        entry present throughout is listed once."""
 
     @abc.abstractmethod
     def search(self, name: str, queries: np.ndarray, top_k: int, filters: list[SearchFilter],

@@ -308,11 +308,12 @@ class _Gallery(Persistence):
                 self._apply_remove(present)
                 self._after_change(len(present), purge)
 
-    def entries(self, after_id: int, limit: int, person_ids: list[str], with_vectors: bool) -> EntryPage:
-        people = set(check_page(after_id, limit, person_ids))
+    def entries(self, after_id: int, limit: int, person_ids: list[str], with_vectors: bool,
+                flt: SearchFilter | None) -> EntryPage:
+        people = set(check_page(after_id, limit, person_ids, flt))
         with self.lock.read():
             self._require_open()
-            rows = np.flatnonzero(self.alive & (self.ids > after_id))
+            rows = np.flatnonzero((self.alive if flt is None else self._allowed(flt)) & (self.ids > after_id))
             if people:
                 rows = rows[np.fromiter((self.meta[r].person_id in people for r in rows.tolist()), bool, len(rows))]
             more = len(rows) > limit
@@ -547,8 +548,8 @@ class FaissGalleryStore(GalleryBackend):
     def model(self, name: str) -> str:
         return self._get(name).model
 
-    def entries(self, name, after_id=0, limit=1000, person_ids=(), with_vectors=False):
-        return self._get(name).entries(after_id, limit, list(person_ids), with_vectors)
+    def entries(self, name, after_id=0, limit=1000, person_ids=(), with_vectors=False, flt=None):
+        return self._get(name).entries(after_id, limit, list(person_ids), with_vectors, flt)
 
     def search(self, name, queries, top_k, filters, rerank=None, group_by_person=False):
         return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank, group_by_person)

@@ -371,11 +371,13 @@ class MilvusGalleryStore(GalleryBackend):
             self._call("flush", coll)
             return _deleted(result)
 
-    def entries(self, name, after_id=0, limit=1000, person_ids=(), with_vectors=False):
-        people = check_page(after_id, limit, list(person_ids))
+    def entries(self, name, after_id=0, limit=1000, person_ids=(), with_vectors=False, flt=None):
+        people = check_page(after_id, limit, list(person_ids), flt)
         dim, _ = self._describe(name)
         coll = _collection(name)
-        expr = f"id > {int(after_id)}" + (f" and person_id in [{', '.join(map(_quote, people))}]" if people else "")
+        terms = [f"id > {int(after_id)}", f"person_id in [{', '.join(map(_quote, people))}]" if people else "",
+                 filter_expression(flt) if flt is not None else ""]
+        expr = " and ".join(t for t in terms if t)
         # The iterator, not a query with a limit: that returns any ``limit`` matching rows, the
         # iterator the lowest ids. One more than asked tells whether more follow.
         batch = self._call("query_iterator", coll, batch_size=limit + 1, limit=limit + 1, filter=expr,

@@ -231,18 +231,20 @@ class RemoveFromGalleryResponse(_message.Message):
     def __init__(self, removed: _Optional[int] = ..., missing: _Optional[_Iterable[int]] = ..., missing_person_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListEntriesRequest(_message.Message):
-    __slots__ = ("gallery", "person_ids", "after_id", "page_size", "include_embeddings")
+    __slots__ = ("gallery", "person_ids", "after_id", "page_size", "include_embeddings", "filter")
     GALLERY_FIELD_NUMBER: _ClassVar[int]
     PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
     AFTER_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     gallery: str
     person_ids: _containers.RepeatedScalarFieldContainer[str]
     after_id: int
     page_size: int
     include_embeddings: bool
-    def __init__(self, gallery: _Optional[str] = ..., person_ids: _Optional[_Iterable[str]] = ..., after_id: _Optional[int] = ..., page_size: _Optional[int] = ..., include_embeddings: _Optional[bool] = ...) -> None: ...
+    filter: SearchFilter
+    def __init__(self, gallery: _Optional[str] = ..., person_ids: _Optional[_Iterable[str]] = ..., after_id: _Optional[int] = ..., page_size: _Optional[int] = ..., include_embeddings: _Optional[bool] = ..., filter: _Optional[_Union[SearchFilter, _Mapping]] = ...) -> None: ...
 
 class GalleryEntry(_message.Message):
     __slots__ = ("id", "metadata", "embedding")

@@ -149,7 +149,8 @@ class ReIdentificationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEntries(self, request, context):
-        """Errors: NOT_FOUND (gallery), INVALID_ARGUMENT (page_size above 10000, after_id at or above 2^63, an empty person id).
+        """Errors: NOT_FOUND (gallery), INVALID_ARGUMENT (page_size above 10000, after_id at or above 2^63, an empty
+        person id, a filter whose time_from is after its time_to or not finite).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
