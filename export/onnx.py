@@ -110,8 +110,3 @@ def export_onnx(checkpoint: str | Path, onnx_path: str | Path, normalize_output:
     tmp.replace(onnx_path)
     return {"onnx": str(onnx_path), "export_seconds": export_seconds, "parity_min_cosine": parity,
             "size_bytes": onnx_path.stat().st_size, "metadata": meta}
-
-
-def read_metadata(path: str | Path) -> ModelMetadata | None:
-    proto = onnx.load(str(path), load_external_data=False)
-    return ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})

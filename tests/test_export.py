@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from export.cli import main as export_main
 from export.errors import ExportError
-from export.onnx import check_graph, export_onnx, read_metadata, run_onnx
+from export.onnx import check_graph, export_onnx, run_onnx
 from export.pipeline import compare_onnx, run_pipeline
 from export.tensorrt import gpu_available
 from serving.engines.onnxruntime import OnnxRuntimeEngine
@@ -62,7 +62,7 @@ def test_dynamic_batch_metadata_and_values(swin_ckpt, tmp_path):
         assert out.shape == (n, 32)
         np.testing.assert_allclose(out, ref, atol=1e-4)
         np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
-    md = read_metadata(path)
+    md = OnnxRuntimeEngine(path).metadata  # as the server reads it
     assert (md.input_height, md.input_width, md.embedding_dim) == (64, 32, 32)
     assert md.output_normalized and md.backbone == "swin_tiny_patch4_window7_224" and md.pixel_mean == []
     assert md.checkpoint_sha256 == file_sha256(swin_ckpt) and len(md.spec_sha256) == 64
@@ -99,7 +99,7 @@ def test_fp16_onnx_parity(swin_ckpt, tmp_path):
     assert any(t.data_type == TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert fp16.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT  # FP32 I/O
     assert min(stages[1].parity.values()) >= 0.999
-    assert read_metadata(tmp_path / "m.fp16.onnx") == read_metadata(tmp_path / "m.onnx")
+    assert OnnxRuntimeEngine(tmp_path / "m.fp16.onnx").metadata == OnnxRuntimeEngine(tmp_path / "m.onnx").metadata
 
 
 def test_parity_failure_leaves_no_file(swin_ckpt, tmp_path, monkeypatch):
