@@ -101,10 +101,6 @@ class DynamicBatcher:
         self._seconds_per_image = 0.0  # running average of the engine's time per image; 0 until measured
         self.images_inferred = 0
 
-    @property
-    def depth(self) -> int:
-        return len(self._pending)
-
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         loop = asyncio.get_running_loop()
