@@ -434,8 +434,9 @@ def _import(args, connect) -> int:
                     batch = []
             if batch:
                 done += add(batch)
-        except grpc.RpcError:
-            print(f"imported {done} of {total} entries into {args.gallery} before the failure below"
+        except (grpc.RpcError, KeyboardInterrupt) as exc:
+            stop = "the interruption" if isinstance(exc, KeyboardInterrupt) else "the failure below"
+            print(f"imported {done} of {total} entries into {args.gallery} before {stop}"
                   + (" (run again with --replace to go on)" if done else ""), file=sys.stderr)
             raise
     if sys.stderr.isatty():
@@ -470,6 +471,9 @@ def client_main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"reid-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was done is printed already; no traceback
+        print("reid-client: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `reid-client search ... | head`: the reader left; stop without a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's final flush does not fail again
         return 1

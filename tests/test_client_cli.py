@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from retrieval.gallery import FaissGalleryStore
+from serving.client import GalleryClient
 from serving.client_cli import client_main
 from serving.engines.onnxruntime import OnnxRuntimeEngine
 from serving.server import ServerConfig
@@ -271,6 +272,22 @@ def test_import_copies_a_listing_into_another_gallery(server, crops, capsys, tmp
     assert code == 1 and err.splitlines()[0] == "imported 0 of 3 entries into new before the failure below"
     assert err.splitlines()[1].startswith("reid-client: error: ALREADY_EXISTS")
     assert _run(capsys, server, "import", "new", str(tmp_path / "old.jsonl"), "--replace")[0] == 0
+    calls = []
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C during the second call
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    original = GalleryClient.add
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GalleryClient, "add", interrupted)
+        assert _run(capsys, server, "create", "half")[0] == 0
+        code, _, err = _run(capsys, server, "import", "half", str(tmp_path / "old.jsonl"), "--batch", "2")
+    assert code == 130 and err.splitlines() == [
+        "imported 2 of 3 entries into half before the interruption (run again with --replace to go on)",
+        "reid-client: interrupted"]
     good = json.loads(listing.splitlines()[0])
     for name, lines, message in [
         ("empty", [""], "holds no entries"),
