@@ -674,6 +674,29 @@ def test_entries_page_through_the_gallery_by_id(store, index_type):
     assert store.entries("g", int(ids.max())).ids.tolist() == []
 
 
+def test_a_listing_lists_each_entry_present_throughout_exactly_once(store):
+    """Entries added and removed between pages, on both sides of the cursor, neither repeat nor
+    hide the others (an offset-based listing would skip one entry per removal behind it)."""
+    vecs, meta = _data(60)
+    store.create("g", 16)
+    store.add("g", np.arange(1, 61) * 2, vecs, meta)  # ids 2, 4, ..., 120
+    listed, after, gone_early, touched = [], 0, set(), set()
+    while True:
+        page = store.entries("g", after, 10)
+        listed += page.ids.tolist()
+        if not page.more:
+            break
+        after = int(page.ids[-1])
+        behind, ahead = after, after + 2  # one listed already, one not yet
+        store.remove("g", np.array([behind, ahead]))
+        gone_early.add(ahead)
+        store.add("g", np.array([after - 1, after + 3]), vecs[:2], meta[:2])  # new ids below and above the cursor
+        touched |= {behind, ahead, after - 1, after + 3}
+    assert len(listed) == len(set(listed))
+    assert set(range(2, 121, 2)) - touched <= set(listed)
+    assert not gone_early & set(listed)
+
+
 def test_listing_milvus_lite_logs_no_warning(tmp_path):
     import logging
 
