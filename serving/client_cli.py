@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -356,11 +357,13 @@ def _entries(args, connect) -> int:
     where = reid_pb2.SearchFilter(time_from=since, time_to=until, labels=_labels(args.label))
     seen = set()
     with connect(GalleryClient) as g:
+        # each embedding names its model, so that an import into another model's gallery is refused
+        model = {"model": g.info(args.gallery).model} if args.embeddings else {}
         for entry in g.entries(args.gallery, args.person, include_embeddings=args.embeddings, filter=where):
             m = entry.metadata
             seen.add(m.person_id)
             if args.json:
-                embedding = {"embedding": [round(v, 7) for v in entry.embedding.values]} if args.embeddings else {}
+                embedding = {"embedding": [round(v, 7) for v in entry.embedding.values], **model} if args.embeddings else {}
                 print(json.dumps({"id": entry.id, **_meta_fields(m), **embedding}))
             else:
                 labels = "".join(f"  {k}={v}" for k, v in sorted(m.labels.items()))
@@ -372,11 +375,13 @@ def _entries(args, connect) -> int:
     return 1 if missing else 0
 
 
-def _listing_entry(line: str, where: str, width: int | None) -> tuple[int, list, reid_pb2.EntryMetadata]:
-    """One line of an ``entries --json --embeddings`` listing: (id, embedding, metadata)."""
+def _listing_entry(line: str, where: str, width: int | None) -> tuple[int, list, reid_pb2.EntryMetadata, str]:
+    """One line of an ``entries --json --embeddings`` listing: (id, embedding, metadata, model)."""
     try:
         row = json.loads(line)
-        entry_id, embedding = row["id"], row["embedding"]
+        entry_id, embedding, model = row["id"], row["embedding"], row.get("model", "")
+        if not isinstance(model, str):
+            raise ValueError(f"model must be a string, got {model!r}")
         if isinstance(entry_id, bool) or not (isinstance(entry_id, int) and 1 <= entry_id < 2**63):
             raise ValueError(f"id must be a whole number within 1..2^63-1, got {entry_id!r}")
         if not (isinstance(embedding, list) and embedding and all(isinstance(v, (int, float)) for v in embedding)
@@ -392,7 +397,7 @@ def _listing_entry(line: str, where: str, width: int | None) -> tuple[int, list,
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
         raise UsageError(f"{where}: {what} (expected a line of 'reid-client entries --json --embeddings')") from None
-    return entry_id, embedding, meta
+    return entry_id, embedding, meta, model
 
 
 def _listing(path: Path):
@@ -413,13 +418,23 @@ def _import(args, connect) -> int:
     """Every line is checked before any call (a listing that breaks off midway adds nothing), then
     the entries go in calls of ``--batch``, keeping their ids: an import that fails midway can be
     run again with ``--replace``."""
-    total = sum(1 for _ in _listing(args.listing))
+    models = Counter(entry[3] for entry in _listing(args.listing))
+    total = sum(models.values())
     if not total:
         raise UsageError(f"{args.listing} holds no entries")
+    models.pop("", None)  # a listing made before models were recorded, or of a gallery without one
+    if len(models) > 1:
+        raise UsageError(f"{args.listing} mixes embeddings of models {', '.join(sorted(models))}: they do not compare")
     done = 0
     with connect(GalleryClient) as g:
+        theirs, ours = next(iter(models), ""), g.info(args.gallery).model
+        if theirs and ours and theirs != ours:
+            print(f"reid-client: error: {args.listing} holds embeddings of model {theirs}, and gallery {args.gallery!r} "
+                  f"is for model {ours}: they do not compare. Import into a gallery made for model {theirs}", file=sys.stderr)
+            return 1
+
         def add(batch: list) -> int:
-            ids, vectors, meta = zip(*batch)
+            ids, vectors, meta, _ = zip(*batch)
             g.add(args.gallery, embeddings=np.asarray(vectors, dtype=np.float32), metadata=meta, ids=ids, replace=args.replace)
             if sys.stderr.isatty():
                 print(f"\rimported {done + len(batch)} of {total}", end="", file=sys.stderr, flush=True)

@@ -289,6 +289,13 @@ def test_import_copies_a_listing_into_another_gallery(server, crops, capsys, tmp
         "imported 2 of 3 entries into half before the interruption (run again with --replace to go on)",
         "reid-client: interrupted"]
     good = json.loads(listing.splitlines()[0])
+    assert good["model"] == server.server.engine.model_id  # each embedding names its model
+    server.server.store.create("foreign", 32, model="another-model")
+    code, _, err = _run(capsys, server, "import", "foreign", str(tmp_path / "old.jsonl"))
+    assert code == 1 and f"holds embeddings of model {good['model']}, and gallery 'foreign' is for model another-model" in err
+    (tmp_path / "unnamed.jsonl").write_text(json.dumps({k: v for k, v in good.items() if k != "model"}))
+    assert _run(capsys, server, "import", "foreign", str(tmp_path / "unnamed.jsonl"))[0] == 0  # nothing to check it by
+    assert server.server.store.info("foreign").size == 1
     for name, lines, message in [
         ("empty", [""], "holds no entries"),
         ("no_embedding", [{"id": 9}], ":1: no 'embedding'"),
@@ -296,6 +303,7 @@ def test_import_copies_a_listing_into_another_gallery(server, crops, capsys, tmp
         ("nan", [{**good, "embedding": [float("nan")] * 32}], ":1: embedding must be a non-empty list of finite numbers"),
         ("widths", [good, {**good, "id": 99, "embedding": [1.0] * 8}], ":2: embedding has 8 values, the lines before 32"),
         ("not_json", ["{id: 1}"], ":1: Expecting property name enclosed in double quotes"),
+        ("two_models", [good, {**good, "id": 99, "model": "another-model"}], "mixes embeddings of models"),
     ]:
         path = tmp_path / f"{name}.jsonl"
         path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines))
