@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
-from retrieval.gallery import EntryMetadata, GalleryError, GalleryInfo, RerankOptions, SearchFilter
+from retrieval.gallery import EntryMetadata, EntryPage, GalleryError, GalleryInfo, RerankOptions, SearchFilter
 from serving.image_errors import error_message, image_status
 from serving.metrics import timed
 from serving.proto import reid_pb2
+from serving.wire import embedding_message
 
 _INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}
 _INDEX_ENUMS = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}
@@ -216,20 +217,29 @@ class GalleryRpcs:
 
     @timed
     async def ListEntries(self, request, context):
-        page = await self._call(context, "ListEntries", self.store.entries if self.store else None, request.gallery,
-                                request.after_id, request.page_size or DEFAULT_PAGE, list(request.person_ids),
-                                request.include_embeddings, _filter(request.filter) if request.HasField("filter") else None)
-        response = reid_pb2.ListEntriesResponse()
-        room = PAGE_BYTES
-        for i, (entry_id, meta) in enumerate(zip(page.ids.tolist(), page.metadata)):
-            entry = reid_pb2.GalleryEntry(id=entry_id, metadata=_meta_message(meta))
-            if page.vectors is not None:
-                entry.embedding.values.extend(page.vectors[i])
-            room -= entry.ByteSize() + 6  # its field tag and length
-            if room < 0 and response.entries:  # one entry always goes, or the listing could not go on
-                response.next_after_id = response.entries[-1].id
-                return response
-            response.entries.append(entry)
-        if page.more:
+        flt = _filter(request.filter) if request.HasField("filter") else None
+
+        def listing() -> reid_pb2.ListEntriesResponse:  # in the gallery pool: a page's messages took 40-170 ms to build
+            return _entries_response(self.store.entries(request.gallery, request.after_id, request.page_size or DEFAULT_PAGE,
+                                                        list(request.person_ids), request.include_embeddings, flt))
+
+        return await self._call(context, "ListEntries", listing if self.store else None)
+
+
+def _entries_response(page: EntryPage) -> reid_pb2.ListEntriesResponse:
+    """A page as its answer, cut where it would pass PAGE_BYTES (one entry always goes, or the
+    listing could not go on); ``next_after_id`` says where the next page starts."""
+    response = reid_pb2.ListEntriesResponse()
+    room = PAGE_BYTES
+    for i, (entry_id, meta) in enumerate(zip(page.ids.tolist(), page.metadata)):
+        entry = reid_pb2.GalleryEntry(id=entry_id, metadata=_meta_message(meta))
+        if page.vectors is not None:
+            entry.embedding.CopyFrom(embedding_message(page.vectors[i]))
+        room -= entry.ByteSize() + 6  # its field tag and length
+        if room < 0 and response.entries:
             response.next_after_id = response.entries[-1].id
-        return response
+            return response
+        response.entries.append(entry)
+    if page.more:
+        response.next_after_id = response.entries[-1].id
+    return response
