@@ -115,3 +115,24 @@ def test_every_command_prints_its_version(capsys):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args(["--version"])
         assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"{name} {importlib.metadata.version('reid')}"
+
+
+def test_every_documented_metric_exists(tiny_onnx, tmp_path):
+    """Metric names in the docs (tables, PromQL examples) are those a server exports."""
+    from prometheus_client import generate_latest
+
+    from retrieval.gallery import FaissGalleryStore
+    from serving.engines.onnxruntime import OnnxRuntimeEngine
+    from serving.server import ServerConfig
+    from tests.serving_support import ServerThread
+
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0))
+    thread.server.store = FaissGalleryStore(tmp_path)
+    with thread as s:
+        s.server.store.create("g", 32)  # so that the gallery family has a sample
+        exported = {line.split(" ")[2] for line in generate_latest(s.metrics.registry).decode().splitlines()
+                    if line.startswith("# TYPE")}
+    families = exported | {f"{name}_{part}" for name in exported for part in ("bucket", "sum", "count")}
+    documented = {m for path in _doc_texts() for m in re.findall(r"\breid_[a-z_]+", path.read_text())} - {"reid_pb"}
+    assert documented and documented <= families, f"documented metrics no server exports: {documented - families}"
+
