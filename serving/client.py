@@ -232,10 +232,12 @@ def remove_request(gallery: str, ids: Sequence[int] = (), person_ids: Sequence[s
 
 
 def search_request(gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
-                   filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> reid_pb2.SearchRequest:
-    """``group_by_person``: the best entry of each of ``top_k`` people; ``rerank``: RerankOptions fields ({} = defaults)."""
+                   filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False,
+                   entry_ids: Sequence[int] = ()) -> reid_pb2.SearchRequest:
+    """Queries as ``images``, ``embeddings`` or the gallery's own ``entry_ids`` (one of the three);
+    ``group_by_person``: the best entry of each of ``top_k`` people; ``rerank``: RerankOptions fields ({} = defaults)."""
     request = reid_pb2.SearchRequest(gallery=gallery, images=[to_image(i) for i in images], top_k=top_k,
-                                     filters=list(filters), group_by_person=group_by_person)
+                                     filters=list(filters), group_by_person=group_by_person, entry_ids=list(entry_ids))
     if embeddings is not None:
         request.embeddings.extend(embeddings_message(embeddings))
     if rerank is not None:
@@ -278,9 +280,10 @@ class GalleryClient(_Connection):
         return self.stub.RemoveFromGallery(remove_request(gallery, ids, person_ids, before_timestamp), **self._kw())
 
     def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
-               filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:
+               filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False,
+               entry_ids: Sequence[int] = ()) -> list:
         """One ``SearchResult`` per query (``search_request`` says what the options mean)."""
-        request = search_request(gallery, images, embeddings, top_k, filters, rerank, group_by_person)
+        request = search_request(gallery, images, embeddings, top_k, filters, rerank, group_by_person, entry_ids)
         return list(self.stub.Search(request, **self._kw()).results)
 
     def entries(self, gallery: str, person_ids: Sequence[str] = (), include_embeddings: bool = False,
@@ -326,8 +329,9 @@ class AsyncGalleryClient(_AsyncConnection):
         return await self.stub.RemoveFromGallery(remove_request(gallery, ids, person_ids, before_timestamp), **self._kw())
 
     async def search(self, gallery: str, images: Sequence[ImageInput] = (), embeddings=None, top_k: int = 10,
-                     filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False) -> list:
-        request = search_request(gallery, images, embeddings, top_k, filters, rerank, group_by_person)
+                     filters: Sequence = (), rerank: dict | None = None, group_by_person: bool = False,
+                     entry_ids: Sequence[int] = ()) -> list:
+        request = search_request(gallery, images, embeddings, top_k, filters, rerank, group_by_person, entry_ids)
         return list((await self.stub.Search(request, **self._kw())).results)
 
     async def entries(self, gallery: str, person_ids: Sequence[str] = (), include_embeddings: bool = False,

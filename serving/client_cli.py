@@ -96,7 +96,10 @@ def client_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", parents=[common, images], help="who is in these images: the closest gallery entries")
     s.add_argument("gallery")
-    s.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order)")
+    s.add_argument("images", nargs="*", type=Path, help="image files, or folders of them (their images in name order)")
+    s.add_argument("--entry", action="append", default=[], type=_number(int, 1), metavar="ID",
+                   help="search with this gallery entry's stored embedding instead of images (repeatable): where "
+                        "else was it seen? It is its own best hit unless --exclude-camera leaves it out")
     s.add_argument("--top-k", type=_number(int, 1), default=5, help="hits per image (default 5)")
     s.add_argument("--exclude-camera", default="", help="leave out entries seen by this camera")
     s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of the candidate pool (server defaults)")
@@ -163,11 +166,12 @@ def _image_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _batches(args) -> list[list[Path]]:
-    """The command's image files (``_image_files``) in calls of ``--batch``, all checked before any call."""
+def _batches(args, items: list | None = None) -> list[list]:
+    """The command's image files (``_image_files``), or ``items``, in calls of ``--batch``, all
+    checked before any call."""
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    files = _image_files(args.images)
+    files = _image_files(args.images) if items is None else items
     return [files[i : i + args.batch] for i in range(0, len(files), args.batch)]
 
 
@@ -189,9 +193,9 @@ def _output_path(output: Path) -> Path:
     return path
 
 
-def _print_failure(path: Path, code: int, message: str) -> None:
-    """One image the server could not use, on its own stderr line (``embed``, ``enroll``, ``search``)."""
-    print(f"{path}: error {code}: {message}", file=sys.stderr)
+def _print_failure(what: Path | str, code: int, message: str) -> None:
+    """One image (or entry) the server could not use, on its own stderr line (``embed``, ``enroll``, ``search``)."""
+    print(f"{what}: error {code}: {message}", file=sys.stderr)
 
 
 def _embed(args, connect) -> int:
@@ -304,24 +308,32 @@ def _meta_fields(m: reid_pb2.EntryMetadata) -> dict:
 
 
 def _search(args, connect) -> int:
-    batches = _batches(args)
+    if bool(args.images) == bool(args.entry):
+        raise UsageError("give images to search with, or --entry ID (one of the two)")
+    if args.entry:  # the gallery's own entries as queries
+        batches = _batches(args, args.entry)
+        queries = [("entry", i, f"entry {i}") for i in args.entry]
+    else:
+        batches = _batches(args)
+        queries = [("image", str(p), str(p)) for batch in batches for p in batch]
     filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []  # one for all
+    kind = "entry_ids" if args.entry else "images"
     with connect(GalleryClient) as g:
-        results = [r for batch in batches for r in g.search(args.gallery, images=batch, top_k=args.top_k, filters=filters,
+        results = [r for batch in batches for r in g.search(args.gallery, top_k=args.top_k, filters=filters,
                                                             rerank={} if args.rerank else None,
-                                                            group_by_person=args.by_person)]
+                                                            group_by_person=args.by_person, **{kind: batch})]
     failed = 0
-    for path, result in zip((p for batch in batches for p in batch), results):
+    for (key, value, label), result in zip(queries, results):
         if result.HasField("error"):
             failed += 1
-            _print_failure(path, result.error.code, result.error.message)
+            _print_failure(label, result.error.code, result.error.message)
             continue
         hits = [{"id": h.id, "score": round(h.score, 6), "distance": round(h.distance, 6), **_meta_fields(h.metadata)}
                 for h in result.hits]
         if args.json:
-            print(json.dumps({"image": str(path), "hits": hits}))
+            print(json.dumps({key: value, "hits": hits}))
             continue
-        print(f"{path}:" + ("" if hits else " no hits"))
+        print(f"{label}:" + ("" if hits else " no hits"))
         for rank, h in enumerate(hits, 1):
             reranked = f"  re-ranked distance {h['distance']:.4f}" if args.rerank else ""
             print(f"  {rank}. id {h['id']}  score {h['score']:.4f}{reranked}  person {h['person_id'] or '-'}  "

@@ -171,9 +171,10 @@ class GalleryRpcs:
     @timed
     async def Search(self, request, context):
         method = "Search"
-        if bool(request.images) == bool(request.embeddings):
-            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "give either query images or query embeddings (exactly one)")
-        n = len(request.images) or len(request.embeddings)
+        if sum(map(bool, (request.images, request.embeddings, request.entry_ids))) != 1:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                             "give query images, query embeddings or query entry_ids (exactly one)")
+        n = len(request.images) or len(request.embeddings) or len(request.entry_ids)
         if n > self.limits.max_search_queries:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
                              f"{n} queries; the limit is {self.limits.max_search_queries}")
@@ -184,11 +185,17 @@ class GalleryRpcs:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
                              f"give no filter, one, or one per query ({n}); got {len(request.filters)}")
         filters = [_filter(f) for f in request.filters] or [SearchFilter()]
-        errors: list = [None] * n
+        errors: list = [None] * n  # per query: None, or its Error message
+        entry_ids = np.asarray(list(request.entry_ids), dtype=np.uint64)
+        if (entry_ids > np.uint64(2**63 - 1)).any():
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "entry ids must be below 2^63")
         if request.images:
-            rows, errors = await self._embed_images(request.images, context, method, request.gallery)
+            rows, failures = await self._embed_images(request.images, context, method, request.gallery)
+            errors = [error_message(e) if e is not None else None for e in failures]
             good = [i for i, e in enumerate(errors) if e is None]
             queries = np.stack([rows[i] for i in good]) if good else None
+        elif request.entry_ids:
+            good, queries = [], None  # the entries' vectors are read in the gallery pool
         else:
             lengths = {len(e.values) for e in request.embeddings}
             if len(lengths) != 1:
@@ -199,14 +206,16 @@ class GalleryRpcs:
         rerank = RerankOptions(r.k1 or 20, r.k2 or 6, r.lambda_value if r.lambda_value else 0.3, r.pool or 100) if r.enabled else None
         if rerank and not 0.0 <= rerank.lambda_value <= 1.0:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "rerank.lambda_value must be within 0..1")
-        query_filters = filters if len(filters) == 1 else [filters[i] for i in good]
 
         def answer() -> reid_pb2.SearchResponse:
             # in the gallery pool: answers of many hits took tens of milliseconds to build (16
             # queries x 1,000 hits: 44 ms), which the event loop, and every Embed, waited for
-            hits = self.store.search(request.gallery, queries, top_k, query_filters, rerank,
-                                     request.group_by_person) if good else []
-            return _search_response(n, errors, dict(zip(good, hits)))
+            usable, vectors = (_entry_queries(self.store, request.gallery, entry_ids.astype(np.int64), errors)
+                               if request.entry_ids else (good, queries))
+            query_filters = filters if len(filters) == 1 else [filters[i] for i in usable]
+            hits = self.store.search(request.gallery, vectors, top_k, query_filters, rerank,
+                                     request.group_by_person) if usable else []
+            return _search_response(n, errors, dict(zip(usable, hits)))
 
         return await self._call(context, method, answer if self.store else None)
 
@@ -221,13 +230,25 @@ class GalleryRpcs:
         return await self._call(context, "ListEntries", listing if self.store else None)
 
 
+def _entry_queries(store, gallery: str, ids: np.ndarray, errors: list) -> tuple[list[int], np.ndarray | None]:
+    """Queries given as entry ids: (the queries whose entries the gallery holds, their vectors);
+    each other query's error is set in ``errors`` (NOT_FOUND)."""
+    held = store.get(gallery, ids)
+    row = {entry: r for r, entry in enumerate(held.ids.tolist())}
+    for q, entry in enumerate(ids.tolist()):
+        if entry not in row:
+            errors[q] = reid_pb2.Error(code=grpc.StatusCode.NOT_FOUND.value[0], message=f"no entry {entry} in gallery {gallery!r}")
+    good = [q for q, entry in enumerate(ids.tolist()) if entry in row]
+    return good, held.vectors[[row[int(ids[q])] for q in good]] if good else None
+
+
 def _search_response(n: int, errors: list, found: dict) -> reid_pb2.SearchResponse:
-    """One result per query: its unusable image's error, or the hits ``found`` for it."""
+    """One result per query: its error (an unusable image, an entry not held), or the hits ``found`` for it."""
     response = reid_pb2.SearchResponse()
     for i in range(n):
         result = response.results.add()
         if errors[i] is not None:
-            result.error.CopyFrom(error_message(errors[i]))
+            result.error.CopyFrom(errors[i])
             continue
         for h in found.get(i, []):
             result.hits.add(id=h.id, score=h.score, distance=h.distance, metadata=_meta_message(h.metadata))

@@ -347,6 +347,23 @@ def test_search_by_person_answers_with_distinct_people(server, crops, capsys):
     assert code == 0 and [m for m in re.findall(r"person (\S+)", out)] == ["A", "B"]
 
 
+def test_search_with_entries_of_the_gallery(server, crops, capsys):
+    a1, a2, b = crops
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1), "--person-id", "A", "--camera-id", "c1")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a2), "--person-id", "A", "--camera-id", "c2")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(b), "--person-id", "B", "--camera-id", "c1")[0] == 0
+    code, out, err = _run(capsys, server, "search", "g", "--entry", "1", "--entry", "9", "--top-k", "3", "--json")
+    assert code == 1 and err.strip().startswith("entry 9: error 5: no entry 9 in gallery 'g'")
+    (found,) = [json.loads(line) for line in out.splitlines()]
+    assert found["entry"] == 1 and [h["id"] for h in found["hits"]][0] == 1 and len(found["hits"]) == 3
+    code, out, _ = _run(capsys, server, "search", "g", "--entry", "1", "--exclude-camera", "c1", "--top-k", "3")
+    assert code == 0 and out.splitlines()[0] == "entry 1:" and re.findall(r"camera (\S+)", out) == ["c2"]
+    for argv in (["search", "g"], ["search", "g", str(a1), "--entry", "1"]):
+        code, _, err = _run(capsys, server, *argv)
+        assert code == 2 and err.strip() == "reid-client: error: give images to search with, or --entry ID (one of the two)"
+
+
 @pytest.mark.parametrize("pattern, message", [
     (r"^(\d+)_", "has no (?P<person>...) or (?P<camera>...) group"),
     (r"(?P<person>\d+", "is not a regular expression: missing ), unterminated subpattern"),

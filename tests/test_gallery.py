@@ -697,6 +697,19 @@ def test_a_listing_lists_each_entry_present_throughout_exactly_once(store):
     assert not gone_early & set(listed)
 
 
+def test_get_returns_the_entries_held_in_the_order_asked(store):
+    vecs, meta = _data(10)
+    store.create("g", 16)
+    store.add("g", np.arange(1, 11), vecs, meta)
+    page = store.get("g", np.array([7, 99, 2]))
+    assert page.ids.tolist() == [7, 2] and [m.timestamp for m in page.metadata] == [6.0, 1.0]
+    np.testing.assert_allclose(page.vectors, l2_normalize(vecs[[6, 1]]), atol=1e-6)
+    gone = store.get("g", np.array([98, 99]))  # none held: on Milvus the empty answer failed to take its shape
+    assert gone.ids.tolist() == [] and gone.vectors.shape == (0, 16)
+    with pytest.raises(GalleryNotFound):
+        store.get("nope", np.array([1]))
+
+
 def test_listing_milvus_lite_logs_no_warning(tmp_path):
     import logging
 

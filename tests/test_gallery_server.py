@@ -122,6 +122,32 @@ def test_entries_list_what_a_gallery_holds_page_by_page(server):
             assert err.value.code() == code, err.value.details()
 
 
+def test_entries_of_the_gallery_search_as_queries(server):
+    """ "Where else was this one seen?": an entry's stored embedding as the query."""
+    vecs = np.random.default_rng(5).normal(size=(20, 32)).astype(np.float32)
+    with GalleryClient(server.target) as g:
+        g.create("g", index_type="hnsw")
+        g.add("g", embeddings=vecs, metadata=[metadata_message(str(i % 5), f"c{i % 2}") for i in range(20)], ids=range(1, 21))
+        by_entry = g.search("g", entry_ids=[3, 999, 8], top_k=4)
+        by_vector = g.search("g", embeddings=vecs[[2, 7]], top_k=4)
+        assert [[h.id for h in r.hits] for r in (by_entry[0], by_entry[2])] == [[h.id for h in r.hits] for r in by_vector]
+        assert by_entry[0].hits[0].id == 3 and by_entry[0].hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert by_entry[1].error.code == grpc.StatusCode.NOT_FOUND.value[0] and "no entry 999" in by_entry[1].error.message
+        elsewhere = g.search("g", entry_ids=[3], top_k=4, filters=[reid_pb2.SearchFilter(exclude_camera_id="c0")],
+                             group_by_person=True)[0]  # entry 3 is on c0: other cameras only, one hit per person
+        assert 3 not in [h.id for h in elsewhere.hits] and {h.metadata.camera_id for h in elsewhere.hits} == {"c1"}
+        assert len({h.metadata.person_id for h in elsewhere.hits}) == len(elsewhere.hits) == 4
+        reranked = g.search("g", entry_ids=[3], top_k=3, rerank={})
+        assert reranked[0].hits[0].id == 3
+        for call in (lambda: g.search("g", entry_ids=[3], embeddings=vecs[:1]), lambda: g.search("g", entry_ids=[2**63])):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            g.search("nobody", entry_ids=[3])
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_entry_pages_stay_under_grpcs_default_message_limit(server):
     """A client that keeps gRPC's 4 MiB limit on what it receives can list wide embeddings: the
     server sends fewer entries than asked for rather than a page the client would refuse."""

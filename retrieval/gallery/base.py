@@ -271,6 +271,11 @@ class GalleryBackend(abc.ABC):
         entry present throughout is listed once."""
 
     @abc.abstractmethod
+    def get(self, name: str, ids: np.ndarray) -> EntryPage:
+        """The entries of ``ids`` that the gallery holds, with their vectors, in the order given
+        (an id it does not hold is left out)."""
+
+    @abc.abstractmethod
     def search(self, name: str, queries: np.ndarray, top_k: int, filters: list[SearchFilter],
                rerank: RerankOptions | None = None, group_by_person: bool = False) -> list[list[Hit]]:
         """Each query's best hits. With ``group_by_person``, the best entry of each of ``top_k``

@@ -324,6 +324,12 @@ class _Gallery(Persistence):
             return EntryPage(self.ids[rows], [self.meta[r] for r in rows.tolist()],
                              self.vectors[rows] if with_vectors else None, more)
 
+    def get(self, ids: np.ndarray) -> EntryPage:
+        with self.lock.read():
+            self._require_open()
+            rows = [self.row[i] for i in np.asarray(ids, dtype=np.int64).tolist() if i in self.row]
+            return EntryPage(self.ids[rows], [self.meta[r] for r in rows], self.vectors[rows], False)
+
     def _allowed(self, flt: SearchFilter) -> np.ndarray:
         mask = self.alive.copy()
         if flt.exclude_camera_id:
@@ -550,6 +556,9 @@ class FaissGalleryStore(GalleryBackend):
 
     def entries(self, name, after_id=0, limit=1000, person_ids=(), with_vectors=False, flt=None):
         return self._get(name).entries(after_id, limit, list(person_ids), with_vectors, flt)
+
+    def get(self, name, ids):
+        return self._get(name).get(ids)
 
     def search(self, name, queries, top_k, filters, rerank=None, group_by_person=False):
         return self._get(name).search(np.asarray(queries, dtype=np.float32), top_k, filters, rerank, group_by_person)

@@ -394,6 +394,14 @@ class MilvusGalleryStore(GalleryBackend):
         return EntryPage(np.asarray([int(r["id"]) for r in rows], dtype=np.int64), [_entry_metadata(r) for r in rows],
                          vectors, more)
 
+    def get(self, name, ids):
+        dim, _ = self._describe(name)
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return EntryPage(ids, [], np.empty((0, dim), np.float32), False)
+        present, vectors, meta = self._fetch(name, ids, dim)
+        return EntryPage(present, meta, vectors, False)
+
     def _search(self, name: str, index_type: str, queries: np.ndarray, k: int, filters: list[SearchFilter]):
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
@@ -412,15 +420,15 @@ class MilvusGalleryStore(GalleryBackend):
                     meta[int(hit["id"])] = _entry_metadata(hit["entity"])
         return scores, ids, meta
 
-    def _fetch(self, name: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[EntryMetadata]]:
-        """The entries of ``ids`` still present: another replica may have removed some since the
-        search that found them."""
+    def _fetch(self, name: str, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, list[EntryMetadata]]:
+        """The entries of ``ids`` still present: another replica may have removed some, or all
+        (``dim`` shapes an empty answer), since the search that found them."""
         rows = self._call("get", _collection(name), ids=[int(i) for i in ids],
                           output_fields=["vector", *META_FIELDS], consistency_level=self.consistency)
         by_id = {int(r["id"]): r for r in rows}
         present = np.asarray([i for i in ids if int(i) in by_id], dtype=np.int64)
         ordered = [by_id[int(i)] for i in present]
-        vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), -1)
+        vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), dim)
         return present, vectors, [_entry_metadata(r) for r in ordered]
 
     def search(self, name, queries, top_k, filters, rerank: RerankOptions | None = None, group_by_person: bool = False):
@@ -448,8 +456,8 @@ class MilvusGalleryStore(GalleryBackend):
             scores, ids, _ = self._search(name, index_type, q, min(kk, MAX_LIMIT), flts)
             return scores, ids
 
-        return pool_rerank(queries, top_k, filters, rerank, min(live, MAX_LIMIT), search_fn, lambda ids: self._fetch(name, ids),
-                           group_by_person)
+        return pool_rerank(queries, top_k, filters, rerank, min(live, MAX_LIMIT), search_fn,
+                           lambda ids: self._fetch(name, ids, dim), group_by_person)
 
     def close(self) -> None:
         try:

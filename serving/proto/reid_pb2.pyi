@@ -298,10 +298,11 @@ class RerankOptions(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., k1: _Optional[int] = ..., k2: _Optional[int] = ..., lambda_value: _Optional[float] = ..., pool: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("gallery", "images", "embeddings", "top_k", "filters", "rerank", "group_by_person")
+    __slots__ = ("gallery", "images", "embeddings", "entry_ids", "top_k", "filters", "rerank", "group_by_person")
     GALLERY_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
@@ -309,11 +310,12 @@ class SearchRequest(_message.Message):
     gallery: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    entry_ids: _containers.RepeatedScalarFieldContainer[int]
     top_k: int
     filters: _containers.RepeatedCompositeFieldContainer[SearchFilter]
     rerank: RerankOptions
     group_by_person: bool
-    def __init__(self, gallery: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[SearchFilter, _Mapping]]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., group_by_person: _Optional[bool] = ...) -> None: ...
+    def __init__(self, gallery: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., entry_ids: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[SearchFilter, _Mapping]]] = ..., rerank: _Optional[_Union[RerankOptions, _Mapping]] = ..., group_by_person: _Optional[bool] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "distance", "metadata")
