@@ -14,6 +14,7 @@ import pytest
 from export.cli import build_parser as export_parser
 from serving.cli import serve_parser
 from serving.client_cli import client_parser
+from serving.healthcheck import probe_parser
 from training.cli import build_parser as reid_parser
 from training.config.schema import ExperimentSpec
 
@@ -32,6 +33,12 @@ def _parser_flags(parser) -> set[str]:
     return flags
 
 
+def _commands():
+    """Every command a user runs: the installed ones and the health probe."""
+    return [("reid", reid_parser()), ("reid-export", export_parser()), ("reid-serve", serve_parser()),
+            ("reid-client", client_parser()), ("serving.healthcheck", probe_parser())]
+
+
 def _script_flags() -> set[str]:
     """Flags of the benchmark scripts the docs show."""
     files = sorted((ROOT / "benchmarks").glob("*.py"))
@@ -44,8 +51,7 @@ def _doc_texts():
 
 
 def test_every_documented_flag_exists():
-    known = (_parser_flags(reid_parser()) | _parser_flags(export_parser()) | _parser_flags(serve_parser())
-             | _parser_flags(client_parser()) | _script_flags())
+    known = set().union(*(_parser_flags(parser) for _, parser in _commands())) | _script_flags()
     missing = {}
     for path in _doc_texts():
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", path.read_text()):
@@ -58,8 +64,7 @@ def test_every_command_flag_is_documented():
     """The reverse: a flag a user can pass is explained somewhere in the README or a guide."""
     docs = "\n".join(path.read_text() for path in _doc_texts())
     undocumented = {}
-    for command, parser in (("reid", reid_parser()), ("reid-export", export_parser()), ("reid-serve", serve_parser()),
-                            ("reid-client", client_parser())):
+    for command, parser in _commands():
         for flag in sorted(_parser_flags(parser) - {"--help"}):
             if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", docs):
                 undocumented.setdefault(command, []).append(flag)

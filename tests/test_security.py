@@ -58,6 +58,26 @@ def test_tls_and_mutual_tls(tiny_onnx, pki):
             no_cert.embed([_image()])
 
 
+def test_the_health_probe_speaks_tls(tiny_onnx, pki, capsys):
+    from serving.healthcheck import main as probe
+
+    tls = [f"--tls-ca={pki / 'ca.pem'}"]
+    client = [f"--tls-cert={pki / 'client.pem'}", f"--tls-key={pki / 'client.key'}"]
+    config = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tls_client_ca=str(pki / "ca.pem"))
+    with ServerThread(OnnxRuntimeEngine(tiny_onnx), config) as s:
+        assert probe([s.target, *tls, *client]) == 0
+        assert probe([s.target, *tls, *client, "--tls-server-name", "localhost"]) == 0  # a name the certificate holds
+        assert probe([s.target, *tls, *client, "--tls-server-name", "elsewhere.example"]) == 1
+        assert probe([s.target, *tls]) == 1  # mutual TLS: no client certificate
+        assert probe([s.target]) == 1  # plaintext
+    for bad, message in [([*tls, client[0]], "--tls-cert and --tls-key go together"),
+                         (["--tls-server-name", "x"], "--tls-server-name need --tls-ca"),
+                         (["--tls-ca", "/nonexistent/ca.pem"], "cannot read /nonexistent/ca.pem")]:
+        with pytest.raises(SystemExit) as exit_:
+            probe(["127.0.0.1:1", *bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_tokens_separate_read_and_write(tiny_onnx, tmp_path):
     thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, tokens={READ: "read", WRITE: "write"}))
     thread.server.store = FaissGalleryStore(tmp_path)
