@@ -230,6 +230,38 @@ def by_person(size: int, per_person: int, tmp: Path) -> None:
     store.close()
 
 
+def listing(size: int, tmp: Path, dim: int = 64) -> None:
+    """ListEntries' store side on a flat gallery (``dim`` small: the listing's cost is in ids and
+    metadata, and a million 512-d entries would take 2 GiB for nothing): the first page, one
+    person's entries (a scan of every entry's person id), every entry in pages of 10,000."""
+    store = FaissGalleryStore(tmp / "listing", snapshot_every=10**9)
+    store.create("g", dim)
+    rng = np.random.default_rng(6)
+    for s in range(0, size, 100_000):
+        n = min(100_000, size - s)
+        store.add("g", np.zeros(n, np.int64), rng.normal(size=(n, dim)).astype(np.float32),
+                  [EntryMetadata(person_id=str(i % (size // 20 or 1))) for i in range(s, s + n)])
+    print(f"listing entries at {size:,} (flat, {dim}-d, 20 entries per person; the store alone, no gRPC):")
+    for label, call in [("a page of 1,000", lambda: store.entries("g", 0, 1000)),
+                        ("one person's 20 entries", lambda: store.entries("g", 0, 1000, ["17"])),
+                        ("a page of 1,000 with embeddings", lambda: store.entries("g", 0, 1000, with_vectors=True))]:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
+        print(f"  {label}: {np.median(times):.1f} ms (median of 5)")
+    start, after, pages = time.perf_counter(), 0, 0
+    while True:
+        page = store.entries("g", after, 10_000)
+        pages += 1
+        if not page.more:
+            break
+        after = int(page.ids[-1])
+    print(f"  every entry, {pages} pages of 10,000: {time.perf_counter() - start:.2f} s")
+    store.close()
+
+
 def _tiny_onnx(path: Path) -> None:
     """A 512-d model file only so reid-serve can start (the benchmark sends embeddings)."""
     import onnx
@@ -258,6 +290,7 @@ def main() -> None:
                         "bench_flat/bench_hnsw are replaced")
     p.add_argument("--milvus-consistency", default="strong", choices=list(CONSISTENCY_LEVELS))
     p.add_argument("--by-person-size", type=int, default=100_000, help="entries for plain vs grouped search (0: skip)")
+    p.add_argument("--list-size", type=int, default=1_000_000, help="entries for listing them (ListEntries; 0: skip)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     tmp = Path(tempfile.mkdtemp(prefix="gallery-bench-"))
@@ -312,6 +345,8 @@ def main() -> None:
             server_vs_direct(args.server_size, tmp)
         if args.by_person_size:
             by_person(args.by_person_size, 20, tmp)
+        if args.list_size:
+            listing(args.list_size, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
