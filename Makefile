@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test lint-docker
+.PHONY: setup demo test lint lint-docker
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The static checks the tests also run: ruff on the code, hadolint on the Dockerfiles.
+lint: lint-docker
+	$(VENV)/bin/ruff check .
 
 # Dockerfiles cannot be built here (no Docker engine); hadolint at least checks them.
 lint-docker: setup

@@ -159,7 +159,7 @@ def test_folders_stand_for_their_images_in_name_order(server, crops, tmp_path, c
     empty = tmp_path / "empty"
     empty.mkdir()
     code, out, err = _run(capsys, server, "embed", str(a1), str(empty))
-    assert code == 2 and out == "" and err.strip().startswith(f"reid-client: error: no images (.jpg, ") and err.strip().endswith(f"in folder {empty}")
+    assert code == 2 and out == "" and err.strip().startswith("reid-client: error: no images (.jpg, ") and err.strip().endswith(f"in folder {empty}")
 
 
 def test_name_pattern_reads_each_images_ids_from_its_name(server, crops, tmp_path, capsys):
