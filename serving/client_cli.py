@@ -413,7 +413,7 @@ def _listing_entry(line: str, where: str, width: int | None) -> tuple[int, list,
 
 
 def _listing(path: Path):
-    """The listing's entries, one (id, embedding, metadata) at a time; blank lines are skipped."""
+    """The listing's entries, one (id, embedding, metadata, model) at a time; blank lines are skipped."""
     width = None
     try:
         with open(path) as f:
@@ -463,6 +463,8 @@ def _import(args, connect) -> int:
                 done += add(batch)
         except (grpc.RpcError, KeyboardInterrupt) as exc:
             stop = "the interruption" if isinstance(exc, KeyboardInterrupt) else "the failure below"
+            if done and sys.stderr.isatty():
+                print(file=sys.stderr)  # past the progress line
             print(f"imported {done} of {total} entries into {args.gallery} before {stop}"
                   + (" (run again with --replace to go on)" if done else ""), file=sys.stderr)
             raise
