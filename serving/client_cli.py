@@ -129,6 +129,13 @@ def client_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true", help="one JSON object per entry instead of text")
     n.add_argument("--embeddings", action="store_true", help="with --json: each entry's stored embedding too")
 
+    rl = sub.add_parser("relabel", parents=[common],
+                        help="give every entry of some people another person id (tracks found to be one person)")
+    rl.add_argument("gallery")
+    rl.add_argument("--person", action="append", default=[], metavar="PERSON_ID", required=True,
+                    help="a person (or track) id whose entries move (repeatable)")
+    rl.add_argument("--to", required=True, metavar="PERSON_ID", help="the person id they get")
+
     m = sub.add_parser("import", parents=[common],
                        help="add the entries of an 'entries --json --embeddings' listing to a gallery, with their ids")
     m.add_argument("gallery")
@@ -387,6 +394,28 @@ def _entries(args, connect) -> int:
     return 1 if missing else 0
 
 
+def _relabel(args, connect) -> int:
+    """Each entry is added again under its id with the new person id (``replace``), a call per
+    1,000: entries keep their ids, embeddings, cameras, times and labels. Not one change: a
+    relabel that stops midway, or misses entries added meanwhile, is finished by running it again."""
+    if not args.to or any(not p for p in args.person):
+        raise UsageError("person ids must not be empty")
+    if args.to in args.person:
+        raise UsageError(f"--to {args.to} is one of the people to relabel")
+    moved = 0
+    with connect(GalleryClient) as g:
+        entries = list(g.entries(args.gallery, args.person, include_embeddings=True))
+        for start in range(0, len(entries), 1000):
+            part = entries[start : start + 1000]
+            meta = [metadata_message(args.to, e.metadata.camera_id, e.metadata.timestamp, dict(e.metadata.labels)) for e in part]
+            g.add(args.gallery, embeddings=np.asarray([e.embedding.values for e in part], dtype=np.float32),
+                  metadata=meta, ids=[e.id for e in part], replace=True)
+            moved += len(part)
+    missing = [p for p in dict.fromkeys(args.person) if p not in {e.metadata.person_id for e in entries}]
+    print(f"relabelled {moved} entries to {args.to}" + (f"; no entries of: {' '.join(missing)}" if missing else ""))
+    return 1 if missing else 0
+
+
 def _listing_entry(line: str, where: str, width: int | None) -> tuple[int, list, reid_pb2.EntryMetadata, str]:
     """One line of an ``entries --json --embeddings`` listing: (id, embedding, metadata, model)."""
     try:
@@ -476,7 +505,7 @@ def _import(args, connect) -> int:
 
 COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop": _drop, "enroll": _enroll,
             "search": _search, "remove": _remove, "entries": _entries,
-            "import": _import}
+            "import": _import, "relabel": _relabel}
 
 
 def client_main(argv: list[str] | None = None) -> int:

@@ -312,6 +312,31 @@ def test_import_copies_a_listing_into_another_gallery(server, crops, capsys, tmp
     assert server.server.store.info("new").size == 3
 
 
+def test_relabel_merges_tracks_into_one_person(server, crops, capsys):
+    a1, a2, b = crops
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1), "--person-id", "track-1", "--camera-id", "c1", "--timestamp", "5",
+                "--label", "site=door")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a2), "--person-id", "track-2", "--camera-id", "c2")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(b), "--person-id", "track-3")[0] == 0
+    before = {e["id"]: e for e in map(json.loads, _run(capsys, server, "entries", "g", "--json", "--embeddings")[1].splitlines())}
+    code, out, _ = _run(capsys, server, "relabel", "g", "--person", "track-1", "--person", "track-2", "--person", "track-9",
+                        "--to", "Alice")
+    assert code == 1 and out.strip() == "relabelled 2 entries to Alice; no entries of: track-9"
+    after = {e["id"]: e for e in map(json.loads, _run(capsys, server, "entries", "g", "--json", "--embeddings")[1].splitlines())}
+    assert [after[i]["person_id"] for i in (1, 2, 3)] == ["Alice", "Alice", "track-3"]
+    for i in (1, 2):  # all else kept: camera, time, labels, embedding
+        assert {k: v for k, v in after[i].items() if k not in ("person_id", "embedding")} == \
+               {k: v for k, v in before[i].items() if k not in ("person_id", "embedding")}
+        np.testing.assert_allclose(after[i]["embedding"], before[i]["embedding"], atol=1e-6)
+    code, out, _ = _run(capsys, server, "search", "g", str(a1), "--by-person", "--top-k", "3", "--json")
+    assert [h["person_id"] for h in json.loads(out)["hits"]] == ["Alice", "track-3"]
+    for argv, message in [(["relabel", "g", "--person", "Alice", "--to", "Alice"], "--to Alice is one of the people to relabel"),
+                          (["relabel", "g", "--person", "", "--to", "x"], "person ids must not be empty")]:
+        code, _, err = _run(capsys, server, *argv)
+        assert code == 2 and err.strip() == f"reid-client: error: {message}"
+
+
 def test_remove_entries_older_than_a_retention_period(server, crops, capsys):
     a1, a2, b = crops
     assert _run(capsys, server, "create", "g")[0] == 0
