@@ -26,60 +26,65 @@ from serving.service import Limits
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reid-serve", description="Serve ReID embeddings over gRPC with dynamic batching.")
     p.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('reid')}")
-    p.add_argument("--model", help="ONNX file or TensorRT engine (with its .json sidecar); required, here or in --config")
-    p.add_argument("--config", type=Path,
-                   help="YAML file with any of these options (dashes or underscores; the command line wins)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port (default: off)")
-    p.add_argument("--max-batch-size", type=int, help="images per engine call (default 32)")
-    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 0: take what is queued)")
-    p.add_argument("--split-batch-ms", type=float,
-                   help="with several instances, a full batch that would run longer than this is shared fairly "
-                        "among them, so callers wait for batches of equal length (default 250)")
-    p.add_argument("--queue-capacity", type=int, help="images that may wait; beyond it calls fail with RESOURCE_EXHAUSTED (default 1024)")
-    p.add_argument("--workers", type=int, help="preprocessing threads (default 2)")
-    p.add_argument("--gallery-threads", type=int,
-                   help="gallery calls run at once (default 4); searches of one FAISS gallery run side by side")
-    p.add_argument("--instances", type=int,
-                   help="engine runs in flight at once (default: 2 for ONNX Runtime on a CPU, else 1)")
-    p.add_argument("--no-batching", action="store_true", help="run each request on its own (for comparison)")
-    p.add_argument("--max-images-per-request", type=int, help="default 256")
-    p.add_argument("--max-image-pixels", type=int, help="largest decoded image, width x height (default 16M)")
-    p.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
-    p.add_argument("--min-client-ping-seconds", type=float,
-                   help="shortest interval between a client's keepalive pings that is accepted; closer pings end "
-                        "the connection with GOAWAY too_many_pings (default 10)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
-    p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
-                   help="auto: uvloop when installed (less CPU per call), else asyncio's own loop")
-    p.add_argument("--intra-op-threads", type=int, default=0,
-                   help="ONNX Runtime threads per run (default: the CPU cores divided among the instances)")
-    p.add_argument("--graph-optimization", choices=GRAPH_OPTIMIZATIONS, default="auto",
-                   help="ONNX Runtime graph optimization level; auto (CPU): time all and extended at load, keep the faster")
-    p.add_argument("--model-id", help="the model's id, recorded in the galleries it fills and checked against them "
-                   "(default: the training checkpoint's hash from the model's metadata, else the model file's hash)")
-    p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
-    p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the graph's is dynamic")
-    p.add_argument("--gallery-dir", type=Path, default=Path("galleries"),
-                   help="where FAISS galleries live (snapshots + write-ahead logs); default ./galleries")
-    p.add_argument("--no-gallery", action="store_true", help="serve embeddings only")
-    p.add_argument("--gallery-backend", choices=["faiss", "milvus"], default="faiss",
-                   help="faiss: in-process galleries under --gallery-dir; milvus: collections in --milvus-uri")
-    p.add_argument("--milvus-uri", help="Milvus Lite file path, or http(s)://host:port of a Milvus server/cluster")
-    p.add_argument("--milvus-token", help="Milvus token ('user:password' or an API key); or set MILVUS_TOKEN")
-    p.add_argument("--milvus-ca", help="CA (PEM) to verify a Milvus server over TLS")
-    p.add_argument("--milvus-consistency", choices=list(CONSISTENCY_LEVELS), default="strong",
-                   help="what searches see: strong (default) every acknowledged add of any replica, about 300 ms per "
-                        "search on a Milvus server; bounded: at once, possibly missing other replicas' last seconds")
-    p.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object per line")
-    p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
-    p.add_argument("--tls-key", help="server private key (PEM)")
-    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
-    p.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address (logs a warning)")
-    p.add_argument("--tokens-file", type=Path, help="bearer tokens, one 'TOKEN read|write' per line")
-    p.add_argument("--tokens-env", help="environment variable holding 'TOKEN:read|write,...'")
+    model = p.add_argument_group("the model and its engine")
+    model.add_argument("--model", help="ONNX file or TensorRT engine (with its .json sidecar); required, here or in --config")
+    model.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="ONNX Runtime provider")
+    model.add_argument("--instances", type=int,
+                       help="engine runs in flight at once (default: 2 for ONNX Runtime on a CPU, else 1)")
+    model.add_argument("--intra-op-threads", type=int, default=0,
+                       help="ONNX Runtime threads per run (default: the CPU cores divided among the instances)")
+    model.add_argument("--graph-optimization", choices=GRAPH_OPTIMIZATIONS, default="auto",
+                       help="ONNX Runtime graph optimization level; auto (CPU): time all and extended at load, keep the faster")
+    model.add_argument("--model-id", help="the model's id, recorded in the galleries it fills and checked against them "
+                       "(default: the training checkpoint's hash from the model's metadata, else the model file's hash)")
+    model.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
+    model.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")
+    model.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the graph's is dynamic")
+    net = p.add_argument_group("network and process")
+    net.add_argument("--config", type=Path,
+                     help="YAML file with any of these options (dashes or underscores; the command line wins)")
+    net.add_argument("--host", help="bind address (default 127.0.0.1)")
+    net.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    net.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port (default: off)")
+    net.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                     help="auto: uvloop when installed (less CPU per call), else asyncio's own loop")
+    net.add_argument("--log-format", choices=["text", "json"], default="text", help="json: one JSON object per line")
+    batch = p.add_argument_group("batching and limits")
+    batch.add_argument("--max-batch-size", type=int, help="images per engine call (default 32)")
+    batch.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 0: take what is queued)")
+    batch.add_argument("--split-batch-ms", type=float,
+                       help="with several instances, a full batch that would run longer than this is shared fairly "
+                            "among them, so callers wait for batches of equal length (default 250)")
+    batch.add_argument("--queue-capacity", type=int, help="images that may wait; beyond it calls fail with RESOURCE_EXHAUSTED (default 1024)")
+    batch.add_argument("--workers", type=int, help="preprocessing threads (default 2)")
+    batch.add_argument("--no-batching", action="store_true", help="run each request on its own (for comparison)")
+    batch.add_argument("--max-images-per-request", type=int, help="default 256")
+    batch.add_argument("--max-image-pixels", type=int, help="largest decoded image, width x height (default 16M)")
+    batch.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    batch.add_argument("--min-client-ping-seconds", type=float,
+                       help="shortest interval between a client's keepalive pings that is accepted; closer pings end "
+                            "the connection with GOAWAY too_many_pings (default 10)")
+    gallery = p.add_argument_group("galleries")
+    gallery.add_argument("--gallery-dir", type=Path, default=Path("galleries"),
+                         help="where FAISS galleries live (snapshots + write-ahead logs); default ./galleries")
+    gallery.add_argument("--no-gallery", action="store_true", help="serve embeddings only")
+    gallery.add_argument("--gallery-backend", choices=["faiss", "milvus"], default="faiss",
+                         help="faiss: in-process galleries under --gallery-dir; milvus: collections in --milvus-uri")
+    gallery.add_argument("--gallery-threads", type=int,
+                         help="gallery calls run at once (default 4); searches of one FAISS gallery run side by side")
+    gallery.add_argument("--milvus-uri", help="Milvus Lite file path, or http(s)://host:port of a Milvus server/cluster")
+    gallery.add_argument("--milvus-token", help="Milvus token ('user:password' or an API key); or set MILVUS_TOKEN")
+    gallery.add_argument("--milvus-ca", help="CA (PEM) to verify a Milvus server over TLS")
+    gallery.add_argument("--milvus-consistency", choices=list(CONSISTENCY_LEVELS), default="strong",
+                         help="what searches see: strong (default) every acknowledged add of any replica, about 300 ms per "
+                              "search on a Milvus server; bounded: at once, possibly missing other replicas' last seconds")
+    security = p.add_argument_group("security")
+    security.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
+    security.add_argument("--tls-key", help="server private key (PEM)")
+    security.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
+    security.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address (logs a warning)")
+    security.add_argument("--tokens-file", type=Path, help="bearer tokens, one 'TOKEN read|write' per line")
+    security.add_argument("--tokens-env", help="environment variable holding 'TOKEN:read|write,...'")
     return p
 
 
