@@ -387,7 +387,7 @@ def _entries(args, connect) -> int:
             else:
                 labels = "".join(f"  {k}={v}" for k, v in sorted(m.labels.items()))
                 print(f"id {entry.id}  person {m.person_id or '-'}  camera {m.camera_id or '-'}  "
-                      f"timestamp {m.timestamp:.3f}{labels}", flush=True)
+                      f"timestamp {f'{m.timestamp:.3f}' if m.timestamp else '-'}{labels}", flush=True)
     missing = [p for p in dict.fromkeys(args.person) if p not in seen]
     if missing:
         print(f"reid-client: no entries of: {' '.join(missing)}", file=sys.stderr)
