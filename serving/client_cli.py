@@ -74,7 +74,8 @@ def client_parser() -> argparse.ArgumentParser:
     e.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order)")
     e.add_argument("--output", type=Path, help=".npy file for the N x D embeddings (rows of failed images are NaN)")
 
-    sub.add_parser("galleries", parents=[common], help="list galleries: name, entries, dimension, index, backend, model")
+    gl = sub.add_parser("galleries", parents=[common], help="list galleries: name, entries, dimension, index, backend, model")
+    gl.add_argument("--json", action="store_true", help="one JSON object per gallery instead of text")
     c = sub.add_parser("create", parents=[common], help="create an empty gallery")
     c.add_argument("gallery")
     c.add_argument("--index", choices=["flat", "hnsw"], default="flat", help="flat: exact (default); hnsw: approximate")
@@ -244,7 +245,12 @@ def _print_info(info: reid_pb2.GalleryInfo) -> None:
 def _galleries(args, connect) -> int:
     with connect(GalleryClient) as g:
         for info in g.list():
-            _print_info(info)
+            if args.json:
+                print(json.dumps({"name": info.name, "entries": info.size, "dimension": info.dimension,
+                                  "index": reid_pb2.IndexType.Name(info.index_type).lower(), "backend": info.backend,
+                                  "device": info.device or "cpu", "model": info.model}))
+            else:
+                _print_info(info)
     return 0
 
 

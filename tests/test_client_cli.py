@@ -59,6 +59,9 @@ def test_gallery_round_trip(server, crops, capsys):
 
     code, out, _ = _run(capsys, server, "galleries")
     assert code == 0 and out.startswith("lobby: 3 entries, 32-d")
+    code, out, _ = _run(capsys, server, "galleries", "--json")
+    assert code == 0 and json.loads(out) == {"name": "lobby", "entries": 3, "dimension": 32, "index": "flat", "backend": "faiss",
+                                             "device": "cpu", "model": server.server.engine.model_id}
 
     code, out, _ = _run(capsys, server, "search", "lobby", str(a1), "--top-k", "2", "--json")
     assert code == 0
