@@ -163,11 +163,11 @@ def check_entries(gallery: str, dim: int, ids: np.ndarray, vectors: np.ndarray, 
     return ids
 
 
-def check_people(person_ids: list[str]) -> list[str]:
-    """The distinct person ids of a removal, in order; an empty one would mean "every entry
-    without a person id", which nobody asks for by leaving a field blank."""
+def check_people(person_ids: list[str], action: str = "remove") -> list[str]:
+    """The distinct person ids of a removal (or a listing), in order; an empty one would mean
+    "every entry without a person id", which nobody asks for by leaving a field blank."""
     if any(not p for p in person_ids):
-        raise InvalidEntry("person ids to remove must not be empty")
+        raise InvalidEntry(f"person ids to {action} must not be empty")
     return list(dict.fromkeys(person_ids))
 
 
@@ -179,9 +179,7 @@ def check_page(after_id: int, limit: int, person_ids: list[str], flt: SearchFilt
         raise InvalidEntry(f"after_id must be within 0..2^63-1, got {after_id}")
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidEntry(f"page size must be within 1..{MAX_PAGE}, got {limit}")
-    if any(not p for p in person_ids):
-        raise InvalidEntry("person ids to list must not be empty")
-    return list(dict.fromkeys(person_ids))
+    return check_people(person_ids, "list")
 
 
 def check_cutoff(timestamp: float) -> float:

@@ -284,9 +284,9 @@ class _Gallery(Persistence):
         with self._changes:  # no add can slip a new entry of theirs in between the scan and the removal
             with self.lock.read():
                 self._require_open()
-                rows = [r for r in np.flatnonzero(self.alive).tolist() if self.meta[r].person_id in wanted]
-                present = self.ids[rows] if rows else np.empty(0, np.int64)
-                found = {self.meta[r].person_id for r in rows}
+                rows = self._of_people(np.flatnonzero(self.alive), wanted)
+                present = self.ids[rows]
+                found = {self.meta[r].person_id for r in rows.tolist()}
             self._remove_present(present, purge=True)
             return len(present), [p for p in people if p not in found]
 
@@ -315,7 +315,7 @@ class _Gallery(Persistence):
             self._require_open()
             rows = np.flatnonzero((self.alive if flt is None else self._allowed(flt)) & (self.ids > after_id))
             if people:
-                rows = rows[np.fromiter((self.meta[r].person_id in people for r in rows.tolist()), bool, len(rows))]
+                rows = self._of_people(rows, people)
             more = len(rows) > limit
             if more:  # rows follow the order of adds, not of ids
                 rows = rows[np.argpartition(self.ids[rows], limit)[:limit]]
@@ -325,10 +325,16 @@ class _Gallery(Persistence):
                              self.vectors[rows] if with_vectors else None, more)
 
     def get(self, ids: np.ndarray) -> EntryPage:
+        ids = np.asarray(ids, dtype=np.int64)
         with self.lock.read():
             self._require_open()
-            rows = [self.row[i] for i in np.asarray(ids, dtype=np.int64).tolist() if i in self.row]
-            return EntryPage(self.ids[rows], [self.meta[r] for r in rows], self.vectors[rows], False)
+            present, vectors, meta = self._fetch(ids[np.fromiter((i in self.row for i in ids.tolist()), bool, len(ids))])
+            return EntryPage(present, meta, vectors, False)
+
+    def _of_people(self, rows: np.ndarray, people: set[str]) -> np.ndarray:
+        """Those of ``rows`` whose entries carry one of ``people``: a scan of their metadata (there
+        is no person index: it would keep every person id ever enrolled in memory, forgotten ones too)."""
+        return rows[np.fromiter((self.meta[r].person_id in people for r in rows.tolist()), bool, len(rows))]
 
     def _allowed(self, flt: SearchFilter) -> np.ndarray:
         mask = self.alive.copy()

@@ -106,6 +106,11 @@ def _quote(value: str) -> str:
     return f'"{escaped}"'
 
 
+def _any_person(people: list[str]) -> str:
+    """The Milvus expression for entries of any of ``people``."""
+    return f"person_id in [{', '.join(map(_quote, people))}]"
+
+
 def _entry_metadata(row: dict) -> EntryMetadata:
     return EntryMetadata(row["person_id"], row["camera_id"], row["timestamp"], dict(row["labels"] or {}))
 
@@ -358,7 +363,7 @@ class MilvusGalleryStore(GalleryBackend):
                                                      limit=1, consistency_level="Strong")}
             if not found:
                 return 0, people
-            result = self._call("delete", coll, filter=f"person_id in [{', '.join(_quote(p) for p in sorted(found))}]")
+            result = self._call("delete", coll, filter=_any_person(sorted(found)))
             self._call("flush", coll)
             return _deleted(result), [p for p in people if p not in found]
 
@@ -375,7 +380,7 @@ class MilvusGalleryStore(GalleryBackend):
         people = check_page(after_id, limit, list(person_ids), flt)
         dim, _ = self._describe(name)
         coll = _collection(name)
-        terms = [f"id > {int(after_id)}", f"person_id in [{', '.join(map(_quote, people))}]" if people else "",
+        terms = [f"id > {int(after_id)}", _any_person(people) if people else "",
                  filter_expression(flt) if flt is not None else ""]
         expr = " and ".join(t for t in terms if t)
         # The iterator, not a query with a limit: that returns any ``limit`` matching rows, the
