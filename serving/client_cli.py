@@ -354,13 +354,23 @@ def _search(args, connect) -> int:
     return 1 if failed else 0
 
 
+def _check_people(person_ids: list[str]) -> None:
+    """``--person`` values: an empty one would mean every entry without a person id."""
+    if any(not p for p in person_ids):
+        raise UsageError("--person must not be empty")
+
+
+def _without_entries(person_ids: list[str], seen: set[str]) -> list[str]:
+    """The people asked for (once each, in order) that no entry listed carried."""
+    return [p for p in dict.fromkeys(person_ids) if p not in seen]
+
+
 def _remove(args, connect) -> int:
     given = sum(map(bool, (args.ids, args.person, args.before)))
     if given != 1:
         raise UsageError("give one of: entry ids, --person, --before" if given else
                          "give entry ids, --person PERSON_ID or --before TIMESTAMP")
-    if any(not p for p in args.person):
-        raise UsageError("--person must not be empty")
+    _check_people(args.person)
     with connect(GalleryClient) as g:
         answer = g.remove(args.gallery, args.ids, args.person, args.before or 0.0)
     missing = [*map(str, answer.missing), *answer.missing_person_ids]
@@ -371,8 +381,7 @@ def _remove(args, connect) -> int:
 def _entries(args, connect) -> int:
     if args.embeddings and not args.json:
         raise UsageError("--embeddings needs --json")
-    if any(not p for p in args.person):
-        raise UsageError("--person must not be empty")
+    _check_people(args.person)
     if args.since and args.before and args.since >= args.before:
         raise UsageError(f"--since {args.since:g} is not before --before {args.before:g}")
     # "set and earlier than T", as remove --before counts it, in the filter's inclusive bounds:
@@ -394,7 +403,7 @@ def _entries(args, connect) -> int:
                 labels = "".join(f"  {k}={v}" for k, v in sorted(m.labels.items()))
                 print(f"id {entry.id}  person {m.person_id or '-'}  camera {m.camera_id or '-'}  "
                       f"timestamp {f'{m.timestamp:.3f}' if m.timestamp else '-'}{labels}", flush=True)
-    missing = [p for p in dict.fromkeys(args.person) if p not in seen]
+    missing = _without_entries(args.person, seen)
     if missing:
         print(f"reid-client: no entries of: {' '.join(missing)}", file=sys.stderr)
     return 1 if missing else 0
@@ -417,7 +426,7 @@ def _relabel(args, connect) -> int:
             g.add(args.gallery, embeddings=np.asarray([e.embedding.values for e in part], dtype=np.float32),
                   metadata=meta, ids=[e.id for e in part], replace=True)
             moved += len(part)
-    missing = [p for p in dict.fromkeys(args.person) if p not in {e.metadata.person_id for e in entries}]
+    missing = _without_entries(args.person, {e.metadata.person_id for e in entries})
     print(f"relabelled {moved} entries to {args.to}" + (f"; no entries of: {' '.join(missing)}" if missing else ""))
     return 1 if missing else 0
 

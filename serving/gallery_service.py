@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 
 from retrieval.gallery import EntryMetadata, EntryPage, GalleryError, GalleryInfo, RerankOptions, SearchFilter
+from retrieval.gallery.base import MAX_ID
 from serving.image_errors import error_message, image_status
 from serving.metrics import timed
 from serving.proto import reid_pb2
@@ -144,7 +145,7 @@ class GalleryRpcs:
                 await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"embeddings have mismatched lengths {sorted(lengths)}")
             vectors = np.asarray([e.values for e in request.embeddings], dtype=np.float32)
         ids = np.asarray(list(request.ids) or [0] * n, dtype=np.uint64)
-        if (ids > np.uint64(2**63 - 1)).any():
+        if (ids > np.uint64(MAX_ID)).any():
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "ids must be below 2^63")
         meta = [_meta(m) for m in request.metadata] or [EntryMetadata() for _ in range(n)]
         out = await self._call(context, method, self.store.add if self.store else None, request.gallery,
@@ -187,7 +188,7 @@ class GalleryRpcs:
         filters = [_filter(f) for f in request.filters] or [SearchFilter()]
         errors: list = [None] * n  # per query: None, or its Error message
         entry_ids = np.asarray(list(request.entry_ids), dtype=np.uint64)
-        if (entry_ids > np.uint64(2**63 - 1)).any():
+        if (entry_ids > np.uint64(MAX_ID)).any():
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "entry ids must be below 2^63")
         if request.images:
             rows, failures = await self._embed_images(request.images, context, method, request.gallery)
@@ -235,11 +236,14 @@ def _entry_queries(store, gallery: str, ids: np.ndarray, errors: list) -> tuple[
     each other query's error is set in ``errors`` (NOT_FOUND)."""
     held = store.get(gallery, ids)
     row = {entry: r for r, entry in enumerate(held.ids.tolist())}
+    good, rows = [], []
     for q, entry in enumerate(ids.tolist()):
-        if entry not in row:
+        if entry in row:
+            good.append(q)
+            rows.append(row[entry])
+        else:
             errors[q] = reid_pb2.Error(code=grpc.StatusCode.NOT_FOUND.value[0], message=f"no entry {entry} in gallery {gallery!r}")
-    good = [q for q, entry in enumerate(ids.tolist()) if entry in row]
-    return good, held.vectors[[row[int(ids[q])] for q in good]] if good else None
+    return good, held.vectors[rows] if good else None
 
 
 def _search_response(n: int, errors: list, found: dict) -> reid_pb2.SearchResponse:
