@@ -6,7 +6,9 @@ Market-1501 scale that is over 12 GB and a full argsort of 530 M distances. Here
 
 - the k1+1 nearest neighbours of every item come from a blocked exact search (FAISS, BLAS), and
   each item's largest distance (the normalizer) from a second blocked pass; memory is
-  O(N * k1 + chunk * N), the chunk set by ``max_memory``;
+  O(N * k1 + chunk * N), the chunk set by ``max_memory``. A problem whose N x N distances fit
+  in ``max_memory`` (a served search's candidate pool, a small evaluation) takes them from one
+  matrix product instead, which also gives the pair distances below: 2-3x faster at N = 1,500;
 - k-reciprocal sets, their expansion and the weights are computed on those neighbour lists and
   kept as a sparse matrix V with a few dozen entries per row;
 - local query expansion is a sparse product, and the Jaccard distance is accumulated only over
@@ -96,6 +98,20 @@ def _dense_pass_torch(feats: np.ndarray, k: int, max_memory: int, device) -> tup
     return row_max, rank
 
 
+def _dense_pass(feats: np.ndarray, sq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All N x N squared distances from one matrix product, their row maxima and each row's k
+    nearest (nearest first, ties by index): for N small enough to hold the matrix."""
+    dist = feats @ feats.T
+    dist *= -2.0
+    dist += sq[:, None]
+    dist += sq[None, :]
+    np.maximum(dist, 0.0, out=dist)
+    np.fill_diagonal(dist, 0.0)
+    near = np.argpartition(dist, k - 1, axis=1)[:, :k]
+    order = np.lexsort((near, np.take_along_axis(dist, near, axis=1)), axis=1)
+    return dist, dist.max(axis=1), np.take_along_axis(near, order, axis=1)
+
+
 def _pair_sq_dist(feats: np.ndarray, rows: np.ndarray, cols: np.ndarray, max_memory: int) -> np.ndarray:
     """Squared distance of each (row, col) pair, gathered in chunks: the pairs number about
     N * 25, and gathering all their vectors at once would take 2 * pairs * dim * 4 bytes."""
@@ -176,7 +192,10 @@ def k_reciprocal_rerank(
     k2 = min(k2, n)  # fewer items than k2: expand over all of them, as slicing a full ranking would
     sq = (feats * feats).sum(axis=1)
     accel = _torch_device(device)
-    if accel is None:
+    dist = None
+    if accel is None and n * n * _BYTES_PER_CELL <= max_memory:
+        dist, row_max, rank = _dense_pass(feats, sq, max(kk, k2))
+    elif accel is None:
         row_max = _row_max_sq_dist(feats, sq, max_memory)
         rank = _neighbours(feats, max(kk, k2))
     else:
@@ -184,7 +203,7 @@ def k_reciprocal_rerank(
     row_max[row_max <= 0] = 1.0  # all items identical: every distance is 0 anyway
 
     rows, cols = _expansion_pairs(rank, kk - 1)
-    d = _pair_sq_dist(feats, rows, cols, max_memory) / row_max[rows]
+    d = (dist[rows, cols] if dist is not None else _pair_sq_dist(feats, rows, cols, max_memory)) / row_max[rows]
     w = np.exp(-d)
     w /= np.bincount(rows, weights=w, minlength=n)[rows]
     v = sp.csr_matrix((w.astype(np.float64), (rows, cols)), shape=(n, n))

@@ -20,11 +20,13 @@ def _clustered(rng, nq, ng, dim, ids=20, noise=0.8):
     [(30, 150, 16, 20, 6, 0.3), (40, 260, 32, 10, 3, 0.5), (12, 50, 8, 5, 1, 0.0), (25, 90, 64, 7, 6, 1.0), (5, 12, 4, 20, 6, 0.3),
      (1, 3, 8, 20, 6, 0.3)],  # fewer items than k1 and k2 (a tiny gallery's pool)
 )
-def test_matches_dense_oracle(nq, ng, dim, k1, k2, lam):
+@pytest.mark.parametrize("max_memory", [256 * 2**20, 8 * 1024], ids=["one-matrix", "blocked"])
+def test_matches_dense_oracle(nq, ng, dim, k1, k2, lam, max_memory):
+    """Both paths: the N x N matrix when it fits the budget, blocked passes when it does not."""
     rng = np.random.default_rng(nq + ng)
     q, g = _clustered(rng, nq, ng, dim)
     expected = dense_rerank(q, g, k1, k2, lam)
-    got = k_reciprocal_rerank(q, g, k1, k2, lam)
+    got = k_reciprocal_rerank(q, g, k1, k2, lam, max_memory=max_memory)
     assert got.shape == (nq, ng)
     np.testing.assert_allclose(got, expected, atol=1e-4)
     np.testing.assert_array_equal(np.argsort(got, axis=1, kind="stable")[:, :10],
