@@ -1,10 +1,11 @@
 """Gallery figures: add throughput, search latency (p50/p99 for 1 and 64 queries), HNSW recall@10,
 server vs in-process, FAISS vs Milvus (Lite, or a server with --milvus-uri), memory per million
 entries (512-d), concurrent and filtered searches, how long an HNSW gallery takes to snapshot and start again,
-and plain against grouped search by person.
+plain against grouped search by person, and re-ranked search (each query alone or joint).
 
 Usage: python benchmarks/gallery.py [--sizes 10000 100000 1000000] [--milvus-sizes 10000 100000] [--server-size 100000]
                                     [--milvus-uri http://host:19530] [--milvus-consistency strong] [--by-person-size 100000]
+                                    [--list-size 1000000] [--rerank-size 100000]
 HNSW is built up to 100k entries (building it for 1M takes far longer than the rest on 2 cores).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.gallery import EntryMetadata, FaissGalleryStore, SearchFilter  # noqa: E402
+from retrieval.gallery import EntryMetadata, FaissGalleryStore, RerankOptions, SearchFilter  # noqa: E402
 from retrieval.gallery.milvus_store import CONSISTENCY_LEVELS  # noqa: E402
 
 DIM = 512
@@ -230,6 +231,26 @@ def by_person(size: int, per_person: int, tmp: Path) -> None:
     store.close()
 
 
+def reranked(size: int, tmp: Path) -> None:
+    """Re-ranked search (k1 20, k2 6, pool 100, top_k 10) on a flat gallery: each query alone (the
+    default) against the call's queries re-ranked together (``joint``, what evaluation asks for)."""
+    vecs = data(size, seed=3)
+    store = FaissGalleryStore(tmp / "reranked", snapshot_every=10**9)
+    store.create("g", DIM)
+    fill(store, "g", vecs)
+    rng = np.random.default_rng(6)
+    print(f"re-ranked search at {size:,} (flat, pool 100, k1 20, k2 6, top_k 10):")
+    for n_queries in (1, 8, 64):
+        queries = vecs[rng.integers(0, size, n_queries)] + rng.normal(size=(n_queries, DIM)).astype(np.float32) * 0.3
+        for joint in (False, True):
+            opts = RerankOptions(pool=100, joint=joint)
+            store.search("g", queries, 10, [], opts)  # warm
+            p50, _ = timed_search(lambda x: store.search("g", x, 10, [], opts), queries, 3 if n_queries < 64 else 1)
+            print(f"  {n_queries:2d} queries, {'joint       ' if joint else 'each alone  '}: {p50:8.0f} ms "
+                  f"({p50 / n_queries:.0f} ms a query)")
+    store.close()
+
+
 def listing(size: int, tmp: Path, dim: int = 64) -> None:
     """ListEntries' store side on a flat gallery (``dim`` small: the listing's cost is in ids and
     metadata, and a million 512-d entries would take 2 GiB for nothing): the first page, one
@@ -291,6 +312,7 @@ def main() -> None:
     p.add_argument("--milvus-consistency", default="strong", choices=list(CONSISTENCY_LEVELS))
     p.add_argument("--by-person-size", type=int, default=100_000, help="entries for plain vs grouped search (0: skip)")
     p.add_argument("--list-size", type=int, default=1_000_000, help="entries for listing them (ListEntries; 0: skip)")
+    p.add_argument("--rerank-size", type=int, default=100_000, help="entries for re-ranked search (0: skip)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     tmp = Path(tempfile.mkdtemp(prefix="gallery-bench-"))
@@ -347,6 +369,8 @@ def main() -> None:
             by_person(args.by_person_size, 20, tmp)
         if args.list_size:
             listing(args.list_size, tmp)
+        if args.rerank_size:
+            reranked(args.rerank_size, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

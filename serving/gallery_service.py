@@ -204,7 +204,8 @@ class GalleryRpcs:
             good = list(range(n))
             queries = np.asarray([e.values for e in request.embeddings], dtype=np.float32)
         r = request.rerank
-        rerank = RerankOptions(r.k1 or 20, r.k2 or 6, r.lambda_value if r.lambda_value else 0.3, r.pool or 100) if r.enabled else None
+        rerank = (RerankOptions(r.k1 or 20, r.k2 or 6, r.lambda_value if r.lambda_value else 0.3, r.pool or 100, r.joint)
+                  if r.enabled else None)
         if rerank and not 0.0 <= rerank.lambda_value <= 1.0:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "rerank.lambda_value must be within 0..1")
 

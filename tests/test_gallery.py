@@ -809,18 +809,42 @@ def test_removed_people_leave_the_disk_too(tmp_path, index_type):
     reopened.close()
 
 
-def test_reranked_search_matches_offline_when_the_pool_covers_the_gallery(store):
-    rng = np.random.default_rng(4)
-    centers = rng.normal(size=(10, 16))
-    gallery = (centers[rng.integers(0, 10, 80)] + rng.normal(size=(80, 16)) * 0.6).astype(np.float32)
-    queries = (centers[rng.integers(0, 10, 6)] + rng.normal(size=(6, 16)) * 0.6).astype(np.float32)
+def _clustered(seed: int, n: int, centres: int = 10, dim: int = 16) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(4).normal(size=(centres, dim))
+    return (c[rng.integers(0, centres, n)] + rng.normal(size=(n, dim)) * 0.6).astype(np.float32)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_reranked_search_matches_offline_when_the_pool_covers_the_gallery(store, joint):
+    """Each query alone equals offline re-ranking of that query; joint equals offline re-ranking
+    of the whole query set (the evaluation protocol)."""
+    gallery, queries = _clustered(5, 80), _clustered(6, 6)
     store.create("g", 16)
     ids = store.add("g", np.arange(1, 81), gallery, [EntryMetadata()] * 80)
-    hits = store.search("g", queries, 80, [], RerankOptions(k1=8, k2=3, lambda_value=0.3, pool=80))
-    offline = k_reciprocal_rerank(l2_normalize(queries), l2_normalize(gallery), 8, 3, 0.3)
+    hits = store.search("g", queries, 80, [], RerankOptions(k1=8, k2=3, lambda_value=0.3, pool=80, joint=joint))
+    q, g = l2_normalize(queries), l2_normalize(gallery)
+    offline = (k_reciprocal_rerank(q, g, 8, 3, 0.3) if joint
+               else np.concatenate([k_reciprocal_rerank(q[i:i + 1], g, 8, 3, 0.3) for i in range(len(q))]))
     for q, row in enumerate(hits):
         assert [h.id for h in row][:20] == ids[np.argsort(offline[q], kind="stable")[:20]].tolist()
         np.testing.assert_allclose([h.distance for h in row], np.sort(offline[q]), atol=1e-5)
+
+
+def test_a_reranked_answer_does_not_depend_on_the_other_queries_of_the_call(store):
+    """A tracker that searches one frame's people in one call must get, for each, what a call of
+    its own would give: joint re-ranking made each query part of the others' neighbourhoods."""
+    gallery, queries = _clustered(7, 300, centres=30), _clustered(8, 12, centres=30)
+    store.create("g", 16)
+    store.add("g", np.arange(1, 301), gallery, [EntryMetadata(camera_id=f"c{i % 2}") for i in range(300)])
+    opts = RerankOptions(k1=10, k2=4, pool=40)
+    flts = [SearchFilter(exclude_camera_id=f"c{i % 2}") for i in range(12)]
+    together = store.search("g", queries, 10, flts, opts)
+    alone = [store.search("g", queries[i:i + 1], 10, flts[i:i + 1], opts)[0] for i in range(12)]
+    assert [[(h.id, round(h.distance, 5)) for h in row] for row in together] == \
+        [[(h.id, round(h.distance, 5)) for h in row] for row in alone]
+    joint = store.search("g", queries, 10, flts, RerankOptions(k1=10, k2=4, pool=40, joint=True))
+    assert [[h.id for h in row] for row in joint] != [[h.id for h in row] for row in alone]  # what it guards against
 
 
 def _people_data(seed=5):
@@ -931,9 +955,10 @@ def test_milvus_reranked_search_goes_on_without_an_entry_another_replica_removed
     finally:
         close_milvus_store(store)
     keep = ids != removed[0]
-    offline = k_reciprocal_rerank(l2_normalize(queries), l2_normalize(gallery[keep]), 5, 2, 0.3)
-    for q, row in enumerate(hits):
-        assert [h.id for h in row] == ids[keep][np.argsort(offline[q], kind="stable")].tolist()
+    q, g = l2_normalize(queries), l2_normalize(gallery[keep])
+    for i, row in enumerate(hits):
+        offline = k_reciprocal_rerank(q[i:i + 1], g, 5, 2, 0.3)[0]
+        assert [h.id for h in row] == ids[keep][np.argsort(offline, kind="stable")].tolist()
 
 
 def test_hnsw_recall_against_flat(store):

@@ -95,7 +95,9 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
             ids = protocol_ids(query, gallery)
             variants = {"without re-ranking": None}
             if rerank_cfg.re_ranking:
-                variants["with re-ranking"] = {"k1": rerank_cfg.k1, "k2": rerank_cfg.k2,
+                # joint: the call's queries re-ranked together, as offline (the server's default
+                # re-ranks each query alone, which a live caller wants)
+                variants["with re-ranking"] = {"k1": rerank_cfg.k1, "k2": rerank_cfg.k2, "joint": True,
                                                "lambda_value": rerank_cfg.lambda_value, "pool": len(gallery)}
             results, curves, dists = {}, {}, {}
             per_call = max(1, _HITS_PER_SEARCH // len(gallery))

@@ -75,10 +75,15 @@ class SearchFilter:
 
 @dataclass
 class RerankOptions:
+    """k-reciprocal re-ranking of a candidate pool. By default each query is re-ranked alone, so
+    its answer does not depend on what else its call asked; ``joint`` re-ranks the call's queries
+    together, as offline evaluation does (Zhong et al.'s protocol)."""
+
     k1: int = 20
     k2: int = 6
     lambda_value: float = 0.3
     pool: int = 100
+    joint: bool = False
 
 
 @dataclass

@@ -1,9 +1,16 @@
 """Re-ranked gallery search over a bounded candidate pool, for any backend.
 
-The pool is each query's top ``pool`` hits (filters applied) plus the ``k1`` nearest neighbours
-of those candidates, so each candidate's reciprocal neighbourhood is present; k-reciprocal
-re-ranking then runs on queries x pool. Its cost depends on ``pool`` and ``k1``, not on the
-gallery size; when the pool covers the gallery the result equals offline re-ranking.
+A query's pool is its top ``pool`` hits (filters applied) plus the ``k1`` nearest neighbours of
+those candidates, so each candidate's reciprocal neighbourhood is present; k-reciprocal re-ranking
+then runs on the query and its pool alone. Its cost depends on ``pool`` and ``k1``, not on the
+gallery size, and grows linearly with the queries of a call; when the pool covers the gallery the
+result equals offline re-ranking of that query.
+
+With ``joint`` the call's queries are re-ranked together over the union of their pools, as
+offline evaluation re-ranks a query set: each query then takes part in the others'
+neighbourhoods, so an answer depends on what else the call asked, and the pool (hence the cost,
+quadratic in it) grows with the number of queries. ``reid evaluate evaluate.server=`` asks for it
+so that served and offline figures agree.
 
 A backend without one lock over search and fetch (Milvus, shared by replicas) may lose a
 candidate between the two reads: another replica removed it. The fetch then leaves it out and
@@ -32,22 +39,38 @@ def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], op
     pool = min(max(opts.pool, top_k), live)
     _, first = search(queries, pool, filters)
     cand = np.unique(first[first >= 0])
-    if len(cand) and len(cand) < live:
+    neighbours: dict[int, np.ndarray] = {}
+    short = len(cand) < live if opts.joint else (first >= 0).sum(axis=1).min() < live
+    if len(cand) and short:  # a pool leaves entries out: bring in its candidates' neighbourhoods
         cand, vectors, _ = fetch(cand)
         if len(cand):
             _, neigh = search(vectors, min(opts.k1 + 1, live), [SearchFilter()] * len(cand))
-            cand = np.unique(np.concatenate([cand, neigh[neigh >= 0]]))
-    if len(cand):
-        cand, gallery, meta = fetch(cand)
-    if not len(cand):  # the filters leave nothing (or everything was removed meanwhile)
+            neighbours = {i: row[row >= 0] for i, row in zip(cand.tolist(), neigh)}
+    none = np.zeros(0, dtype=np.int64)
+    pools = [np.unique(np.concatenate([row[row >= 0], *(neighbours.get(i, none) for i in row[row >= 0].tolist())]))
+             for row in first]
+    if opts.joint:
+        pools = [np.unique(np.concatenate(pools))] * len(queries)
+    everyone = np.unique(np.concatenate(pools))
+    if not len(everyone):  # the filters leave nothing
         return [[] for _ in queries]
-    dist = k_reciprocal_rerank(queries, gallery, opts.k1, opts.k2, opts.lambda_value)
-    cos = queries @ gallery.T
+    ids, gallery, meta = fetch(everyone)
+    position = {i: p for p, i in enumerate(ids.tolist())}
+    pools = [np.array([position[i] for i in pool_ids.tolist() if i in position], dtype=np.int64) for pool_ids in pools]
+    if opts.joint and len(pools[0]):
+        dist = k_reciprocal_rerank(queries, gallery[pools[0]], opts.k1, opts.k2, opts.lambda_value)
     out = []
-    for qi, flt in enumerate(filters):
-        allowed = np.array([flt.matches(m) for m in meta], dtype=bool)
-        d = np.where(allowed, dist[qi], np.inf)
+    for qi, (flt, members) in enumerate(zip(filters, pools)):
+        if not len(members):  # the filters leave nothing (or everything was removed meanwhile)
+            out.append([])
+            continue
+        vectors = gallery[members]
+        d = dist[qi] if opts.joint else k_reciprocal_rerank(queries[qi:qi + 1], vectors, opts.k1, opts.k2,
+                                                             opts.lambda_value)[0]
+        allowed = np.array([flt.matches(meta[m]) for m in members], dtype=bool)
+        d = np.where(allowed, d, np.inf)
         order = np.argsort(d, kind="stable")[: min(pool if group_by_person else top_k, int(allowed.sum()))]
-        hits = [Hit(int(cand[j]), float(cos[qi, j]), float(d[j]), meta[j]) for j in order]
+        cos = vectors[order] @ queries[qi]
+        hits = [Hit(int(ids[members[j]]), float(c), float(d[j]), meta[members[j]]) for j, c in zip(order, cos)]
         out.append(best_per_person(hits, top_k) if group_by_person else hits)
     return out

@@ -284,18 +284,20 @@ class SearchFilter(_message.Message):
     def __init__(self, exclude_camera_id: _Optional[str] = ..., time_from: _Optional[float] = ..., time_to: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RerankOptions(_message.Message):
-    __slots__ = ("enabled", "k1", "k2", "lambda_value", "pool")
+    __slots__ = ("enabled", "k1", "k2", "lambda_value", "pool", "joint")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     K1_FIELD_NUMBER: _ClassVar[int]
     K2_FIELD_NUMBER: _ClassVar[int]
     LAMBDA_VALUE_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
+    JOINT_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     k1: int
     k2: int
     lambda_value: float
     pool: int
-    def __init__(self, enabled: _Optional[bool] = ..., k1: _Optional[int] = ..., k2: _Optional[int] = ..., lambda_value: _Optional[float] = ..., pool: _Optional[int] = ...) -> None: ...
+    joint: bool
+    def __init__(self, enabled: _Optional[bool] = ..., k1: _Optional[int] = ..., k2: _Optional[int] = ..., lambda_value: _Optional[float] = ..., pool: _Optional[int] = ..., joint: _Optional[bool] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("gallery", "images", "embeddings", "entry_ids", "top_k", "filters", "rerank", "group_by_person")
