@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,7 +25,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = result.stdout
     assert "enrolled 80 gallery images over gRPC" in text
-    assert "queries found the right person first" in text
+    found = re.search(r"^(\d+) of (\d+) queries \([\d.]+ %\) found the right person first", text, re.M)
+    assert found, text[-2000:]
+    assert int(found[2]) == len(list((out / "data" / "query").glob("*.jpg")))  # every query searched, not a sample
     for artifact in ["results/evaluate/results.json", "results/evaluate/cmc_curve.png", "model.onnx", "model.fp16.onnx",
                      "galleries/demo/snapshot.npz"]:
         assert (out / artifact).is_file(), artifact
