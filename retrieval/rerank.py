@@ -29,6 +29,10 @@ import scipy.sparse as sp
 from retrieval.faiss_setup import import_faiss
 
 _BYTES_PER_CELL = 12  # float32 distances plus temporaries in a chunk x N block
+# Cells of the arrays one chunk of the reciprocal-set and expansion steps builds (rows x k x k
+# neighbour ids; rows x (k1+1) x half-set x (k1+1) comparisons): 32 Mi of them. Fixed row counts
+# took 10-30 MB at k1 = 20 but over 1 GB at k1 = 100, and 30 GiB at k1 = 1,000.
+_EXPANSION_CELLS = 2**25
 
 
 def _chunk_rows(n_cols: int, max_memory: int) -> int:
@@ -127,7 +131,7 @@ def _reciprocal_sets(rank: np.ndarray, k: int) -> np.ndarray:
     """Boolean N x k mask: rank[i, j] is in i's k-reciprocal set (i is among its k nearest too)."""
     n = rank.shape[0]
     out = np.empty((n, k), dtype=bool)
-    step = 4096
+    step = max(1, min(4096, _EXPANSION_CELLS // (k * k)))  # rows x k x k neighbour ids gathered
     ids = np.arange(n)
     for start in range(0, n, step):
         fwd = rank[start : start + step, :k]
@@ -145,7 +149,7 @@ def _expansion_pairs(rank: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]
     h_set = np.where(half, rank[:, :kh], -1)  # half-size sets of every item
     h_len = half.sum(axis=1)
     rows, cols = [np.repeat(np.arange(n), full.sum(axis=1))], [rank[:, : k1 + 1][full]]
-    step = 2048
+    step = max(1, min(2048, _EXPANSION_CELLS // ((k1 + 1) ** 2 * kh)))
     for start in range(0, n, step):
         s = s_set[start : start + step]  # B x (k1+1)
         cand = np.where(s >= 0, s, 0)

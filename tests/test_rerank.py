@@ -41,6 +41,18 @@ def test_small_memory_budget_gives_the_same_answer():
     )
 
 
+def test_expansion_in_small_chunks_gives_the_same_answer(monkeypatch):
+    """The expansion step works on chunks of rows sized for a memory budget (a large k1 makes its
+    comparison grow with k1 cubed): many chunks must give what one does."""
+    import retrieval.rerank
+
+    rng = np.random.default_rng(3)
+    q, g = _clustered(rng, 20, 150, 16)
+    whole = k_reciprocal_rerank(q, g, k1=12, k2=4)
+    monkeypatch.setattr(retrieval.rerank, "_EXPANSION_CELLS", 13 * 13 * 7 * 5)  # 5 rows a chunk
+    np.testing.assert_array_equal(k_reciprocal_rerank(q, g, k1=12, k2=4), whole)
+
+
 def test_rejects_bad_input():
     with pytest.raises(ValueError, match="equal widths"):
         k_reciprocal_rerank(np.zeros((2, 3)), np.zeros((4, 5)))
