@@ -25,6 +25,10 @@ DEFAULT_PAGE = 1000  # ListEntries' page size when none is asked for
 # A ListEntries page's room for entries: under gRPC's default limit on received messages, which
 # other clients than ours keep (an answer above it fails in the client, not here).
 PAGE_BYTES = 4 * 2**20 - 1024
+# Largest rerank.k1 and k2: the k-reciprocal expansion works on (k1 + 1)^2 x k1/2 cells per item,
+# so a k1 of 1,000 kept a 5,000-entry gallery's search busy for over ten minutes. The paper's
+# values are 20 and 6.
+MAX_RERANK_K = 100
 
 
 def _info(info: GalleryInfo) -> reid_pb2.GalleryInfo:
@@ -185,6 +189,14 @@ class GalleryRpcs:
         if len(request.filters) not in (0, 1, n):
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
                              f"give no filter, one, or one per query ({n}); got {len(request.filters)}")
+        r = request.rerank
+        rerank = (RerankOptions(r.k1 or 20, r.k2 or 6, r.lambda_value if r.lambda_value else 0.3, r.pool or 100, r.joint,
+                                self.limits.max_rerank_items) if r.enabled else None)
+        if rerank and not 0.0 <= rerank.lambda_value <= 1.0:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "rerank.lambda_value must be within 0..1")
+        if rerank and max(rerank.k1, rerank.k2) > MAX_RERANK_K:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"rerank.k1 ({rerank.k1}) and k2 ({rerank.k2}) may be at most {MAX_RERANK_K}")
         filters = [_filter(f) for f in request.filters] or [SearchFilter()]
         errors: list = [None] * n  # per query: None, or its Error message
         entry_ids = np.asarray(list(request.entry_ids), dtype=np.uint64)
@@ -203,11 +215,6 @@ class GalleryRpcs:
                 await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"embeddings have mismatched lengths {sorted(lengths)}")
             good = list(range(n))
             queries = np.asarray([e.values for e in request.embeddings], dtype=np.float32)
-        r = request.rerank
-        rerank = (RerankOptions(r.k1 or 20, r.k2 or 6, r.lambda_value if r.lambda_value else 0.3, r.pool or 100, r.joint)
-                  if r.enabled else None)
-        if rerank and not 0.0 <= rerank.lambda_value <= 1.0:
-            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "rerank.lambda_value must be within 0..1")
 
         def answer() -> reid_pb2.SearchResponse:
             # in the gallery pool: answers of many hits took tens of milliseconds to build (16

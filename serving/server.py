@@ -69,7 +69,7 @@ class ServerConfig:
             check_number(name, getattr(self, name), low, high, integer=isinstance(getattr(ServerConfig, name), int))
         if self.instances < 0:
             raise ValueError(f"instances (--instances) must be 0 (automatic) or more, got {self.instances}")
-        for name in ("max_images_per_request", "max_image_pixels", "max_search_queries", "max_top_k"):
+        for name in ("max_images_per_request", "max_image_pixels", "max_search_queries", "max_top_k", "max_rerank_items"):
             check_number(name, getattr(self.limits, name), 1, None, integer=True)
         if self.limits.max_images_per_request > self.queue_capacity:
             # such a request could never be queued: RESOURCE_EXHAUSTED, which tells clients to retry, forever

@@ -37,6 +37,10 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     max_search_queries: int = 4096
     max_top_k: int = 100_000
+    # Gallery items one re-ranked Search may gather (queries x pool x (k1 + 1), each term at most
+    # the gallery; joint: their union): bounds its memory, and its CPU, which grows with the square
+    # of a query's items. 200,000 = 95 queries a call with the default pool and k1.
+    max_rerank_items: int = 200_000
 
 
 class RequestError(Exception):

@@ -543,3 +543,31 @@ def test_gallery_threads_let_searches_of_one_gallery_run_together(tiny_onnx, tmp
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda i: g.search("g", embeddings=vecs[i:i + 1], top_k=1), range(2)))
     assert [a[0].hits[0].id for a in answers] == [1, 2]
+
+
+def test_reranked_searches_beyond_the_servers_bounds_are_refused_and_others_go_on(tiny_onnx, synthetic_root, tmp_path):
+    """A k1 of 1,000 kept a 5,000-entry gallery's search busy for over ten minutes (and allocated
+    30 GiB before the expansion was chunked); a large pool or many queries, memory without bound.
+    Refused with INVALID_ARGUMENT, k1/k2 before any image is embedded."""
+    from serving.service import Limits
+
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, limits=Limits(max_rerank_items=500)))
+    thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    vecs = np.random.default_rng(3).normal(size=(100, 32)).astype(np.float32)
+    rerank = {"pool": 20, "k1": 5, "k2": 2}
+    with thread as s, GalleryClient(s.target, retries=0) as g:
+        g.create("g")
+        g.add("g", embeddings=vecs)
+        assert len(g.search("g", embeddings=vecs[:4], top_k=3, rerank=rerank)) == 4  # 4 x min(100, 20 x 6) = 400 items
+        with pytest.raises(grpc.RpcError) as err:
+            g.search("g", embeddings=vecs[:6], top_k=3, rerank=rerank)  # 600
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "600" in err.value.details() and "max_rerank_items" in err.value.details()
+        assert len(g.search("g", embeddings=vecs[:6], top_k=3, rerank={**rerank, "joint": True})) == 6  # their union: 100
+        embedded = s.metrics.images.labels("ok")._value.get()
+        image = str(next((synthetic_root / "query").iterdir()))
+        with pytest.raises(grpc.RpcError) as err:
+            g.search("g", images=[image], rerank={"k1": 101})
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 100" in err.value.details()
+        assert s.metrics.images.labels("ok")._value.get() == embedded  # refused before the engine ran
+        assert g.search("g", images=[image], top_k=2, rerank={})[0].hits  # the server goes on

@@ -551,14 +551,17 @@ def test_config_file_takes_every_option_not_only_the_batchers(tmp_path, capsys):
     config = tmp_path / "serve.yaml"
     config.write_text("model: osnet.onnx\ndevice: cpu\npixel-mean: [0.485, 0.456, 0.406]\ngallery_backend: milvus\n"
                       "milvus-uri: m.db\nmilvus_consistency: bounded\nlog_format: json\ninsecure: true\n"
-                      "gallery_dir: /srv/galleries\nmax_images_per_request: 8\nmax_top_k: 50\n")
+                      "gallery_dir: /srv/galleries\nmax_images_per_request: 8\nmax_top_k: 50\nmax_rerank_items: 5000\n")
     args = parse_serve_args(["--config", str(config), "--milvus-consistency", "session"])
     assert (args.model, args.device, args.pixel_mean, args.gallery_backend, args.milvus_uri) == (
         "osnet.onnx", "cpu", [0.485, 0.456, 0.406], "milvus", "m.db")
     assert args.milvus_consistency == "session" and args.log_format == "json"  # the command line wins
     assert args.gallery_dir == Path("/srv/galleries")  # converted as on the command line
     c = build_config(args)
-    assert c.insecure and (c.limits.max_images_per_request, c.limits.max_top_k) == (8, 50)
+    assert c.insecure and (c.limits.max_images_per_request, c.limits.max_top_k, c.limits.max_rerank_items) == (8, 50, 5000)
+    config.write_text("model: m.onnx\nmax_rerank_items: 0\n")
+    with pytest.raises(ValueError, match="max_rerank_items"):
+        build_config(parse_serve_args(["--config", str(config)]))
     config.write_text("device: cpu\n")
     with pytest.raises(SystemExit):
         parse_serve_args(["--config", str(config)])

@@ -84,6 +84,10 @@ class RerankOptions:
     lambda_value: float = 0.3
     pool: int = 100
     joint: bool = False
+    # The most gallery items the call may gather for re-ranking (see pool_rerank.rerank_items);
+    # None = no bound. The server sets it: items cost memory and CPU, k-reciprocal work grows with
+    # their square.
+    max_items: int | None = None
 
 
 @dataclass
