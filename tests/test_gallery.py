@@ -919,6 +919,26 @@ def test_search_by_person_widens_until_it_has_enough_people():
     assert asked == [([0], 60)]
 
 
+def test_search_by_person_holds_a_bounded_number_of_hits_per_search(monkeypatch):
+    """Queries short of people go in groups, so that a wide round over many queries does not
+    hold every query's hits at once."""
+    import retrieval.gallery.grouping as grouping
+    from retrieval.gallery import Hit
+
+    entries = [Hit(i, 1.0 - i / 100, i / 100, EntryMetadata(person_id=str(0 if i < 50 else i))) for i in range(60)]
+    asked = []
+
+    def search(rows, k):
+        asked.append((list(rows), k))
+        return [entries[:k] for _ in rows]
+
+    monkeypatch.setattr(grouping, "ROUND_HITS", 100)
+    out = grouping.search_by_person(search, 5, 3, cap=60)
+    assert [[h.id for h in row] for row in out] == [[0, 50, 51]] * 5
+    assert max(len(rows) * k for rows, k in asked) <= 100
+    assert asked[:2] == [([0, 1, 2, 3, 4], 12), ([0, 1], 48)] and sorted(sum((r for r, _ in asked[1:4]), [])) == [0, 1, 2, 3, 4]
+
+
 def test_reranked_search_whose_filter_leaves_nothing_answers_no_hits(store):
     """Milvus failed it with a numpy reshape error (INTERNAL)."""
     store.create("g", 4)

@@ -13,6 +13,10 @@ from retrieval.gallery.base import Hit
 
 # Hits fetched per person wanted in the first round, and the factor each later round widens by.
 GROUP_FETCH = 4
+# Hits one search of a round may hold: the queries still short of people go in groups of at most
+# this many hits. A gallery of few people with many entries each widens a round to every entry,
+# and 64 such queries over a million entries held 64 million hits (about 20 GB) at once.
+ROUND_HITS = 1_000_000
 
 # (the query rows still short of people, k) -> each of those queries' top-k hits, best first
 HitsFn = Callable[[list[int], int], list[list[Hit]]]
@@ -41,9 +45,12 @@ def search_by_person(search: HitsFn, n_queries: int, top_k: int, cap: int) -> li
     k = min(cap, top_k * GROUP_FETCH)
     while pending and k > 0:
         short = []
-        for row, hits in zip(pending, search(pending, k)):
-            out[row] = best_per_person(hits, top_k)
-            if len(out[row]) < top_k and len(hits) >= k and k < cap:
-                short.append(row)
+        step = max(1, ROUND_HITS // k)
+        for start in range(0, len(pending), step):
+            rows = pending[start:start + step]
+            for row, hits in zip(rows, search(rows, k)):
+                out[row] = best_per_person(hits, top_k)
+                if len(out[row]) < top_k and len(hits) >= k and k < cap:
+                    short.append(row)
         pending, k = short, min(cap, k * GROUP_FETCH)
     return out
