@@ -178,8 +178,7 @@ def build_config(args) -> ServerConfig:
         values["insecure"] = True
     if args.tokens_file or args.tokens_env:
         values["tokens"] = load_tokens(args.tokens_file, args.tokens_env)
-    limit_keys = ("max_images_per_request", "max_image_pixels", "max_search_queries", "max_top_k", "max_rerank_items")
-    limits = {k: values.pop(k) for k in limit_keys if k in values}
+    limits = {f.name: values.pop(f.name) for f in dataclasses.fields(Limits) if f.name in values}
     for key in ("max_images_per_request", "max_image_pixels"):
         if getattr(args, key) is not None:
             limits[key] = getattr(args, key)

@@ -186,6 +186,10 @@ class GalleryRpcs:
         top_k = request.top_k or 10
         if top_k > self.limits.max_top_k:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"top_k {top_k} exceeds the limit {self.limits.max_top_k}")
+        if n * top_k > self.limits.max_search_hits:
+            await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{n} queries x top_k {top_k} = {n * top_k:,} hits; the limit is {self.limits.max_search_hits:,} "
+                             f"(max_search_hits): send fewer queries per call or lower top_k")
         if len(request.filters) not in (0, 1, n):
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
                              f"give no filter, one, or one per query ({n}); got {len(request.filters)}")

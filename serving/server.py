@@ -13,7 +13,7 @@ import importlib.metadata
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import cv2
@@ -69,8 +69,8 @@ class ServerConfig:
             check_number(name, getattr(self, name), low, high, integer=isinstance(getattr(ServerConfig, name), int))
         if self.instances < 0:
             raise ValueError(f"instances (--instances) must be 0 (automatic) or more, got {self.instances}")
-        for name in ("max_images_per_request", "max_image_pixels", "max_search_queries", "max_top_k", "max_rerank_items"):
-            check_number(name, getattr(self.limits, name), 1, None, integer=True)
+        for limit in fields(self.limits):
+            check_number(limit.name, getattr(self.limits, limit.name), 1, None, integer=True)
         if self.limits.max_images_per_request > self.queue_capacity:
             # such a request could never be queued: RESOURCE_EXHAUSTED, which tells clients to retry, forever
             raise ValueError(f"max_images_per_request ({self.limits.max_images_per_request}) exceeds queue_capacity "

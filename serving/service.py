@@ -41,6 +41,10 @@ class Limits:
     # the gallery; joint: their union): bounds its memory, and its CPU, which grows with the square
     # of a query's items. 200,000 = 95 queries a call with the default pool and k1.
     max_rerank_items: int = 200_000
+    # Hits one Search may ask for (queries x top_k): the store holds them all before the answer is
+    # sent, and at about 26 bytes each 2,000,000 are 52 MB, within the default 64 MiB message
+    # limit that an answer of more would exceed anyway.
+    max_search_hits: int = 2_000_000
 
 
 class RequestError(Exception):

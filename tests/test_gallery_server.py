@@ -545,13 +545,14 @@ def test_gallery_threads_let_searches_of_one_gallery_run_together(tiny_onnx, tmp
     assert [a[0].hits[0].id for a in answers] == [1, 2]
 
 
-def test_reranked_searches_beyond_the_servers_bounds_are_refused_and_others_go_on(tiny_onnx, synthetic_root, tmp_path):
+def test_searches_beyond_the_servers_bounds_are_refused_and_others_go_on(tiny_onnx, synthetic_root, tmp_path):
     """A k1 of 1,000 kept a 5,000-entry gallery's search busy for over ten minutes (and allocated
-    30 GiB before the expansion was chunked); a large pool or many queries, memory without bound.
-    Refused with INVALID_ARGUMENT, k1/k2 before any image is embedded."""
+    30 GiB before the expansion was chunked); a large pool, many queries or queries x top_k, memory
+    without bound. Refused with INVALID_ARGUMENT, k1/k2 and hits before any image is embedded."""
     from serving.service import Limits
 
-    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, limits=Limits(max_rerank_items=500)))
+    limits = Limits(max_rerank_items=500, max_search_hits=1000)
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, limits=limits))
     thread.server.store = FaissGalleryStore(tmp_path / "galleries")
     vecs = np.random.default_rng(3).normal(size=(100, 32)).astype(np.float32)
     rerank = {"pool": 20, "k1": 5, "k2": 2}
@@ -564,6 +565,10 @@ def test_reranked_searches_beyond_the_servers_bounds_are_refused_and_others_go_o
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "600" in err.value.details() and "max_rerank_items" in err.value.details()
         assert len(g.search("g", embeddings=vecs[:6], top_k=3, rerank={**rerank, "joint": True})) == 6  # their union: 100
+        assert len(g.search("g", embeddings=vecs[:4], top_k=250)[3].hits) == 100  # 1,000 hits asked
+        with pytest.raises(grpc.RpcError) as err:
+            g.search("g", embeddings=vecs[:4], top_k=251)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1,004 hits" in err.value.details()
         embedded = s.metrics.images.labels("ok")._value.get()
         image = str(next((synthetic_root / "query").iterdir()))
         with pytest.raises(grpc.RpcError) as err:
