@@ -576,3 +576,40 @@ def test_searches_beyond_the_servers_bounds_are_refused_and_others_go_on(tiny_on
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 100" in err.value.details()
         assert s.metrics.images.labels("ok")._value.get() == embedded  # refused before the engine ran
         assert g.search("g", images=[image], top_k=2, rerank={})[0].hits  # the server goes on
+
+
+def test_a_gallery_call_whose_deadline_passes_while_it_waits_for_the_pool_never_runs(tiny_onnx, tmp_path):
+    """Behind a long call, searches whose callers gave up are dropped from the gallery pool's
+    queue instead of running for nobody (a flood of them would otherwise keep it busy)."""
+    import threading
+
+    from serving.client import search_request
+
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, gallery_threads=1))
+    store = thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    searched, release = [], threading.Event()
+    real_search = store.search
+
+    def search(name, queries, *args, **kwargs):
+        searched.append(len(queries))
+        if len(queries) == 3:
+            release.wait(30)  # the long call holds the pool's only thread
+        return real_search(name, queries, *args, **kwargs)
+
+    store.search = search
+    vecs = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)
+    with thread as s, GalleryClient(s.target, retries=0) as g:
+        g.create("g")
+        g.add("g", embeddings=vecs)
+        with ThreadPoolExecutor(1) as pool:
+            long_call = pool.submit(g.search, "g", embeddings=vecs[:3])
+            while not searched:
+                time.sleep(0.01)
+            for _ in range(4):
+                with pytest.raises(grpc.RpcError) as err:
+                    g.stub.Search(search_request("g", embeddings=vecs[:1]), timeout=0.2)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            release.set()
+            assert len(long_call.result(timeout=30)) == 3
+        assert len(g.search("g", embeddings=vecs[:2])) == 2
+    assert searched == [3, 2]  # the four expired searches never reached the store
