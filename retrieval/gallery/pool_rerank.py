@@ -65,16 +65,16 @@ def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], op
     none = np.zeros(0, dtype=np.int64)
     pools = [np.unique(np.concatenate([row[row >= 0], *(neighbours.get(i, none) for i in row[row >= 0].tolist())]))
              for row in first]
-    if opts.joint:
-        pools = [np.unique(np.concatenate(pools))] * len(queries)
     everyone = np.unique(np.concatenate(pools))
     if not len(everyone):  # the filters leave nothing
         return [[] for _ in queries]
-    ids, gallery, meta = fetch(everyone)
-    position = {i: p for p, i in enumerate(ids.tolist())}
-    pools = [np.array([position[i] for i in pool_ids.tolist() if i in position], dtype=np.int64) for pool_ids in pools]
-    if opts.joint and len(pools[0]):
-        dist = k_reciprocal_rerank(queries, gallery[pools[0]], opts.k1, opts.k2, opts.lambda_value)
+    ids, gallery, meta = fetch(everyone)  # ascending ids, those still present: rows of the joint pool
+    if opts.joint:
+        pools = [np.arange(len(ids))] * len(queries)
+        if len(ids):
+            dist = k_reciprocal_rerank(queries, gallery, opts.k1, opts.k2, opts.lambda_value)
+    else:
+        pools = [np.searchsorted(ids, pool_ids[np.isin(pool_ids, ids)]) for pool_ids in pools]
     out = []
     for qi, (flt, members) in enumerate(zip(filters, pools)):
         if not len(members):  # the filters leave nothing (or everything was removed meanwhile)
