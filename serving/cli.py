@@ -72,6 +72,9 @@ def serve_parser() -> argparse.ArgumentParser:
                          help="faiss: in-process galleries under --gallery-dir; milvus: collections in --milvus-uri")
     gallery.add_argument("--gallery-threads", type=int,
                          help="gallery calls run at once (default 4); searches of one FAISS gallery run side by side")
+    gallery.add_argument("--gallery-queue-capacity", type=int,
+                         help="gallery calls that may wait for or run on those threads; beyond it calls fail with "
+                              "RESOURCE_EXHAUSTED (default 256)")
     gallery.add_argument("--milvus-uri", help="Milvus Lite file path, or http(s)://host:port of a Milvus server/cluster")
     gallery.add_argument("--milvus-token", help="Milvus token ('user:password' or an API key); or set MILVUS_TOKEN")
     gallery.add_argument("--milvus-ca", help="CA (PEM) to verify a Milvus server over TLS")
@@ -166,7 +169,8 @@ def build_config(args) -> ServerConfig:
     """The server's settings from ``parse_serve_args``'s result."""
     values = dict(getattr(args, "config_values", {}))
     for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "split_batch_ms",
-                "queue_capacity", "workers", "gallery_threads", "instances", "max_message_bytes", "min_client_ping_seconds"):
+                "queue_capacity", "workers", "gallery_threads", "gallery_queue_capacity", "instances", "max_message_bytes",
+                "min_client_ping_seconds"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.no_batching:

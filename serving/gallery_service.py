@@ -54,19 +54,28 @@ class GalleryRpcs:
 
     store = None
     gallery_pool: ThreadPoolExecutor | None = None
+    gallery_capacity = 256
+    _gallery_calls = 0  # waiting for or running in the gallery pool
 
     async def _call(self, context, method: str, fn, *args):
         if self.store is None:
             # UNIMPLEMENTED, not UNAVAILABLE: nothing transient, so a client's retry policy must not retry it
             await self._fail(context, method, grpc.StatusCode.UNIMPLEMENTED,
                              "galleries are off on this server (reid-serve --no-gallery)")
+        if self._gallery_calls >= self.gallery_capacity:
+            await self._fail(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{self._gallery_calls} gallery calls are waiting or running, the server's limit "
+                             f"(--gallery-queue-capacity); retry with backoff")
         store_seconds = self.metrics.stage_seconds.labels("gallery")
         start = time.monotonic()
+        self._gallery_calls += 1
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.gallery_pool, fn, *args)
         except GalleryError as exc:
             store_seconds.observe(time.monotonic() - start)  # before the caller can see the failure
             await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
+        finally:
+            self._gallery_calls -= 1
         store_seconds.observe(time.monotonic() - start)
         self._count(method, grpc.StatusCode.OK)
         return result

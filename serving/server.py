@@ -45,6 +45,9 @@ class ServerConfig:
     queue_capacity: int = 1024
     workers: int = 2
     gallery_threads: int = 4  # gallery calls at once: searches of a FAISS gallery overlap, changes do not
+    # Gallery calls that may wait for or hold one of those threads; beyond it RESOURCE_EXHAUSTED, as
+    # for a full embedding queue (without it a burst from callers without deadlines queued without bound).
+    gallery_queue_capacity: int = 256
     instances: int = 0  # engine runs in flight at once; 0 = the engine's choice (Engine.instances)
     batching: bool = True
     max_message_bytes: int = 64 * 2**20
@@ -81,6 +84,7 @@ class ServerConfig:
 # that refused every call (a queue or message limit of 0) or failed later with an unrelated message.
 _RANGES = (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_batch_size", 1, None), ("max_queue_delay_ms", 0, None),
            ("split_batch_ms", 0, None), ("queue_capacity", 1, None), ("workers", 1, None), ("gallery_threads", 1, None),
+           ("gallery_queue_capacity", 1, None),
            ("max_message_bytes", 4096, None), ("min_client_ping_seconds", 0, None), ("grace_seconds", 0, None),
            ("shutdown_delay_seconds", 0, None))
 
@@ -127,7 +131,7 @@ class ReidServer:
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
                                       c.batching, self.metrics, c.instances, c.split_batch_ms / 1000)
         self.service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store,
-                                               c.gallery_threads)
+                                               c.gallery_threads, c.gallery_queue_capacity)
         reid_pb2_grpc.add_ReIdentificationServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

@@ -55,10 +55,11 @@ class RequestError(Exception):
 
 class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationServicer):
     def __init__(self, engine: Engine, batcher: DynamicBatcher, metrics: ServerMetrics, limits: Limits, workers: int = 2,
-                 store: GalleryBackend | None = None, gallery_threads: int = 4):
+                 store: GalleryBackend | None = None, gallery_threads: int = 4, gallery_queue_capacity: int = 256):
         self.engine, self.batcher, self.metrics, self.limits, self.store = engine, batcher, metrics, limits, store
         self.pool = stage_pool("preprocess", workers)
         self.gallery_pool = stage_pool("gallery", gallery_threads) if store is not None else None
+        self.gallery_capacity = gallery_queue_capacity
         md = engine.metadata
         self.model_name = md.backbone or "model"
         self._preprocess_seconds = metrics.stage_seconds.labels("preprocess")

@@ -613,3 +613,42 @@ def test_a_gallery_call_whose_deadline_passes_while_it_waits_for_the_pool_never_
             assert len(long_call.result(timeout=30)) == 3
         assert len(g.search("g", embeddings=vecs[:2])) == 2
     assert searched == [3, 2]  # the four expired searches never reached the store
+
+
+def test_gallery_calls_beyond_the_queue_capacity_fail_fast_with_resource_exhausted(tiny_onnx, tmp_path):
+    """Like a full embedding queue: callers without deadlines used to queue without bound behind
+    busy gallery threads; the calls already queued still finish."""
+    import threading
+
+    config = ServerConfig(port=0, gallery_threads=1, gallery_queue_capacity=2)
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), config)
+    store = thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    searched, release = [], threading.Event()
+    real_search = store.search
+
+    def search(name, queries, *args, **kwargs):
+        searched.append(len(queries))
+        if len(queries) == 3:
+            release.wait(30)
+        return real_search(name, queries, *args, **kwargs)
+
+    store.search = search
+    vecs = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)
+    with thread as s, GalleryClient(s.target, retries=0) as g:
+        g.create("g")
+        g.add("g", embeddings=vecs)
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(g.search, "g", embeddings=vecs[:3])
+            while not searched:
+                time.sleep(0.01)
+            waiting = pool.submit(g.search, "g", embeddings=vecs[:2])
+            while thread.server.service._gallery_calls < 2:
+                time.sleep(0.01)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                g.info("g")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--gallery-queue-capacity" in err.value.details()
+            assert time.monotonic() - started < 5  # at once, not after the busy call
+            release.set()
+            assert (len(running.result(timeout=30)), len(waiting.result(timeout=30))) == (3, 2)
+        assert g.info("g").size == 10  # room again
