@@ -69,6 +69,7 @@ class GalleryRpcs:
         store_seconds = self.metrics.stage_seconds.labels("gallery")
         start = time.monotonic()
         self._gallery_calls += 1
+        self.metrics.gallery_calls.inc()
         try:
             result = await asyncio.get_running_loop().run_in_executor(self.gallery_pool, fn, *args)
         except GalleryError as exc:
@@ -76,6 +77,7 @@ class GalleryRpcs:
             await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
         finally:
             self._gallery_calls -= 1
+            self.metrics.gallery_calls.dec()
         store_seconds.observe(time.monotonic() - start)
         self._count(method, grpc.StatusCode.OK)
         return result

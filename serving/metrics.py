@@ -25,6 +25,8 @@ class ServerMetrics:
         self.images_inferred = Counter("reid_images_inferred_total", "Images that went through the engine", registry=r)
         self.batch_size = Histogram("reid_batch_size", "Images per engine call", buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("reid_queue_depth", "Images waiting for the engine", registry=r)
+        self.gallery_calls = Gauge("reid_gallery_calls", "Gallery calls waiting for or running on the gallery threads",
+                                   registry=r)
         self.stage_seconds = Histogram("reid_stage_seconds", "Latency per stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.request_seconds = Histogram("reid_request_seconds", "Whole-call latency by RPC method (EmbedStream: per message), "
                                          "failed calls included", ["method"], buckets=LATENCY_BUCKETS, registry=r)

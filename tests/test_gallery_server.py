@@ -642,7 +642,7 @@ def test_gallery_calls_beyond_the_queue_capacity_fail_fast_with_resource_exhaust
             while not searched:
                 time.sleep(0.01)
             waiting = pool.submit(g.search, "g", embeddings=vecs[:2])
-            while thread.server.service._gallery_calls < 2:
+            while s.metrics.value("reid_gallery_calls") < 2:
                 time.sleep(0.01)
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
@@ -652,3 +652,4 @@ def test_gallery_calls_beyond_the_queue_capacity_fail_fast_with_resource_exhaust
             release.set()
             assert (len(running.result(timeout=30)), len(waiting.result(timeout=30))) == (3, 2)
         assert g.info("g").size == 10  # room again
+        assert s.metrics.value("reid_gallery_calls") == 0
