@@ -209,21 +209,21 @@ def _print_failure(what: Path | str, code: int, message: str) -> None:
 def _embed(args, connect) -> int:
     batches = _batches(args)
     output = _output_path(args.output) if args.output is not None else None
+    failed, rows = 0, []  # rows (None for a failed image) only for --output
     with connect(ReidClient) as client:
-        outcomes = [o for batch in batches for o in client.embed(batch)]
-    failed = 0
-    dim = next((len(o.embedding) for o in outcomes if o.ok), 0)
-    rows = []
-    for path, o in zip((p for batch in batches for p in batch), outcomes):
-        if o.ok:
-            rows.append(o.embedding)
-            if output is None:
-                print(f"{path}: " + " ".join(f"{v:.5f}" for v in o.embedding))
-        else:
-            failed += 1
-            rows.append(np.full(dim, np.nan, dtype=np.float32))
-            _print_failure(path, o.error_code, o.error)
+        for batch in batches:  # printed as each call answers: a failing later call keeps what came before
+            for path, o in zip(batch, client.embed(batch)):
+                if not o.ok:
+                    failed += 1
+                    _print_failure(path, o.error_code, o.error)
+                if output is not None:
+                    rows.append(o.embedding if o.ok else None)
+                elif o.ok:
+                    print(f"{path}: " + " ".join(f"{v:.5f}" for v in o.embedding))
+            sys.stdout.flush()
     if output is not None:
+        dim = next((len(r) for r in rows if r is not None), 0)
+        rows = [r if r is not None else np.full(dim, np.nan, dtype=np.float32) for r in rows]
         tmp = output.with_name(output.name + ".tmp")  # renamed into place: an interrupted write keeps the old file whole
         try:
             with open(tmp, "wb") as f:
@@ -331,27 +331,34 @@ def _search(args, connect) -> int:
         queries = [("image", str(p), str(p)) for batch in batches for p in batch]
     filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []  # one for all
     kind = "entry_ids" if args.entry else "images"
+    failed, done = 0, 0
     with connect(GalleryClient) as g:
-        results = [r for batch in batches for r in g.search(args.gallery, top_k=args.top_k, filters=filters,
-                                                            rerank={} if args.rerank else None,
-                                                            group_by_person=args.by_person, **{kind: batch})]
-    failed = 0
-    for (key, value, label), result in zip(queries, results):
-        if result.HasField("error"):
-            failed += 1
-            _print_failure(label, result.error.code, result.error.message)
-            continue
-        hits = [{"id": h.id, "score": round(h.score, 6), "distance": round(h.distance, 6), **_meta_fields(h.metadata)}
-                for h in result.hits]
-        if args.json:
-            print(json.dumps({key: value, "hits": hits}))
-            continue
-        print(f"{label}:" + ("" if hits else " no hits"))
-        for rank, h in enumerate(hits, 1):
-            reranked = f"  re-ranked distance {h['distance']:.4f}" if args.rerank else ""
-            print(f"  {rank}. id {h['id']}  score {h['score']:.4f}{reranked}  person {h['person_id'] or '-'}  "
-                  f"camera {h['camera_id'] or '-'}")
+        for batch in batches:  # each call's answers printed as they come: a long search shows its progress
+            results = g.search(args.gallery, top_k=args.top_k, filters=filters, rerank={} if args.rerank else None,
+                               group_by_person=args.by_person, **{kind: batch})
+            for (key, value, label), result in zip(queries[done:done + len(batch)], results):
+                failed += _print_result(args, key, value, label, result)
+            sys.stdout.flush()
+            done += len(batch)
     return 1 if failed else 0
+
+
+def _print_result(args, key: str, value, label: str, result) -> int:
+    """One query's hits (or failure) as ``search`` prints them; 1 if it failed."""
+    if result.HasField("error"):
+        _print_failure(label, result.error.code, result.error.message)
+        return 1
+    hits = [{"id": h.id, "score": round(h.score, 6), "distance": round(h.distance, 6), **_meta_fields(h.metadata)}
+            for h in result.hits]
+    if args.json:
+        print(json.dumps({key: value, "hits": hits}))
+        return 0
+    print(f"{label}:" + ("" if hits else " no hits"))
+    for rank, h in enumerate(hits, 1):
+        reranked = f"  re-ranked distance {h['distance']:.4f}" if args.rerank else ""
+        print(f"  {rank}. id {h['id']}  score {h['score']:.4f}{reranked}  person {h['person_id'] or '-'}  "
+              f"camera {h['camera_id'] or '-'}")
+    return 0
 
 
 def _check_people(person_ids: list[str]) -> None:

@@ -106,6 +106,27 @@ def test_one_bad_image_fails_only_its_own_search(server, crops, tmp_path, capsys
     assert out.startswith(f"{a1}:\n  1. id ")
 
 
+def test_search_prints_each_calls_answers_before_a_later_call_fails(server, crops, capsys):
+    """Answers were printed only once every call had answered: a failure in the last call of a
+    long search lost all the answers before it."""
+    a1, a2, b = crops
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1))[0] == 0
+    store, searches = server.server.store, []
+    real_search = store.search
+
+    def search(*args, **kwargs):
+        searches.append(1)
+        if len(searches) == 2:
+            store.drop("g")  # another operator dropped the gallery meanwhile
+        return real_search(*args, **kwargs)
+
+    store.search = search
+    code, out, err = _run(capsys, server, "search", "g", str(a1), str(a2), str(b), "--top-k", "1", "--batch", "1")
+    assert code != 0 and "NOT_FOUND" in err
+    assert out.startswith(f"{a1}:\n  1. id ")  # the first call's answer
+
+
 def test_one_bad_image_fails_only_its_own_enrollment(server, crops, tmp_path, capsys):
     """AddToGallery with images adds all of a call's or none: the command used to stop at a call
     holding a corrupt file, leaving out its neighbours and every later image."""
@@ -417,6 +438,27 @@ def test_embed_writes_npy_with_nan_rows_for_failed_images(server, crops, tmp_pat
     path, values = out.strip().split(": ")
     assert code == 0 and path == str(a2)
     np.testing.assert_allclose(np.array(values.split(), dtype=np.float32), rows[2], atol=1e-5)
+
+
+def test_embed_prints_each_calls_embeddings_before_a_later_call_fails(server, crops, capsys):
+    import grpc
+
+    from serving.service import RequestError
+
+    a1, a2, b = crops
+    service, calls = server.server.service, []
+    real_outcomes = service.embed_outcomes
+
+    async def outcomes(request, deadline):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RequestError(grpc.StatusCode.INTERNAL, "the engine failed")
+        return await real_outcomes(request, deadline)
+
+    service.embed_outcomes = outcomes
+    code, out, err = _run(capsys, server, "embed", str(a1), str(a2), str(b), "--batch", "1")
+    assert code != 0 and "the engine failed" in err
+    assert [line.split(": ")[0] for line in out.splitlines()] == [str(a1)]
 
 
 def test_embed_output_that_cannot_be_written_fails_in_one_line(server, crops, tmp_path, capsys):
