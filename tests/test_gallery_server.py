@@ -578,78 +578,80 @@ def test_searches_beyond_the_servers_bounds_are_refused_and_others_go_on(tiny_on
         assert g.search("g", images=[image], top_k=2, rerank={})[0].hits  # the server goes on
 
 
+class _BusyGalleryThread:
+    """A server with one gallery thread and a 10-entry gallery "g", whose store holds any search of
+    3 queries (the long call) on that thread until ``release`` is set; ``searched`` records the
+    query count of every search that reached the store."""
+
+    def __init__(self, tiny_onnx, tmp_path, **config):
+        import threading
+
+        self.thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, gallery_threads=1, **config))
+        store = self.thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+        self.searched, self.release = [], threading.Event()
+        real_search = store.search
+
+        def search(name, queries, *args, **kwargs):
+            self.searched.append(len(queries))
+            if len(queries) == 3:
+                self.release.wait(30)
+            return real_search(name, queries, *args, **kwargs)
+
+        store.search = search
+        self.vecs = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)
+
+    def __enter__(self):
+        s = self.thread.__enter__()
+        with GalleryClient(s.target) as g:
+            g.create("g")
+            g.add("g", embeddings=self.vecs)
+        return s
+
+    def __exit__(self, *exc):
+        self.release.set()
+        return self.thread.__exit__(*exc)
+
+    def hold(self, pool: ThreadPoolExecutor, g: GalleryClient):
+        """The long call, once it holds the gallery thread."""
+        call = pool.submit(g.search, "g", embeddings=self.vecs[:3])
+        while not self.searched:
+            time.sleep(0.01)
+        return call
+
+
 def test_a_gallery_call_whose_deadline_passes_while_it_waits_for_the_pool_never_runs(tiny_onnx, tmp_path):
     """Behind a long call, searches whose callers gave up are dropped from the gallery pool's
     queue instead of running for nobody (a flood of them would otherwise keep it busy)."""
-    import threading
-
     from serving.client import search_request
 
-    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, gallery_threads=1))
-    store = thread.server.store = FaissGalleryStore(tmp_path / "galleries")
-    searched, release = [], threading.Event()
-    real_search = store.search
-
-    def search(name, queries, *args, **kwargs):
-        searched.append(len(queries))
-        if len(queries) == 3:
-            release.wait(30)  # the long call holds the pool's only thread
-        return real_search(name, queries, *args, **kwargs)
-
-    store.search = search
-    vecs = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)
-    with thread as s, GalleryClient(s.target, retries=0) as g:
-        g.create("g")
-        g.add("g", embeddings=vecs)
-        with ThreadPoolExecutor(1) as pool:
-            long_call = pool.submit(g.search, "g", embeddings=vecs[:3])
-            while not searched:
-                time.sleep(0.01)
-            for _ in range(4):
-                with pytest.raises(grpc.RpcError) as err:
-                    g.stub.Search(search_request("g", embeddings=vecs[:1]), timeout=0.2)
-                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            release.set()
-            assert len(long_call.result(timeout=30)) == 3
-        assert len(g.search("g", embeddings=vecs[:2])) == 2
-    assert searched == [3, 2]  # the four expired searches never reached the store
+    busy = _BusyGalleryThread(tiny_onnx, tmp_path)
+    with busy as s, GalleryClient(s.target, retries=0) as g, ThreadPoolExecutor(1) as pool:
+        long_call = busy.hold(pool, g)
+        for _ in range(4):
+            with pytest.raises(grpc.RpcError) as err:
+                g.stub.Search(search_request("g", embeddings=busy.vecs[:1]), timeout=0.2)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        busy.release.set()
+        assert len(long_call.result(timeout=30)) == 3
+        assert len(g.search("g", embeddings=busy.vecs[:2])) == 2
+    assert busy.searched == [3, 2]  # the four expired searches never reached the store
 
 
 def test_gallery_calls_beyond_the_queue_capacity_fail_fast_with_resource_exhausted(tiny_onnx, tmp_path):
     """Like a full embedding queue: callers without deadlines used to queue without bound behind
     busy gallery threads; the calls already queued still finish."""
-    import threading
-
-    config = ServerConfig(port=0, gallery_threads=1, gallery_queue_capacity=2)
-    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), config)
-    store = thread.server.store = FaissGalleryStore(tmp_path / "galleries")
-    searched, release = [], threading.Event()
-    real_search = store.search
-
-    def search(name, queries, *args, **kwargs):
-        searched.append(len(queries))
-        if len(queries) == 3:
-            release.wait(30)
-        return real_search(name, queries, *args, **kwargs)
-
-    store.search = search
-    vecs = np.random.default_rng(0).normal(size=(10, 32)).astype(np.float32)
-    with thread as s, GalleryClient(s.target, retries=0) as g:
-        g.create("g")
-        g.add("g", embeddings=vecs)
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(g.search, "g", embeddings=vecs[:3])
-            while not searched:
-                time.sleep(0.01)
-            waiting = pool.submit(g.search, "g", embeddings=vecs[:2])
-            while s.metrics.value("reid_gallery_calls") < 2:
-                time.sleep(0.01)
-            started = time.monotonic()
-            with pytest.raises(grpc.RpcError) as err:
-                g.info("g")
-            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--gallery-queue-capacity" in err.value.details()
-            assert time.monotonic() - started < 5  # at once, not after the busy call
-            release.set()
-            assert (len(running.result(timeout=30)), len(waiting.result(timeout=30))) == (3, 2)
+    busy = _BusyGalleryThread(tiny_onnx, tmp_path, gallery_queue_capacity=2)
+    with busy as s, GalleryClient(s.target, retries=0) as g, ThreadPoolExecutor(2) as pool:
+        running = busy.hold(pool, g)
+        waiting = pool.submit(g.search, "g", embeddings=busy.vecs[:2])
+        while s.metrics.value("reid_gallery_calls") < 2:
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            g.info("g")
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--gallery-queue-capacity" in err.value.details()
+        assert time.monotonic() - started < 5  # at once, not after the busy call
+        busy.release.set()
+        assert (len(running.result(timeout=30)), len(waiting.result(timeout=30))) == (3, 2)
         assert g.info("g").size == 10  # room again
         assert s.metrics.value("reid_gallery_calls") == 0
