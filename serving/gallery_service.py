@@ -17,6 +17,7 @@ from retrieval.gallery.base import MAX_ID
 from serving.image_errors import error_message, image_status
 from serving.metrics import timed
 from serving.proto import reid_pb2
+from serving.security import CALLER_ROLE
 from serving.wire import embedding_message
 
 _INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}
@@ -245,6 +246,10 @@ class GalleryRpcs:
 
     @timed
     async def ListEntries(self, request, context):
+        if request.include_embeddings and CALLER_ROLE.get() != "write":
+            await self._fail(context, "ListEntries", grpc.StatusCode.PERMISSION_DENIED,
+                             "listing embeddings (a gallery's biometric templates) needs a write token; "
+                             "this token may list entries without them")
         flt = _filter(request.filter) if request.HasField("filter") else None
 
         def listing() -> reid_pb2.ListEntriesResponse:  # in the gallery pool: a page's messages took 40-170 ms to build

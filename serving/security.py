@@ -4,8 +4,10 @@
   present a certificate signed by that CA).
 - Bearer tokens (``authorization: Bearer TOKEN`` metadata) from a file (``--tokens-file``, one
   ``TOKEN ROLE`` per line) or an environment variable (``--tokens-env VAR``: ``TOKEN:ROLE,...``).
-  Role ``read`` may embed and search; ``write`` may also change galleries. Tokens are compared in
-  constant time against every known token. Health checks and reflection stay open.
+  Role ``read`` may embed, search and list entries; ``write`` may also change galleries and list
+  the stored embeddings (a gallery's biometric templates: what backups and moves need, and more
+  than a searching client should hold). Tokens are compared in constant time against every known
+  token. Health checks and reflection stay open.
 - Plaintext is allowed on loopback; on any other address it needs ``--insecure`` and logs a warning.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hmac
 import ipaddress
 import logging
 import os
+from contextvars import ContextVar
 from pathlib import Path
 
 import grpc
@@ -22,7 +25,12 @@ log = logging.getLogger(__name__)
 
 ROLES = ("read", "write")
 WRITE_METHODS = {"CreateGallery", "DropGallery", "AddToGallery", "RemoveFromGallery"}
+# Methods that decide part of the answer by the caller's role, read from CALLER_ROLE (only these
+# pay for setting it: Embed stays as light as it was).
+ROLE_AWARE_METHODS = {"ListEntries"}
 SERVICE_PREFIX = "/reid.v1.ReIdentification/"
+# The role of the token the current call presented; "write" where the server has no tokens.
+CALLER_ROLE: ContextVar[str] = ContextVar("caller_role", default="write")
 
 
 class SecurityError(ValueError):
@@ -102,6 +110,20 @@ def _abort(code: grpc.StatusCode, message: str):
     return handler
 
 
+def _with_role(handler, role: str):
+    """``handler`` (unary) with CALLER_ROLE set to ``role`` while it runs."""
+    inner = handler.unary_unary
+
+    async def behaviour(request, context):
+        token = CALLER_ROLE.set(role)
+        try:
+            return await inner(request, context)
+        finally:
+            CALLER_ROLE.reset(token)
+
+    return grpc.unary_unary_rpc_method_handler(behaviour, handler.request_deserializer, handler.response_serializer)
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Bearer-token check per call; read tokens may not call gallery-changing methods."""
 
@@ -129,6 +151,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             failure = _abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         elif method[len(SERVICE_PREFIX):] in WRITE_METHODS and role != "write":
             failure = _abort(grpc.StatusCode.PERMISSION_DENIED, "this token may read (embed, search) but not change galleries")
+        elif method[len(SERVICE_PREFIX):] in ROLE_AWARE_METHODS:
+            return _with_role(handler, role)
         else:
             return handler
         if handler.request_streaming and handler.response_streaming:

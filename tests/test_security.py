@@ -99,6 +99,11 @@ def test_tokens_separate_read_and_write(tiny_onnx, tmp_path):
         with GalleryClient(s.target, token=READ) as reader:
             assert reader.search("g", embeddings=np.ones((1, 32)), top_k=1)[0].hits[0].id == 1
             assert [e.id for e in reader.entries("g")] == [1]
+            with pytest.raises(grpc.RpcError) as err:  # a gallery's biometric templates: not for readers
+                list(reader.entries("g", include_embeddings=True))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "write token" in err.value.details()
+        with GalleryClient(s.target, token=WRITE) as writer:
+            assert [len(e.embedding.values) for e in writer.entries("g", include_embeddings=True)] == [32]
         # health stays open without a token
         status = health_pb2_grpc.HealthStub(grpc.insecure_channel(s.target)).Check(health_pb2.HealthCheckRequest()).status
         assert status == health_pb2.HealthCheckResponse.SERVING
