@@ -20,12 +20,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from retrieval.distance import l2_normalize
 from serving.client import GalleryClient, ReidClient, metadata_message, parse_response
 from serving.proto import reid_pb2
 
 
 class UsageError(Exception):
     """A problem with the command line, found before any call (exit status 2)."""
+
+
+class CommandFailed(Exception):
+    """A problem found while the command runs, said in one line (exit status 1)."""
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what a folder argument picks up
@@ -106,6 +111,9 @@ def client_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of the candidate pool (server defaults)")
     s.add_argument("--by-person", action="store_true",
                    help="one hit per person: the best entry of each of --top-k people (entries without a person id stand alone)")
+    s.add_argument("--track", action="store_true",
+                   help="the images are crops of one person (a tracker's track): search once with the mean of their "
+                        "embeddings, which finds people more often than any single crop")
     s.add_argument("--json", action="store_true", help="one JSON object per image instead of text")
 
     r = sub.add_parser("remove", parents=[common],
@@ -296,14 +304,7 @@ def _enroll(args, connect) -> int:
     meta = _metadata(args, [p for batch in batches for p in batch])
     failed = 0
     with connect(GalleryClient) as g, connect(ReidClient) as client:
-        holds = g.info(args.gallery).model  # and NOT_FOUND before any image is embedded
-        for batch in batches:
-            response = client.embed_response(batch)
-            if holds and response.model_id and response.model_id != holds:  # the server checks images, not embeddings
-                print(f"reid-client: error: gallery {args.gallery!r} holds embeddings of model {holds}, and the server "
-                      f"embeds with model {response.model_id}: enroll into a new gallery", file=sys.stderr)
-                return 1
-            outcomes = parse_response(response)
+        for batch, outcomes in _embedded_for(args.gallery, g, client, batches, "enroll into a new gallery"):
             for path, o in zip(batch, outcomes):
                 if not o.ok:
                     failed += 1
@@ -316,6 +317,21 @@ def _enroll(args, connect) -> int:
     return 1 if failed else 0
 
 
+def _embedded_for(gallery: str, g: GalleryClient, client: ReidClient, batches: list[list], fix: str):
+    """(batch, its EmbedOutcomes) for each batch, embedded by the server for ``gallery``'s use.
+
+    Embeddings go to the gallery as values, which the server cannot check against the model that
+    filled it (it does for images), so a server whose model is not the gallery's stops the command
+    (``fix`` says what to do instead). ``g.info`` fails with NOT_FOUND before any image is embedded."""
+    holds = g.info(gallery).model
+    for batch in batches:
+        response = client.embed_response(batch)
+        if holds and response.model_id and response.model_id != holds:
+            raise CommandFailed(f"gallery {gallery!r} holds embeddings of model {holds}, and the server embeds with "
+                                f"model {response.model_id}: {fix}")
+        yield batch, parse_response(response)
+
+
 def _meta_fields(m: reid_pb2.EntryMetadata) -> dict:
     return {"person_id": m.person_id, "camera_id": m.camera_id, "timestamp": m.timestamp, "labels": dict(m.labels)}
 
@@ -323,6 +339,8 @@ def _meta_fields(m: reid_pb2.EntryMetadata) -> dict:
 def _search(args, connect) -> int:
     if bool(args.images) == bool(args.entry):
         raise UsageError("give images to search with, or --entry ID (one of the two)")
+    if args.track:
+        return _search_track(args, connect)
     if args.entry:  # the gallery's own entries as queries
         batches = _batches(args, args.entry)
         queries = [("entry", i, f"entry {i}") for i in args.entry]
@@ -340,6 +358,30 @@ def _search(args, connect) -> int:
                 failed += _print_result(args, key, value, label, result)
             sys.stdout.flush()
             done += len(batch)
+    return 1 if failed else 0
+
+
+def _search_track(args, connect) -> int:
+    """``search --track``: one query, the mean of the images' L2-normalized embeddings."""
+    if args.entry:
+        raise UsageError("--track averages the embeddings of images; it does not take --entry")
+    batches, rows, used, failed = _batches(args), [], [], 0
+    with connect(GalleryClient) as g, connect(ReidClient) as client:
+        for batch, outcomes in _embedded_for(args.gallery, g, client, batches, "search a gallery of this model"):
+            for path, o in zip(batch, outcomes):
+                if o.ok:
+                    rows.append(o.embedding)
+                    used.append(str(path))
+                else:
+                    failed += 1
+                    _print_failure(path, o.error_code, o.error)
+        if not rows:
+            raise CommandFailed("no image of the track could be embedded")
+        query = l2_normalize(np.stack(rows)).mean(axis=0, keepdims=True)
+        filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []
+        result, = g.search(args.gallery, embeddings=query, top_k=args.top_k, filters=filters,
+                           rerank={} if args.rerank else None, group_by_person=args.by_person)
+    failed += _print_result(args, "track", used, f"track of {len(used)} image{'s' if len(used) > 1 else ''}", result)
     return 1 if failed else 0
 
 
@@ -548,6 +590,9 @@ def client_main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"reid-client: error: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        print(f"reid-client: error: {exc}", file=sys.stderr)
+        return 1
     except grpc.RpcError as exc:
         print(f"reid-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

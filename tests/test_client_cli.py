@@ -413,6 +413,34 @@ def test_search_with_entries_of_the_gallery(server, crops, capsys):
         assert code == 2 and err.strip() == "reid-client: error: give images to search with, or --entry ID (one of the two)"
 
 
+def test_search_with_a_track_searches_once_with_the_mean_of_its_crops(server, crops, tmp_path, capsys):
+    """A tracker's crops of one person, averaged, find the person more often than one crop does
+    (OSNet-x0.25 on CUHK03: rank-1 53.4 for single crops, 58.2 for tracks of 2, 61.0 for all of a
+    person's crops on a camera)."""
+    from retrieval.distance import l2_normalize
+    from serving.client import ReidClient
+
+    a1, a2, b = crops
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1), str(a2), str(b), "--name-pattern", r"^(?P<person>\d+)_")[0] == 0
+    with ReidClient(server.target) as client, GalleryClient(server.target) as g:
+        mean = l2_normalize(np.stack([o.embedding for o in client.embed([a1, b])])).mean(axis=0, keepdims=True)
+        expected = [(h.id, round(h.score, 4)) for h in g.search("g", embeddings=mean, top_k=3)[0].hits]
+    code, out, err = _run(capsys, server, "search", "g", str(a1), str(junk), str(b), "--track", "--top-k", "3")
+    assert code == 1 and err.startswith(f"{junk}: error 3: ")  # that crop left out, the others searched
+    assert out.splitlines()[0] == "track of 2 images:"
+    assert [(int(i), float(sc)) for i, sc in re.findall(r"id (\d+)  score (\S+)", out)] == expected
+    code, out, _ = _run(capsys, server, "search", "g", str(a1), str(b), "--track", "--top-k", "3", "--json")
+    (found,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and found["track"] == [str(a1), str(b)] and [h["id"] for h in found["hits"]] == [i for i, _ in expected]
+    code, _, err = _run(capsys, server, "search", "g", str(junk), "--track")
+    assert code == 1 and err.strip().endswith("reid-client: error: no image of the track could be embedded")
+    code, _, err = _run(capsys, server, "search", "g", "--entry", "1", "--track")
+    assert code == 2 and "--track averages the embeddings of images" in err
+
+
 @pytest.mark.parametrize("pattern, message", [
     (r"^(\d+)_", "has no (?P<person>...) or (?P<camera>...) group"),
     (r"(?P<person>\d+", "is not a regular expression: missing ), unterminated subpattern"),
