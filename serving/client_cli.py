@@ -339,15 +339,15 @@ def _meta_fields(m: reid_pb2.EntryMetadata) -> dict:
 def _search(args, connect) -> int:
     if bool(args.images) == bool(args.entry):
         raise UsageError("give images to search with, or --entry ID (one of the two)")
+    filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []  # one for all
     if args.track:
-        return _search_track(args, connect)
+        return _search_track(args, connect, filters)
     if args.entry:  # the gallery's own entries as queries
         batches = _batches(args, args.entry)
         queries = [("entry", i, f"entry {i}") for i in args.entry]
     else:
         batches = _batches(args)
         queries = [("image", str(p), str(p)) for batch in batches for p in batch]
-    filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []  # one for all
     kind = "entry_ids" if args.entry else "images"
     failed, done = 0, 0
     with connect(GalleryClient) as g:
@@ -361,7 +361,7 @@ def _search(args, connect) -> int:
     return 1 if failed else 0
 
 
-def _search_track(args, connect) -> int:
+def _search_track(args, connect, filters: list) -> int:
     """``search --track``: one query, the mean of the images' L2-normalized embeddings."""
     if args.entry:
         raise UsageError("--track averages the embeddings of images; it does not take --entry")
@@ -378,7 +378,6 @@ def _search_track(args, connect) -> int:
         if not rows:
             raise CommandFailed("no image of the track could be embedded")
         query = l2_normalize(np.stack(rows)).mean(axis=0, keepdims=True)
-        filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []
         result, = g.search(args.gallery, embeddings=query, top_k=args.top_k, filters=filters,
                            rerank={} if args.rerank else None, group_by_person=args.by_person)
     failed += _print_result(args, "track", used, f"track of {len(used)} image{'s' if len(used) > 1 else ''}", result)

@@ -51,11 +51,11 @@ def _filter(f: reid_pb2.SearchFilter) -> SearchFilter:
 
 
 class GalleryRpcs:
-    """Mixed into the service; needs ``store``, ``gallery_pool``, ``limits``, ``metrics``, ``engine`` and ``embed_outcomes``."""
+    """Mixed into the service; needs ``store``, ``gallery_pool``, ``gallery_capacity`` (calls that may
+    wait for or run in that pool), ``limits``, ``metrics``, ``engine`` and ``embed_outcomes``."""
 
     store = None
     gallery_pool: ThreadPoolExecutor | None = None
-    gallery_capacity = 256
     _gallery_calls = 0  # waiting for or running in the gallery pool
 
     async def _call(self, context, method: str, fn, *args):
