@@ -149,12 +149,19 @@ def _expansion_pairs(rank: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]
     h_set = np.where(half, rank[:, :kh], -1)  # half-size sets of every item
     h_len = half.sum(axis=1)
     rows, cols = [np.repeat(np.arange(n), full.sum(axis=1))], [rank[:, : k1 + 1][full]]
+    member = None
+    if n * n <= _EXPANSION_CELLS:  # small (a served query's pool): "is j in R(i)?" as one lookup table
+        member = np.zeros((n, n), dtype=bool)
+        member[rows[0], cols[0]] = True
     step = max(1, min(2048, _EXPANSION_CELLS // ((k1 + 1) ** 2 * kh)))
     for start in range(0, n, step):
         s = s_set[start : start + step]  # B x (k1+1)
         cand = np.where(s >= 0, s, 0)
         hc = h_set[cand]  # B x (k1+1) x kh: each candidate's half set
-        inside = ((hc[..., None] == s[:, None, None, :]) & (hc[..., None] >= 0)).any(axis=3).sum(axis=2)
+        if member is not None:
+            inside = (member[np.arange(start, start + len(s))[:, None, None], np.maximum(hc, 0)] & (hc >= 0)).sum(axis=2)
+        else:
+            inside = ((hc[..., None] == s[:, None, None, :]) & (hc[..., None] >= 0)).any(axis=3).sum(axis=2)
         take = (s >= 0) & (inside > 2.0 / 3.0 * h_len[cand])
         b, c = np.nonzero(take)
         members = hc[b, c]  # (#taken) x kh
