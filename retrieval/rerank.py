@@ -171,6 +171,9 @@ def _expansion_pairs(rank: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]
         rows.append(r[keep])
         cols.append(m[keep])
     rows_all, cols_all = np.concatenate(rows), np.concatenate(cols)
+    if member is not None:  # the table again, now for R*: its nonzeros come without duplicates, in order
+        member[rows_all, cols_all] = True
+        return np.nonzero(member)
     keys = np.unique(rows_all * n + cols_all)
     return keys // n, keys % n
 
