@@ -206,8 +206,9 @@ class GalleryRpcs:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT,
                              f"give no filter, one, or one per query ({n}); got {len(request.filters)}")
         r = request.rerank
-        rerank = (RerankOptions(r.k1 or 20, r.k2 or 6, r.lambda_value if r.lambda_value else 0.3, r.pool or 100, r.joint,
-                                self.limits.max_rerank_items) if r.enabled else None)
+        lambda_value = r.lambda_value if r.HasField("lambda_value") else 0.3  # 0 is a choice: the Jaccard distance alone
+        rerank = (RerankOptions(r.k1 or 20, r.k2 or 6, lambda_value, r.pool or 100, r.joint, self.limits.max_rerank_items)
+                  if r.enabled else None)
         if rerank and not 0.0 <= rerank.lambda_value <= 1.0:
             await self._fail(context, method, grpc.StatusCode.INVALID_ARGUMENT, "rerank.lambda_value must be within 0..1")
         if rerank and max(rerank.k1, rerank.k2) > MAX_RERANK_K:

@@ -655,3 +655,21 @@ def test_gallery_calls_beyond_the_queue_capacity_fail_fast_with_resource_exhaust
         assert (len(running.result(timeout=30)), len(waiting.result(timeout=30))) == (3, 2)
         assert g.info("g").size == 10  # room again
         assert s.metrics.value("reid_gallery_calls") == 0
+
+
+def test_a_rerank_lambda_of_zero_is_honoured_not_taken_for_unset(server):
+    """Proto3 sent no zero, so lambda_value 0 (the Jaccard distance alone) became the default 0.3;
+    the field now carries presence."""
+    from retrieval.rerank import k_reciprocal_rerank
+
+    rng = np.random.default_rng(8)
+    centres = rng.normal(size=(6, 32))
+    vecs = (centres[rng.integers(0, 6, 40)] + rng.normal(size=(40, 32)) * 0.5).astype(np.float32)
+    with GalleryClient(server.target) as g:
+        g.create("g")
+        ids = g.add("g", embeddings=vecs[1:])
+        for lam in (0.0, 0.3):
+            (answer,) = g.search("g", embeddings=vecs[:1], top_k=39, rerank={"k1": 5, "k2": 2, "pool": 39, "lambda_value": lam})
+            offline = k_reciprocal_rerank(l2_normalize(vecs[:1]), l2_normalize(vecs[1:]), 5, 2, lam)[0]
+            got = dict((h.id, h.distance) for h in answer.hits)
+            np.testing.assert_allclose([got[i] for i in ids], offline, atol=1e-5)
