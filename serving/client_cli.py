@@ -109,6 +109,12 @@ def client_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=_number(int, 1), default=5, help="hits per image (default 5)")
     s.add_argument("--exclude-camera", default="", help="leave out entries seen by this camera")
     s.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking of the candidate pool (server defaults)")
+    s.add_argument("--rerank-k1", type=_number(int, 1), help="re-ranking's k1 (server default 20; implies --rerank)")
+    s.add_argument("--rerank-k2", type=_number(int, 1), help="re-ranking's k2 (server default 6; implies --rerank)")
+    s.add_argument("--rerank-lambda", type=_number(float, 0), help="re-ranking's lambda_value, 0..1 (server default 0.3; "
+                   "implies --rerank)")
+    s.add_argument("--rerank-pool", type=_number(int, 1), help="candidates re-ranked per query (server default 100; "
+                   "implies --rerank)")
     s.add_argument("--by-person", action="store_true",
                    help="one hit per person: the best entry of each of --top-k people (entries without a person id stand alone)")
     s.add_argument("--track", action="store_true",
@@ -340,6 +346,9 @@ def _search(args, connect) -> int:
     if bool(args.images) == bool(args.entry):
         raise UsageError("give images to search with, or --entry ID (one of the two)")
     filters = [reid_pb2.SearchFilter(exclude_camera_id=args.exclude_camera)] if args.exclude_camera else []  # one for all
+    given = {"k1": args.rerank_k1, "k2": args.rerank_k2, "lambda_value": args.rerank_lambda, "pool": args.rerank_pool}
+    args.rerank_options = {k: v for k, v in given.items() if v is not None} if args.rerank or any(
+        v is not None for v in given.values()) else None
     if args.track:
         return _search_track(args, connect, filters)
     if args.entry:  # the gallery's own entries as queries
@@ -352,7 +361,7 @@ def _search(args, connect) -> int:
     failed, done = 0, 0
     with connect(GalleryClient) as g:
         for batch in batches:  # each call's answers printed as they come: a long search shows its progress
-            results = g.search(args.gallery, top_k=args.top_k, filters=filters, rerank={} if args.rerank else None,
+            results = g.search(args.gallery, top_k=args.top_k, filters=filters, rerank=args.rerank_options,
                                group_by_person=args.by_person, **{kind: batch})
             for (key, value, label), result in zip(queries[done:done + len(batch)], results):
                 failed += _print_result(args, key, value, label, result)
@@ -379,7 +388,7 @@ def _search_track(args, connect, filters: list) -> int:
             raise CommandFailed("no image of the track could be embedded")
         query = l2_normalize(np.stack(rows)).mean(axis=0, keepdims=True)
         result, = g.search(args.gallery, embeddings=query, top_k=args.top_k, filters=filters,
-                           rerank={} if args.rerank else None, group_by_person=args.by_person)
+                           rerank=args.rerank_options, group_by_person=args.by_person)
     failed += _print_result(args, "track", used, f"track of {len(used)} image{'s' if len(used) > 1 else ''}", result)
     return 1 if failed else 0
 
@@ -396,7 +405,7 @@ def _print_result(args, key: str, value, label: str, result) -> int:
         return 0
     print(f"{label}:" + ("" if hits else " no hits"))
     for rank, h in enumerate(hits, 1):
-        reranked = f"  re-ranked distance {h['distance']:.4f}" if args.rerank else ""
+        reranked = f"  re-ranked distance {h['distance']:.4f}" if args.rerank_options is not None else ""
         print(f"  {rank}. id {h['id']}  score {h['score']:.4f}{reranked}  person {h['person_id'] or '-'}  "
               f"camera {h['camera_id'] or '-'}")
     return 0

@@ -441,6 +441,22 @@ def test_search_with_a_track_searches_once_with_the_mean_of_its_crops(server, cr
     assert code == 2 and "--track averages the embeddings of images" in err
 
 
+def test_search_rerank_options_reach_the_server(server, crops, capsys):
+    """k1=6 k2=3 suits galleries of a few images per person better than the defaults (README);
+    the command could only ask for the server's defaults."""
+    a1, a2, b = crops
+    assert _run(capsys, server, "create", "g")[0] == 0
+    assert _run(capsys, server, "enroll", "g", str(a1), str(a2), str(b))[0] == 0
+    options = {"k1": 2, "k2": 1, "lambda_value": 0.0, "pool": 3}
+    with GalleryClient(server.target) as g:
+        expected = {h.id: round(h.distance, 6) for h in g.search("g", images=[b], top_k=3, rerank=options)[0].hits}
+        defaults = {h.id: round(h.distance, 6) for h in g.search("g", images=[b], top_k=3, rerank={})[0].hits}
+    assert expected != defaults  # the options matter here
+    code, out, _ = _run(capsys, server, "search", "g", str(b), "--top-k", "3", "--json", "--rerank-k1", "2",
+                        "--rerank-k2", "1", "--rerank-lambda", "0", "--rerank-pool", "3")  # no --rerank: implied
+    assert code == 0 and {h["id"]: h["distance"] for h in json.loads(out)["hits"]} == expected
+
+
 @pytest.mark.parametrize("pattern, message", [
     (r"^(\d+)_", "has no (?P<person>...) or (?P<camera>...) group"),
     (r"(?P<person>\d+", "is not a regular expression: missing ), unterminated subpattern"),
