@@ -710,6 +710,32 @@ def test_get_returns_the_entries_held_in_the_order_asked(store):
         store.get("nope", np.array([1]))
 
 
+def test_milvus_fetches_many_entries_in_calls_of_bounded_size(tmp_path, monkeypatch):
+    """A re-ranked search of 64 queries fetches about 130,000 entries (275 MB at 512-d): one get
+    was over a Milvus server's 64 MiB answer limit and its 16,384-row result limit."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    import retrieval.gallery.milvus_store as milvus_store
+
+    vecs, meta = _data(10)
+    store = open_milvus_store(tmp_path)
+    try:
+        store.create("g", 16)
+        store.add("g", np.arange(1, 11), vecs, meta)
+        asked = [7, 99, 2, 10, 1, 5, 98, 3]
+        whole = store.get("g", np.array(asked))
+        monkeypatch.setattr(milvus_store, "FETCH_BYTES", 3 * (4 * 16 + 256))  # 3 ids a call
+        calls = []
+        real_get = store.client.get
+        monkeypatch.setattr(store.client, "get", lambda *a, **k: calls.append(len(k["ids"])) or real_get(*a, **k))
+        parts = store.get("g", np.array(asked))
+    finally:
+        close_milvus_store(store)
+    assert calls == [3, 3, 2]
+    assert parts.ids.tolist() == whole.ids.tolist() == [7, 2, 10, 1, 5, 3]
+    np.testing.assert_array_equal(parts.vectors, whole.vectors)
+    assert parts.metadata == whole.metadata
+
+
 def test_listing_milvus_lite_logs_no_warning(tmp_path):
     import logging
 

@@ -50,6 +50,10 @@ CONSISTENCY_LEVELS = {"strong": "Strong", "bounded": "Bounded", "session": "Sess
 META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
 HNSW_PARAMS = {"M": 32, "efConstruction": 80}
 MAX_LIMIT = 16384  # the most hits Milvus returns for one query (its topk limit)
+# Bytes of vectors one fetch by ids asks for: a Milvus server refuses answers over its 64 MiB
+# message limit, and results over 16,384 rows; a re-ranked search of 64 queries fetches about
+# 130,000 entries (275 MB at 512-d).
+FETCH_BYTES = 16 * 2**20
 MODEL_PROPERTY = "reid.model"  # the collection property naming the gallery's model (descriptions come back empty)
 # Milvus's default limit on collection names (proxy.maxNameLength): with the prefix and two hex
 # digits per character, gallery names up to 125 characters fit.
@@ -428,9 +432,13 @@ class MilvusGalleryStore(GalleryBackend):
     def _fetch(self, name: str, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, list[EntryMetadata]]:
         """The entries of ``ids`` still present: another replica may have removed some, or all
         (``dim`` shapes an empty answer), since the search that found them."""
-        rows = self._call("get", _collection(name), ids=[int(i) for i in ids],
-                          output_fields=["vector", *META_FIELDS], consistency_level=self.consistency)
-        by_id = {int(r["id"]): r for r in rows}
+        step = max(1, min(MAX_LIMIT, FETCH_BYTES // (4 * dim + 256)))  # 256: the metadata's share, roughly
+        wanted = [int(i) for i in ids]
+        by_id = {}
+        for start in range(0, len(wanted), step):
+            rows = self._call("get", _collection(name), ids=wanted[start:start + step],
+                              output_fields=["vector", *META_FIELDS], consistency_level=self.consistency)
+            by_id.update((int(r["id"]), r) for r in rows)
         present = np.asarray([i for i in ids if int(i) in by_id], dtype=np.int64)
         ordered = [by_id[int(i)] for i in present]
         vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), dim)
