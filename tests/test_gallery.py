@@ -736,6 +736,29 @@ def test_milvus_fetches_many_entries_in_calls_of_bounded_size(tmp_path, monkeypa
     assert parts.metadata == whole.metadata
 
 
+def test_milvus_searches_many_queries_in_calls_of_bounded_size(tmp_path, monkeypatch):
+    """The neighbour search of a re-ranked search sends thousands of queries at once."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    import retrieval.gallery.milvus_store as milvus_store
+
+    vecs, meta = _data(30)
+    store = open_milvus_store(tmp_path)
+    try:
+        store.create("g", 16)
+        store.add("g", np.arange(1, 31), vecs, meta)
+        flts = [SearchFilter(exclude_camera_id="c1") if i % 2 else SearchFilter() for i in range(7)]
+        whole = store.search("g", vecs[:7], 4, flts)
+        monkeypatch.setattr(milvus_store, "SEARCH_HITS", 8)  # 2 queries of 4 hits a call
+        calls = []
+        real_search = store.client.search
+        monkeypatch.setattr(store.client, "search", lambda *a, **k: calls.append(len(k["data"])) or real_search(*a, **k))
+        parts = store.search("g", vecs[:7], 4, flts)
+    finally:
+        close_milvus_store(store)
+    assert sorted(calls) == [1, 2, 2, 2]  # 4 queries without a filter (2 + 2), 3 with one (2 + 1)
+    assert [[(h.id, round(h.score, 5)) for h in row] for row in parts] == [[(h.id, round(h.score, 5)) for h in row] for row in whole]
+
+
 def test_listing_milvus_lite_logs_no_warning(tmp_path):
     import logging
 

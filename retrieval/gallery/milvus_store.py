@@ -54,6 +54,10 @@ MAX_LIMIT = 16384  # the most hits Milvus returns for one query (its topk limit)
 # message limit, and results over 16,384 rows; a re-ranked search of 64 queries fetches about
 # 130,000 entries (275 MB at 512-d).
 FETCH_BYTES = 16 * 2**20
+# Hits (with their metadata, some 60 bytes each) one search call asks for: queries go in groups of
+# at most this many hits, for the same limits (a re-ranked search's neighbour search sends
+# thousands of queries at once).
+SEARCH_HITS = 2**18
 MODEL_PROPERTY = "reid.model"  # the collection property naming the gallery's model (descriptions come back empty)
 # Milvus's default limit on collection names (proxy.maxNameLength): with the prefix and two hex
 # digits per character, gallery names up to 125 characters fit.
@@ -419,14 +423,17 @@ class MilvusGalleryStore(GalleryBackend):
         for i, flt in enumerate(filters):
             groups.setdefault(filter_expression(flt), []).append(i)
         params = {"metric_type": "IP", **({"params": {"ef": max(64, k)}} if index_type == "hnsw" else {})}
-        for expr, rows in groups.items():
-            answers = self._call("search", _collection(name), data=queries[rows].tolist(), limit=k,
-                                 filter=expr, output_fields=META_FIELDS, search_params=params,
-                                 consistency_level=self.consistency)
-            for row, hits in zip(rows, answers):
-                for j, hit in enumerate(hits):
-                    ids[row, j], scores[row, j] = int(hit["id"]), float(hit["distance"])
-                    meta[int(hit["id"])] = _entry_metadata(hit["entity"])
+        step = max(1, min(MAX_LIMIT, SEARCH_HITS // k))
+        for expr, group in groups.items():
+            for start in range(0, len(group), step):
+                rows = group[start:start + step]
+                answers = self._call("search", _collection(name), data=queries[rows].tolist(), limit=k,
+                                     filter=expr, output_fields=META_FIELDS, search_params=params,
+                                     consistency_level=self.consistency)
+                for row, hits in zip(rows, answers):
+                    for j, hit in enumerate(hits):
+                        ids[row, j], scores[row, j] = int(hit["id"]), float(hit["distance"])
+                        meta[int(hit["id"])] = _entry_metadata(hit["entity"])
         return scores, ids, meta
 
     def _fetch(self, name: str, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, list[EntryMetadata]]:
