@@ -710,51 +710,52 @@ def test_get_returns_the_entries_held_in_the_order_asked(store):
         store.get("nope", np.array([1]))
 
 
-def test_milvus_fetches_many_entries_in_calls_of_bounded_size(tmp_path, monkeypatch):
+@pytest.fixture
+def milvus_with_30(tmp_path, monkeypatch):
+    """A Milvus Lite store holding gallery "g" of ``_data(30)``, and ``record(method, key)``: from
+    then on, the length of argument ``key`` of each call of the client's ``method``."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    vecs, meta = _data(30)
+    store = open_milvus_store(tmp_path)
+    store.create("g", 16)
+    store.add("g", np.arange(1, 31), vecs, meta)
+
+    def record(method: str, key: str) -> list[int]:
+        calls, real = [], getattr(store.client, method)
+        monkeypatch.setattr(store.client, method, lambda *a, **k: calls.append(len(k[key])) or real(*a, **k))
+        return calls
+
+    yield store, vecs, record
+    close_milvus_store(store)
+
+
+def test_milvus_fetches_many_entries_in_calls_of_bounded_size(milvus_with_30, monkeypatch):
     """A re-ranked search of 64 queries fetches about 130,000 entries (275 MB at 512-d): one get
     was over a Milvus server's 64 MiB answer limit and its 16,384-row result limit."""
-    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
     import retrieval.gallery.milvus_store as milvus_store
 
-    vecs, meta = _data(10)
-    store = open_milvus_store(tmp_path)
-    try:
-        store.create("g", 16)
-        store.add("g", np.arange(1, 11), vecs, meta)
-        asked = [7, 99, 2, 10, 1, 5, 98, 3]
-        whole = store.get("g", np.array(asked))
-        monkeypatch.setattr(milvus_store, "FETCH_BYTES", 3 * (4 * 16 + 256))  # 3 ids a call
-        calls = []
-        real_get = store.client.get
-        monkeypatch.setattr(store.client, "get", lambda *a, **k: calls.append(len(k["ids"])) or real_get(*a, **k))
-        parts = store.get("g", np.array(asked))
-    finally:
-        close_milvus_store(store)
+    store, _, record = milvus_with_30
+    asked = np.array([7, 99, 2, 10, 1, 5, 98, 3])
+    whole = store.get("g", asked)
+    monkeypatch.setattr(milvus_store, "FETCH_BYTES", 3 * (4 * 16 + 256))  # 3 ids a call
+    calls = record("get", "ids")
+    parts = store.get("g", asked)
     assert calls == [3, 3, 2]
     assert parts.ids.tolist() == whole.ids.tolist() == [7, 2, 10, 1, 5, 3]
     np.testing.assert_array_equal(parts.vectors, whole.vectors)
     assert parts.metadata == whole.metadata
 
 
-def test_milvus_searches_many_queries_in_calls_of_bounded_size(tmp_path, monkeypatch):
+def test_milvus_searches_many_queries_in_calls_of_bounded_size(milvus_with_30, monkeypatch):
     """The neighbour search of a re-ranked search sends thousands of queries at once."""
-    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
     import retrieval.gallery.milvus_store as milvus_store
 
-    vecs, meta = _data(30)
-    store = open_milvus_store(tmp_path)
-    try:
-        store.create("g", 16)
-        store.add("g", np.arange(1, 31), vecs, meta)
-        flts = [SearchFilter(exclude_camera_id="c1") if i % 2 else SearchFilter() for i in range(7)]
-        whole = store.search("g", vecs[:7], 4, flts)
-        monkeypatch.setattr(milvus_store, "SEARCH_HITS", 8)  # 2 queries of 4 hits a call
-        calls = []
-        real_search = store.client.search
-        monkeypatch.setattr(store.client, "search", lambda *a, **k: calls.append(len(k["data"])) or real_search(*a, **k))
-        parts = store.search("g", vecs[:7], 4, flts)
-    finally:
-        close_milvus_store(store)
+    store, vecs, record = milvus_with_30
+    flts = [SearchFilter(exclude_camera_id="c1") if i % 2 else SearchFilter() for i in range(7)]
+    whole = store.search("g", vecs[:7], 4, flts)
+    monkeypatch.setattr(milvus_store, "SEARCH_HITS", 8)  # 2 queries of 4 hits a call
+    calls = record("search", "data")
+    parts = store.search("g", vecs[:7], 4, flts)
     assert sorted(calls) == [1, 2, 2, 2]  # 4 queries without a filter (2 + 2), 3 with one (2 + 1)
     assert [[(h.id, round(h.score, 5)) for h in row] for row in parts] == [[(h.id, round(h.score, 5)) for h in row] for row in whole]
 
