@@ -746,6 +746,20 @@ def test_milvus_fetches_many_entries_in_calls_of_bounded_size(milvus_with_30, mo
     assert parts.metadata == whole.metadata
 
 
+def test_milvus_finds_clashing_ids_beyond_one_calls_rows(milvus_with_30, monkeypatch):
+    """The check before an add read every id in one get; a Milvus server answers at most 16,384
+    rows, so clashes beyond them went unseen and older servers kept both rows under one id."""
+    import retrieval.gallery.milvus_store as milvus_store
+
+    store, vecs, record = milvus_with_30
+    monkeypatch.setattr(milvus_store, "MAX_LIMIT", 4)
+    calls = record("get", "ids")
+    with pytest.raises(GalleryExists) as err:
+        store.add("g", np.arange(21, 41), np.ones((20, 16), np.float32), [EntryMetadata()] * 20)
+    assert calls == [4, 4, 4, 4, 4] and str(list(range(21, 31))) in str(err.value)
+    assert store.info("g").size == 30
+
+
 def test_milvus_searches_many_queries_in_calls_of_bounded_size(milvus_with_30, monkeypatch):
     """The neighbour search of a re-ranked search sends thousands of queries at once."""
     import retrieval.gallery.milvus_store as milvus_store

@@ -264,11 +264,14 @@ class MilvusGalleryStore(GalleryBackend):
         return int(rows[0]["count(*)"])
 
     def _existing(self, name: str, ids: list[int]) -> set[int]:
-        if not ids:
-            return set()
-        rows = self._call("get", _collection(name), ids=ids, output_fields=["id"],
-                          consistency_level="Strong")  # decides whether a write clashes: never stale
-        return {int(r["id"]) for r in rows}
+        """Which of ``ids`` the gallery holds, read at Strong (it decides whether a write clashes:
+        never stale), MAX_LIMIT ids a call: a Milvus server answers at most that many rows."""
+        found: set[int] = set()
+        for start in range(0, len(ids), MAX_LIMIT):
+            rows = self._call("get", _collection(name), ids=ids[start:start + MAX_LIMIT], output_fields=["id"],
+                              consistency_level="Strong")
+            found.update(int(r["id"]) for r in rows)
+        return found
 
     # ---- GalleryBackend ------------------------------------------------------------------------
     def create(self, name: str, dim: int, index_type: str = "flat", model: str = "") -> GalleryInfo:
