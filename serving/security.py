@@ -29,7 +29,8 @@ WRITE_METHODS = {"CreateGallery", "DropGallery", "AddToGallery", "RemoveFromGall
 # pay for setting it: Embed stays as light as it was).
 ROLE_AWARE_METHODS = {"ListEntries"}
 SERVICE_PREFIX = "/reid.v1.ReIdentification/"
-# The role of the token the current call presented; "write" where the server has no tokens.
+# The role of the token the current call presented; "write" where the server has no tokens. Only
+# the methods in ROLE_AWARE_METHODS get it set: read elsewhere, it would say "write" to any token.
 CALLER_ROLE: ContextVar[str] = ContextVar("caller_role", default="write")
 
 
