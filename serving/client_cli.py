@@ -542,9 +542,8 @@ def _import(args, connect) -> int:
     with connect(GalleryClient) as g:
         theirs, ours = next(iter(models), ""), g.info(args.gallery).model
         if theirs and ours and theirs != ours:
-            print(f"reid-client: error: {args.listing} holds embeddings of model {theirs}, and gallery {args.gallery!r} "
-                  f"is for model {ours}: they do not compare. Import into a gallery made for model {theirs}", file=sys.stderr)
-            return 1
+            raise CommandFailed(f"{args.listing} holds embeddings of model {theirs}, and gallery {args.gallery!r} is for "
+                                f"model {ours}: they do not compare. Import into a gallery made for model {theirs}")
 
         def add(batch: list) -> int:
             ids, vectors, meta, _ = zip(*batch)
