@@ -263,15 +263,19 @@ class MilvusGalleryStore(GalleryBackend):
                           consistency_level=self.consistency, what="count")
         return int(rows[0]["count(*)"])
 
+    def _get(self, name: str, ids: list[int], fields: list[str], consistency: str, per_call: int | None = None) -> list[dict]:
+        """The rows of ``ids`` the gallery holds, ``per_call`` ids a call (default MAX_LIMIT): a
+        Milvus server answers at most MAX_LIMIT rows, and at most 64 MiB."""
+        per_call = per_call or MAX_LIMIT
+        rows: list[dict] = []
+        for start in range(0, len(ids), per_call):
+            rows += self._call("get", _collection(name), ids=ids[start:start + per_call], output_fields=fields,
+                               consistency_level=consistency)
+        return rows
+
     def _existing(self, name: str, ids: list[int]) -> set[int]:
-        """Which of ``ids`` the gallery holds, read at Strong (it decides whether a write clashes:
-        never stale), MAX_LIMIT ids a call: a Milvus server answers at most that many rows."""
-        found: set[int] = set()
-        for start in range(0, len(ids), MAX_LIMIT):
-            rows = self._call("get", _collection(name), ids=ids[start:start + MAX_LIMIT], output_fields=["id"],
-                              consistency_level="Strong")
-            found.update(int(r["id"]) for r in rows)
-        return found
+        """Which of ``ids`` the gallery holds, read at Strong: it decides whether a write clashes, never stale."""
+        return {int(r["id"]) for r in self._get(name, ids, ["id"], "Strong")}
 
     # ---- GalleryBackend ------------------------------------------------------------------------
     def create(self, name: str, dim: int, index_type: str = "flat", model: str = "") -> GalleryInfo:
@@ -412,10 +416,7 @@ class MilvusGalleryStore(GalleryBackend):
 
     def get(self, name, ids):
         dim, _ = self._describe(name)
-        ids = np.asarray(ids, dtype=np.int64)
-        if not len(ids):
-            return EntryPage(ids, [], np.empty((0, dim), np.float32), False)
-        present, vectors, meta = self._fetch(name, ids, dim)
+        present, vectors, meta = self._fetch(name, np.asarray(ids, dtype=np.int64), dim)
         return EntryPage(present, meta, vectors, False)
 
     def _search(self, name: str, index_type: str, queries: np.ndarray, k: int, filters: list[SearchFilter]):
@@ -442,13 +443,9 @@ class MilvusGalleryStore(GalleryBackend):
     def _fetch(self, name: str, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, list[EntryMetadata]]:
         """The entries of ``ids`` still present: another replica may have removed some, or all
         (``dim`` shapes an empty answer), since the search that found them."""
-        step = max(1, min(MAX_LIMIT, FETCH_BYTES // (4 * dim + 256)))  # 256: the metadata's share, roughly
-        wanted = [int(i) for i in ids]
-        by_id = {}
-        for start in range(0, len(wanted), step):
-            rows = self._call("get", _collection(name), ids=wanted[start:start + step],
-                              output_fields=["vector", *META_FIELDS], consistency_level=self.consistency)
-            by_id.update((int(r["id"]), r) for r in rows)
+        per_call = max(1, min(MAX_LIMIT, FETCH_BYTES // (4 * dim + 256)))  # 256: the metadata's share, roughly
+        rows = self._get(name, [int(i) for i in ids], ["vector", *META_FIELDS], self.consistency, per_call)
+        by_id = {int(r["id"]): r for r in rows}
         present = np.asarray([i for i in ids if int(i) in by_id], dtype=np.int64)
         ordered = [by_id[int(i)] for i in present]
         vectors = np.asarray([r["vector"] for r in ordered], dtype=np.float32).reshape(len(ordered), dim)
