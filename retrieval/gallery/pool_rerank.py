@@ -32,11 +32,10 @@ SearchFn = Callable[[np.ndarray, int, list], tuple]
 FetchFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray, list[EntryMetadata]]"]
 
 
-def rerank_items(n_queries: int, top_k: int, opts: RerankOptions, live: int) -> int:
-    """The most gallery items a re-ranked search may gather: each query's pool and its candidates'
-    neighbours, pool x (k1 + 1) (at most the gallery), summed over the queries; with ``joint``
-    their union (at most the gallery), which is what each of them is re-ranked with."""
-    pool = min(max(opts.pool, top_k), live)
+def rerank_items(n_queries: int, pool: int, opts: RerankOptions, live: int) -> int:
+    """The most gallery items a re-ranked search may gather: each query's ``pool`` and its
+    candidates' neighbours, pool x (k1 + 1) (at most the gallery), summed over the queries; with
+    ``joint`` their union (at most the gallery), which is what each of them is re-ranked with."""
     if opts.joint:
         return min(live, n_queries * pool * (opts.k1 + 1))
     return n_queries * min(live, pool * (opts.k1 + 1))
@@ -46,13 +45,13 @@ def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], op
                 search: SearchFn, fetch: FetchFn, group_by_person: bool = False) -> list[list[Hit]]:
     """Each query's top_k re-ranked hits; with ``group_by_person``, the best entry of each of top_k
     people among the pool's first ``pool`` re-ranked hits."""
-    items = rerank_items(len(queries), top_k, opts, live)
+    pool = min(max(opts.pool, top_k), live)
+    items = rerank_items(len(queries), pool, opts, live)
     if opts.max_items is not None and items > opts.max_items:
         raise InvalidEntry(f"re-ranking would gather up to {items:,} gallery items ({len(queries)} quer"
                            f"{'y' if len(queries) == 1 else 'ies'}, pool {max(opts.pool, top_k)}, k1 {opts.k1}"
                            f"{', joint' if opts.joint else ''}); the server's limit is {opts.max_items:,} "
                            f"(max_rerank_items): send fewer queries per call, or lower pool, top_k or k1")
-    pool = min(max(opts.pool, top_k), live)
     _, first = search(queries, pool, filters)
     cand = np.unique(first[first >= 0])
     neighbours: dict[int, np.ndarray] = {}
