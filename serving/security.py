@@ -143,6 +143,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if not method.startswith(SERVICE_PREFIX):
             return await continuation(details)  # health and reflection stay open
+        name = method[len(SERVICE_PREFIX):]
         header = dict(details.invocation_metadata or ()).get("authorization", "")
         role = self._role(header[7:]) if header.startswith("Bearer ") else None
         handler = await continuation(details)
@@ -150,9 +151,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return None
         if role is None:
             failure = _abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        elif method[len(SERVICE_PREFIX):] in WRITE_METHODS and role != "write":
+        elif name in WRITE_METHODS and role != "write":
             failure = _abort(grpc.StatusCode.PERMISSION_DENIED, "this token may read (embed, search) but not change galleries")
-        elif method[len(SERVICE_PREFIX):] in ROLE_AWARE_METHODS:
+        elif name in ROLE_AWARE_METHODS:
             return _with_role(handler, role)
         else:
             return handler
