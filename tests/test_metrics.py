@@ -94,3 +94,31 @@ def test_l2_normalize_survives_huge_finite_values():
 
     out = l2_normalize(np.array([[3e30, 4e30], [0.0, 0.0]], dtype=np.float32))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
+
+
+def test_distance_helpers_match_their_definitions():
+    from retrieval.distance import compute_distance
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(5, 8)).astype(np.float32) * 100
+    b = np.concatenate([a[:2], rng.normal(size=(4, 8)).astype(np.float32)])  # two exact duplicates
+    diff = a[:, None, :].astype(np.float64) - b[None, :, :]
+    sq = (diff ** 2).sum(-1)
+    got = compute_distance(a, b, "sqeuclidean")
+    assert got.min() >= 0.0  # the expansion's rounding below zero at the duplicates is clipped
+    np.testing.assert_allclose(got, sq, rtol=1e-4, atol=0.5)  # |a|^2 ~ 1e5: float32 rounding of the expansion
+    np.testing.assert_allclose(compute_distance(a, b, "euclidean") ** 2, sq, rtol=1e-4, atol=0.5)
+    cos = 1 - (a @ b.T) / np.linalg.norm(a, axis=1)[:, None] / np.linalg.norm(b, axis=1)[None, :]
+    np.testing.assert_allclose(compute_distance(a, b), cos, atol=1e-5)
+    assert compute_distance(a, b)[0, 0] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("metric, shapes, message", [("manhattan", ((2, 4), (3, 4)), "unknown metric"),
+                                                     ("cosine", ((2, 4), (3, 5)), "equal widths"),
+                                                     ("cosine", ((4,), (3, 4)), "2-D")])
+def test_compute_distance_refuses_what_it_cannot_compare(metric, shapes, message):
+    from retrieval.distance import compute_distance
+
+    a, b = (np.ones(s, dtype=np.float32) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        compute_distance(a, b, metric)

@@ -143,3 +143,44 @@ def test_to_input_equals_scaling_then_normalize(norm):
         mean = np.array(norm["pixel_mean"], np.float32).reshape(1, 3, 1, 1)
         std = np.array(norm["pixel_std"], np.float32).reshape(1, 3, 1, 1)
         np.testing.assert_allclose(md.normalize(floats), (floats - mean) / std, atol=1e-6)
+
+
+def test_prepare_gives_each_image_its_own_outcome_in_order():
+    """Crops first, then the frame's boxes; a frame that does not decode fails each of its boxes
+    (with a message that says the frame, not the box, is at fault) and none of the crops."""
+    from serving.preprocessing import prepare
+    from serving.proto import reid_pb2
+
+    request = reid_pb2.EmbedRequest()
+    request.images.add(encoded=_encode(_photo(), "PNG"))
+    request.images.add(encoded=b"")
+    request.images.add(raw=reid_pb2.RawImage(pixels=b"", height=0, width=4, format=reid_pb2.RGB8))
+    request.images.add()  # neither encoded bytes nor raw pixels
+    request.frame.image.encoded = b"\xff\xd8 not a jpeg"
+    for x in (0, 10):
+        request.frame.boxes.add(x1=x, y1=0, x2=x + 8, y2=16)
+    out = prepare(request, 32, 16, 10_000)
+    assert len(out) == 6
+    assert out[0].shape == (32, 16, 3) and out[0].dtype == np.uint8
+    messages = [str(o) for o in out[1:]]
+    assert "empty" in messages[0]
+    assert "zero height or width" in messages[1]
+    assert "neither encoded bytes nor raw pixels" in messages[2]
+    assert all(isinstance(o, ImageError) for o in out[1:])
+    assert messages[3] == messages[4] and messages[3].startswith("frame: cannot decode")
+
+
+@pytest.mark.parametrize("box, why", [((0, 0, float("nan"), 5), "non-finite"), ((5, 0, 5, 5), "zero or negative"),
+                                      ((50, 50, 60, 60), "no pixels inside")])
+def test_a_bad_box_fails_alone(box, why):
+    from serving.preprocessing import prepare
+    from serving.proto import reid_pb2
+
+    request = reid_pb2.EmbedRequest()
+    request.frame.image.encoded = _encode(_photo(), "PNG")  # 40 x 90
+    request.frame.boxes.add(x1=0, y1=0, x2=20, y2=40)
+    x1, y1, x2, y2 = box
+    request.frame.boxes.add(x1=x1, y1=y1 + 40, x2=x2, y2=y2 + 40)
+    good, bad = prepare(request, 32, 16, 10_000)
+    assert good.shape == (32, 16, 3)
+    assert isinstance(bad, ImageError) and why in str(bad)
