@@ -311,3 +311,48 @@ def test_mixed_precision_tolerates_a_few_overflowing_steps(quick_spec, monkeypat
     trainer.start_epoch, trainer.spec.train.num_epochs = 0, 2
     with pytest.raises(TrainingDiverged):  # 10 in a row: more than a 2-batch epoch holds, so it spans epochs
         trainer.fit()
+
+
+def test_softmax_sampler_trains_the_id_loss_on_random_batches(quick_spec):
+    """``dataset.sampler=softmax``: batches need not hold K images of a person, and only the ID loss is
+    logged (a triplet term would find no positives in most of them)."""
+    spec = quick_spec(**{"dataset.sampler": "softmax", "dataset.batch_size": 7, "train.num_epochs": 1})
+    trainer = Trainer(spec, torch.device("cpu"))
+    pids_per_batch = [len(set(pids.tolist())) for _, pids, _ in trainer.loader]
+    assert max(pids_per_batch) > 7 // 2  # P x K batches of K = 2 would hold at most 3 people
+    trainer.fit()
+    (line,) = [json.loads(x) for x in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "id" in line and "triplet" not in line and np.isfinite(line["loss"])
+
+
+def test_clip_grad_norm_bounds_the_gradient_each_step_applies(quick_spec):
+    """``train.clip_grad_norm``: what the optimizer sees has at most that norm (without it, the
+    same batch's gradient is larger)."""
+    seen = []
+
+    def grad_norm_at_step(trainer):
+        real = trainer.optimizer.step
+
+        def step(*args, **kwargs):
+            grads = [p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]
+            seen.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+            return real(*args, **kwargs)
+
+        trainer.optimizer.step = step
+        torch.manual_seed(0)
+        images, pids, _ = next(iter(trainer.loader))
+        trainer._step(images, pids)
+        return seen[-1]
+
+    free = grad_norm_at_step(Trainer(quick_spec(), torch.device("cpu")))
+    clip = free / 10
+    clipped = grad_norm_at_step(Trainer(quick_spec(**{"train.clip_grad_norm": clip}), torch.device("cpu")))
+    assert clipped == pytest.approx(clip, rel=1e-3)
+
+
+def test_a_batch_larger_than_the_training_set_is_a_one_line_config_error(quick_spec):
+    n = len(load_train(Path(quick_spec().dataset.train_dataset_dir), 8))
+    for sampler, why in (("softmax", f"larger than one epoch of the training set \\({n} images\\)"),
+                         ("softmax_triplet", "identities per batch")):
+        with pytest.raises(ConfigError, match=f"dataset.batch_size=1000.*{why}"):
+            Trainer(quick_spec(**{"dataset.sampler": sampler, "dataset.batch_size": 1000}), torch.device("cpu"))

@@ -105,7 +105,9 @@ def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int, dev
         raise ConfigError(f"dataset.batch_size={d.batch_size}, dataset.num_instances={d.num_instances}, "
                           f"{world_size} process(es): {exc}") from None
     if len(sampler) == 0:
-        raise ConfigError(f"dataset.batch_size={d.batch_size} is larger than one epoch of the training set")
+        share = f", {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(f"dataset.batch_size={d.batch_size} is larger than one epoch of the training set "
+                          f"({len(records)} images{share}); lower it")
     loader = torch.utils.data.DataLoader(
         ImageDataset(records, transform), batch_sampler=sampler, num_workers=d.num_workers,
         generator=torch.Generator(),
