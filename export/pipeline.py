@@ -13,7 +13,7 @@ from export.errors import ExportError
 from export.fp16 import convert_fp16
 from export.onnx import CHECK_BATCHES, export_onnx, run_onnx, static_input
 from export.verify import check_inputs, check_parity
-from serving.engines.base import ModelMetadata
+from serving.engines.base import ModelMetadata, check_pixel_flags
 
 FP16_PARITY = 0.999
 ENGINE_PARITY = 0.999
@@ -42,12 +42,14 @@ def compare_onnx(reference: Path, candidate: Path, threshold: float, what: str) 
             for n, b in check_inputs(CHECK_BATCHES, h, w).items()}
 
 
-def ensure_metadata(onnx_path: Path, pixel_mean: list | None, pixel_std: list | None) -> dict:
+def ensure_metadata(onnx_path: Path, pixel_mean: list | None, pixel_std: list | None, log=print) -> dict:
     """The reid metadata of an ONNX file; for files from other tools, built from the graph and the
     preprocessing given on the command line (without it the engine could not be served)."""
     proto = onnx.load(str(onnx_path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     if ModelMetadata.from_props(props) is not None:
+        if pixel_mean is not None:
+            log(f"    --pixel-mean/--pixel-std ignored: {onnx_path} carries its own reid metadata")
         return props
     if not pixel_mean or not pixel_std:
         raise ExportError(f"{onnx_path} carries no reid metadata: give --pixel-mean and --pixel-std "
@@ -90,18 +92,30 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
     for path in outputs:  # found otherwise only after the stage, as "NAME.tmp: Is a directory"
         if path.is_dir():
             raise ExportError(f"{path} is a folder; give a file name to write")
+    try:
+        check_pixel_flags(pixel_mean, pixel_std)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+    if checkpoint is None and not onnx_path.is_file():
+        raise ExportError(f"{onnx_path} does not exist (give --checkpoint to export it)")
+    if pixel_mean is not None and checkpoint is not None:
+        log("    --pixel-mean/--pixel-std ignored: the ONNX export of a checkpoint carries its own reid metadata")
+    elif pixel_mean is not None and engine_path is None:
+        log("    --pixel-mean/--pixel-std ignored: they go into a TensorRT engine's metadata (--engine); "
+            "to serve this ONNX file, give them to reid-serve")
+    props = None
     if engine_path is not None:
         from export.tensorrt import check_profile
 
         check_profile(*batches, workspace_gb)
+        if checkpoint is None:  # another tool's ONNX: a missing --pixel-mean is found before any stage runs
+            props = ensure_metadata(onnx_path, pixel_mean, pixel_std, log)
     if checkpoint is not None:
         log(f"[1] ONNX export of {checkpoint} ...")
         report = export_onnx(checkpoint, onnx_path, normalize_output=normalize)
         stages.append(Stage("onnx", str(onnx_path), report["export_seconds"], report["parity_min_cosine"]))
         log(f"    wrote {onnx_path} ({report['size_bytes'] / 2**20:.1f} MiB) in {report['export_seconds']:.1f} s; "
             f"ONNX Runtime vs PyTorch worst row cosine {min(report['parity_min_cosine'].values()):.6f}")
-    elif not onnx_path.is_file():
-        raise ExportError(f"{onnx_path} does not exist (give --checkpoint to export it)")
     built_from = onnx_path
     if fp16:
         start = time.perf_counter()
@@ -122,7 +136,7 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
         ok, why = gpu_available()
         if not ok:
             raise ExportError(f"cannot build a TensorRT engine here: {why}")
-        props = ensure_metadata(onnx_path, pixel_mean, pixel_std)
+        props = props or ensure_metadata(onnx_path, None, None, log)  # the checkpoint's ONNX, just written
         log(f"[3] TensorRT engine from {built_from} (batch {batches[0]}/{batches[1]}/{batches[2]}) ...")
         info = build_engine(built_from, engine_path, *batches, workspace_gb=workspace_gb, timing_cache=timing_cache)
         write_sidecar_metadata(engine_path, props)

@@ -16,11 +16,13 @@ import yaml
 
 from retrieval.gallery import FaissGalleryStore, GalleryError
 from retrieval.gallery.milvus_store import CONSISTENCY_LEVELS
-from serving.engines import ModelFileError, ModelMetadata, open_engine
+from serving.engines import ModelFileError, ModelMetadata, check_pixel_flags, open_engine
 from serving.engines.onnxruntime import GRAPH_OPTIMIZATIONS
 from serving.security import SecurityError, load_tokens
 from serving.server import ServerConfig, serve_forever
 from serving.service import Limits
+
+log = logging.getLogger(__name__)
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -224,6 +226,18 @@ def open_store(args):
                               consistency=args.milvus_consistency, **kwargs)
 
 
+_PREPROCESSING_FLAGS = ("--pixel-mean", "--pixel-std", "--input-size")
+
+
+def preprocessing_fallback(args: argparse.Namespace) -> ModelMetadata | None:
+    """Preprocessing for a model without reid metadata, from the command line."""
+    check_pixel_flags(args.pixel_mean, args.pixel_std)
+    if args.pixel_mean is None:
+        return None
+    h, w = args.input_size or (256, 128)
+    return ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     args = parse_serve_args(argv)
     handler = logging.StreamHandler()
@@ -232,13 +246,13 @@ def serve_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         config = build_config(args)
-        fallback = None
-        if args.pixel_mean or args.pixel_std:
-            h, w = args.input_size or (256, 128)
-            fallback = ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean or [0.0] * 3, pixel_std=args.pixel_std or [1.0] * 3)
+        fallback = preprocessing_fallback(args)
         run = event_loop_runner(args.event_loop)
         engine = open_engine(args.model, args.device, fallback, args.intra_op_threads, config.max_batch_size,
                              config.instances, args.graph_optimization)
+        given = [flag for flag in _PREPROCESSING_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
+        if given and not engine.uses_fallback:
+            log.warning("%s ignored: %s carries its own preprocessing metadata", ", ".join(given), args.model)
         if args.model_id is not None:
             if not args.model_id.strip():
                 raise ValueError("--model-id must not be empty")

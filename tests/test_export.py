@@ -188,3 +188,46 @@ def test_tensorrt_engine_matches_onnx(swin_ckpt, tmp_path):
                           log=lambda *_: None)
     assert stages[-1].name == "tensorrt" and min(stages[-1].parity.values()) >= 0.999
     assert (tmp_path / "m.engine.json").is_file()
+
+
+def _foreign_onnx(path: Path) -> Path:
+    """An ONNX file from another tool: static 64x32 input, N x 3 output, no reid metadata."""
+    nodes = [helper.make_node("GlobalAveragePool", ["images"], ["p"]), helper.make_node("Flatten", ["p"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, 64, 32])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_another_tools_onnx_gets_its_preprocessing_from_the_flags(tmp_path):
+    from export.pipeline import ensure_metadata
+    from serving.engines.base import ModelMetadata
+
+    meta = ModelMetadata.from_props(ensure_metadata(_foreign_onnx(tmp_path / "f.onnx"), [0.5] * 3, [0.25] * 3))
+    assert (meta.input_height, meta.input_width, meta.embedding_dim) == (64, 32, 3)
+    assert (meta.pixel_mean, meta.pixel_std, meta.input_name, meta.output_name) == ([0.5] * 3, [0.25] * 3, "images", "out")
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "f.onnx carries no reid metadata: give --pixel-mean and --pixel-std"),
+    (["--pixel-mean", "0.5", "0.5", "0.5"], "give --pixel-mean and --pixel-std together"),
+    (["--pixel-mean", "0.5", "0.5", "0.5", "--pixel-std", "0", "1", "1"], "--pixel-std 0.0 1.0 1.0: every value must be above 0"),
+])
+def test_preprocessing_flags_are_checked_before_any_stage(tmp_path, capsys, flags, message):
+    """A missing --pixel-mean for another tool's ONNX used to be found after the FP16 conversion."""
+    foreign = _foreign_onnx(tmp_path / "f.onnx")
+    code = export_main(["--onnx", str(foreign), "--fp16", "--engine", str(tmp_path / "f.engine"), *flags])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("reid-export: error: ") and message in lines[0]
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx"]  # no stage ran
+
+
+def test_preprocessing_flags_that_would_change_nothing_are_reported(swin_ckpt, tmp_path, capsys):
+    flags = ["--pixel-mean", "0.5", "0.5", "0.5", "--pixel-std", "0.25", "0.25", "0.25"]
+    assert export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(tmp_path / "m.onnx"), *flags]) == 0
+    assert "ignored: the ONNX export of a checkpoint carries its own reid metadata" in capsys.readouterr().out
+    assert export_main(["--onnx", str(_foreign_onnx(tmp_path / "f.onnx")), "--fp16", *flags]) == 0
+    assert "ignored: they go into a TensorRT engine's metadata (--engine)" in capsys.readouterr().out

@@ -127,6 +127,43 @@ def test_model_id_can_be_given_for_a_model_saved_again(tiny_onnx, monkeypatch, c
     assert capsys.readouterr().err.strip().endswith("reid-serve: error: --model-id must not be empty")
 
 
+def test_preprocessing_flags_are_checked_and_never_ignored_silently(tiny_onnx, tmp_path, monkeypatch, capsys, caplog):
+    """--pixel-mean without --pixel-std used to serve with std 1, and flags given for a model that
+    carries its own metadata were dropped without a word."""
+    import serving.cli
+
+    served = []
+
+    async def record(engine, config, store):
+        served.append(engine.metadata)
+
+    monkeypatch.setattr(serving.cli, "serve_forever", record)
+    base = ["--no-gallery", "--model"]
+    mean, std = ["--pixel-mean", "0.5", "0.5", "0.5"], ["--pixel-std", "0.25", "0.25", "0.25"]
+    for flags, says in ((mean, "give --pixel-mean and --pixel-std together"),
+                        (std, "give --pixel-mean and --pixel-std together"),
+                        (mean + ["--pixel-std", "0.25", "0", "0.25"], "--pixel-std 0.25 0.0 0.25: every value must be above 0")):
+        assert serving.cli.serve_main(base + [str(tiny_onnx)] + flags) == 2
+        assert says in capsys.readouterr().err
+    assert not served
+
+    assert serving.cli.serve_main(base + [str(tiny_onnx)] + mean + std + ["--input-size", "64", "32"]) == 0
+    assert "--pixel-mean, --pixel-std, --input-size ignored" in caplog.text and "own preprocessing metadata" in caplog.text
+    assert served[-1].pixel_mean == []  # ours normalizes inside the graph: nothing applied twice
+    caplog.clear()
+
+    from onnx import TensorProto, helper
+
+    plain = _graph_model(tmp_path / "plain.onnx", [helper.make_node("GlobalAveragePool", ["images"], ["out"])],
+                         [("images", TensorProto.FLOAT, ["n", 3, "h", "w"])], ["n", 3, 1, 1])
+    assert serving.cli.serve_main(base + [str(plain)] + mean + std + ["--input-size", "64", "32"]) == 0
+    assert "ignored" not in caplog.text
+    got = served[-1]
+    assert (got.pixel_mean, got.pixel_std, got.input_height, got.input_width) == ([0.5] * 3, [0.25] * 3, 64, 32)
+    assert serving.cli.serve_main(base + [str(plain)]) == 2
+    assert "carries no reid preprocessing metadata; give its pixel mean/std" in capsys.readouterr().err
+
+
 def test_encoded_raw_and_frame_inputs_match_the_engine(server, engine):
     images = [_jpeg(i) for i in range(3)]
     decoded = [decode_image(b) for b in images]

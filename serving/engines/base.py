@@ -94,6 +94,17 @@ class ModelMetadata:
             raise ModelFileError(f"model metadata is malformed: {exc}") from None
 
 
+def check_pixel_flags(pixel_mean: list | None, pixel_std: list | None) -> None:
+    """``--pixel-mean``/``--pixel-std`` of reid-serve and reid-export: both or neither, every std
+    above 0. One alone used to leave the other at the identity (mean 0 or std 1), which a model
+    trained with both answers with poor embeddings, silently; a std of 0 divides by zero."""
+    if (pixel_mean is None) != (pixel_std is None):
+        raise ValueError("give --pixel-mean and --pixel-std together (e.g. ImageNet's: --pixel-mean 0.485 0.456 0.406 "
+                         "--pixel-std 0.229 0.224 0.225; 0 0 0 and 1 1 1 for a model fed 0..1 pixels)")
+    if pixel_std is not None and min(pixel_std) <= 0:
+        raise ValueError(f"--pixel-std {' '.join(map(str, pixel_std))}: every value must be above 0")
+
+
 # JPEGs go to TurboJPEG (simplejpeg), other formats to OpenCV, which decodes and resizes several
 # times faster than Pillow on person crops (measured in docs/performance.md); headers are read
 # first, so the pixel limit holds before any decoding.
@@ -214,6 +225,9 @@ class Engine(abc.ABC):
     # Whose embeddings these are: galleries record it, so that images are never searched against
     # a gallery another model filled (a retrained model of the same width ranks at random there).
     model_id: str = ""
+    # True when ``metadata``'s preprocessing came from the caller's fallback (the model has none of
+    # its own); False when the model file's metadata won and any fallback was left unused.
+    uses_fallback: bool = False
 
     def _identify(self, path: Path) -> None:
         """Set ``model_id``: the training checkpoint's hash where the file carries it (its ONNX, FP16

@@ -152,7 +152,9 @@ class OnnxRuntimeEngine(Engine):
             self._choose_optimization(ort, path, options)
         self._half_input = self.session.get_inputs()[0].type == "tensor(float16)"
         props = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = ModelMetadata.from_props(props) or metadata_from_graph(self.session, fallback)
+        own = ModelMetadata.from_props(props)
+        self.uses_fallback = own is None
+        self.metadata = own or metadata_from_graph(self.session, fallback)
         self._identify(path)
         self.metadata.input_name = self.session.get_inputs()[0].name
         self.metadata.output_name = self.session.get_outputs()[0].name
