@@ -120,12 +120,36 @@ def test_token_sources_and_errors(tmp_path, monkeypatch):
         parse_tokens(["short read"], "x")
     with pytest.raises(SecurityError, match="not set"):
         load_tokens(None, "REID_NO_SUCH_VAR")
+    (tmp_path / "empty").write_text("# only a comment\n\n")
+    with pytest.raises(SecurityError, match="empty holds no tokens"):
+        load_tokens(tmp_path / "empty", None)
+    with pytest.raises(SecurityError, match="cannot read tokens file .*missing: No such file"):
+        load_tokens(tmp_path / "missing", None)
+
+
+def test_tls_files_come_in_pairs_and_unreadable_ones_are_named(tmp_path):
+    from serving.security import server_credentials
+
+    pem = tmp_path / "cert.pem"
+    pem.write_text("x")
+    assert server_credentials(None, None, None) is None
+    for args, says in (((None, None, pem), "--tls-client-ca needs --tls-cert and --tls-key"),
+                       ((pem, None, None), "TLS needs both --tls-cert and --tls-key"),
+                       ((None, pem, None), "TLS needs both --tls-cert and --tls-key"),
+                       ((pem, tmp_path / "key.pem", None), "cannot read TLS file .*key.pem: No such file")):
+        with pytest.raises(SecurityError, match=says):
+            server_credentials(*args)
 
 
 def test_plaintext_beyond_localhost_needs_insecure(caplog):
     check_bind("127.0.0.1", tls=False, insecure=False)
     check_bind("::1", tls=False, insecure=False)
     check_bind("0.0.0.0", tls=True, insecure=False)
+    check_bind("localhost", tls=False, insecure=False)
+    check_bind("[::1]", tls=False, insecure=False)
+    for host in ("", "[::]", "reid.example.com", "10.0.0.5"):  # "": every interface
+        with pytest.raises(SecurityError, match="refusing plaintext"):
+            check_bind(host, tls=False, insecure=False)
     with pytest.raises(SecurityError, match="refusing plaintext on 0.0.0.0"):
         check_bind("0.0.0.0", tls=False, insecure=False)
     check_bind("0.0.0.0", tls=False, insecure=True)
