@@ -678,3 +678,39 @@ def test_a_rerank_lambda_of_zero_is_honoured_not_taken_for_unset(server):
             offline = k_reciprocal_rerank(l2_normalize(vecs[:1]), l2_normalize(vecs[1:]), 5, 2, lam)[0]
             got = dict((h.id, h.distance) for h in answer.hits)
             np.testing.assert_allclose([got[i] for i in ids], offline, atol=1e-5)
+
+
+def _embeddings(*lengths: int) -> list:
+    return [reid_pb2.Embedding(values=[1.0] * n) for n in lengths]
+
+
+@pytest.mark.parametrize("rpc, request_fields, says", [
+    ("AddToGallery", {}, "give either images or embeddings (exactly one)"),
+    ("AddToGallery", {"embeddings": _embeddings(32, 32), "ids": [1]}, "2 entries need 2 metadata and 2 ids (or none), got 0 and 1"),
+    ("AddToGallery", {"embeddings": _embeddings(32, 31)}, "embeddings have mismatched lengths [31, 32]"),
+    ("AddToGallery", {"embeddings": _embeddings(32), "ids": [2**63]}, "ids must be below 2^63"),
+    ("Search", {}, "give query images, query embeddings or query entry_ids (exactly one)"),
+    ("Search", {"embeddings": _embeddings(32, 31)}, "embeddings have mismatched lengths [31, 32]"),
+    ("Search", {"embeddings": _embeddings(32, 32, 32), "filters": [reid_pb2.SearchFilter()] * 2},
+     "give no filter, one, or one per query (3); got 2"),
+    ("Search", {"embeddings": _embeddings(32), "rerank": reid_pb2.RerankOptions(enabled=True, lambda_value=1.5)},
+     "rerank.lambda_value must be within 0..1"),
+    ("Search", {"entry_ids": [2**63]}, "entry ids must be below 2^63"),
+    ("Search", {"embeddings": _embeddings(32) * 5}, "5 queries; the limit is 4"),
+    ("RemoveFromGallery", {"ids": [1], "person_ids": ["p"]}, "give one of ids, person_ids and before_timestamp"),
+])
+def test_malformed_gallery_requests_are_refused_with_what_to_fix(tiny_onnx, tmp_path, rpc, request_fields, says):
+    """Each refused before the store is touched; the gallery and the server go on."""
+    from serving.proto import reid_pb2_grpc
+    from serving.service import Limits
+
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, limits=Limits(max_search_queries=4)))
+    thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    with thread as s, GalleryClient(s.target) as g:
+        g.create("g")
+        g.add("g", embeddings=np.eye(4, 32, dtype=np.float32), ids=[1, 2, 3, 4])
+        message = getattr(reid_pb2, f"{rpc}Request")(gallery="g", **request_fields)
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(reid_pb2_grpc.ReIdentificationStub(g.channel), rpc)(message, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == says
+        assert g.info("g").size == 4 and g.search("g", embeddings=np.eye(1, 32), top_k=1)[0].hits[0].id == 1
