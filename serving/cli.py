@@ -167,27 +167,24 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _given(args: argparse.Namespace, settings) -> dict:
+    """The flags named after ``settings``' fields (a dataclass) that the command line or --config
+    gave: a flag left out is None (False for a switch such as --insecure)."""
+    values = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(settings)}
+    return {name: v for name, v in values.items() if v is not None and v is not False}
+
+
 def build_config(args) -> ServerConfig:
-    """The server's settings from ``parse_serve_args``'s result."""
+    """The server's settings from ``parse_serve_args``'s result: every flag named after a
+    ``ServerConfig`` or ``Limits`` field sets it, over what ``--config`` holds beyond the flags."""
     values = dict(getattr(args, "config_values", {}))
-    for key in ("host", "port", "metrics_port", "max_batch_size", "max_queue_delay_ms", "split_batch_ms",
-                "queue_capacity", "workers", "gallery_threads", "gallery_queue_capacity", "instances", "max_message_bytes",
-                "min_client_ping_seconds"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
+    values.update(_given(args, ServerConfig))
     if args.no_batching:
         values["batching"] = False
-    for key in ("tls_cert", "tls_key", "tls_client_ca"):
-        if getattr(args, key):
-            values[key] = getattr(args, key)
-    if args.insecure:
-        values["insecure"] = True
     if args.tokens_file or args.tokens_env:
         values["tokens"] = load_tokens(args.tokens_file, args.tokens_env)
     limits = {f.name: values.pop(f.name) for f in dataclasses.fields(Limits) if f.name in values}
-    for key in ("max_images_per_request", "max_image_pixels"):
-        if getattr(args, key) is not None:
-            limits[key] = getattr(args, key)
+    limits.update(_given(args, Limits))
     known = {f.name for f in dataclasses.fields(ServerConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

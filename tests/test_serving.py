@@ -517,6 +517,39 @@ def test_batcher_options_come_from_the_config_file_and_the_command_line(tmp_path
         build_config(parse_serve_args(["--model", "m.onnx", "--min-client-ping-seconds", "-1"]))
 
 
+def test_every_flag_named_after_a_setting_reaches_the_server_config():
+    """build_config kept a hand-written list of flags: one added to the parser and not to the list
+    was parsed, then ignored."""
+    import dataclasses
+
+    from serving.cli import build_config, parse_serve_args, serve_parser
+    from serving.server import ServerConfig
+    from serving.service import Limits
+
+    defaults = {**{f.name: f for f in dataclasses.fields(ServerConfig)}, **{f.name: f for f in dataclasses.fields(Limits)}}
+    argv, expected = ["--model", "m.onnx"], {}
+    actions = [a for a in serve_parser()._actions if a.dest in defaults]
+    for action in actions:
+        default = defaults[action.dest].default
+        if action.nargs == 0:
+            argv.append(action.option_strings[0])
+            expected[action.dest] = not default
+        else:
+            value = default + 1 if isinstance(default, (int, float)) else f"x-{action.dest}"
+            argv += [action.option_strings[0], str(value)]
+            expected[action.dest] = value
+    config = build_config(parse_serve_args(argv))
+    got = {name: getattr(config.limits if hasattr(config.limits, name) else config, name) for name in expected}
+    assert got == expected
+    assert {"host", "insecure", "tls_client_ca", "gallery_queue_capacity", "max_image_pixels"} <= set(expected)
+    # a flag with another name must be wired by hand: it is one of these, or build_config ignores it
+    others = {"help", "version", "config", "model", "device", "intra_op_threads", "graph_optimization", "event_loop",
+              "pixel_mean", "pixel_std", "input_size", "model_id", "gallery_dir", "no_gallery", "gallery_backend",
+              "milvus_uri", "milvus_token", "milvus_ca", "milvus_consistency", "no_batching", "tokens_file",
+              "tokens_env", "log_format"}
+    assert {a.dest for a in serve_parser()._actions} - set(defaults) == others
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--max-batch-size", "0"], r"max_batch_size \(--max-batch-size\) must be at least 1, got 0"),
     (["--workers", "0"], "workers .* must be at least 1"),  # was a ThreadPoolExecutor traceback
