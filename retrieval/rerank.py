@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from retrieval.cancellation import check_cancelled
 from retrieval.faiss_setup import import_faiss
 
 _BYTES_PER_CELL = 12  # float32 distances plus temporaries in a chunk x N block
@@ -33,6 +34,9 @@ _BYTES_PER_CELL = 12  # float32 distances plus temporaries in a chunk x N block
 # neighbour ids; rows x (k1+1) x half-set x (k1+1) comparisons): 32 Mi of them. Fixed row counts
 # took 10-30 MB at k1 = 20 but over 1 GB at k1 = 100, and 30 GiB at k1 = 1,000.
 _EXPANSION_CELLS = 2**25
+# Items searched for their neighbours at once: a caller that has gone stops the search between
+# groups (check_cancelled) instead of after every item's search.
+_NEIGHBOUR_ROWS = 16384
 
 
 def _chunk_rows(n_cols: int, max_memory: int) -> int:
@@ -46,7 +50,11 @@ def _neighbours(feats: np.ndarray, k: int) -> np.ndarray:
     """
     index = import_faiss().IndexFlatL2(feats.shape[1])
     index.add(feats)
-    return index.search(feats, k)[1]
+    out = np.empty((len(feats), k), dtype=np.int64)
+    for start in range(0, len(feats), _NEIGHBOUR_ROWS):
+        check_cancelled()
+        out[start : start + _NEIGHBOUR_ROWS] = index.search(feats[start : start + _NEIGHBOUR_ROWS], k)[1]
+    return out
 
 
 def _row_max_sq_dist(feats: np.ndarray, sq: np.ndarray, max_memory: int) -> np.ndarray:
@@ -55,6 +63,7 @@ def _row_max_sq_dist(feats: np.ndarray, sq: np.ndarray, max_memory: int) -> np.n
     step = _chunk_rows(n, max_memory)
     out = np.empty(n, dtype=np.float32)
     for start in range(0, n, step):
+        check_cancelled()
         block = feats[start : start + step] @ feats.T
         block *= -2.0
         block += sq[None, :]
@@ -122,6 +131,7 @@ def _pair_sq_dist(feats: np.ndarray, rows: np.ndarray, cols: np.ndarray, max_mem
     out = np.empty(len(rows), dtype=np.float32)
     step = max(1, max_memory // (3 * feats.shape[1] * 4))
     for start in range(0, len(rows), step):
+        check_cancelled()
         diff = feats[rows[start : start + step]] - feats[cols[start : start + step]]
         out[start : start + step] = np.einsum("ij,ij->i", diff, diff)
     return out
@@ -155,6 +165,7 @@ def _expansion_pairs(rank: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]
         member[rows[0], cols[0]] = True
     step = max(1, min(2048, _EXPANSION_CELLS // ((k1 + 1) ** 2 * kh)))
     for start in range(0, n, step):
+        check_cancelled()
         s = s_set[start : start + step]  # B x (k1+1)
         cand = np.where(s >= 0, s, 0)
         hc = h_set[cand]  # B x (k1+1) x kh: each candidate's half set
@@ -238,6 +249,7 @@ def k_reciprocal_rerank(
     max_pairs = max(1, max_memory // 40)
     start = 0
     while start < nq:
+        check_cancelled()
         stop = start + 1
         budget = work[start]
         while stop < nq and stop - start < max_rows and budget + work[stop] <= max_pairs:

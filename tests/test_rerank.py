@@ -53,6 +53,35 @@ def test_expansion_in_small_chunks_gives_the_same_answer(monkeypatch):
     np.testing.assert_array_equal(k_reciprocal_rerank(q, g, k1=12, k2=4), whole)
 
 
+def test_neighbours_searched_in_groups_give_the_same_answer(monkeypatch):
+    import retrieval.rerank
+
+    rng = np.random.default_rng(4)
+    q, g = _clustered(rng, 20, 150, 16)
+    whole = k_reciprocal_rerank(q, g, max_memory=64 * 1024)  # too small for the one-matrix path
+    monkeypatch.setattr(retrieval.rerank, "_NEIGHBOUR_ROWS", 7)
+    np.testing.assert_array_equal(k_reciprocal_rerank(q, g, max_memory=64 * 1024), whole)
+
+
+@pytest.mark.parametrize("max_memory", [256 * 2**20, 64 * 1024])  # one matrix; blocks and FAISS
+def test_rerank_stops_once_its_caller_has_gone(max_memory):
+    """Served searches run in worker threads that outlive a caller who gave up; re-ranking checks
+    between its steps and stops. Outside a served call the checks never fire."""
+    import threading
+
+    from retrieval.cancellation import Cancelled, check_cancelled, run_cancellable
+
+    rng = np.random.default_rng(5)
+    q, g = _clustered(rng, 10, 100, 16)
+    ended = threading.Event()
+    np.testing.assert_array_equal(run_cancellable(ended, k_reciprocal_rerank, q, g, 20, 6, 0.3, max_memory),
+                                  k_reciprocal_rerank(q, g, max_memory=max_memory))
+    ended.set()
+    with pytest.raises(Cancelled):
+        run_cancellable(ended, k_reciprocal_rerank, q, g, 20, 6, 0.3, max_memory)
+    check_cancelled()  # this thread runs for no call: nothing to stop
+
+
 def test_rejects_bad_input():
     with pytest.raises(ValueError, match="equal widths"):
         k_reciprocal_rerank(np.zeros((2, 3)), np.zeros((4, 5)))

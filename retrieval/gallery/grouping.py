@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from retrieval.cancellation import check_cancelled
 from retrieval.gallery.base import Hit
 
 # Hits fetched per person wanted in the first round, and the factor each later round widens by.
@@ -47,6 +48,7 @@ def search_by_person(search: HitsFn, n_queries: int, top_k: int, cap: int) -> li
         short = []
         step = max(1, ROUND_HITS // k)
         for start in range(0, len(pending), step):
+            check_cancelled()
             rows = pending[start:start + step]
             for row, hits in zip(rows, search(rows, k)):
                 out[row] = best_per_person(hits, top_k)

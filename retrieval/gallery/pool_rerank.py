@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from retrieval.cancellation import check_cancelled
 from retrieval.gallery.base import EntryMetadata, Hit, InvalidEntry, RerankOptions, SearchFilter
 from retrieval.gallery.grouping import best_per_person
 from retrieval.rerank import k_reciprocal_rerank
@@ -76,6 +77,7 @@ def pool_rerank(queries: np.ndarray, top_k: int, filters: list[SearchFilter], op
         pools = [np.searchsorted(ids, pool_ids[np.isin(pool_ids, ids)]) for pool_ids in pools]
     out = []
     for qi, (flt, members) in enumerate(zip(filters, pools)):
+        check_cancelled()
         if not len(members):  # the filters leave nothing (or everything was removed meanwhile)
             out.append([])
             continue
