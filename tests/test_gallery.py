@@ -586,6 +586,51 @@ def test_flat_search_after_removals_equals_brute_force(tmp_path, monkeypatch, ov
         assert [h.id for h in row] == (best + 1).tolist()
 
 
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_a_search_in_parts_answers_as_one_and_stops_between_parts_once_its_caller_has_gone(tmp_path, monkeypatch,
+                                                                                           index_type):
+    """A call's queries are searched in parts of bounded work, so that a caller who gave up on
+    4,096 queries over a million entries does not hold the gallery thread for the rest."""
+    import threading
+
+    from retrieval.cancellation import Cancelled, run_cancellable
+    from retrieval.gallery import faiss_store
+
+    vecs, meta = _data(300)
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 16, index_type)
+    store.add("g", np.arange(1, 301), vecs, meta)
+    store.remove("g", np.array([5]))
+    queries = np.random.default_rng(2).normal(size=(23, 16)).astype(np.float32)
+    filters = [SearchFilter(exclude_camera_id="c1") if i % 3 else SearchFilter() for i in range(23)]
+    whole = store.search("g", queries, 10, filters)
+    monkeypatch.setattr(faiss_store, "SEARCH_PART_WORK", 300 * 4)  # 4 queries a part: 15 with a filter -> 4 parts
+    parts, ended = [], threading.Event()
+    real = faiss_store._Gallery._search_part
+
+    def counted(self, *args):
+        parts.append(len(args[0]))
+        return real(self, *args)
+
+    monkeypatch.setattr(faiss_store._Gallery, "_search_part", counted)
+    split = run_cancellable(ended, store.search, "g", queries, 10, filters)
+    assert sorted(parts) == [3, 4, 4, 4, 4, 4]  # 8 queries in 2 parts, 15 in 4 (4, 4, 4, 3)
+    assert [[h.id for h in row] for row in split] == [[h.id for h in row] for row in whole]
+    np.testing.assert_allclose([h.score for row in split for h in row], [h.score for row in whole for h in row],
+                               atol=1e-6)  # BLAS rounds the last bit by the shape of its product
+
+    def stop_after_one(self, *args):
+        ended.set()  # the caller goes while the first part runs
+        return counted(self, *args)
+
+    parts.clear()
+    monkeypatch.setattr(faiss_store._Gallery, "_search_part", stop_after_one)
+    with pytest.raises(Cancelled):
+        run_cancellable(ended, store.search, "g", queries, 10, filters)
+    assert len(parts) == 1
+    store.close()
+
+
 def test_galleries_keep_the_model_they_were_made_for(store, tmp_path):
     store.create("g", 16, "hnsw", model="abc123")
     store.create("legacy", 16)
