@@ -818,6 +818,17 @@ def test_milvus_searches_many_queries_in_calls_of_bounded_size(milvus_with_30, m
     assert sorted(calls) == [1, 2, 2, 2]  # 4 queries without a filter (2 + 2), 3 with one (2 + 1)
     assert [[(h.id, round(h.score, 5)) for h in row] for row in parts] == [[(h.id, round(h.score, 5)) for h in row] for row in whole]
 
+    import threading
+
+    from retrieval.cancellation import Cancelled, run_cancellable
+
+    ended, real_search = threading.Event(), store.client.search
+    calls.clear()
+    monkeypatch.setattr(store.client, "search", lambda *a, **k: ended.set() or real_search(*a, **k))  # the caller goes
+    with pytest.raises(Cancelled):
+        run_cancellable(ended, store.search, "g", vecs[:7], 4, flts)
+    assert len(calls) == 1  # no call after the one that was running
+
 
 def test_listing_milvus_lite_logs_no_warning(tmp_path):
     import logging

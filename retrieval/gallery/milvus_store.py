@@ -30,6 +30,7 @@ import threading
 
 import numpy as np
 
+from retrieval.cancellation import check_cancelled
 from retrieval.distance import l2_normalize
 from retrieval.gallery.base import (
     MAX_ID, EntryMetadata, EntryPage, GalleryBackend, GalleryError, GalleryExists, GalleryInfo, GalleryNotFound,
@@ -430,6 +431,7 @@ class MilvusGalleryStore(GalleryBackend):
         step = max(1, min(MAX_LIMIT, SEARCH_HITS // k))
         for expr, group in groups.items():
             for start in range(0, len(group), step):
+                check_cancelled()
                 rows = group[start:start + step]
                 answers = self._call("search", _collection(name), data=queries[rows].tolist(), limit=k,
                                      filter=expr, output_fields=META_FIELDS, search_params=params,
