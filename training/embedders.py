@@ -19,9 +19,6 @@ from training.errors import ReidError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("checkpoint", "onnx", "tensorrt", "embeddings")
-
-
 class Embedder(Protocol):
     description: str
     reads_images: bool  # False for stored embeddings: their jobs need not decode the images first
@@ -30,7 +27,7 @@ class Embedder(Protocol):
 
 
 def detect_kind(path: str | Path) -> str:
-    """One of ``KINDS`` by looking at the file's content, not its name."""
+    """"checkpoint", "onnx", "tensorrt" or "embeddings", by the file's content, not its name."""
     path = Path(path)
     if not path.is_file():
         raise ReidError(f"model file {path} does not exist")
