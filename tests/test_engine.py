@@ -356,3 +356,17 @@ def test_a_batch_larger_than_the_training_set_is_a_one_line_config_error(quick_s
                          ("softmax_triplet", "identities per batch")):
         with pytest.raises(ConfigError, match=f"dataset.batch_size=1000.*{why}"):
             Trainer(quick_spec(**{"dataset.sampler": sampler, "dataset.batch_size": 1000}), torch.device("cpu"))
+
+
+def test_each_epochs_log_line_says_how_long_the_run_has_left(quick_spec, caplog):
+    import logging
+
+    from training.engine import _time_left
+
+    assert _time_left(600.0, 2, 5) == "; about 25 min left" and _time_left(10.0, 2, 3) == "; about 15 s left"
+    assert _time_left(600.0, 2, 0) == ""
+    with caplog.at_level(logging.INFO, logger="training.engine"):
+        train(quick_spec(**{"train.num_epochs": 3}))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
+    assert all(" s left" in line for line in lines[:2]) and "left" not in lines[2]

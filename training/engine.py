@@ -56,6 +56,15 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def _time_left(elapsed: float, done: int, remaining: int) -> str:
+    """"; about 25 min left" after an epoch of a long run: its epochs so far (with validation and
+    checkpoints) at their mean pace; nothing after the last."""
+    if remaining <= 0:
+        return ""
+    seconds = elapsed / done * remaining
+    return f"; about {seconds / 60:.0f} min left" if seconds >= 90 else f"; about {seconds:.0f} s left"
+
+
 def _is_main(rank: int) -> bool:
     return rank == 0
 
@@ -263,6 +272,7 @@ class Trainer:
             self._restart_metrics_log()
         last_ckpt = None
         nonfinite = 0  # losses in a row that were not finite numbers
+        run_start = time.perf_counter()
         for epoch in range(self.start_epoch, t.num_epochs):
             seed = _epoch_seed(t.seed, epoch)
             torch.manual_seed(seed)
@@ -301,7 +311,8 @@ class Trainer:
             if main:
                 with open(self.out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"))
+                log.info("epoch %d: %s%s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
+                         _time_left(time.perf_counter() - run_start, epoch + 1 - self.start_epoch, t.num_epochs - epoch - 1))
                 if (epoch + 1) % t.checkpoint_interval == 0 or epoch + 1 == t.num_epochs:
                     last_ckpt = self._save(epoch + 1, metrics)
                     log.info("wrote %s", last_ckpt)
