@@ -1,6 +1,7 @@
 """Prometheus metrics of one server (own registry, so several servers can live in one process)."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -70,12 +71,22 @@ class _GalleryEntries:
 
 def timed(rpc):
     """Decorates a unary RPC method of a servicer holding ``metrics``: its whole latency, whatever
-    it ends with (an abort raises), goes into ``reid_request_seconds{method}``, named after it."""
+    it ends with (an abort raises), goes into ``reid_request_seconds{method}``, named after it.
+
+    A call whose deadline passes while it waits or runs, or whose caller cancels it, ends with gRPC
+    cancelling the method: it returns no status of its own, so it is counted here, by which of the
+    two it was (it went uncounted, and a deadline too short for the searches did not show)."""
     @functools.wraps(rpc)
     async def call(self, request, context):
         start = time.monotonic()
         try:
             return await rpc(self, request, context)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            self.metrics.requests.labels(rpc.__name__, code).inc()
+            self.metrics.errors.labels(code).inc()
+            raise
         finally:
             self.metrics.request_seconds.labels(rpc.__name__).observe(time.monotonic() - start)
     return call

@@ -619,6 +619,14 @@ class _BusyGalleryThread:
         return call
 
 
+def _wait_for_gallery_calls(s, most: int) -> None:
+    """Until the server holds at most ``most`` gallery calls (it lets go of calls a moment after
+    their callers do)."""
+    end = time.monotonic() + 10
+    while s.metrics.value("reid_gallery_calls") > most and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def test_a_gallery_call_whose_deadline_passes_while_it_waits_for_the_pool_never_runs(tiny_onnx, tmp_path):
     """Behind a long call, searches whose callers gave up are dropped from the gallery pool's
     queue instead of running for nobody (a flood of them would otherwise keep it busy)."""
@@ -631,15 +639,21 @@ def test_a_gallery_call_whose_deadline_passes_while_it_waits_for_the_pool_never_
             with pytest.raises(grpc.RpcError) as err:
                 g.stub.Search(search_request("g", embeddings=busy.vecs[:1]), timeout=0.2)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        # The caller's clock runs out a moment before the server's: release the long call only once
-        # the server has dropped the expired calls, or the freed thread may take the last of them.
-        end = time.monotonic() + 10
-        while s.metrics.value("reid_gallery_calls") > 1 and time.monotonic() < end:
+        # The caller's clock runs out a moment before the server's: go on only once the server has
+        # dropped the expired calls (or the freed thread may take the last of them).
+        _wait_for_gallery_calls(s, 1)
+        given_up = g.stub.Search.future(search_request("g", embeddings=busy.vecs[:1]), timeout=30)
+        while s.metrics.value("reid_gallery_calls") < 2:
             time.sleep(0.01)
+        given_up.cancel()  # a caller that cancels is dropped the same way
+        _wait_for_gallery_calls(s, 1)
         busy.release.set()
         assert len(long_call.result(timeout=30)) == 3
         assert len(g.search("g", embeddings=busy.vecs[:2])) == 2
     assert busy.searched == [3, 2]  # the four expired searches never reached the store
+    metrics = busy.thread.server.metrics
+    assert metrics.value("reid_requests_total", method="Search", code="DEADLINE_EXCEEDED") == 4
+    assert metrics.value("reid_requests_total", method="Search", code="CANCELLED") == 1
 
 
 def test_gallery_calls_beyond_the_queue_capacity_fail_fast_with_resource_exhausted(tiny_onnx, tmp_path):
