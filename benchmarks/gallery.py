@@ -1,11 +1,12 @@
 """Gallery figures: add throughput, search latency (p50/p99 for 1 and 64 queries), HNSW recall@10,
 server vs in-process, FAISS vs Milvus (Lite, or a server with --milvus-uri), memory per million
 entries (512-d), concurrent and filtered searches, how long an HNSW gallery takes to snapshot and start again,
-plain against grouped search by person, and re-ranked search (each query alone or joint).
+plain against grouped search by person, re-ranked search (each query alone or joint), and how soon
+a server's gallery thread is free again after the caller of a long search gives up.
 
 Usage: python benchmarks/gallery.py [--sizes 10000 100000 1000000] [--milvus-sizes 10000 100000] [--server-size 100000]
                                     [--milvus-uri http://host:19530] [--milvus-consistency strong] [--by-person-size 100000]
-                                    [--list-size 1000000] [--rerank-size 100000]
+                                    [--list-size 1000000] [--rerank-size 100000] [--abandon-size 30000]
 HNSW is built up to 100k entries (building it for 1M takes far longer than the rest on 2 cores).
 """
 from __future__ import annotations
@@ -175,20 +176,8 @@ def server_vs_direct(size: int, tmp: Path) -> None:
     from loadgen import stop_server
     from serving.client import GalleryClient
 
-    import os
-    import subprocess
-
-    from serving.healthcheck import wait_serving
-
-    onnx_stub = tmp / "model.onnx"
-    _tiny_onnx(onnx_stub)
-    port = 50000 + os.getpid() % 10000
-    proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
-                             "--model", str(onnx_stub), "--port", str(port), "--gallery-dir", str(tmp / "srv")],
-                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL)
+    proc, target = _serve(tmp)
     try:
-        target = f"127.0.0.1:{port}"
-        assert wait_serving(target, 120), "server did not start"
         vecs = data(size)
         with GalleryClient(target) as g:
             g.create("bench", dimension=DIM)
@@ -205,6 +194,59 @@ def server_vs_direct(size: int, tmp: Path) -> None:
         for nq in (1, 64):
             print(f"  {nq:2d} queries: server p50 {served[nq][0]:.2f} ms vs direct {direct[nq][0]:.2f} ms "
                   f"(+{(served[nq][0] / direct[nq][0] - 1) * 100:.0f}%), p99 {served[nq][1]:.2f} vs {direct[nq][1]:.2f} ms")
+    finally:
+        stop_server(proc)
+
+
+def _serve(tmp: Path, *extra: str):
+    """A reid-serve process with a stub model (the benchmarks send embeddings): (process, target)."""
+    import os
+    import subprocess
+
+    from serving.healthcheck import wait_serving
+
+    onnx_stub = tmp / "model.onnx"
+    if not onnx_stub.exists():
+        _tiny_onnx(onnx_stub)
+    port = 50000 + (os.getpid() + len(extra)) % 10000
+    proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                             "--model", str(onnx_stub), "--port", str(port), "--gallery-dir", str(tmp / f"srv{port}"),
+                             *extra], cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    if not wait_serving(target, 120):
+        proc.kill()
+        raise RuntimeError("the server did not start")
+    return proc, target
+
+
+def abandoned(size: int, tmp: Path, queries: int = 64) -> None:
+    """A joint re-ranked search of ``queries`` queries whose caller gives up after 1 s, on a server
+    with one gallery thread: how long a plain search sent then waits for that thread."""
+    import grpc
+
+    from loadgen import stop_server
+    from serving.client import GalleryClient, search_request
+
+    proc, target = _serve(tmp, "--gallery-threads", "1")
+    try:
+        vecs = data(size, seed=4)
+        with GalleryClient(target, retries=0, timeout=600) as g:
+            g.create("g", dimension=DIM)
+            for s in range(0, size, 5000):
+                g.add("g", embeddings=vecs[s:s + 5000])
+            long_search = search_request("g", embeddings=vecs[:queries] + 0.1, top_k=10, rerank={"joint": True})
+            start = time.perf_counter()
+            g.stub.Search(long_search, timeout=600)
+            whole = time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                g.stub.Search(long_search, timeout=1.0)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+            g.search("g", embeddings=vecs[:1], top_k=10)
+            after = time.perf_counter() - start
+        print(f"a caller giving up at {size:,} entries (flat, one gallery thread): a joint re-ranked search of {queries} "
+              f"queries takes {whole:.1f} s; given up at 1 s, the next plain search was answered {after:.1f} s after it began")
     finally:
         stop_server(proc)
 
@@ -313,6 +355,7 @@ def main() -> None:
     p.add_argument("--by-person-size", type=int, default=100_000, help="entries for plain vs grouped search (0: skip)")
     p.add_argument("--list-size", type=int, default=1_000_000, help="entries for listing them (ListEntries; 0: skip)")
     p.add_argument("--rerank-size", type=int, default=100_000, help="entries for re-ranked search (0: skip)")
+    p.add_argument("--abandon-size", type=int, default=30_000, help="entries for a search whose caller gives up (0: skip)")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     tmp = Path(tempfile.mkdtemp(prefix="gallery-bench-"))
@@ -371,6 +414,8 @@ def main() -> None:
             listing(args.list_size, tmp)
         if args.rerank_size:
             reranked(args.rerank_size, tmp)
+        if args.abandon_size:
+            abandoned(args.abandon_size, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
