@@ -1,11 +1,12 @@
 """Stopping read-only work whose caller has gone, at the next convenient point.
 
-A server runs each gallery call in a worker thread. When the caller's deadline passes or it
-cancels, the coroutine awaiting the thread is cancelled, but the thread itself runs on: a joint
-re-ranked search of 64 queries over 100,000 entries held one for 43 s after its caller had given
-up, and a few such calls kept every other caller's searches waiting. The server runs the call
-through ``run_cancellable`` with an event it sets when the call ends early; the long loops of
-searching and re-ranking call ``check_cancelled`` between steps, which then raises ``Cancelled``.
+A server runs a call's heavy parts (a gallery call, decoding a request's images) in worker
+threads. When the caller's deadline passes or it cancels, the coroutine awaiting the thread is
+cancelled, but the thread itself runs on: a joint re-ranked search of 64 queries over 100,000
+entries held one for 43 s after its caller had given up, and a few such calls kept every other
+caller's searches waiting. The server runs the work through ``run_cancellable`` with an event it
+sets when the call ends early; the long loops of searching, re-ranking and decoding call
+``check_cancelled`` between steps, which then raises ``Cancelled``.
 
 Only reads check: a change to a gallery, once begun, always completes. Outside
 ``run_cancellable`` (offline evaluation, tests, scripts) the checks cost a lookup and never raise.

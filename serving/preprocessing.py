@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from retrieval.cancellation import check_cancelled
 from serving.engines.base import ImageError, decode_image, resize
 from serving.proto import reid_pb2
 
@@ -59,6 +60,7 @@ def prepare(request: reid_pb2.EmbedRequest, height: int, width: int, max_pixels:
     """One entry per requested image (crops first, then frame boxes): height x width x 3 uint8 or an ``ImageError``."""
     out: list = []
     for image in request.images:
+        check_cancelled()  # a caller that has gone: decode nothing more for it
         try:
             out.append(resize(to_rgb(image, max_pixels), height, width))
         except ImageError as exc:
@@ -70,6 +72,7 @@ def prepare(request: reid_pb2.EmbedRequest, height: int, width: int, max_pixels:
             out += [ImageError(f"frame: {exc}")] * len(request.frame.boxes)
             return out
         for box in request.frame.boxes:
+            check_cancelled()
             try:
                 out.append(resize(crop(frame, box), height, width))
             except ImageError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,6 +18,7 @@ from typing import Callable
 import grpc
 import numpy as np
 
+from retrieval.cancellation import run_cancellable
 from retrieval.gallery import GalleryBackend
 from serving.batcher import DeadlineExpired, DynamicBatcher, EngineFailed, QueueFull
 from serving.engines.base import Engine, NonFiniteEmbedding
@@ -94,11 +96,15 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
             self.batcher.reserve(n)  # refuse before spending CPU on decoding
         except QueueFull as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        ended = threading.Event()  # set if the caller goes first: decoding stops at the next image
         try:
             start = time.monotonic()
-            prepared = await loop.run_in_executor(self.pool, prepare, request, md.input_height, md.input_width,
-                                                  self.limits.max_image_pixels)
+            prepared = await loop.run_in_executor(self.pool, run_cancellable, ended, prepare, request, md.input_height,
+                                                  md.input_width, self.limits.max_image_pixels)
             self._preprocess_seconds.observe(time.monotonic() - start)
+        except asyncio.CancelledError:
+            ended.set()
+            raise
         finally:
             self.batcher.release(n)
         valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]

@@ -184,3 +184,39 @@ def test_a_bad_box_fails_alone(box, why):
     good, bad = prepare(request, 32, 16, 10_000)
     assert good.shape == (32, 16, 3)
     assert isinstance(bad, ImageError) and why in str(bad)
+
+
+def test_decoding_stops_at_the_next_image_once_the_caller_has_gone(monkeypatch):
+    """A request of many large images whose caller gave up kept a preprocessing thread decoding
+    every one of them for nobody."""
+    import threading
+
+    import serving.preprocessing as preprocessing
+    from retrieval.cancellation import Cancelled, run_cancellable
+    from serving.proto import reid_pb2
+
+    request = reid_pb2.EmbedRequest()
+    for seed in range(5):
+        request.images.add(encoded=_encode(_photo(seed=seed), "PNG"))
+    request.frame.image.encoded = _encode(_photo(), "PNG")
+    request.frame.boxes.add(x1=0, y1=0, x2=20, y2=40)
+    ended, decoded = threading.Event(), []
+    real = preprocessing.to_rgb
+
+    def to_rgb(image, max_pixels):
+        decoded.append(1)
+        return real(image, max_pixels)
+
+    monkeypatch.setattr(preprocessing, "to_rgb", to_rgb)
+    assert len(run_cancellable(ended, preprocessing.prepare, request, 32, 16, 10_000)) == 6  # 5 crops, 1 box
+    decoded.clear()
+
+    def caller_goes_after_the_second(image, max_pixels):
+        if len(decoded) == 1:
+            ended.set()
+        return to_rgb(image, max_pixels)
+
+    monkeypatch.setattr(preprocessing, "to_rgb", caller_goes_after_the_second)
+    with pytest.raises(Cancelled):
+        run_cancellable(ended, preprocessing.prepare, request, 32, 16, 10_000)
+    assert len(decoded) == 2

@@ -1127,3 +1127,25 @@ def test_a_tensorrt_engine_where_tensorrt_is_missing_is_one_line(tmp_path):
     sidecar.write_text("{not json")
     with pytest.raises(ModelFileError, match="model.engine.json is not JSON"):
         open_engine(engine)
+
+
+def test_a_request_whose_caller_gave_up_is_not_decoded_to_the_end(engine, monkeypatch):
+    """Decoding ran on through every image of a request whose deadline had passed."""
+    import serving.preprocessing as preprocessing
+
+    real, decoded = preprocessing.to_rgb, []
+
+    def slow(image, max_pixels):  # a large image: 0.3 s each
+        time.sleep(0.3)
+        decoded.append(1)
+        return real(image, max_pixels)
+
+    monkeypatch.setattr(preprocessing, "to_rgb", slow)
+    with ServerThread(engine, ServerConfig(port=0, workers=1)) as s:
+        stub = reid_pb2_grpc.ReIdentificationStub(grpc.insecure_channel(s.target))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Embed(build_request([_jpeg(i) for i in range(10)]), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(3.5)  # all ten would be decoded by now
+        assert len(decoded) <= 4  # the one in hand when the caller went finishes; no more start
+        assert s.metrics.value("reid_images_inferred_total") == 0
