@@ -227,6 +227,10 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                 yield await task
         finally:
             read_task.cancel()
+            while not pending.empty():  # read, not answered, and now nobody to answer: stop their work
+                task = pending.get_nowait()
+                if isinstance(task, asyncio.Future):
+                    task.cancel()
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         self.metrics.requests.labels(method, code.name).inc()

@@ -1149,3 +1149,26 @@ def test_a_request_whose_caller_gave_up_is_not_decoded_to_the_end(engine, monkey
         time.sleep(3.5)  # all ten would be decoded by now
         assert len(decoded) <= 4  # the one in hand when the caller went finishes; no more start
         assert s.metrics.value("reid_images_inferred_total") == 0
+
+
+def test_a_cancelled_stream_stops_the_work_of_the_requests_it_had_sent(engine, monkeypatch):
+    """Requests a stream had sent but not yet been answered for went on decoding and embedding after
+    the caller cancelled the stream."""
+    import serving.preprocessing as preprocessing
+
+    real, decoded = preprocessing.to_rgb, []
+
+    def slow(image, max_pixels):
+        time.sleep(0.2)
+        decoded.append(1)
+        return real(image, max_pixels)
+
+    monkeypatch.setattr(preprocessing, "to_rgb", slow)
+    with ServerThread(engine, ServerConfig(port=0, workers=1)) as s:
+        stub = reid_pb2_grpc.ReIdentificationStub(grpc.insecure_channel(s.target))
+        call = stub.EmbedStream(iter([build_request([_jpeg(i)], request_id=str(i)) for i in range(10)]), timeout=30)
+        assert next(call).request_id == "0"
+        call.cancel()
+        time.sleep(2.5)  # all ten would be decoded by now
+        assert len(decoded) <= 3  # the first, and those in hand when the stream ended
+        assert s.metrics.value("reid_images_inferred_total") <= 3
