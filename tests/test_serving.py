@@ -254,6 +254,23 @@ def _batch_sizes(engine, steps, slow: SlowEngine | None = None, **options) -> li
     return slow.calls
 
 
+def test_the_batcher_fails_images_whose_deadline_passed_in_the_queue_without_running_them(engine):
+    """The server's own guard, for a call whose deadline passes before gRPC cancels it: its images
+    are dropped when a batch is formed, the other call's images run."""
+    from serving.batcher import DeadlineExpired
+
+    async def steps(batcher, pixels):
+        running = batcher.submit(pixels * 2, None)
+        await asyncio.sleep(0.05)  # that batch is in the engine (0.3 s)
+        late = batcher.submit(pixels * 3, time.monotonic() + 0.1)
+        on_time = batcher.submit(pixels, time.monotonic() + 30)
+        with pytest.raises(DeadlineExpired, match="deadline passed while queued; not run"):
+            await late
+        assert len(await on_time) == 1 and len(await running) == 2
+
+    assert _batch_sizes(engine, steps, SlowEngine(engine, delay=0.3), max_queue_delay=0.0) == [2, 1]
+
+
 def test_a_lone_caller_is_not_held_for_the_queue_delay(engine):
     async def steps(batcher, pixels):
         start = time.monotonic()
