@@ -370,3 +370,15 @@ def test_each_epochs_log_line_says_how_long_the_run_has_left(quick_spec, caplog)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
     assert all(" s left" in line for line in lines[:2]) and "left" not in lines[2]
+
+
+def test_resuming_a_finished_run_says_to_raise_num_epochs(quick_spec):
+    """It trained no epoch, printed no checkpoint and exited 0."""
+    ckpt = train(quick_spec(**{"train.num_epochs": 1}))
+    with pytest.raises(ConfigError, match=r"checkpoint of epoch 1 and train.num_epochs=1: nothing is left to train; "
+                                          r"raise train.num_epochs"):
+        Trainer(quick_spec(**{"train.num_epochs": 1, "train.resume_training_checkpoint_path": str(ckpt)}),
+                torch.device("cpu"))
+    more = Trainer(quick_spec(**{"train.num_epochs": 2, "train.resume_training_checkpoint_path": str(ckpt)}),
+                   torch.device("cpu")).fit()
+    assert load_checkpoint(more)["epoch"] == 2

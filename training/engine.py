@@ -195,6 +195,10 @@ class Trainer:
         if ckpt.get("scaler_state"):
             self.scaler.load_state_dict(ckpt["scaler_state"])
         self.start_epoch = int(ckpt["epoch"])
+        if self.start_epoch >= self.spec.train.num_epochs:  # the loop would run no epoch and say nothing
+            raise ConfigError(f"{key} is the checkpoint of epoch {self.start_epoch} and train.num_epochs="
+                              f"{self.spec.train.num_epochs}: nothing is left to train; raise train.num_epochs "
+                              "to train further")
         if _is_main(self.rank):
             log.info("resumed from %s at epoch %d", path, self.start_epoch)
 
