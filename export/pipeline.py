@@ -156,6 +156,9 @@ def verify_only(checkpoint: Path | None, onnx_path: Path, engine_path: Path | No
 
     from training.embed import model_from_checkpoint
 
+    if checkpoint is None and not fp16 and engine_path is None:  # it checked nothing and exited 0
+        raise ExportError("--verify-only compares --onnx with something: give --checkpoint (ONNX vs PyTorch), "
+                          "--fp16 (its FP16 copy) or --engine (the TensorRT engine)")
     for path in [checkpoint, onnx_path, fp16_path_for(onnx_path) if fp16 else None, engine_path]:
         if path is not None and not Path(path).is_file():
             raise ExportError(f"--verify-only: {path} does not exist")

@@ -231,3 +231,25 @@ def test_preprocessing_flags_that_would_change_nothing_are_reported(swin_ckpt, t
     assert "ignored: the ONNX export of a checkpoint carries its own reid metadata" in capsys.readouterr().out
     assert export_main(["--onnx", str(_foreign_onnx(tmp_path / "f.onnx")), "--fp16", *flags]) == 0
     assert "ignored: they go into a TensorRT engine's metadata (--engine)" in capsys.readouterr().out
+
+
+def test_verify_only_rechecks_existing_files_and_writes_nothing(swin_ckpt, synthetic_root, tmp_path, capsys):
+    onnx_path = tmp_path / "m.onnx"
+    assert export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(onnx_path), "--fp16"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert export_main(["--verify-only", "--checkpoint", str(swin_ckpt), "--onnx", str(onnx_path), "--fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "onnx: " in out and "fp16_onnx: " in out and "summary:" in out
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+    other = _checkpoint(synthetic_root, tmp_path / "other", **{"train.seed": 99})
+    capsys.readouterr()
+    for argv, says in (
+        (["--checkpoint", str(other), "--onnx", str(onnx_path)], "parity check failed"),  # not the model it was exported from
+        (["--checkpoint", str(swin_ckpt), "--onnx", str(tmp_path / "none.onnx")], "none.onnx does not exist"),
+        (["--onnx", str(onnx_path)], "--verify-only compares --onnx with something"),  # checked nothing, exited 0
+    ):
+        assert export_main(["--verify-only", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("reid-export: error: ") and says in err[0], err
