@@ -65,6 +65,8 @@ def test_parse_override_rejects_missing_equals():
         ("dataset.prob=1.5", "dataset.prob=1.5 is out of range"),
         ("train.gpu_ids=0", "train.gpu_ids must be a list"),
         ("model=3", "model must be a mapping"),
+        ("model.backbone.depth=2", "override model.backbone.depth: model.backbone is not a section"),
+        ("model.input_height=", "model.input_height must be an integer"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -104,6 +106,8 @@ def test_backbone_overrides_must_be_swin_arguments():
         load_spec(TAO_SPEC, ["model.backbone_overrides={img_size: 64}"])
     spec = load_spec(TAO_SPEC, ["model.backbone_overrides={depths: [1, 1, 1, 1], embed_dim: 32}"])
     assert spec.model.backbone_overrides == {"depths": [1, 1, 1, 1], "embed_dim": 32}
+    with pytest.raises(ConfigError, match="model.backbone_overrides applies to Swin backbones only"):
+        load_spec(TAO_SPEC, ["model.backbone=resnet_50", "model.backbone_overrides={depths: [1, 1, 1, 1]}"])
 
 
 def test_pretrained_choice_needs_a_path():
