@@ -763,3 +763,15 @@ def test_a_re_ranked_search_whose_caller_gave_up_stops_at_the_next_query(tiny_on
         release.set()
         assert len(g.search("g", embeddings=vecs[:1], top_k=3)[0].hits) == 3  # after the thread is free again
     assert len(reranked) == 1  # queries 2-5 were never re-ranked
+
+
+def test_evaluate_through_a_server_that_is_not_there_is_one_line(synthetic_root, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    overrides = quick_overrides(synthetic_root, tmp_path)
+    assert reid_main(["evaluate", *overrides, f"evaluate.server=127.0.0.1:{port}"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"reid evaluate: error: server 127.0.0.1:{port}: UNAVAILABLE" in last
