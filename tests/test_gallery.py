@@ -605,6 +605,7 @@ def test_a_search_in_parts_answers_as_one_and_stops_between_parts_once_its_calle
     filters = [SearchFilter(exclude_camera_id="c1") if i % 3 else SearchFilter() for i in range(23)]
     whole = store.search("g", queries, 10, filters)
     monkeypatch.setattr(faiss_store, "SEARCH_PART_WORK", 300 * 4)  # 4 queries a part: 15 with a filter -> 4 parts
+    monkeypatch.setattr(faiss_store, "SEARCH_PART_QUERIES", 1)
     parts, ended = [], threading.Event()
     real = faiss_store._Gallery._search_part
 

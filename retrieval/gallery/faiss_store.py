@@ -60,8 +60,11 @@ EXACT_BLOCK = 65_536
 # Query-row products one part of a search computes: the queries of a call go in parts of about
 # equal size, and a caller that has gone stops the search between parts (4,096 queries over a
 # million rows ran 30 s or more). 2^28 is 512 queries over 500,000 rows, about 0.3 s at 256-d on
-# 2 cores, and cost a flat search 0-5 % against one part (parts of 256 queries: 15-20 %).
+# 2 cores. Parts of at least SEARCH_PART_QUERIES queries keep FAISS's products efficient: a flat
+# search in parts of 512 queries took 0-5 % longer than in one (at 500,000 and 1,000,000 rows),
+# in parts of 256 7-20 % longer.
 SEARCH_PART_WORK = 2**28
+SEARCH_PART_QUERIES = 512
 
 
 def _top_k(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -367,7 +370,7 @@ class _Gallery(Persistence):
         groups: dict[tuple, list[int]] = {}
         for i, flt in enumerate(filters):
             groups.setdefault(flt.key(), []).append(i)
-        most = max(1, SEARCH_PART_WORK // max(len(self.ids), 1))
+        most = max(SEARCH_PART_QUERIES, SEARCH_PART_WORK // max(len(self.ids), 1))
         for rows in groups.values():
             parts = -(-len(rows) // most)
             size = -(-len(rows) // parts)  # equal parts: no small remainder that would take another path
