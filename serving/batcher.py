@@ -21,6 +21,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -77,7 +78,8 @@ class _Item:
 
 class DynamicBatcher:
     def __init__(self, engine, max_batch_size: int = 32, max_queue_delay: float = 0.0, queue_capacity: int = 1024,
-                 batching: bool = True, metrics=None, instances: int = 0, split_seconds: float = 0.25):
+                 batching: bool = True, metrics=None, instances: int = 0, split_seconds: float = 0.25,
+                 on_batch: Callable[[Exception | None], None] | None = None):
         instances = instances or engine.instances  # 0: the engine's choice
         if instances < 1:
             raise ValueError(f"instances must be at least 1, got {instances}")
@@ -100,6 +102,7 @@ class DynamicBatcher:
         self._running_images = 0  # images in batches that are in the engine now
         self._seconds_per_image = 0.0  # running average of the engine's time per image; 0 until measured
         self.images_inferred = 0
+        self.on_batch = on_batch  # told of each batch's outcome: None, or the engine's exception
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -231,6 +234,11 @@ class DynamicBatcher:
         self._gauge()
         return batch
 
+    async def probe(self, pixels: np.ndarray) -> None:
+        """Run ``pixels`` on the engine in the inference threads, outside any batch (a health probe
+        of an engine that failed; it raises as the engine does)."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.run_pixels, pixels)
+
     def _infer(self, batch: list[_Item]) -> np.ndarray:
         """In an inference thread: stack (a few MB; kept off the event loop) and run. The engine
         returns one row per image or raises (``Engine._embeddings``)."""
@@ -262,6 +270,8 @@ class DynamicBatcher:
             except Exception as exc:  # noqa: BLE001 - any engine failure fails this batch's requests only
                 for item in batch:
                     item.request.fail(EngineFailed(f"engine failed on this batch: {exc}"))
+                if self.on_batch:
+                    self.on_batch(exc)
                 continue
             finally:
                 self._running_images -= len(batch)
@@ -276,6 +286,8 @@ class DynamicBatcher:
                     metrics.images_inferred.inc(len(batch))
                 for item, row in zip(batch, out):
                     item.request.deliver(item.index, row)
+                if self.on_batch:
+                    self.on_batch(None)
             except Exception as exc:  # noqa: BLE001 - an error escaping here would end this worker, and
                 # every later request would wait forever: fail this batch's requests and go on
                 log.exception("delivering a batch's results failed")

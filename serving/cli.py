@@ -63,6 +63,9 @@ def serve_parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-images-per-request", type=int, help="default 256")
     batch.add_argument("--max-image-pixels", type=int, help="largest decoded image, width x height (default 16M)")
     batch.add_argument("--max-message-bytes", type=int, help="largest gRPC message (default 64 MiB)")
+    batch.add_argument("--unhealthy-after-failures", type=int,
+                       help="engine failures in a row that turn health NOT_SERVING until a batch works again "
+                            "(default 3; 0 = never)")
     batch.add_argument("--min-client-ping-seconds", type=float,
                        help="shortest interval between a client's keepalive pings that is accepted; closer pings end "
                             "the connection with GOAWAY too_many_pings (default 10)")

@@ -3,7 +3,8 @@
 Health reports NOT_SERVING until the engine is loaded and warmed, and again from the moment a
 shutdown starts; SIGTERM/SIGINT turn health NOT_SERVING, keep the port open for
 ``shutdown_delay_seconds`` (so balancers notice), then refuse new calls, let in-flight ones finish
-(up to ``grace_seconds``), and the process exits 0.
+(up to ``grace_seconds``), and the process exits 0. An engine that fails several batches in a row
+turns health NOT_SERVING until a batch works again (``unhealthy_after_failures``).
 """
 from __future__ import annotations
 
@@ -66,6 +67,12 @@ class ServerConfig:
     # After health turns NOT_SERVING, keep accepting calls this long so load balancers and health
     # probes see it before the port closes.
     shutdown_delay_seconds: float = 1.0
+    # An engine that fails this many batches in a row is broken (a lost GPU context fails every
+    # batch) rather than unlucky: health turns NOT_SERVING, so that balancers and orchestrators move
+    # traffic to other replicas or restart this one, and a batch of one is tried every
+    # engine_probe_seconds until one works, which turns it SERVING again. 0: never.
+    unhealthy_after_failures: int = 3
+    engine_probe_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         for name, low, high in _RANGES:
@@ -86,7 +93,7 @@ _RANGES = (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_batch_size", 1,
            ("split_batch_ms", 0, None), ("queue_capacity", 1, None), ("workers", 1, None), ("gallery_threads", 1, None),
            ("gallery_queue_capacity", 1, None),
            ("max_message_bytes", 4096, None), ("min_client_ping_seconds", 0, None), ("grace_seconds", 0, None),
-           ("shutdown_delay_seconds", 0, None))
+           ("shutdown_delay_seconds", 0, None), ("unhealthy_after_failures", 0, None), ("engine_probe_seconds", 0.01, None))
 
 
 def check_number(name: str, value, low: float, high: float | None, integer: bool) -> None:
@@ -113,6 +120,8 @@ class ReidServer:
         self.service: ReIdentificationService | None = None
         self._shutdown: asyncio.Task | None = None  # once a stop has begun
         self._metrics_http = None  # the metrics HTTP server, while it runs
+        self._failed_batches = 0  # engine failures in a row
+        self._probe: asyncio.Task | None = None  # while the engine is deemed broken
 
     async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -129,7 +138,7 @@ class ReidServer:
         interceptors = [TokenAuthInterceptor(c.tokens)] if c.tokens else []
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
-                                      c.batching, self.metrics, c.instances, c.split_batch_ms / 1000)
+                                      c.batching, self.metrics, c.instances, c.split_batch_ms / 1000, self._batch_outcome)
         self.service = ReIdentificationService(self.engine, self.batcher, self.metrics, c.limits, c.workers, self.store,
                                                c.gallery_threads, c.gallery_queue_capacity)
         reid_pb2_grpc.add_ReIdentificationServicer_to_server(self.service, self.server)
@@ -223,6 +232,41 @@ class ReidServer:
         log.info("engine warmed at batch %s in %.1f s", f"sizes 1-{largest}" if each else f"size {largest}",
                  time.perf_counter() - start)
 
+    def _batch_outcome(self, error: Exception | None) -> None:
+        """On the event loop, after each batch: trip health after ``unhealthy_after_failures``
+        failures in a row, and restore it at the next batch that works."""
+        limit = self.config.unhealthy_after_failures
+        if error is None:
+            if limit and self._failed_batches >= limit and self._shutdown is None:
+                log.warning("the engine works again: health SERVING")
+                asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+            self._failed_batches = 0
+            return
+        self._failed_batches += 1
+        if limit and self._failed_batches == limit and self._shutdown is None:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            log.error("the engine failed %d batches in a row (last: %s): health NOT_SERVING, so that traffic goes to "
+                      "other replicas; a batch of one is tried every %.0f s and turns it SERVING again once it works",
+                      limit, first, self.config.engine_probe_seconds)
+            asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._probe_engine())
+
+    async def _probe_engine(self) -> None:
+        """While the engine is deemed broken and no caller's batch shows otherwise, try it alone."""
+        md = self.engine.metadata
+        one = np.zeros((1, md.input_height, md.input_width, 3), dtype=np.uint8)
+        while self._failed_batches >= self.config.unhealthy_after_failures and self._shutdown is None:
+            await asyncio.sleep(self.config.engine_probe_seconds)
+            if self._failed_batches < self.config.unhealthy_after_failures or self._shutdown is not None:
+                return  # a caller's batch worked meanwhile, or the server is stopping
+            try:
+                await self.batcher.probe(one)
+            except Exception as exc:  # noqa: BLE001 - the runtime's own error types; still broken
+                log.warning("engine probe failed: %s", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                continue
+            self._batch_outcome(None)
+
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, finish in-flight ones, stop (a second call returns at once)."""
         if self._shutdown is not None:
@@ -232,6 +276,8 @@ class ReidServer:
 
     async def _shut_down(self, grace: float | None) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._probe is not None:
+            self._probe.cancel()
         if grace is None or grace > 0:
             await asyncio.sleep(self.config.shutdown_delay_seconds)
         if self.service is not None:

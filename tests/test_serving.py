@@ -1189,3 +1189,40 @@ def test_a_cancelled_stream_stops_the_work_of_the_requests_it_had_sent(engine, m
         time.sleep(2.5)  # all ten would be decoded by now
         assert len(decoded) <= 3  # the first, and those in hand when the stream ended
         assert s.metrics.value("reid_images_inferred_total") <= 3
+
+
+def test_an_engine_that_keeps_failing_turns_health_not_serving_until_it_works_again(engine, caplog):
+    """Health said SERVING while every batch failed (a lost GPU context), so balancers kept sending
+    traffic to the broken replica and orchestrators never replaced it."""
+    from serving.healthcheck import is_serving
+
+    class Breakable(SlowEngine):
+        broken = False
+
+        def _run(self, batch):
+            if self.broken:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super()._run(batch)
+
+    flaky = Breakable(engine, delay=0.0)
+    config = ServerConfig(port=0, unhealthy_after_failures=2, engine_probe_seconds=0.2)
+    with ServerThread(flaky, config) as s, ReidClient(s.target, retries=0) as client:
+        assert is_serving(s.target)
+        flaky.broken = True
+        for _ in range(2):
+            with pytest.raises(grpc.RpcError) as err:
+                client.embed([_jpeg(1)])
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+        end = time.monotonic() + 5
+        while is_serving(s.target) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not is_serving(s.target)
+        assert "failed 2 batches in a row (last: CUDA error: an illegal memory access" in caplog.text
+        time.sleep(0.5)  # probes fail meanwhile: still NOT_SERVING
+        assert not is_serving(s.target) and "engine probe failed" in caplog.text
+        flaky.broken = False
+        end = time.monotonic() + 5
+        while not is_serving(s.target) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert is_serving(s.target)  # a probe worked
+        assert client.embed([_jpeg(1)])[0].ok
