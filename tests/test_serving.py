@@ -1146,18 +1146,25 @@ def test_a_tensorrt_engine_where_tensorrt_is_missing_is_one_line(tmp_path):
         open_engine(engine)
 
 
-def test_a_request_whose_caller_gave_up_is_not_decoded_to_the_end(engine, monkeypatch):
-    """Decoding ran on through every image of a request whose deadline had passed."""
+def _slow_decoding(monkeypatch, seconds: float) -> list:
+    """Make the server's decoding of each image take ``seconds``; returns the list that gets one
+    item per image decoded."""
     import serving.preprocessing as preprocessing
 
     real, decoded = preprocessing.to_rgb, []
 
-    def slow(image, max_pixels):  # a large image: 0.3 s each
-        time.sleep(0.3)
+    def slow(image, max_pixels):
+        time.sleep(seconds)
         decoded.append(1)
         return real(image, max_pixels)
 
     monkeypatch.setattr(preprocessing, "to_rgb", slow)
+    return decoded
+
+
+def test_a_request_whose_caller_gave_up_is_not_decoded_to_the_end(engine, monkeypatch):
+    """Decoding ran on through every image of a request whose deadline had passed."""
+    decoded = _slow_decoding(monkeypatch, 0.3)  # large images
     with ServerThread(engine, ServerConfig(port=0, workers=1)) as s:
         stub = reid_pb2_grpc.ReIdentificationStub(grpc.insecure_channel(s.target))
         with pytest.raises(grpc.RpcError) as err:
@@ -1171,16 +1178,7 @@ def test_a_request_whose_caller_gave_up_is_not_decoded_to_the_end(engine, monkey
 def test_a_cancelled_stream_stops_the_work_of_the_requests_it_had_sent(engine, monkeypatch):
     """Requests a stream had sent but not yet been answered for went on decoding and embedding after
     the caller cancelled the stream."""
-    import serving.preprocessing as preprocessing
-
-    real, decoded = preprocessing.to_rgb, []
-
-    def slow(image, max_pixels):
-        time.sleep(0.2)
-        decoded.append(1)
-        return real(image, max_pixels)
-
-    monkeypatch.setattr(preprocessing, "to_rgb", slow)
+    decoded = _slow_decoding(monkeypatch, 0.2)
     with ServerThread(engine, ServerConfig(port=0, workers=1)) as s:
         stub = reid_pb2_grpc.ReIdentificationStub(grpc.insecure_channel(s.target))
         call = stub.EmbedStream(iter([build_request([_jpeg(i)], request_id=str(i)) for i in range(10)]), timeout=30)
