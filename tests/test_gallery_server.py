@@ -337,11 +337,13 @@ def test_an_index_type_the_server_does_not_know_is_refused(server):
         assert g.list() == []
 
 
-def test_evaluate_through_server_agrees_with_offline(server, tiny_onnx, synthetic_root, tmp_path):
+def test_evaluate_through_server_agrees_with_offline(server, tiny_onnx, synthetic_root, tmp_path, caplog):
     overrides = quick_overrides(synthetic_root, tmp_path, **{"re_ranking.re_ranking": "True", "re_ranking.k1": 6,
                                                             "re_ranking.k2": 3})
     assert reid_main(["evaluate", *overrides, f"results_dir={tmp_path / 'offline'}", f"evaluate.checkpoint={tiny_onnx}"]) == 0
-    assert reid_main(["evaluate", *overrides, f"results_dir={tmp_path / 'served'}", f"evaluate.server={server.target}"]) == 0
+    assert reid_main(["evaluate", *overrides, f"results_dir={tmp_path / 'served'}", f"evaluate.server={server.target}",
+                      f"evaluate.checkpoint={tmp_path / 'unused.pth'}"]) == 0
+    assert f"evaluate.checkpoint={tmp_path / 'unused.pth'} is not used: evaluate.server=" in caplog.text
     offline = json.loads((tmp_path / "offline" / "evaluate" / "results.json").read_text())["results"]
     served = json.loads((tmp_path / "served" / "evaluate" / "results.json").read_text())["results"]
     for label in ("without re-ranking", "with re-ranking"):

@@ -138,6 +138,9 @@ def run_evaluate(spec) -> dict:
                           "or evaluate.server to evaluate through a running server")
     if e.checkpoint and not e.server and not Path(e.checkpoint).exists():
         raise ConfigError(f"evaluate.checkpoint={e.checkpoint} does not exist")
+    if e.checkpoint and e.server:  # a spec file's checkpoint, with a server given on the command line
+        log.warning("evaluate.checkpoint=%s is not used: evaluate.server=%s embeds with the model it serves",
+                    e.checkpoint, e.server)
     out_dir = Path(spec.results_dir) / "evaluate"
     json_path = writable_output(out_dir / "results.json", "results_dir")
     cmc_path = writable_output(e.output_cmc_curve_plot or out_dir / "cmc_curve.png",
