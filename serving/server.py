@@ -96,6 +96,11 @@ _RANGES = (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_batch_size", 1,
            ("shutdown_delay_seconds", 0, None), ("unhealthy_after_failures", 0, None), ("engine_probe_seconds", 0.01, None))
 
 
+def _first_line(exc: Exception) -> str:
+    """A runtime error's first line (ONNX Runtime and TensorRT messages run over many), or its type."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def check_number(name: str, value, low: float, high: float | None, integer: bool) -> None:
     """``value`` as option ``name`` must be: a number (a whole one if ``integer``) within [low, high]."""
     flag = "--" + name.replace("_", "-")
@@ -227,8 +232,7 @@ class ReidServer:
             except ModelFileError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a runtime's own error types: the model cannot serve
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModelFileError(f"the model failed its warm-up run at batch size {n}: {first}") from exc
+                raise ModelFileError(f"the model failed its warm-up run at batch size {n}: {_first_line(exc)}") from exc
         log.info("engine warmed at batch %s in %.1f s", f"sizes 1-{largest}" if each else f"size {largest}",
                  time.perf_counter() - start)
 
@@ -244,10 +248,9 @@ class ReidServer:
             return
         self._failed_batches += 1
         if limit and self._failed_batches == limit and self._shutdown is None:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             log.error("the engine failed %d batches in a row (last: %s): health NOT_SERVING, so that traffic goes to "
                       "other replicas; a batch of one is tried every %.0f s and turns it SERVING again once it works",
-                      limit, first, self.config.engine_probe_seconds)
+                      limit, _first_line(error), self.config.engine_probe_seconds)
             asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
             if self._probe is None or self._probe.done():
                 self._probe = asyncio.ensure_future(self._probe_engine())
@@ -263,7 +266,7 @@ class ReidServer:
             try:
                 await self.batcher.probe(one)
             except Exception as exc:  # noqa: BLE001 - the runtime's own error types; still broken
-                log.warning("engine probe failed: %s", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+                log.warning("engine probe failed: %s", _first_line(exc))
                 continue
             self._batch_outcome(None)
 
