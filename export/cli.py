@@ -17,13 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write (or to read, without --checkpoint)")
     p.add_argument("--engine", type=Path, help="TensorRT engine to build (GPU machines only)")
     p.add_argument("--fp16", action="store_true", help="also write NAME.fp16.onnx (mixed precision); the engine is built from it")
-    p.add_argument("--fp16-tool", choices=TOOLS, default="ort", help="FP16 converter (default: ort)")
+    p.add_argument("--fp16-tool", choices=TOOLS, help="FP16 converter (default: ort)")
     p.add_argument("--normalize", action="store_true", help="L2-normalize the exported embeddings (recorded in metadata)")
-    p.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine takes (default 1)")
-    p.add_argument("--opt-batch", type=int, default=16, help="batch TensorRT tunes the engine for (default 16)")
-    p.add_argument("--max-batch", type=int, default=64, help="largest batch the engine takes; reid-serve's "
+    p.add_argument("--min-batch", type=int, help="smallest batch the engine takes (default 1)")
+    p.add_argument("--opt-batch", type=int, help="batch TensorRT tunes the engine for (default 16)")
+    p.add_argument("--max-batch", type=int, help="largest batch the engine takes; reid-serve's "
                    "--max-batch-size is capped at it (default 64)")
-    p.add_argument("--workspace-gb", type=float, default=4.0, help="TensorRT's workspace memory limit in GiB (default 4)")
+    p.add_argument("--workspace-gb", type=float, help="TensorRT's workspace memory limit in GiB (default 4)")
     p.add_argument("--timing-cache", type=Path, help="timing cache file reused across builds (default: next to the engine)")
     p.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing of an ONNX file from another tool")
     p.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing of an ONNX file from another tool")
@@ -31,8 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options that shape one stage, with their defaults, and the option without which that stage does not run.
+_STAGE_OPTIONS = {"fp16_tool": ("ort", "fp16"), "min_batch": (1, "engine"), "opt_batch": (16, "engine"),
+                  "max_batch": (64, "engine"), "workspace_gb": (4.0, "engine"), "timing_cache": (None, "engine")}
+
+
+def _stage_options(args: argparse.Namespace) -> None:
+    """Fill in the stage options' defaults, and say which given ones change nothing because their
+    stage does not run (``--max-batch`` without ``--engine`` built no engine, silently)."""
+    for name, (default, stage) in _STAGE_OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif not getattr(args, stage):
+            print(f"reid-export: {flag} ignored: it applies to the --{stage} stage, which was not asked for", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _stage_options(args)
     from export.pipeline import run_pipeline, verify_only
 
     try:

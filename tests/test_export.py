@@ -253,3 +253,15 @@ def test_verify_only_rechecks_existing_files_and_writes_nothing(swin_ckpt, synth
         assert export_main(["--verify-only", *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("reid-export: error: ") and says in err[0], err
+
+
+def test_stage_options_without_their_stage_are_reported(swin_ckpt, tmp_path, capsys):
+    """--max-batch without --engine built no engine and said nothing; the same for --fp16-tool without --fp16."""
+    argv = ["--checkpoint", str(swin_ckpt), "--onnx", str(tmp_path / "m.onnx"), "--max-batch", "32", "--fp16-tool", "ort"]
+    assert export_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "reid-export: --max-batch ignored: it applies to the --engine stage, which was not asked for" in err
+    assert "reid-export: --fp16-tool ignored: it applies to the --fp16 stage" in err
+    assert export_main([*argv, "--fp16"]) == 0
+    err = capsys.readouterr().err
+    assert "--fp16-tool ignored" not in err and "--max-batch ignored" in err
