@@ -69,13 +69,20 @@ class _GalleryEntries:
         yield family
 
 
+# How far ahead of the server's deadline a caller's cancel may arrive and still be its deadline:
+# the caller's deadline runs out first by the time the call took to reach the server.
+DEADLINE_SLACK_SECONDS = 0.1
+
+
 def timed(rpc):
     """Decorates a unary RPC method of a servicer holding ``metrics``: its whole latency, whatever
     it ends with (an abort raises), goes into ``reid_request_seconds{method}``, named after it.
 
     A call whose deadline passes while it waits or runs, or whose caller cancels it, ends with gRPC
     cancelling the method: it returns no status of its own, so it is counted here, by which of the
-    two it was (it went uncounted, and a deadline too short for the searches did not show)."""
+    two it was (it went uncounted, and a deadline too short for the searches did not show). The
+    caller's clock runs out a moment before the server's, and its cancel can arrive first: an end
+    within ``DEADLINE_SLACK_SECONDS`` of the deadline counts as the deadline."""
     @functools.wraps(rpc)
     async def call(self, request, context):
         start = time.monotonic()
@@ -83,7 +90,8 @@ def timed(rpc):
             return await rpc(self, request, context)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+                    else "CANCELLED")
             self.metrics.requests.labels(rpc.__name__, code).inc()
             self.metrics.errors.labels(code).inc()
             raise
