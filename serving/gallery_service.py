@@ -6,20 +6,19 @@ and searches consistent (a FAISS gallery runs its searches side by side and each
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
-from retrieval.cancellation import run_cancellable
 from retrieval.gallery import EntryMetadata, EntryPage, GalleryError, GalleryInfo, RerankOptions, SearchFilter
 from retrieval.gallery.base import MAX_ID
 from serving.image_errors import error_message, image_status
 from serving.metrics import timed
 from serving.proto import reid_pb2
 from serving.security import CALLER_ROLE
+from serving.threads import run_for_caller
 from serving.wire import embedding_message
 
 _INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}
@@ -73,12 +72,8 @@ class GalleryRpcs:
         start = time.monotonic()
         self._gallery_calls += 1
         self.metrics.gallery_calls.inc()
-        ended = threading.Event()  # set if the caller goes first: the thread's searches stop at their next check
-        try:
-            result = await asyncio.get_running_loop().run_in_executor(self.gallery_pool, run_cancellable, ended, fn, *args)
-        except asyncio.CancelledError:  # the deadline passed or the caller cancelled
-            ended.set()
-            raise
+        try:  # a caller that goes meanwhile: a search stops at its next step
+            result = await run_for_caller(self.gallery_pool, fn, *args)
         except GalleryError as exc:
             store_seconds.observe(time.monotonic() - start)  # before the caller can see the failure
             await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,7 +17,6 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from retrieval.cancellation import run_cancellable
 from retrieval.gallery import GalleryBackend
 from serving.batcher import DeadlineExpired, DynamicBatcher, EngineFailed, QueueFull
 from serving.engines.base import Engine, NonFiniteEmbedding
@@ -27,7 +25,7 @@ from serving.image_errors import error_message
 from serving.metrics import ServerMetrics, timed
 from serving.preprocessing import count_images, prepare
 from serving.proto import reid_pb2, reid_pb2_grpc
-from serving.threads import stage_pool
+from serving.threads import run_for_caller, stage_pool
 from serving.wire import embedding_message
 
 log = logging.getLogger(__name__)
@@ -91,20 +89,15 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"request has {n} images; the limit is {self.limits.max_images_per_request}")
         md = self.engine.metadata
-        loop = asyncio.get_running_loop()
         try:
             self.batcher.reserve(n)  # refuse before spending CPU on decoding
         except QueueFull as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        ended = threading.Event()  # set if the caller goes first: decoding stops at the next image
         try:
-            start = time.monotonic()
-            prepared = await loop.run_in_executor(self.pool, run_cancellable, ended, prepare, request, md.input_height,
-                                                  md.input_width, self.limits.max_image_pixels)
+            start = time.monotonic()  # a caller that goes meanwhile: decoding stops at the next image
+            prepared = await run_for_caller(self.pool, prepare, request, md.input_height, md.input_width,
+                                            self.limits.max_image_pixels)
             self._preprocess_seconds.observe(time.monotonic() - start)
-        except asyncio.CancelledError:
-            ended.set()
-            raise
         finally:
             self.batcher.release(n)
         valid = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]

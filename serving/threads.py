@@ -7,10 +7,13 @@ lets ``benchmarks/serve.py`` split the server's CPU time by stage.
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+from retrieval.cancellation import run_cancellable
 
 _PR_SET_NAME = 15  # linux/prctl.h
 _OS_NAME_BYTES = 15  # the kernel keeps 16 bytes, the last one NUL
@@ -19,6 +22,19 @@ _OS_NAME_BYTES = 15  # the kernel keeps 16 bytes, the last one NUL
 def stage_pool(stage: str, workers: int) -> ThreadPoolExecutor:
     """A pool for one stage: threads named ``{stage}_0``, ``{stage}_1``... in Python and in the OS."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=stage, initializer=name_os_thread)
+
+
+async def run_for_caller(pool: Executor, fn, *args):
+    """``fn(*args)`` in ``pool`` for the call awaiting it. If that call is cancelled first (its
+    deadline passed, or its caller cancelled), the thread runs on, but the work's
+    ``check_cancelled`` calls (``retrieval.cancellation``) raise from then on, so it stops at its
+    next step instead of finishing for nobody."""
+    ended = threading.Event()
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, run_cancellable, ended, fn, *args)
+    except asyncio.CancelledError:
+        ended.set()
+        raise
 
 
 def name_os_thread() -> None:
