@@ -236,18 +236,24 @@ class ReidServer:
         log.info("engine warmed at batch %s in %.1f s", f"sizes 1-{largest}" if each else f"size {largest}",
                  time.perf_counter() - start)
 
+    @property
+    def _engine_broken(self) -> bool:
+        """The engine has failed ``unhealthy_after_failures`` batches in a row (never, at 0)."""
+        limit = self.config.unhealthy_after_failures
+        return bool(limit) and self._failed_batches >= limit
+
     def _batch_outcome(self, error: Exception | None) -> None:
         """On the event loop, after each batch: trip health after ``unhealthy_after_failures``
         failures in a row, and restore it at the next batch that works."""
-        limit = self.config.unhealthy_after_failures
         if error is None:
-            if limit and self._failed_batches >= limit and self._shutdown is None:
+            if self._engine_broken and self._shutdown is None:
                 log.warning("the engine works again: health SERVING")
                 asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING))
             self._failed_batches = 0
             return
         self._failed_batches += 1
-        if limit and self._failed_batches == limit and self._shutdown is None:
+        limit = self.config.unhealthy_after_failures
+        if self._failed_batches == limit and self._shutdown is None:  # just tripped (never at limit 0)
             log.error("the engine failed %d batches in a row (last: %s): health NOT_SERVING, so that traffic goes to "
                       "other replicas; a batch of one is tried every %.0f s and turns it SERVING again once it works",
                       limit, _first_line(error), self.config.engine_probe_seconds)
@@ -259,9 +265,9 @@ class ReidServer:
         """While the engine is deemed broken and no caller's batch shows otherwise, try it alone."""
         md = self.engine.metadata
         one = np.zeros((1, md.input_height, md.input_width, 3), dtype=np.uint8)
-        while self._failed_batches >= self.config.unhealthy_after_failures and self._shutdown is None:
+        while True:
             await asyncio.sleep(self.config.engine_probe_seconds)
-            if self._failed_batches < self.config.unhealthy_after_failures or self._shutdown is not None:
+            if not self._engine_broken or self._shutdown is not None:
                 return  # a caller's batch worked meanwhile, or the server is stopping
             try:
                 await self.batcher.probe(one)
@@ -269,6 +275,7 @@ class ReidServer:
                 log.warning("engine probe failed: %s", _first_line(exc))
                 continue
             self._batch_outcome(None)
+            return
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, finish in-flight ones, stop (a second call returns at once)."""
