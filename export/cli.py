@@ -6,7 +6,7 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
-from export.errors import ExportError
+from export.errors import ExportError, warn
 from export.fp16 import TOOLS
 
 
@@ -44,7 +44,7 @@ def _stage_options(args: argparse.Namespace) -> None:
         if getattr(args, name) is None:
             setattr(args, name, default)
         elif not getattr(args, stage):
-            print(f"reid-export: {flag} ignored: it applies to the --{stage} stage, which was not asked for", file=sys.stderr)
+            warn(f"{flag} ignored: it applies to the --{stage} stage, which was not asked for")
 
 
 def main(argv: list[str] | None = None) -> int:

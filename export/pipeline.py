@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from export.errors import ExportError
+from export.errors import ExportError, warn
 from export.fp16 import convert_fp16
 from export.onnx import CHECK_BATCHES, export_onnx, run_onnx, static_input
 from export.verify import check_inputs, check_parity
@@ -42,14 +42,14 @@ def compare_onnx(reference: Path, candidate: Path, threshold: float, what: str) 
             for n, b in check_inputs(CHECK_BATCHES, h, w).items()}
 
 
-def ensure_metadata(onnx_path: Path, pixel_mean: list | None, pixel_std: list | None, log=print) -> dict:
+def ensure_metadata(onnx_path: Path, pixel_mean: list | None, pixel_std: list | None) -> dict:
     """The reid metadata of an ONNX file; for files from other tools, built from the graph and the
     preprocessing given on the command line (without it the engine could not be served)."""
     proto = onnx.load(str(onnx_path), load_external_data=False)
     props = {p.key: p.value for p in proto.metadata_props}
     if ModelMetadata.from_props(props) is not None:
         if pixel_mean is not None:
-            log(f"    --pixel-mean/--pixel-std ignored: {onnx_path} carries its own reid metadata")
+            warn(f"--pixel-mean/--pixel-std ignored: {onnx_path} carries its own reid metadata")
         return props
     if not pixel_mean or not pixel_std:
         raise ExportError(f"{onnx_path} carries no reid metadata: give --pixel-mean and --pixel-std "
@@ -99,17 +99,17 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
     if checkpoint is None and not onnx_path.is_file():
         raise ExportError(f"{onnx_path} does not exist (give --checkpoint to export it)")
     if pixel_mean is not None and checkpoint is not None:
-        log("    --pixel-mean/--pixel-std ignored: the ONNX export of a checkpoint carries its own reid metadata")
+        warn("--pixel-mean/--pixel-std ignored: the ONNX export of a checkpoint carries its own reid metadata")
     elif pixel_mean is not None and engine_path is None:
-        log("    --pixel-mean/--pixel-std ignored: they go into a TensorRT engine's metadata (--engine); "
-            "to serve this ONNX file, give them to reid-serve")
+        warn("--pixel-mean/--pixel-std ignored: they go into a TensorRT engine's metadata (--engine); "
+             "to serve this ONNX file, give them to reid-serve")
     props = None
     if engine_path is not None:
         from export.tensorrt import check_profile
 
         check_profile(*batches, workspace_gb)
         if checkpoint is None:  # another tool's ONNX: a missing --pixel-mean is found before any stage runs
-            props = ensure_metadata(onnx_path, pixel_mean, pixel_std, log)
+            props = ensure_metadata(onnx_path, pixel_mean, pixel_std)
     if checkpoint is not None:
         log(f"[1] ONNX export of {checkpoint} ...")
         report = export_onnx(checkpoint, onnx_path, normalize_output=normalize)
@@ -136,7 +136,7 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
         ok, why = gpu_available()
         if not ok:
             raise ExportError(f"cannot build a TensorRT engine here: {why}")
-        props = props or ensure_metadata(onnx_path, None, None, log)  # the checkpoint's ONNX, just written
+        props = props or ensure_metadata(onnx_path, None, None)  # the checkpoint's ONNX, just written
         log(f"[3] TensorRT engine from {built_from} (batch {batches[0]}/{batches[1]}/{batches[2]}) ...")
         info = build_engine(built_from, engine_path, *batches, workspace_gb=workspace_gb, timing_cache=timing_cache)
         write_sidecar_metadata(engine_path, props)

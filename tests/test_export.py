@@ -228,9 +228,13 @@ def test_preprocessing_flags_are_checked_before_any_stage(tmp_path, capsys, flag
 def test_preprocessing_flags_that_would_change_nothing_are_reported(swin_ckpt, tmp_path, capsys):
     flags = ["--pixel-mean", "0.5", "0.5", "0.5", "--pixel-std", "0.25", "0.25", "0.25"]
     assert export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(tmp_path / "m.onnx"), *flags]) == 0
-    assert "ignored: the ONNX export of a checkpoint carries its own reid metadata" in capsys.readouterr().out
+    out, err = capsys.readouterr()  # warnings on stderr, as the stage options' are; the stage log on stdout
+    assert "reid-export: --pixel-mean/--pixel-std ignored: the ONNX export of a checkpoint carries its own" in err
+    assert "ignored" not in out and "[1] ONNX export" in out
     assert export_main(["--onnx", str(_foreign_onnx(tmp_path / "f.onnx")), "--fp16", *flags]) == 0
-    assert "ignored: they go into a TensorRT engine's metadata (--engine)" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "reid-export: --pixel-mean/--pixel-std ignored: they go into a TensorRT engine's metadata" in err
+    assert "ignored" not in out
 
 
 def test_verify_only_rechecks_existing_files_and_writes_nothing(swin_ckpt, synthetic_root, tmp_path, capsys):
