@@ -426,6 +426,28 @@ def test_second_server_on_one_milvus_lite_file_is_refused_clearly(tiny_onnx, tmp
         first.close()
 
 
+def test_second_server_on_one_faiss_gallery_dir_is_refused_until_the_first_closes(tiny_onnx, tmp_path):
+    """Two servers on one --gallery-dir each appended to the same log and wrote snapshots over the
+    other's, losing acknowledged entries without a word."""
+    first = FaissGalleryStore(tmp_path / "g")
+    first.create("held", 8)
+    serve = [sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+             "--model", str(tiny_onnx), "--port", "0", "--gallery-dir", str(tmp_path / "g")]
+    try:
+        result = subprocess.run(serve, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"reid-serve: error: gallery directory {tmp_path / 'g'} is in use by another process "
+                               f"(pid {os.getpid()} on ")
+        assert "--gallery-backend milvus" in line
+    finally:
+        first.close()
+    opened = subprocess.run([sys.executable, "-c", "import sys; from retrieval.gallery import FaissGalleryStore; "
+                             "print(FaissGalleryStore(sys.argv[1]).info('held').dim)", str(tmp_path / "g")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert opened.returncode == 0 and opened.stdout.strip() == "8", opened.stderr  # closing let the next owner in
+
+
 @pytest.mark.skipif(not MILVUS_URI, reason="needs a Milvus server: set REID_MILVUS_URI=http://host:19530 (one without galleries)")
 def test_two_replicas_share_a_gallery_on_a_milvus_server(tiny_onnx, tmp_path):
     """What a Milvus server is for: what one replica writes, the other reads and can remove at once."""

@@ -29,6 +29,7 @@ from retrieval.gallery.base import (
 from retrieval.gallery.columns import Coded, Column
 from retrieval.gallery.faiss_snapshot import Persistence, storage_error
 from retrieval.gallery.grouping import search_by_person
+from retrieval.gallery.owner_lock import OwnerLock
 from retrieval.gallery.pool_rerank import pool_rerank
 from retrieval.gallery.rwlock import ReadWriteLock
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
@@ -492,8 +493,16 @@ class FaissGalleryStore(GalleryBackend):
         self.galleries: dict[str, _Gallery] = {}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self.owner = OwnerLock(self.root)  # before anything is read: another server may be writing it
         except OSError as exc:
-            raise storage_error(exc, f"cannot create gallery directory {self.root}") from None
+            raise storage_error(exc, f"cannot open gallery directory {self.root}") from None
+        try:
+            self._open_galleries()
+        except BaseException:
+            self.owner.release()
+            raise
+
+    def _open_galleries(self) -> None:
         for cfg in sorted(self.root.glob("*/gallery.json")):
             try:
                 meta = json.loads(cfg.read_text())
@@ -503,7 +512,7 @@ class FaissGalleryStore(GalleryBackend):
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise GalleryError(f"{cfg} is unreadable ({exc}); refusing to start: restore it (it holds "
                                    '{"dim": D, "index_type": "flat" or "hnsw"}) or move the gallery directory aside') from None
-            self.galleries[cfg.parent.name] = _Gallery(cfg.parent, dim, index_type, snapshot_every, model)
+            self.galleries[cfg.parent.name] = _Gallery(cfg.parent, dim, index_type, self.snapshot_every, model)
 
     def _get(self, name: str) -> _Gallery:
         try:
@@ -599,3 +608,4 @@ class FaissGalleryStore(GalleryBackend):
     def close(self) -> None:
         for gallery in self.galleries.values():
             gallery.close()
+        self.owner.release()
