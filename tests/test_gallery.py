@@ -1822,3 +1822,19 @@ def test_milvus_store_reconnects_after_a_lost_connection(tmp_path, caplog, monke
         assert store.info("g").size == 10  # back: the first call after reconnects
     finally:
         store.close()
+
+
+def test_a_gallery_dir_on_a_filesystem_without_locks_opens_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Only a lock held by another process refuses the folder; a filesystem that has no locks
+    (ENOLCK) is not taken for one."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    store = FaissGalleryStore(tmp_path)
+    store.add(store.create("g", 4).name, np.array([1]), np.ones((1, 4)), [EntryMetadata()])
+    assert "nothing keeps a second server off this gallery directory" in caplog.text
+    store.close()

@@ -14,7 +14,9 @@ The file also says who holds it (pid, host, since when), for the error the next 
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import socket
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from retrieval.gallery.base import GalleryError
 
+log = logging.getLogger(__name__)
 LOCK_NAME = ".owner.lock"  # no gallery name starts with a dot
 
 
@@ -34,23 +37,31 @@ class OwnerLock:
 
     def __init__(self, root: Path):
         self.path = Path(root) / LOCK_NAME
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: held by another process
-            holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "a process that has not said who it is"
-            os.close(fd)
-            raise GalleryDirInUse(
-                f"gallery directory {root} is in use by another process ({holder}); one server owns a FAISS gallery "
-                "directory: stop that one first, give this one its own --gallery-dir, or share galleries between "
-                "servers through Milvus (--gallery-backend milvus)") from None
+            if self._lock(root):
+                os.ftruncate(self.fd, 0)
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+                os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
         except BaseException:
-            os.close(fd)
+            self.release()
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-                  .encode(), 0)
-        self.fd: int | None = fd
+
+    def _lock(self, root: Path) -> bool:
+        """True once held; False where the filesystem has no locks (said in a warning, not refused)."""
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):  # ENOLCK, EOPNOTSUPP: not "held by another"
+                log.warning("cannot lock %s (%s): nothing keeps a second server off this gallery directory",
+                            self.path, exc.strerror or exc)
+                return False
+        holder = os.read(self.fd, 512).decode("utf-8", "replace").strip() or "a process that has not said who it is"
+        raise GalleryDirInUse(
+            f"gallery directory {root} is in use by another process ({holder}); one server owns a FAISS gallery "
+            "directory: stop that one first, give this one its own --gallery-dir, or share galleries between "
+            "servers through Milvus (--gallery-backend milvus)")
 
     def release(self) -> None:
         if self.fd is not None:
