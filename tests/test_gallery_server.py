@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -797,5 +798,7 @@ def test_evaluate_through_a_server_that_is_not_there_is_one_line(synthetic_root,
         port = sock.getsockname()[1]
     overrides = quick_overrides(synthetic_root, tmp_path)
     assert reid_main(["evaluate", *overrides, f"evaluate.server=127.0.0.1:{port}"]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"reid evaluate: error: server 127.0.0.1:{port}: UNAVAILABLE" in last
+    err = capsys.readouterr().err
+    assert f"reid evaluate: error: server 127.0.0.1:{port}: UNAVAILABLE" in err.strip().splitlines()[-1]
+    # on a line of its own: the progress bar it broke off is cleared first ("\r"), not left in front of it
+    assert re.search(r"(^|[\r\n])reid evaluate: error: ", err), err

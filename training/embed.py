@@ -38,7 +38,8 @@ def embed_records(
     was_training = model.training
     model.eval()
     out = []
-    for images, _, _ in tqdm(loader, desc=desc, disable=desc is None, unit="batch", leave=False):
-        out.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
+    with tqdm(loader, desc=desc, disable=desc is None, unit="batch", leave=False) as bar:  # cleared however the loop ends
+        for images, _, _ in bar:
+            out.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, args.feat_dim), dtype=np.float32)

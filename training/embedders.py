@@ -100,15 +100,16 @@ class EngineEmbedder:
         from serving.engines import ImageError, decode_image
 
         out = []
-        for start in tqdm(range(0, len(records), self.batch_size), desc=desc, unit="batch", leave=False):
-            chunk = records[start : start + self.batch_size]
-            images = []
-            for rec in chunk:
-                try:
-                    images.append(decode_image(Path(rec.path).read_bytes()))
-                except (ImageError, OSError) as exc:
-                    raise ReidError(f"cannot read image {rec.path}: {exc}") from None
-            out.append(self.engine.embed_images(images))
+        # ``with``: the bar is cleared however the loop ends, before a stop's or an error's line is printed
+        with tqdm(range(0, len(records), self.batch_size), desc=desc, unit="batch", leave=False) as bar:
+            for start in bar:
+                images = []
+                for rec in records[start : start + self.batch_size]:
+                    try:
+                        images.append(decode_image(Path(rec.path).read_bytes()))
+                    except (ImageError, OSError) as exc:
+                        raise ReidError(f"cannot read image {rec.path}: {exc}") from None
+                out.append(self.engine.embed_images(images))
         return np.concatenate(out) if out else np.zeros((0, self.engine.metadata.embedding_dim), np.float32)
 
 

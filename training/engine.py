@@ -288,22 +288,25 @@ class Trainer:
             self.net.train()
             sums: dict[str, float] = {}
             n_images, n_steps, start = 0, 0, time.perf_counter()
-            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not main, unit="batch", mininterval=1.0)
-            for images, pids, _ in bar:
-                if STOP_REQUESTED.is_set():  # a SIGTERM whose exception was lost where it landed
-                    raise Terminated()
-                total, parts = self._step(images.to(self.device, non_blocking=True), pids.to(self.device))
-                n_images += images.shape[0] * self.world_size
-                if self._sum_over_processes(int(not math.isfinite(total))):
-                    nonfinite += 1
-                    if not self.use_amp or nonfinite >= AMP_NONFINITE_STEPS:
-                        self._diverged(total, epoch, o.base_lr * factor)
-                    continue  # a step the gradient scaler skipped: not part of the epoch's mean
-                nonfinite = 0
-                for k, v in {"loss": total, **parts}.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_steps += 1
-                bar.set_postfix(loss=f"{total:.3f}", lr=f"{o.base_lr * factor:.2e}", img_s=f"{n_images / (time.perf_counter() - start):.1f}")
+            # ``with``: the bar is closed however the loop ends, so that a stop's line starts a line of its own;
+            # a SIGTERM between the bar's first display and its first step once left it open ("epoch 2/500:
+            # 0%| ... reid train: terminated; ...", one line)
+            with tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not main, unit="batch", mininterval=1.0) as bar:
+                for images, pids, _ in bar:
+                    if STOP_REQUESTED.is_set():  # a SIGTERM whose exception was lost where it landed
+                        raise Terminated()
+                    total, parts = self._step(images.to(self.device, non_blocking=True), pids.to(self.device))
+                    n_images += images.shape[0] * self.world_size
+                    if self._sum_over_processes(int(not math.isfinite(total))):
+                        nonfinite += 1
+                        if not self.use_amp or nonfinite >= AMP_NONFINITE_STEPS:
+                            self._diverged(total, epoch, o.base_lr * factor)
+                        continue  # a step the gradient scaler skipped: not part of the epoch's mean
+                    nonfinite = 0
+                    for k, v in {"loss": total, **parts}.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_steps += 1
+                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{o.base_lr * factor:.2e}", img_s=f"{n_images / (time.perf_counter() - start):.1f}")
             metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
             metrics.update(epoch=epoch + 1, lr=o.base_lr * factor, images=n_images,
                            images_per_s=n_images / (time.perf_counter() - start), seconds=time.perf_counter() - start)

@@ -80,18 +80,21 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
     client, gallery_client = ReidClient(target, timeout=300), GalleryClient(target, timeout=600)
     try:
         qf = []
-        for start in tqdm(range(0, len(query), chunk), desc="query (server)", unit="batch", leave=False):
-            for rec, out in zip(query[start:start + chunk], client.embed([r.path for r in query[start:start + chunk]])):
-                if not out.ok:
-                    raise ReidError(f"the server could not embed {rec.path}: {out.error}")
-                qf.append(out.embedding)
+        # ``with``: each bar is cleared however its loop ends, before a stop's or an error's line is printed
+        with tqdm(range(0, len(query), chunk), desc="query (server)", unit="batch", leave=False) as bar:
+            for start in bar:
+                for rec, out in zip(query[start:start + chunk], client.embed([r.path for r in query[start:start + chunk]])):
+                    if not out.ok:
+                        raise ReidError(f"the server could not embed {rec.path}: {out.error}")
+                    qf.append(out.embedding)
         qf = np.stack(qf)
         gallery_client.create(name)
         try:
-            for start in tqdm(range(0, len(gallery), chunk), desc="gallery (server)", unit="batch", leave=False):
-                part = gallery[start:start + chunk]
-                gallery_client.add(name, images=[r.path for r in part], ids=range(start + 1, start + len(part) + 1),
-                                   metadata=[metadata_message(str(r.pid), str(r.camid)) for r in part])
+            with tqdm(range(0, len(gallery), chunk), desc="gallery (server)", unit="batch", leave=False) as bar:
+                for start in bar:
+                    part = gallery[start:start + chunk]
+                    gallery_client.add(name, images=[r.path for r in part], ids=range(start + 1, start + len(part) + 1),
+                                       metadata=[metadata_message(str(r.pid), str(r.camid)) for r in part])
             ids = protocol_ids(query, gallery)
             variants = {"without re-ranking": None}
             if rerank_cfg.re_ranking:
@@ -107,12 +110,13 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
                          "re-ranked figures can differ slightly from offline, which re-ranks all queries together", per_call)
             for label, rerank in variants.items():
                 dist = np.full((len(query), len(gallery)), np.inf, dtype=np.float32)
-                for start in tqdm(range(0, len(query), per_call), desc=f"search {label} (server)", unit="call", leave=False):
-                    answers = gallery_client.search(name, embeddings=qf[start:start + per_call], top_k=len(gallery),
-                                                    rerank=rerank)
-                    for qi, answer in enumerate(answers, start):
-                        for hit in answer.hits:
-                            dist[qi, hit.id - 1] = hit.distance
+                with tqdm(range(0, len(query), per_call), desc=f"search {label} (server)", unit="call", leave=False) as bar:
+                    for start in bar:
+                        answers = gallery_client.search(name, embeddings=qf[start:start + per_call], top_k=len(gallery),
+                                                        rerank=rerank)
+                        for qi, answer in enumerate(answers, start):
+                            for hit in answer.hits:
+                                dist[qi, hit.id - 1] = hit.distance
                 results[label], curves[label] = _rank(dist, ids)
                 dists[label] = dist
             return results, curves, dists, qf.shape[1]
