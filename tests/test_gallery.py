@@ -1824,17 +1824,32 @@ def test_milvus_store_reconnects_after_a_lost_connection(tmp_path, caplog, monke
         store.close()
 
 
-def test_a_gallery_dir_on_a_filesystem_without_locks_opens_with_a_warning(tmp_path, monkeypatch, caplog):
-    """Only a lock held by another process refuses the folder; a filesystem that has no locks
-    (ENOLCK) is not taken for one."""
+@pytest.mark.parametrize("call, code, opens", [("lockf", "ENOLCK", True), ("open", "EROFS", True), ("open", "EACCES", False)])
+def test_a_gallery_dir_that_cannot_be_locked(tmp_path, monkeypatch, caplog, call, code, opens):
+    """Only a lock held by another process means another owner: a filesystem without locks (ENOLCK)
+    or a read-only one (a replica searching a read-only mount, which opened before there was a lock)
+    opens with a warning; a lock file this user may not write is an error that says so."""
     import errno
-    import fcntl
+    import os
 
-    def no_locks(fd, operation):
-        raise OSError(errno.ENOLCK, "No locks available")
+    from retrieval.gallery import owner_lock
 
-    monkeypatch.setattr(fcntl, "lockf", no_locks)
-    store = FaissGalleryStore(tmp_path)
+    store = FaissGalleryStore(tmp_path)  # a gallery made beforehand, to search afterwards
     store.add(store.create("g", 4).name, np.array([1]), np.ones((1, 4)), [EntryMetadata()])
-    assert "nothing keeps a second server off this gallery directory" in caplog.text
+    store.close()
+    real_open = os.open
+
+    def failing(path_or_fd, *args):
+        if call == "lockf" or str(path_or_fd).endswith(owner_lock.LOCK_NAME):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real_open(path_or_fd, *args)
+
+    monkeypatch.setattr(owner_lock.fcntl if call == "lockf" else owner_lock.os, call, failing)
+    if not opens:
+        with pytest.raises(GalleryError, match=r"\.owner\.lock: permission denied; make it writable by this user"):
+            FaissGalleryStore(tmp_path)
+        return
+    store = FaissGalleryStore(tmp_path)
+    assert [h.id for h in store.search("g", np.ones((1, 4)), 1, [])[0]] == [1]
+    assert f"cannot lock {tmp_path / owner_lock.LOCK_NAME}" in caplog.text
     store.close()

@@ -11,6 +11,9 @@ the same folder inside one process is not refused (the tests open one that way t
 restart after a crash), and closing either releases the lock for both.
 
 The file also says who holds it (pid, host, since when), for the error the next process gives.
+Where there can be no lock, the folder opens with a warning: on a read-only filesystem (as it did
+before there was a lock: a replica can serve searches from a read-only mount) and on one without
+locks. A lock file this user may not write is an error: the galleries beside it may be writable.
 """
 from __future__ import annotations
 
@@ -37,7 +40,20 @@ class OwnerLock:
 
     def __init__(self, root: Path):
         self.path = Path(root) / LOCK_NAME
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd: int | None = None
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.EACCES:  # e.g. left by a server run as another user: its galleries may be writable
+                raise GalleryError(f"cannot open {self.path}: permission denied; make it writable by this user "
+                                   "(it is how a server keeps others off this gallery directory)") from None
+            if exc.errno != errno.EROFS:
+                raise
+            # a read-only filesystem (a replica serving searches from a read-only mount) opens as
+            # before: this process cannot write there, so it cannot harm another that does
+            log.warning("cannot lock %s (%s): opening the galleries without it; changes to them will fail",
+                        self.path, exc.strerror or exc)
+            return
         try:
             if self._lock(root):
                 os.ftruncate(self.fd, 0)
