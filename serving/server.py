@@ -32,6 +32,7 @@ from serving.security import TokenAuthInterceptor, check_bind, server_credential
 from serving.service import Limits, ReIdentificationService
 
 log = logging.getLogger(__name__)
+_GALLERIES_NAMED = 20  # in the startup line; the rest are counted
 SERVICE_NAME = reid_pb2.DESCRIPTOR.services_by_name["ReIdentification"].full_name
 
 
@@ -171,7 +172,7 @@ class ReidServer:
         # ~60,000 objects and stops the event loop for tens of milliseconds (docs/performance.md).
         gc.collect()
         gc.freeze()
-        self._warn_of_other_models()
+        self._report_galleries()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         transport = ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext"
         log.info("serving %s on %s:%d (reid %s, model %s, %s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)",
@@ -181,13 +182,18 @@ class ReidServer:
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         return self.port
 
-    def _warn_of_other_models(self) -> None:
-        """Galleries made with another model (after a model change) refuse this one's embeddings on
-        every add and search from images; say so at startup rather than per call."""
+    def _report_galleries(self) -> None:
+        """Where the galleries are and which there are (the log said neither); and galleries made
+        with another model (after a model change), which refuse this one's embeddings on every add
+        and search from images: said at startup rather than per call."""
         if self.store is None:
             return
         dim, ours = self.engine.metadata.embedding_dim, self.engine.model_id
         widths = self.store.dimensions()
+        names = sorted(widths)
+        shown = ", ".join(names[:_GALLERIES_NAMED]) + (f", and {len(names) - _GALLERIES_NAMED} more"
+                                                       if len(names) > _GALLERIES_NAMED else "")
+        log.info("galleries: %d, %s%s", len(names), self.store.location, f" ({shown})" if names else "")
         other = [f"{name} ({width}-d)" for name, width in widths.items() if width != dim]
         if other:
             log.warning("galleries of another width than this model's %d-d embeddings: %s; adding or searching "

@@ -483,11 +483,13 @@ def test_startup_names_galleries_made_for_another_model(tiny_onnx, tmp_path, cap
     store.create("current", 32)
     thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0))
     thread.server.store = store
-    with caplog.at_level(logging.WARNING), thread:
+    with caplog.at_level(logging.INFO), thread:
         pass
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("this model's 32-d embeddings: old (512-d);" in w for w in warnings), warnings
     assert not any("current" in w for w in warnings)
+    # where the galleries are, and which: the startup log said neither
+    assert f"galleries: 2, FAISS in {tmp_path / 'galleries'} (current, old)" in caplog.messages
 
 
 def test_images_are_refused_by_a_gallery_another_model_filled(tiny_onnx, synthetic_root, tmp_path, caplog):

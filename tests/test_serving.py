@@ -827,6 +827,7 @@ def test_wait_returns_only_after_the_whole_shutdown(engine):
 
     class Store:  # the shutdown's last step is closing (snapshotting) the gallery store
         closed = False
+        location = "in memory"
 
         def dimensions(self):
             return {}
@@ -861,6 +862,8 @@ def test_a_failed_shutdown_step_is_raised_by_wait(engine):
     from serving.server import ReidServer
 
     class Store:
+        location = "in memory"
+
         def dimensions(self):
             return {}
 

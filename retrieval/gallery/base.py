@@ -225,6 +225,8 @@ def check_filter(f: SearchFilter, what: str = "filter") -> None:
 class GalleryBackend(abc.ABC):
     """What the server needs from a gallery store. Every method is thread-safe."""
 
+    location: str = ""  # where the galleries are, for the startup log: a folder, a Milvus address
+
     @abc.abstractmethod
     def create(self, name: str, dim: int, index_type: str = "flat", model: str = "") -> GalleryInfo:
         """A new empty gallery; ``model`` names the model whose embeddings it will hold."""

@@ -488,6 +488,7 @@ class FaissGalleryStore(GalleryBackend):
 
     def __init__(self, root: str | Path, snapshot_every: int = 50_000):
         self.root = Path(root)
+        self.location = f"FAISS in {self.root.absolute()}"
         self.snapshot_every = snapshot_every
         self.lock = threading.Lock()
         self.galleries: dict[str, _Gallery] = {}

@@ -164,6 +164,7 @@ class MilvusGalleryStore(GalleryBackend):
             # pymilvus words a refused token or an unverifiable certificate as "server unavailable" too
             raise StorageError(f"cannot connect to Milvus at {uri} (is it up? are the token and CA right?): {exc}") from None
         self.uri = uri
+        self.location = f"Milvus at {uri}"
         # Held by writes, whose existence check and insert must not interleave within a replica.
         # Searches and counts do not take it: at Strong consistency each waits for Milvus's next
         # time tick (about 300 ms on a server), and under the lock concurrent searches queued
