@@ -357,6 +357,25 @@ def test_stream_answers_each_request_in_order(server, engine):
     assert responses[3].results[0].WhichOneof("result") == "error"
 
 
+def test_a_stream_message_refused_whole_gets_its_code_on_every_result_and_the_stream_goes_on(server):
+    """On a stream a call-level refusal cannot be the call's status (that would end the stream and
+    every later message with it): it becomes the same error on each result of that message."""
+    too_many = Limits().max_images_per_request + 1
+    requests = [build_request([_jpeg(1)], request_id="before"), reid_pb2.EmbedRequest(request_id="empty"),
+                build_request([_jpeg(2)] * too_many, request_id="too many"), build_request([_jpeg(3)], request_id="after")]
+    refused = server.metrics.value("reid_requests_total", method="EmbedStream", code="INVALID_ARGUMENT")
+    stub = reid_pb2_grpc.ReIdentificationStub(grpc.insecure_channel(server.target))
+    responses = {r.request_id: r for r in stub.EmbedStream(iter(requests), timeout=30)}
+    assert list(responses) == ["before", "empty", "too many", "after"]
+    assert responses["before"].results[0].HasField("embedding") and responses["after"].results[0].HasField("embedding")
+    for rid, count, message in [("empty", 1, "request has no images"), ("too many", too_many, f"request has {too_many} images")]:
+        results = responses[rid].results
+        assert len(results) == count  # one result per image, as for any answer
+        assert all(r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and r.error.message.startswith(message)
+                   for r in results), results[0]
+    assert server.metrics.value("reid_requests_total", method="EmbedStream", code="INVALID_ARGUMENT") == refused + 2
+
+
 def test_request_latency_is_recorded_per_call_and_per_stream_message(server):
     """reid_request_seconds{method}: every call, failed ones too (the "total" stage covers
     successful Embed calls only), and each message of a stream."""
