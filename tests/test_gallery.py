@@ -1853,3 +1853,16 @@ def test_a_gallery_dir_that_cannot_be_locked(tmp_path, monkeypatch, caplog, call
     assert [h.id for h in store.search("g", np.ones((1, 4)), 1, [])[0]] == [1]
     assert f"cannot lock {tmp_path / owner_lock.LOCK_NAME}" in caplog.text
     store.close()
+
+
+def test_searching_a_gallery_with_no_entries_answers_each_query_with_no_hits(store):
+    """A new gallery, or one whose every entry was removed: no hits for each query, whatever the
+    kind of search (the removed ones are still rows of a FAISS index until a snapshot compacts it)."""
+    store.create("g", 8)
+    queries = np.random.default_rng(0).normal(size=(3, 8))
+    for rerank, by_person in [(None, False), (RerankOptions(), False), (None, True), (RerankOptions(), True)]:
+        assert store.search("g", queries, 5, [], rerank, group_by_person=by_person) == [[], [], []]
+    store.add("g", np.array([1, 2]), queries[:2], [EntryMetadata("a"), EntryMetadata("b")])
+    store.remove("g", np.array([1, 2]))
+    for rerank, by_person in [(None, False), (RerankOptions(), False), (None, True)]:
+        assert store.search("g", queries, 5, [SearchFilter(exclude_camera_id="c1")] * 3, rerank, by_person) == [[], [], []]
