@@ -1211,6 +1211,25 @@ def test_a_cancelled_stream_stops_the_work_of_the_requests_it_had_sent(engine, m
         assert s.metrics.value("reid_images_inferred_total") <= 4
 
 
+def test_the_health_probe_waits_for_a_server_that_comes_up(engine):
+    """``python -m serving.healthcheck --wait`` is how scripts wait for a starting server: it keeps
+    asking until SERVING, and gives up (exit 1) once its time is out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.healthcheck import main as probe
+
+    target = f"127.0.0.1:{_free_port()}"
+    assert probe([target]) == 1  # nothing there, no waiting
+    start = time.monotonic()
+    assert probe([target, "--wait", "1"]) == 1 and time.monotonic() - start >= 1
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(probe, [target, "--wait", "60"])
+        time.sleep(1.0)
+        assert not waiting.done()
+        with ServerThread(engine, ServerConfig(port=int(target.rsplit(":", 1)[1]))):
+            assert waiting.result(timeout=60) == 0
+
+
 def test_an_engine_that_keeps_failing_turns_health_not_serving_until_it_works_again(engine, caplog):
     """Health said SERVING while every batch failed (a lost GPU context), so balancers kept sending
     traffic to the broken replica and orchestrators never replaced it."""
