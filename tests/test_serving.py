@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -928,6 +929,30 @@ def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path, event_loop):
     finally:
         proc.kill()
         proc.stderr.close()
+
+
+def test_json_logs_are_one_object_per_line_from_start_to_stop(tiny_onnx):
+    """``--log-format json`` (for log collectors): every line the server logs, start to exit, is one
+    JSON object with its time, level, logger and message."""
+    proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                             "--model", str(tiny_onnx), "--port", "0", "--no-gallery", "--log-format", "json"],
+                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        entries = []
+        deadline = time.monotonic() + 60
+        while not any(e["message"].startswith("serving reid.v1.ReIdentification on 127.0.0.1:") for e in entries):
+            assert time.monotonic() < deadline, entries
+            entries.append(json.loads(proc.stderr.readline()))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        entries += [json.loads(line) for line in proc.stderr.read().splitlines()]
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert all(set(e) == {"time", "level", "logger", "message"} for e in entries), entries
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", e["time"]) for e in entries), entries
+    assert [e["message"] for e in entries][-2:] == ["received SIGTERM: draining", "server stopped"]
+    assert {e["level"] for e in entries} <= {"INFO", "WARNING"} and "INFO" in {e["level"] for e in entries}
 
 
 def test_uvloop_asked_for_but_missing_is_one_line(tiny_onnx):
