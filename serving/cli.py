@@ -47,6 +47,9 @@ def serve_parser() -> argparse.ArgumentParser:
                      help="YAML file with any of these options (dashes or underscores; the command line wins)")
     net.add_argument("--host", help="bind address (default 127.0.0.1)")
     net.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    net.add_argument("--reuse-port", action="store_true",
+                     help="let servers share the port (SO_REUSEPORT: the kernel spreads connections among them), e.g. "
+                          "to start a new server beside the old one; without it a port in use is an error")
     net.add_argument("--metrics-port", type=int, help="Prometheus metrics HTTP port (default: off)")
     net.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                      help="auto: uvloop when installed (less CPU per call), else asyncio's own loop")

@@ -53,6 +53,11 @@ class ServerConfig:
     instances: int = 0  # engine runs in flight at once; 0 = the engine's choice (Engine.instances)
     batching: bool = True
     max_message_bytes: int = 64 * 2**20
+    # gRPC binds with SO_REUSEPORT by default on Linux, so several servers can hold one port and the
+    # kernel spreads connections among them: a second reid-serve started by mistake on a server's
+    # port (with another model, or other galleries) silently took part of its callers. Off here, a
+    # taken port is an error; on, it lets a new server start beside the old one before it stops.
+    reuse_port: bool = False
     # Callers that keep a stream open through idle spells send keepalive pings (so that proxies and
     # NAT do not drop the connection). gRPC's server default treats pings closer than 5 minutes as
     # abuse and, after two, closes the connection with GOAWAY "too_many_pings", failing the open
@@ -138,7 +143,7 @@ class ReidServer:
         cv2.setNumThreads(0)  # sequential: preprocessing already runs on `workers` threads; a pool would contend
         opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes),
                 ("grpc.http2.min_ping_interval_without_data_ms", int(c.min_client_ping_seconds * 1000)),
-                ("grpc.keepalive_permit_without_calls", 1)]
+                ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", int(c.reuse_port))]
         creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
         check_bind(c.host, creds is not None, c.insecure)
         interceptors = [TokenAuthInterceptor(c.tokens)] if c.tokens else []

@@ -955,6 +955,28 @@ def test_json_logs_are_one_object_per_line_from_start_to_stop(tiny_onnx):
     assert {e["level"] for e in entries} <= {"INFO", "WARNING"} and "INFO" in {e["level"] for e in entries}
 
 
+def test_a_port_another_server_holds_is_a_startup_error_unless_both_share_it(engine):
+    """gRPC binds with SO_REUSEPORT by default: a second server started on a server's port came up,
+    and the kernel gave it part of the first one's connections, without a word to either."""
+    with ServerThread(engine, ServerConfig(port=0)) as first:
+        with pytest.raises(OSError, match=f"cannot listen on {first.target}: the port is taken"):
+            asyncio.run(ReidServer(engine, ServerConfig(port=first.server.port)).start())
+    with ServerThread(engine, ServerConfig(port=0, reuse_port=True)) as first:  # both asked for it: shared
+        with ServerThread(engine, ServerConfig(port=first.server.port, reuse_port=True)) as second:
+            assert second.target == first.target
+            with ReidClient(second.target) as client:
+                assert client.embed([_jpeg(1)])[0].ok
+
+
+def test_a_metrics_port_in_use_is_a_startup_error_that_names_it(engine):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}: .*; choose another --metrics-port"):
+            asyncio.run(ReidServer(engine, ServerConfig(port=0, metrics_port=port)).start())
+
+
 def test_uvloop_asked_for_but_missing_is_one_line(tiny_onnx):
     code = "import sys; sys.modules['uvloop'] = None; from serving.cli import serve_main; raise SystemExit(serve_main())"
     result = subprocess.run([sys.executable, "-c", code, "--model", str(tiny_onnx), "--event-loop", "uvloop"], cwd=ROOT,
