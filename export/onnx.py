@@ -48,6 +48,21 @@ def check_graph(proto: onnx.ModelProto, what: str) -> None:
         raise ExportError(f"{what} fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
 
 
+def read_onnx(path: str | Path) -> onnx.ModelProto:
+    """An ONNX file's graph (without external weights). A file that is not one is an ExportError
+    naming it: protobuf's parser raised a traceback, and an empty file parsed as an empty model."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and whatever else a stray format trips
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(f"{path} is not an ONNX model ({why})") from None
+    if not proto.graph.input or not proto.graph.output:
+        raise ExportError(f"{path} is not an ONNX model (it has no graph inputs and outputs: empty, or another format)")
+    return proto
+
+
 def static_input(proto: onnx.ModelProto, path) -> tuple[str, int, int, int]:
     """(name, channels, height, width) of the graph's input, which must be N x C x H x W with static H, W."""
     graph_input = proto.graph.input[0]

@@ -7,11 +7,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
 
 from export.errors import ExportError, warn
 from export.fp16 import convert_fp16
-from export.onnx import CHECK_BATCHES, export_onnx, run_onnx, static_input
+from export.onnx import CHECK_BATCHES, export_onnx, read_onnx, run_onnx, static_input
 from export.verify import check_inputs, check_parity
 from serving.engines.base import ModelMetadata, check_pixel_flags
 
@@ -32,7 +31,7 @@ def fp16_path_for(onnx_path: Path) -> Path:
 
 
 def onnx_input_size(path: Path) -> tuple[int, int]:
-    _, _, h, w = static_input(onnx.load(str(path), load_external_data=False), path)
+    _, _, h, w = static_input(read_onnx(path), path)
     return h, w
 
 
@@ -45,7 +44,7 @@ def compare_onnx(reference: Path, candidate: Path, threshold: float, what: str) 
 def ensure_metadata(onnx_path: Path, pixel_mean: list | None, pixel_std: list | None) -> dict:
     """The reid metadata of an ONNX file; for files from other tools, built from the graph and the
     preprocessing given on the command line (without it the engine could not be served)."""
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = read_onnx(onnx_path)
     props = {p.key: p.value for p in proto.metadata_props}
     if ModelMetadata.from_props(props) is not None:
         if pixel_mean is not None:
@@ -96,8 +95,10 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
         check_pixel_flags(pixel_mean, pixel_std)
     except ValueError as exc:
         raise ExportError(str(exc)) from None
-    if checkpoint is None and not onnx_path.is_file():
-        raise ExportError(f"{onnx_path} does not exist (give --checkpoint to export it)")
+    if checkpoint is None:
+        if not onnx_path.is_file():
+            raise ExportError(f"{onnx_path} does not exist (give --checkpoint to export it)")
+        read_onnx(onnx_path)  # before any stage: a corrupt file failed inside the FP16 converter
     if pixel_mean is not None and checkpoint is not None:
         warn("--pixel-mean/--pixel-std ignored: the ONNX export of a checkpoint carries its own reid metadata")
     elif pixel_mean is not None and engine_path is None:
@@ -162,10 +163,13 @@ def verify_only(checkpoint: Path | None, onnx_path: Path, engine_path: Path | No
     for path in [checkpoint, onnx_path, fp16_path_for(onnx_path) if fp16 else None, engine_path]:
         if path is not None and not Path(path).is_file():
             raise ExportError(f"--verify-only: {path} does not exist")
+    for path in [onnx_path, fp16_path_for(onnx_path) if fp16 else None]:
+        if path is not None:
+            read_onnx(path)
     stages = []
     if checkpoint is not None:
         model, _ = model_from_checkpoint(str(checkpoint))
-        md = ModelMetadata.from_props({p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props})
+        md = ModelMetadata.from_props({p.key: p.value for p in read_onnx(onnx_path).metadata_props})
         parity = {}
         for n, batch in check_inputs(CHECK_BATCHES, model.args.input_height, model.args.input_width).items():
             with torch.no_grad():

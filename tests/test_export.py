@@ -269,3 +269,21 @@ def test_stage_options_without_their_stage_are_reported(swin_ckpt, tmp_path, cap
     assert export_main([*argv, "--fp16"]) == 0
     err = capsys.readouterr().err
     assert "--fp16-tool ignored" not in err and "--max-batch ignored" in err
+
+
+@pytest.mark.parametrize("content, says", [(b"\x08\x07garbage" * 10, "is not an ONNX model (Error parsing message"),
+                                           (b"", "is not an ONNX model (it has no graph inputs and outputs")])
+@pytest.mark.parametrize("flags", [["--fp16"], ["--verify-only", "--fp16"],
+                                   ["--engine", "m.engine", "--pixel-mean", "0.5", "0.5", "0.5", "--pixel-std", "1", "1", "1"]])
+def test_an_onnx_file_that_is_not_one_is_one_line_before_any_stage(tmp_path, capsys, monkeypatch, content, says, flags):
+    """A corrupt ONNX file given to start from failed inside the FP16 converter with protobuf's
+    traceback; an empty one parsed as an empty model and failed later still."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.onnx").write_bytes(content)
+    (tmp_path / "m.fp16.onnx").write_bytes(content)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert export_main(["--onnx", "m.onnx", *flags]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"reid-export: error: m.onnx {says}"), err
+    assert out == "" and sorted(p.name for p in tmp_path.iterdir()) == before
