@@ -220,3 +220,17 @@ def test_decoding_stops_at_the_next_image_once_the_caller_has_gone(monkeypatch):
     with pytest.raises(Cancelled):
         run_cancellable(ended, preprocessing.prepare, request, 32, 16, 10_000)
     assert len(decoded) == 2
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped():
+    """A 16-bit PNG (a depth-capable camera's export) keeps its picture: each value v becomes
+    v / 257, where Pillow's RGB conversion would turn everything above 255 white."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 10, 3)).astype(np.uint8)
+    for pixels in (rgb[..., ::-1].astype(np.uint16) * 257, rgb[..., 0].astype(np.uint16) * 257):  # BGR, and gray
+        ok, png = cv2.imencode(".png", pixels)
+        out = decode_image(png.tobytes())
+        want = rgb if pixels.ndim == 3 else np.repeat(rgb[..., :1], 3, axis=2)
+        assert out.dtype == np.uint8 and np.array_equal(out, want)

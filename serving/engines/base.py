@@ -128,7 +128,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
 
     The pixel limit is checked on the header, before decoding. EXIF orientation is ignored, as
     the training data loader ignores it. Every path yields the pixels Pillow gives (for CMYK JPEGs
-    within one level: Pillow converts CMYK to RGB itself).
+    within one level: Pillow converts CMYK to RGB itself), but for 16-bit PNGs, which OpenCV scales
+    to 8 bits where Pillow's RGB conversion clips every value above 255 to white.
     """
     if data[:2] == _JPEG_SOI:
         pixels = _decode_jpeg(data, max_pixels)
