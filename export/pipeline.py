@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from export.errors import ExportError, warn
 from export.fp16 import convert_fp16
 from export.onnx import CHECK_BATCHES, export_onnx, read_onnx, run_onnx, static_input
