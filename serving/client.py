@@ -71,17 +71,26 @@ def parse_response(response: reid_pb2.EmbedResponse) -> list[EmbedOutcome]:
 RETRIED_METHODS = ("Embed", "Search", "ListEntries", "ListGalleries", "GetGalleryInfo")
 
 
-def retry_config(retries: int) -> str:
-    """gRPC service config retrying ``RETRIED_METHODS`` up to ``retries`` more times on
-    RESOURCE_EXHAUSTED (the server's queue was full) and UNAVAILABLE (a server shutting down or
-    not reachable yet), with exponential backoff and jitter (gRPC's own retries, within the call's
-    deadline). Retry throttling stops retrying while most calls fail, so that an overloaded server
-    is not sent more."""
-    policy = {"maxAttempts": retries + 1, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
-              "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]}
-    names = [{"service": "reid.v1.ReIdentification", "method": m} for m in RETRIED_METHODS]
-    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}],
-                       "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}})
+def service_config(retries: int) -> str:
+    """The channel's gRPC service config.
+
+    Calls are balanced one by one over every address the target resolves to (``round_robin``): a
+    Kubernetes headless Service's name, or ``ipv4:HOST:PORT,HOST:PORT``. gRPC's default,
+    ``pick_first``, sent every call to one replica.
+
+    With ``retries``, ``RETRIED_METHODS`` are sent up to that many more times on RESOURCE_EXHAUSTED
+    (the server's queue was full) and UNAVAILABLE (a server shutting down or not reachable yet), with
+    exponential backoff and jitter (gRPC's own retries, within the call's deadline). Retry
+    throttling stops retrying while most calls fail, so that an overloaded server is not sent more.
+    """
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retries:
+        policy = {"maxAttempts": retries + 1, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                  "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]}
+        names = [{"service": "reid.v1.ReIdentification", "method": m} for m in RETRIED_METHODS]
+        config.update(methodConfig=[{"name": names, "retryPolicy": policy}],
+                      retryThrottling={"maxTokens": 10, "tokenRatio": 0.1})
+    return json.dumps(config)
 
 
 class _Connection:
@@ -89,7 +98,7 @@ class _Connection:
     keepalive, retries.
 
     ``retries`` (default 2) is how many more times a call that changes nothing is sent after
-    RESOURCE_EXHAUSTED or UNAVAILABLE (``retry_config``); 0 turns retrying off. gRPC allows at most
+    RESOURCE_EXHAUSTED or UNAVAILABLE (``service_config``); 0 turns retrying off. gRPC allows at most
     4 more.
 
     ``keepalive_seconds`` makes the channel ping the server that often while it is idle, also with
@@ -103,11 +112,8 @@ class _Connection:
                  keepalive_seconds: float | None = None, retries: int = 2, aio: bool = False):
         if not 0 <= retries <= 4:
             raise ValueError(f"retries must be within 0..4 (gRPC makes at most 5 attempts), got {retries}")
-        opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        if retries:
-            opts += [("grpc.enable_retries", 1), ("grpc.service_config", retry_config(retries))]
-        else:
-            opts += [("grpc.enable_retries", 0)]
+        opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.enable_retries", int(retries > 0)), ("grpc.service_config", service_config(retries))]
         if keepalive_seconds:
             opts += [("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)), ("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.max_pings_without_data", 0)]  # keep pinging through idle spells

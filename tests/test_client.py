@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from serving.client import AsyncReidClient, GalleryClient, ReidClient
+from serving.client import AsyncGalleryClient, AsyncReidClient, GalleryClient, ReidClient
 from serving.proto import reid_pb2, reid_pb2_grpc
 
 
@@ -90,3 +90,35 @@ def test_other_failures_are_not_retried(scripted):
     with ReidClient(target) as c, pytest.raises(grpc.RpcError) as err:
         c.embed([])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and servicer.calls["Embed"] == 1
+
+
+@pytest.mark.parametrize("retries", [2, 0])
+def test_calls_are_spread_over_every_address_the_target_names(retries):
+    """A target naming several servers (a Kubernetes headless Service's DNS name, or
+    ``ipv4:HOST:PORT,HOST:PORT``) sent every call to the first that answered: gRPC's default policy
+    is pick_first. The clients balance call by call (round_robin), as deployment.md advises."""
+    servicers, servers, ports = [], [], []
+    for _ in range(2):
+        servicers.append(Scripted(0, grpc.StatusCode.OK))
+        servers.append(grpc.server(ThreadPoolExecutor(2)))
+        reid_pb2_grpc.add_ReIdentificationServicer_to_server(servicers[-1], servers[-1])
+        ports.append(servers[-1].add_insecure_port("127.0.0.1:0"))
+        servers[-1].start()
+    try:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
+        with ReidClient(target, retries=retries) as c:
+            for _ in range(20):
+                assert c.embed_response([]).dimension == 4
+        # every server takes its share (the first calls may go where a connection is ready first)
+        assert min(s.calls["Embed"] for s in servicers) >= 5 and sum(s.calls["Embed"] for s in servicers) == 20
+
+        async def gallery_calls():
+            async with AsyncGalleryClient(target, retries=retries) as g:
+                for _ in range(10):
+                    await g.search("g", embeddings=np.ones((1, 4)))
+
+        asyncio.run(gallery_calls())
+        assert min(s.calls["Search"] for s in servicers) >= 2 and sum(s.calls["Search"] for s in servicers) == 10
+    finally:
+        for server in servers:
+            server.stop(0)
