@@ -72,6 +72,9 @@ def serve_parser() -> argparse.ArgumentParser:
     batch.add_argument("--min-client-ping-seconds", type=float,
                        help="shortest interval between a client's keepalive pings that is accepted; closer pings end "
                             "the connection with GOAWAY too_many_pings (default 10)")
+    batch.add_argument("--max-connection-age-seconds", type=float,
+                       help="close each client connection once it is this old (calls on it finish), so that clients "
+                            "balancing over a name's addresses find replicas added since (default: never)")
     gallery = p.add_argument_group("galleries")
     gallery.add_argument("--gallery-dir", type=Path, default=Path("galleries"),
                          help="where FAISS galleries live (snapshots + write-ahead logs); default ./galleries")

@@ -63,6 +63,11 @@ class ServerConfig:
     # abuse and, after two, closes the connection with GOAWAY "too_many_pings", failing the open
     # streams with UNAVAILABLE. Pings at least this far apart are accepted, also with no call open.
     min_client_ping_seconds: float = 10.0
+    # Clients balancing over a name's addresses (a Kubernetes headless Service) resolve it again
+    # only when a connection closes, so replicas added later got none of their calls: past this age
+    # a connection is closed (GOAWAY; calls in progress and open streams finish on it) and the next
+    # call goes over a new one. 0: never (gRPC's default).
+    max_connection_age_seconds: float = 0.0
     limits: Limits = field(default_factory=Limits)
     tls_cert: str = ""
     tls_key: str = ""
@@ -98,7 +103,8 @@ class ServerConfig:
 _RANGES = (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_batch_size", 1, None), ("max_queue_delay_ms", 0, None),
            ("split_batch_ms", 0, None), ("queue_capacity", 1, None), ("workers", 1, None), ("gallery_threads", 1, None),
            ("gallery_queue_capacity", 1, None),
-           ("max_message_bytes", 4096, None), ("min_client_ping_seconds", 0, None), ("grace_seconds", 0, None),
+           ("max_message_bytes", 4096, None), ("min_client_ping_seconds", 0, None), ("max_connection_age_seconds", 0, None),
+           ("grace_seconds", 0, None),
            ("shutdown_delay_seconds", 0, None), ("unhealthy_after_failures", 0, None), ("engine_probe_seconds", 0.01, None))
 
 
@@ -144,6 +150,8 @@ class ReidServer:
         opts = [("grpc.max_receive_message_length", c.max_message_bytes), ("grpc.max_send_message_length", c.max_message_bytes),
                 ("grpc.http2.min_ping_interval_without_data_ms", int(c.min_client_ping_seconds * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", int(c.reuse_port))]
+        if c.max_connection_age_seconds:
+            opts.append(("grpc.max_connection_age_ms", int(c.max_connection_age_seconds * 1000)))
         creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
         check_bind(c.host, creds is not None, c.insecure)
         interceptors = [TokenAuthInterceptor(c.tokens)] if c.tokens else []

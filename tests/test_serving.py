@@ -977,6 +977,31 @@ def test_a_metrics_port_in_use_is_a_startup_error_that_names_it(engine):
             asyncio.run(ReidServer(engine, ServerConfig(port=0, metrics_port=port)).start())
 
 
+def test_connections_are_closed_after_max_connection_age_so_clients_find_new_replicas(engine):
+    """Clients balancing over a headless Service's addresses find replicas added later only when
+    they resolve the name again, which gRPC does when a connection closes: with
+    ``--max-connection-age-seconds`` the server closes each connection once it is that old (GOAWAY;
+    calls in progress finish), and the next call goes over a new one."""
+    states = []
+    with ServerThread(engine, ServerConfig(port=0, max_connection_age_seconds=1.0)) as s:
+        channel = grpc.insecure_channel(s.target)
+        channel.subscribe(states.append)
+        stub = reid_pb2_grpc.ReIdentificationStub(channel)
+        assert stub.Embed(build_request([_jpeg(1)]), timeout=30).results[0].HasField("embedding")
+        time.sleep(2.5)  # past the age, and its 10 % jitter
+        assert stub.Embed(build_request([_jpeg(2)]), timeout=30).results[0].HasField("embedding")
+
+        def paced():  # a stream open across the age: it is not cut off
+            for i in range(6):
+                time.sleep(0.5)
+                yield build_request([_jpeg(i)])
+
+        assert len([r for r in stub.EmbedStream(paced(), timeout=30) if r.results[0].HasField("embedding")]) == 6
+        channel.close()
+    ready = [i for i, state in enumerate(states) if state == grpc.ChannelConnectivity.READY]
+    assert len(ready) >= 2 and grpc.ChannelConnectivity.IDLE in states[ready[0]:ready[-1]], states
+
+
 def test_uvloop_asked_for_but_missing_is_one_line(tiny_onnx):
     code = "import sys; sys.modules['uvloop'] = None; from serving.cli import serve_main; raise SystemExit(serve_main())"
     result = subprocess.run([sys.executable, "-c", code, "--model", str(tiny_onnx), "--event-loop", "uvloop"], cwd=ROOT,
