@@ -180,6 +180,35 @@ def test_torn_log_tail_is_dropped_with_a_warning(tmp_path, caplog):
     assert FaissGalleryStore(tmp_path).info("g").size == 12
 
 
+def test_a_torn_tail_that_cannot_be_cut_at_start_is_cut_before_the_next_change(tmp_path, monkeypatch, caplog):
+    """On a read-only filesystem the cut of a torn log tail at start raised, and the galleries did
+    not open even for searches. Now the cut waits for the next change, so that no record written
+    later follows the torn one (replay stops there, and would drop it)."""
+    import errno
+
+    from retrieval.gallery.wal import WriteAheadLog
+
+    vecs, meta = _data(12)
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 16)
+    store.add("g", np.arange(1, 11), vecs[:10], meta[:10])
+    log = tmp_path / "g" / "wal.log"
+    log.write_bytes(log.read_bytes() + b"\x01torn")  # a crash mid-append; no close()
+    real_cut = WriteAheadLog._cut
+
+    def read_only(self, size):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(WriteAheadLog, "_cut", read_only)
+    reopened = FaissGalleryStore(tmp_path)
+    assert reopened.info("g").size == 10 and len(reopened.search("g", vecs[:1], 3, [])[0]) == 3
+    assert "cannot cut that tail off now (Read-only file system)" in caplog.text
+    monkeypatch.setattr(WriteAheadLog, "_cut", real_cut)  # writable again
+    reopened.add("g", np.arange(11, 13), vecs[10:12], meta[10:12])
+    assert not log.read_bytes().endswith(b"\x01torn")
+    assert FaissGalleryStore(tmp_path).info("g").size == 12  # as after a crash: the new records replay
+
+
 _DISK_FULL = """
 import resource, signal, sys
 from pathlib import Path

@@ -53,10 +53,12 @@ class WriteAheadLog:
         if good_end < len(data):
             log.warning("%s: dropped a torn or corrupt tail of %d bytes after the last intact record",
                         self.path, len(data) - good_end)
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                self._cut(good_end)
+            except OSError as exc:  # a read-only filesystem: the galleries still open, for searches
+                self._cut_at = good_end  # cut before the next append or seal, which fail until it works
+                log.warning("%s: cannot cut that tail off now (%s); it is cut before the next change",
+                            self.path, exc.strerror or exc)
 
     def append(self, payload: bytes) -> None:
         """Durable once this returns (written and fsync'ed). A write that fails part way (disk full,
@@ -87,8 +89,14 @@ class WriteAheadLog:
             raise
 
     def _cut(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
-        os.fsync(self._fd)
+        if self._fd is None:  # nothing appended yet: a tail found by replay
+            with open(self.path, "r+b") as f:
+                f.truncate(size)
+                f.flush()
+                os.fsync(f.fileno())
+        else:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
         self._cut_at = None
 
     def seal(self, dest: Path) -> None:
