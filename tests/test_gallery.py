@@ -1314,6 +1314,7 @@ def test_a_crash_at_any_step_of_a_snapshot_loses_nothing(tmp_path, monkeypatch, 
     """A snapshot seals the log (wal.log becomes wal-<n>.log), writes, renames, then deletes the
     sealed segment. A crash before the rename: the old snapshot and the sealed segment are
     replayed; after it, before the deletion: the segment is the snapshot's, deleted at start."""
+    import errno
     import os
 
     vecs, meta = _data(60, 16)
@@ -1348,6 +1349,13 @@ def test_a_crash_at_any_step_of_a_snapshot_loses_nothing(tmp_path, monkeypatch, 
     reopened.snapshot("g")  # lands, then "crashes" before deleting what it covers
     monkeypatch.undo()
     assert {"wal-00000002.log", "wal-00000003.log"} <= set(kept)
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr("pathlib.Path.unlink", read_only)  # a start from a read-only mount: not deleted,
+    assert FaissGalleryStore(tmp_path).info("g").size == 59  # not replayed, and the start goes on
+    monkeypatch.undo()
     again = FaissGalleryStore(tmp_path)
     assert not list((tmp_path / "g").glob("wal-*.log"))  # covered by the snapshot: deleted, not replayed
     assert again.info("g").size == 59

@@ -109,7 +109,11 @@ class Persistence:
         for number, segment in self._segments():
             self._next_segment = max(self._next_segment, number + 1)
             if number <= covered:  # a crash after its snapshot landed, before the segment was deleted
-                segment.unlink()
+                try:
+                    segment.unlink()
+                except OSError as exc:  # a read-only filesystem: it holds nothing the snapshot does not
+                    log.warning("gallery %s: cannot delete %s, which its snapshot covers (%s); not replayed",
+                                self.dir.name, segment.name, exc.strerror or exc)
                 continue
             for payload in WriteAheadLog(segment).replay():  # sealed by a snapshot that did not land
                 self._apply(payload)
