@@ -58,7 +58,8 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     Both parsers leave an option unset (SUPPRESS) unless given, as a subcommand's default would
     otherwise overwrite a value given before it; ``client_main`` fills the defaults in."""
     s = argparse.SUPPRESS
-    parser.add_argument("--server", default=s, help="host:port of reid-serve (default: $REID_SERVER, else 127.0.0.1:50051)")
+    parser.add_argument("--server", default=s, help="host:port of reid-serve, or a gRPC target naming several (dns:///NAME:PORT, "
+                        "ipv4:H:P,H:P), whose calls are spread over all (default: $REID_SERVER, else 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=_number(float, 0, inclusive=False), default=s, help="seconds per call (default 60)")
     parser.add_argument("--token", default=s, help="bearer token (or set REID_TOKEN)")
     parser.add_argument("--tls-ca", default=s, help="CA (PEM) to verify the server; enables TLS")
