@@ -250,6 +250,9 @@ def serve_main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JsonFormatter() if args.log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    # FAISS's loader logs at INFO which CPU build it tried, 11 lines at the first gallery call, most
+    # of them "Could not load library with AVX512 support due to: ModuleNotFoundError(...)"
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
         config = build_config(args)
         fallback = preprocessing_fallback(args)
