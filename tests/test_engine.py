@@ -128,6 +128,13 @@ def test_a_stop_whose_exception_was_lost_ends_training_at_the_next_batch(quick_s
         STOP_REQUESTED.clear()
 
 
+def test_the_epoch_bar_is_drawn_at_most_once_a_second(quick_spec, capsys):
+    """Each step's loss went into the bar with a redraw, so its one-second interval never applied:
+    where stderr is a file or a container's log, every step added a copy of the bar."""
+    train(quick_spec(**{"train.num_epochs": 1}))  # 5 steps in well under a second
+    assert 1 <= capsys.readouterr().err.count("epoch 1/1") <= 3  # first drawn, then closed (a slow second: once more)
+
+
 def test_resume_rejects_a_different_model(quick_spec, synthetic_root, tmp_path):
     ckpt = train(quick_spec(**{"train.num_epochs": 1}))
     other = build_spec({}, quick_overrides(synthetic_root, tmp_path / "o", **{

@@ -306,7 +306,8 @@ class Trainer:
                     for k, v in {"loss": total, **parts}.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_steps += 1
-                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{o.base_lr * factor:.2e}", img_s=f"{n_images / (time.perf_counter() - start):.1f}")
+                    bar.set_postfix(loss=f"{total:.3f}", lr=f"{o.base_lr * factor:.2e}", img_s=f"{n_images / (time.perf_counter() - start):.1f}",
+                                    refresh=False)  # drawn with the next update, at most once a second (mininterval)
             metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
             metrics.update(epoch=epoch + 1, lr=o.base_lr * factor, images=n_images,
                            images_per_s=n_images / (time.perf_counter() - start), seconds=time.perf_counter() - start)
