@@ -6,6 +6,7 @@ import functools
 import logging
 import time
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
@@ -82,7 +83,8 @@ def timed(rpc):
     cancelling the method: it returns no status of its own, so it is counted here, by which of the
     two it was (it went uncounted, and a deadline too short for the searches did not show). The
     caller's clock runs out a moment before the server's, and its cancel can arrive first: an end
-    within ``DEADLINE_SLACK_SECONDS`` of the deadline counts as the deadline."""
+    within ``DEADLINE_SLACK_SECONDS`` of the deadline counts as the deadline. An unexpected
+    exception (a bug) counts as UNKNOWN, the status gRPC answers it with."""
     @functools.wraps(rpc)
     async def call(self, request, context):
         start = time.monotonic()
@@ -94,6 +96,12 @@ def timed(rpc):
                     else "CANCELLED")
             self.metrics.requests.labels(rpc.__name__, code).inc()
             self.metrics.errors.labels(code).inc()
+            raise
+        except grpc.aio.AbortError:  # a status the method gave, and counted, itself
+            raise
+        except Exception:  # a bug: gRPC logs its traceback and answers UNKNOWN; alerts must see it too
+            self.metrics.requests.labels(rpc.__name__, "UNKNOWN").inc()
+            self.metrics.errors.labels("UNKNOWN").inc()
             raise
         finally:
             self.metrics.request_seconds.labels(rpc.__name__).observe(time.monotonic() - start)

@@ -218,6 +218,11 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                                         "the server is shutting down: every request read so far was answered; "
                                         "send the rest to another server")
                 yield await task
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # a bug: the stream ends with UNKNOWN (gRPC logs the traceback), counted as Embed's are
+            self._count("EmbedStream", grpc.StatusCode.UNKNOWN)
+            raise
         finally:
             read_task.cancel()
             while not pending.empty():  # read, not answered, and now nobody to answer: stop their work

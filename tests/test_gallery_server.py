@@ -804,3 +804,36 @@ def test_evaluate_through_a_server_that_is_not_there_is_one_line(synthetic_root,
     assert f"reid evaluate: error: server 127.0.0.1:{port}: UNAVAILABLE" in err.strip().splitlines()[-1]
     # on a line of its own: the progress bar it broke off is cleared first ("\r"), not left in front of it
     assert re.search(r"(^|[\r\n])reid evaluate: error: ", err), err
+
+
+def test_a_call_that_fails_unexpectedly_is_counted_as_unknown(tiny_onnx, tmp_path, monkeypatch):
+    """A bug (an exception no handler expected) ends the call with UNKNOWN and gRPC's traceback in
+    the log, but reid_requests_total and reid_errors_total did not count it: the errors an alert
+    most needs to see went unseen."""
+    import serving.service
+    from serving.client import ReidClient, build_request
+    from serving.proto import reid_pb2_grpc
+
+    store = FaissGalleryStore(tmp_path / "galleries")
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0))
+    thread.server.store = store
+    with thread as s, GalleryClient(s.target, retries=0) as g, ReidClient(s.target, retries=0) as client:
+        g.create("g", 32)
+
+        def bug(*args, **kwargs):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(store, "search", bug)
+        monkeypatch.setattr(serving.service, "prepare", bug)
+        for call in (lambda: g.search("g", embeddings=np.ones((1, 32))), lambda: client.embed([b"x"]),
+                     lambda: list(reid_pb2_grpc.ReIdentificationStub(client.channel).EmbedStream(
+                         iter([build_request([b"x"])]), timeout=30))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNKNOWN and "a bug" in err.value.details()
+        deadline = time.monotonic() + 5  # the status reaches the caller before the handler has unwound
+        while s.metrics.value("reid_errors_total", code="UNKNOWN") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert s.metrics.value("reid_errors_total", code="UNKNOWN") == 3
+        assert [s.metrics.value("reid_requests_total", method=m, code="UNKNOWN")
+                for m in ("Search", "Embed", "EmbedStream")] == [1, 1, 1]
