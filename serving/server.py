@@ -272,6 +272,8 @@ class ReidServer:
             return
         self._failed_batches += 1
         limit = self.config.unhealthy_after_failures
+        if self._failed_batches == 1:  # the first of a streak, so that a broken engine does not flood the log
+            log.error("an engine batch failed: %s", _first_line(error))
         if self._failed_batches == limit and self._shutdown is None:  # just tripped (never at limit 0)
             log.error("the engine failed %d batches in a row (last: %s): health NOT_SERVING, so that traffic goes to "
                       "other replicas; a batch of one is tried every %.0f s and turns it SERVING again once it works",

@@ -1335,6 +1335,8 @@ def test_an_engine_that_keeps_failing_turns_health_not_serving_until_it_works_ag
             time.sleep(0.05)
         assert not is_serving(s.target)
         assert "failed 2 batches in a row (last: CUDA error: an illegal memory access" in caplog.text
+        # the first failure of the streak is logged too (a lone failure left no line), the second not
+        assert caplog.text.count("an engine batch failed: CUDA error: an illegal memory access") == 1
         end = time.monotonic() + 5
         while "engine probe failed" not in caplog.text and time.monotonic() < end:  # a probe every 0.2 s
             time.sleep(0.05)
