@@ -151,6 +151,8 @@ class Trainer:
             torch.optim.SGD(self.loss.center.parameters(), lr=optim.center_lr) if self.loss.center is not None else None
         )
         self.use_amp = device.type == "cuda" and spec.train.mixed_precision
+        if device.type == "cuda":  # every training batch has one shape (P x K at the input size): cuDNN times
+            torch.backends.cudnn.benchmark = True  # its convolution algorithms once and keeps the fastest
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.start_epoch = 0
         if spec.train.resume_training_checkpoint_path:
