@@ -34,6 +34,12 @@ class ServerMetrics:
                                          "failed calls included", ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("reid_errors_total", "Errors by gRPC status code (per call and per image)", ["code"], registry=r)
 
+    def count_call(self, method: str, code: str) -> None:
+        """One call of ``method`` that ended with status ``code`` (a name: "OK", "UNAVAILABLE")."""
+        self.requests.labels(method, code).inc()
+        if code != "OK":
+            self.errors.labels(code).inc()
+
     def watch_galleries(self, store: GalleryBackend) -> None:
         """Export ``reid_gallery_entries{gallery}``, read from ``store`` at each scrape."""
         self.registry.register(_GalleryEntries(store))
@@ -94,14 +100,12 @@ def timed(rpc):
             remaining = context.time_remaining()
             code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
                     else "CANCELLED")
-            self.metrics.requests.labels(rpc.__name__, code).inc()
-            self.metrics.errors.labels(code).inc()
+            self.metrics.count_call(rpc.__name__, code)
             raise
         except grpc.aio.AbortError:  # a status the method gave, and counted, itself
             raise
         except Exception:  # a bug: gRPC logs its traceback and answers UNKNOWN; alerts must see it too
-            self.metrics.requests.labels(rpc.__name__, "UNKNOWN").inc()
-            self.metrics.errors.labels("UNKNOWN").inc()
+            self.metrics.count_call(rpc.__name__, "UNKNOWN")
             raise
         finally:
             self.metrics.request_seconds.labels(rpc.__name__).observe(time.monotonic() - start)

@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import logging
 import os
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -128,8 +129,11 @@ def _with_role(handler, role: str):
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Bearer-token check per call; read tokens may not call gallery-changing methods."""
 
-    def __init__(self, tokens: dict[str, str]):
+    def __init__(self, tokens: dict[str, str], on_refused: Callable[[str, grpc.StatusCode], None] | None = None):
+        """``on_refused(method, code)`` hears of each call refused here (the server counts them in
+        its metrics: they never reach the service, and a client with a stale token went unseen)."""
         self._tokens = [(t.encode(), role) for t, role in tokens.items()]
+        self._on_refused = on_refused
 
     def _role(self, presented: str) -> str | None:
         given = presented.encode()
@@ -150,13 +154,16 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         if role is None:
-            failure = _abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            code, message = grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
         elif name in WRITE_METHODS and role != "write":
-            failure = _abort(grpc.StatusCode.PERMISSION_DENIED, "this token may read (embed, search) but not change galleries")
+            code, message = grpc.StatusCode.PERMISSION_DENIED, "this token may read (embed, search) but not change galleries"
         elif name in ROLE_AWARE_METHODS:
             return _with_role(handler, role)
         else:
             return handler
+        if self._on_refused is not None:
+            self._on_refused(name, code)
+        failure = _abort(code, message)
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(failure, handler.request_deserializer, handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(failure, handler.request_deserializer, handler.response_serializer)

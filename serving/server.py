@@ -154,7 +154,8 @@ class ReidServer:
             opts.append(("grpc.max_connection_age_ms", int(c.max_connection_age_seconds * 1000)))
         creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
         check_bind(c.host, creds is not None, c.insecure)
-        interceptors = [TokenAuthInterceptor(c.tokens)] if c.tokens else []
+        interceptors = ([TokenAuthInterceptor(c.tokens, lambda method, code: self.metrics.count_call(method, code.name))]
+                        if c.tokens else [])
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
                                       c.batching, self.metrics, c.instances, c.split_batch_ms / 1000, self._batch_outcome)

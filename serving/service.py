@@ -231,6 +231,4 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
                     task.cancel()
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
-        self.metrics.requests.labels(method, code.name).inc()
-        if code != grpc.StatusCode.OK:
-            self.metrics.errors.labels(code.name).inc()
+        self.metrics.count_call(method, code.name)

@@ -104,6 +104,10 @@ def test_tokens_separate_read_and_write(tiny_onnx, tmp_path):
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "write token" in err.value.details()
         with GalleryClient(s.target, token=WRITE) as writer:
             assert [len(e.embedding.values) for e in writer.entries("g", include_embeddings=True)] == [32]
+        # refused by the token check, before the service: counted too (a client with a stale token went unseen)
+        assert s.metrics.value("reid_requests_total", method="Embed", code="UNAUTHENTICATED") == 2
+        assert s.metrics.value("reid_requests_total", method="CreateGallery", code="PERMISSION_DENIED") == 1
+        assert s.metrics.value("reid_errors_total", code="UNAUTHENTICATED") == 2
         # health stays open without a token
         status = health_pb2_grpc.HealthStub(grpc.insecure_channel(s.target)).Check(health_pb2.HealthCheckRequest()).status
         assert status == health_pb2.HealthCheckResponse.SERVING
