@@ -108,6 +108,12 @@ _RANGES = (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_batch_size", 1,
            ("shutdown_delay_seconds", 0, None), ("unhealthy_after_failures", 0, None), ("engine_probe_seconds", 0.01, None))
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets: gRPC read ``--host ::1`` as a malformed address
+    and the start failed as if the port were taken."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def _first_line(exc: Exception) -> str:
     """A runtime error's first line (ONNX Runtime and TensorRT messages run over many), or its type."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -189,8 +195,8 @@ class ReidServer:
         self._report_galleries()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         transport = ("mutual TLS" if c.tls_client_ca else "TLS") if creds else "plaintext"
-        log.info("serving %s on %s:%d (reid %s, model %s, %s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)",
-                 SERVICE_NAME, c.host, self.port, importlib.metadata.version("reid"), self.engine.model_id, self.engine.label,
+        log.info("serving %s on %s (reid %s, model %s, %s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)",
+                 SERVICE_NAME, host_port(c.host, self.port), importlib.metadata.version("reid"), self.engine.model_id, self.engine.label,
                  self.batcher.instances, self.batcher.max_batch_size, c.max_queue_delay_ms, transport,
                  f"{len(c.tokens)} token(s)" if c.tokens else "no authentication",
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
@@ -221,7 +227,7 @@ class ReidServer:
     def _bind(self, creds) -> int:
         """The gRPC port, bound before anything starts so that a taken one is reported in one line."""
         c = self.config
-        address = f"{c.host}:{c.port}"
+        address = host_port(c.host, c.port)
         try:
             port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
         except RuntimeError:  # grpcio >= 1.5x raises where older releases returned 0

@@ -974,6 +974,25 @@ def test_a_port_another_server_holds_is_a_startup_error_unless_both_share_it(eng
                 assert client.embed([_jpeg(1)])[0].ok
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_an_ipv6_host_is_served_as_given(engine, caplog):
+    """``--host ::1`` failed to start with "the port is taken or ::1 is not an address of this
+    machine": gRPC needs an IPv6 address in brackets, which the server now adds itself."""
+    with caplog.at_level(logging.INFO), ServerThread(engine, ServerConfig(host="::1", port=0)) as s:
+        with ReidClient(f"[::1]:{s.server.port}") as client:
+            assert client.embed([_jpeg(1)])[0].ok
+    assert any(m.startswith(f"serving reid.v1.ReIdentification on [::1]:{s.server.port} (") for m in caplog.messages)
+
+
 def test_a_metrics_port_in_use_is_a_startup_error_that_names_it(engine):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
