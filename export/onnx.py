@@ -19,7 +19,7 @@ from torch import nn
 
 from export.errors import ExportError
 from export.verify import check_inputs, check_parity
-from serving.engines.base import ModelMetadata
+from serving.engines.base import ModelMetadata, first_line
 from training.checkpoint import file_sha256
 from training.embed import model_from_checkpoint
 
@@ -45,7 +45,7 @@ def check_graph(proto: onnx.ModelProto, what: str) -> None:
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"{what} fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
+        raise ExportError(f"{what} fails onnx.checker: {first_line(exc)}") from None
 
 
 def read_onnx(path: str | Path) -> onnx.ModelProto:
@@ -56,8 +56,7 @@ def read_onnx(path: str | Path) -> onnx.ModelProto:
     except OSError:
         raise
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and whatever else a stray format trips
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"{path} is not an ONNX model ({why})") from None
+        raise ExportError(f"{path} is not an ONNX model ({first_line(exc)})") from None
     if not proto.graph.input or not proto.graph.output:
         raise ExportError(f"{path} is not an ONNX model (it has no graph inputs and outputs: empty, or another format)")
     return proto

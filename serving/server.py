@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from retrieval.gallery import GalleryBackend
 from serving.batcher import DynamicBatcher
-from serving.engines.base import Engine, ModelFileError
+from serving.engines.base import Engine, ModelFileError, first_line
 from serving.metrics import ServerMetrics
 from serving.proto import reid_pb2, reid_pb2_grpc
 from serving.security import TokenAuthInterceptor, check_bind, server_credentials
@@ -112,11 +112,6 @@ def host_port(host: str, port: int) -> str:
     """``host:port``, an IPv6 address in brackets: gRPC read ``--host ::1`` as a malformed address
     and the start failed as if the port were taken."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-def _first_line(exc: Exception) -> str:
-    """A runtime error's first line (ONNX Runtime and TensorRT messages run over many), or its type."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def check_number(name: str, value, low: float, high: float | None, integer: bool) -> None:
@@ -258,7 +253,7 @@ class ReidServer:
             except ModelFileError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a runtime's own error types: the model cannot serve
-                raise ModelFileError(f"the model failed its warm-up run at batch size {n}: {_first_line(exc)}") from exc
+                raise ModelFileError(f"the model failed its warm-up run at batch size {n}: {first_line(exc)}") from exc
         log.info("engine warmed at batch %s in %.1f s", f"sizes 1-{largest}" if each else f"size {largest}",
                  time.perf_counter() - start)
 
@@ -280,11 +275,11 @@ class ReidServer:
         self._failed_batches += 1
         limit = self.config.unhealthy_after_failures
         if self._failed_batches == 1:  # the first of a streak, so that a broken engine does not flood the log
-            log.error("an engine batch failed: %s", _first_line(error))
+            log.error("an engine batch failed: %s", first_line(error))
         if self._failed_batches == limit and self._shutdown is None:  # just tripped (never at limit 0)
             log.error("the engine failed %d batches in a row (last: %s): health NOT_SERVING, so that traffic goes to "
                       "other replicas; a batch of one is tried every %.0f s and turns it SERVING again once it works",
-                      limit, _first_line(error), self.config.engine_probe_seconds)
+                      limit, first_line(error), self.config.engine_probe_seconds)
             asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
             if self._probe is None or self._probe.done():
                 self._probe = asyncio.ensure_future(self._probe_engine())
@@ -300,7 +295,7 @@ class ReidServer:
             try:
                 await self.batcher.probe(one)
             except Exception as exc:  # noqa: BLE001 - the runtime's own error types; still broken
-                log.warning("engine probe failed: %s", _first_line(exc))
+                log.warning("engine probe failed: %s", first_line(exc))
                 continue
             self._batch_outcome(None)
             return

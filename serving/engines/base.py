@@ -26,6 +26,12 @@ class ModelFileError(Exception):
     """The model file is missing, of an unknown kind, or lacks what serving needs; the message says which."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line for a one-line message (ONNX Runtime, TensorRT, protobuf and onnx
+    messages run over many), or its type's name when it has no message."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class ImageError(ValueError):
     """One input image cannot be used (undecodable, too large, bad crop box); fails that image only."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.engines.base import Engine, ModelFileError, ModelMetadata
+from serving.engines.base import Engine, ModelFileError, ModelMetadata, first_line
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class OnnxRuntimeEngine(Engine):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelFileError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+            raise ModelFileError(f"{path} is not a loadable ONNX model: {first_line(exc)}") from None
         self.providers = self.session.get_providers()
         self.warm_each_batch_size = self.providers[0] == "CUDAExecutionProvider"
         if wants_cuda and "CUDAExecutionProvider" not in self.providers:
