@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -81,6 +82,20 @@ class _GalleryEntries:
 DEADLINE_SLACK_SECONDS = 0.1
 
 
+@contextlib.contextmanager
+def counting_bugs(metrics: ServerMetrics, method: str):
+    """Around a call's work: an exception nothing expected (a bug; gRPC logs its traceback and
+    answers UNKNOWN) is counted as UNKNOWN, so that alerts see it; a status the method gave with
+    ``context.abort`` is its own to count."""
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        metrics.count_call(method, "UNKNOWN")
+        raise
+
+
 def timed(rpc):
     """Decorates a unary RPC method of a servicer holding ``metrics``: its whole latency, whatever
     it ends with (an abort raises), goes into ``reid_request_seconds{method}``, named after it.
@@ -95,17 +110,13 @@ def timed(rpc):
     async def call(self, request, context):
         start = time.monotonic()
         try:
-            return await rpc(self, request, context)
+            with counting_bugs(self.metrics, rpc.__name__):
+                return await rpc(self, request, context)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
                     else "CANCELLED")
             self.metrics.count_call(rpc.__name__, code)
-            raise
-        except grpc.aio.AbortError:  # a status the method gave, and counted, itself
-            raise
-        except Exception:  # a bug: gRPC logs its traceback and answers UNKNOWN; alerts must see it too
-            self.metrics.count_call(rpc.__name__, "UNKNOWN")
             raise
         finally:
             self.metrics.request_seconds.labels(rpc.__name__).observe(time.monotonic() - start)

@@ -22,7 +22,7 @@ from serving.batcher import DeadlineExpired, DynamicBatcher, EngineFailed, Queue
 from serving.engines.base import Engine, NonFiniteEmbedding
 from serving.gallery_service import GalleryRpcs
 from serving.image_errors import error_message
-from serving.metrics import ServerMetrics, timed
+from serving.metrics import ServerMetrics, counting_bugs, timed
 from serving.preprocessing import count_images, prepare
 from serving.proto import reid_pb2, reid_pb2_grpc
 from serving.threads import run_for_caller, stage_pool
@@ -212,17 +212,13 @@ class ReIdentificationService(GalleryRpcs, reid_pb2_grpc.ReIdentificationService
 
         read_task = asyncio.ensure_future(reader())
         try:
-            while (task := await pending.get()) is not None:
-                if task is closing:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        "the server is shutting down: every request read so far was answered; "
-                                        "send the rest to another server")
-                yield await task
-        except grpc.aio.AbortError:
-            raise
-        except Exception:  # a bug: the stream ends with UNKNOWN (gRPC logs the traceback), counted as Embed's are
-            self._count("EmbedStream", grpc.StatusCode.UNKNOWN)
-            raise
+            with counting_bugs(self.metrics, "EmbedStream"):
+                while (task := await pending.get()) is not None:
+                    if task is closing:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                            "the server is shutting down: every request read so far was answered; "
+                                            "send the rest to another server")
+                    yield await task
         finally:
             read_task.cancel()
             while not pending.empty():  # read, not answered, and now nobody to answer: stop their work
