@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reid-serve", description="Serve ReID embeddings over gRPC with dynamic batching.")
+    # argparse's generated usage lists all 40 options, 30 lines printed above every one-line error
+    p = argparse.ArgumentParser(prog="reid-serve", description="Serve ReID embeddings over gRPC with dynamic batching.",
+                                usage="%(prog)s --model PATH [--config FILE] [options]  (all options: %(prog)s --help)")
     p.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('reid')}")
     model = p.add_argument_group("the model and its engine")
     model.add_argument("--model", help="ONNX file or TensorRT engine (with its .json sidecar); required, here or in --config")

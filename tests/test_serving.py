@@ -1366,3 +1366,14 @@ def test_an_engine_that_keeps_failing_turns_health_not_serving_until_it_works_ag
             time.sleep(0.05)
         assert is_serving(s.target)  # a probe worked
         assert client.embed([_jpeg(1)])[0].ok
+
+
+def test_a_usage_error_is_not_buried_under_every_option(capsys):
+    """argparse prints its usage above an error; reid-serve's own would be 30 lines of options."""
+    from serving.cli import parse_serve_args
+
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--model", "m.onnx", "--port", "abc"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["usage: reid-serve --model PATH [--config FILE] [options]  (all options: reid-serve --help)",
+                   "reid-serve: error: argument --port: invalid int value: 'abc'"]
