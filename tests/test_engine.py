@@ -171,6 +171,27 @@ def test_distributed_training_on_cpu_with_two_gloo_processes(quick_spec):
     assert metrics["images"] == len(single.sampler) * 8
 
 
+def test_training_under_torchrun_uses_the_launchers_processes(synthetic_root, tmp_path):
+    """docs/training.md gives `torchrun --nproc_per_node N -m training.cli train`: the launcher's
+    ranks train together (gloo here), rank 0 alone writes checkpoints and the metrics log and
+    prints the checkpoint line."""
+    import subprocess
+    import sys
+
+    results = tmp_path / "results"
+    overrides = quick_overrides(synthetic_root, results, **{"train.num_epochs": 1, "dataset.batch_size": 8})
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "training.cli", "train", *overrides], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines() == [f"checkpoint: {results / 'train' / 'model_epoch_001.pth'}"]
+    assert "2 process(es)" in run.stderr
+    metrics = [json.loads(line) for line in (results / "train" / "metrics.jsonl").read_text().splitlines()]
+    single = Trainer(build_spec({}, quick_overrides(synthetic_root, tmp_path / "single", **{"train.num_epochs": 1})),
+                     torch.device("cpu"))
+    assert [m["epoch"] for m in metrics] == [1] and metrics[0]["images"] == len(single.sampler) * 8
+
+
 def test_a_problem_one_process_finds_stops_every_process_with_its_one_line(synthetic_root, tmp_path):
     """A bad image in one rank's share, or a loss gone NaN, stopped that rank alone: the other
     failed in its next collective call, and spawn reported that one ("Connection closed by peer")
