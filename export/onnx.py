@@ -22,6 +22,7 @@ from export.verify import check_inputs, check_parity
 from serving.engines.base import ModelMetadata, first_line
 from training.checkpoint import file_sha256
 from training.embed import model_from_checkpoint
+from training.outputs import replaced_on_success
 
 OPSET = 17
 ONNX_PARITY = 0.9999
@@ -80,47 +81,38 @@ def run_onnx(path: str | Path, batch: np.ndarray) -> np.ndarray:
 
 def export_onnx(checkpoint: str | Path, onnx_path: str | Path, normalize_output: bool = False,
                 batch_sizes: tuple[int, ...] = CHECK_BATCHES) -> dict:
-    """Export, check and verify; returns a report. A file that fails a check is deleted, never handed over."""
+    """Export, check and verify; returns a report. A file that fails a check replaces nothing and is deleted."""
     checkpoint, onnx_path = Path(checkpoint), Path(onnx_path)
     start = time.perf_counter()
     model, ckpt = model_from_checkpoint(str(checkpoint))
     args = model.args
     graph = EmbeddingGraph(model, normalize_output).eval()
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = onnx_path.with_name(onnx_path.name + ".tmp")
     example = torch.rand(2, 3, args.input_height, args.input_width)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python values
-        torch.onnx.export(
-            graph, (example,), str(tmp), input_names=["images"], output_names=["embeddings"],
-            dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, opset_version=OPSET, dynamo=False,
-        )
-    graph.eval()  # the exporter restores the mode it found on the wrapper's children; keep all in eval
-    proto = onnx.load(str(tmp))
     meta = ModelMetadata(
         input_height=args.input_height, input_width=args.input_width, embedding_dim=args.feat_dim,
         output_normalized=normalize_output, backbone=args.backbone,
         spec_sha256=hashlib.sha256(json.dumps(ckpt.get("spec", {}), sort_keys=True).encode()).hexdigest(),
         checkpoint_sha256=file_sha256(checkpoint),
     )
-    for key, value in meta.to_props().items():
-        proto.metadata_props.add(key=key, value=value)
-    try:
-        check_graph(proto, "exported graph")
-    except ExportError:
-        tmp.unlink(missing_ok=True)
-        raise
-    onnx.save(proto, str(tmp))
-    export_seconds = time.perf_counter() - start
     parity = {}
-    try:
+    with replaced_on_success(onnx_path) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python values
+            torch.onnx.export(
+                graph, (example,), str(tmp), input_names=["images"], output_names=["embeddings"],
+                dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+            )
+        graph.eval()  # the exporter restores the mode it found on the wrapper's children; keep all in eval
+        proto = onnx.load(str(tmp))
+        for key, value in meta.to_props().items():
+            proto.metadata_props.add(key=key, value=value)
+        check_graph(proto, "exported graph")
+        onnx.save(proto, str(tmp))
+        export_seconds = time.perf_counter() - start
         for n, batch in check_inputs(batch_sizes, args.input_height, args.input_width).items():
             with torch.no_grad():
                 expected = graph(torch.from_numpy(batch)).numpy()
             parity[n] = check_parity(expected, run_onnx(tmp, batch), ONNX_PARITY, f"ONNX Runtime vs PyTorch at batch {n}")
-    except ExportError:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(onnx_path)
     return {"onnx": str(onnx_path), "export_seconds": export_seconds, "parity_min_cosine": parity,
             "size_bytes": onnx_path.stat().st_size, "metadata": meta}

@@ -12,6 +12,8 @@ from export.fp16 import convert_fp16
 from export.onnx import CHECK_BATCHES, export_onnx, read_onnx, run_onnx, static_input
 from export.verify import check_inputs, check_parity
 from serving.engines.base import ModelMetadata, check_pixel_flags
+from serving.engines.tensorrt import sidecar_path
+from training.outputs import replaced_on_success
 
 FP16_PARITY = 0.999
 ENGINE_PARITY = 0.999
@@ -74,10 +76,28 @@ def engine_parity(engine_path: Path, reference_onnx: Path) -> dict:
 
 
 def write_sidecar_metadata(engine_path: Path, props: dict) -> None:
-    sidecar = Path(str(engine_path) + ".json")
+    sidecar = sidecar_path(engine_path)
     info = json.loads(sidecar.read_text())
     info["metadata"] = props
     sidecar.write_text(json.dumps(info, indent=2))
+
+
+def _engine_stage(built_from: Path, onnx_path: Path, engine_path: Path, props: dict, batches: tuple[int, int, int],
+                  workspace_gb: float, timing_cache: Path | None) -> tuple[dict, dict]:
+    """Build the engine and its sidecar under temporary names and check it against the FP32 ONNX:
+    only a pair that passes replaces the engine (and sidecar) already there, so a failed rebuild
+    leaves the deployed engine whole, and no sidecar is left without its engine."""
+    from export.tensorrt import build_engine
+
+    with replaced_on_success(engine_path) as tmp:
+        try:
+            info = build_engine(built_from, tmp, *batches, workspace_gb=workspace_gb, timing_cache=timing_cache)
+            write_sidecar_metadata(tmp, props)
+            parity = engine_parity(tmp, onnx_path)
+            sidecar_path(tmp).replace(sidecar_path(engine_path))
+        finally:
+            sidecar_path(tmp).unlink(missing_ok=True)
+    return info, parity
 
 
 def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | None = None, fp16: bool = False,
@@ -121,30 +141,21 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
         start = time.perf_counter()
         dst = fp16_path_for(onnx_path)
         log(f"[2] FP16 mixed-precision ONNX with {fp16_tool} ...")
-        convert_fp16(onnx_path, dst, fp16_tool)
-        try:
-            parity = compare_onnx(onnx_path, dst, FP16_PARITY, "FP16 ONNX vs FP32 ONNX (ONNX Runtime CPU)")
-        except ExportError:  # as for the other stages: no file that failed its check is left to deploy
-            dst.unlink(missing_ok=True)
-            raise
+        with replaced_on_success(dst) as tmp:  # a file that fails its check replaces nothing
+            convert_fp16(onnx_path, tmp, fp16_tool)
+            parity = compare_onnx(onnx_path, tmp, FP16_PARITY, "FP16 ONNX vs FP32 ONNX (ONNX Runtime CPU)")
         stages.append(Stage("fp16_onnx", str(dst), time.perf_counter() - start, parity))
         log(f"    wrote {dst}; worst row cosine vs FP32 {min(parity.values()):.6f}")
         built_from = dst
     if engine_path is not None:
-        from export.tensorrt import build_engine, gpu_available
+        from export.tensorrt import gpu_available
 
         ok, why = gpu_available()
         if not ok:
             raise ExportError(f"cannot build a TensorRT engine here: {why}")
         props = props or ensure_metadata(onnx_path, None, None)  # the checkpoint's ONNX, just written
         log(f"[3] TensorRT engine from {built_from} (batch {batches[0]}/{batches[1]}/{batches[2]}) ...")
-        info = build_engine(built_from, engine_path, *batches, workspace_gb=workspace_gb, timing_cache=timing_cache)
-        write_sidecar_metadata(engine_path, props)
-        try:
-            parity = engine_parity(engine_path, onnx_path)
-        except ExportError:
-            engine_path.unlink(missing_ok=True)
-            raise
+        info, parity = _engine_stage(built_from, onnx_path, engine_path, props, batches, workspace_gb, timing_cache)
         stages.append(Stage("tensorrt", str(engine_path), info["build_seconds"], parity))
         log(f"    wrote {engine_path} in {info['build_seconds']:.1f} s; worst row cosine vs ONNX FP32 {min(parity.values()):.6f}")
     return stages

@@ -20,6 +20,7 @@ import onnx
 
 from export.errors import ExportError
 from export.onnx import static_input
+from serving.engines.tensorrt import sidecar_path
 
 
 def gpu_available() -> tuple[bool, str]:
@@ -94,5 +95,5 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, min_batch: int 
         "format": "tensorrt", "tensorrt_version": trt.__version__, "source_onnx": str(onnx_path),
         "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch}, "metadata": props,
     }
-    Path(str(engine_path) + ".json").write_text(json.dumps(sidecar, indent=2))
+    sidecar_path(engine_path).write_text(json.dumps(sidecar, indent=2))
     return {"engine": str(engine_path), "build_seconds": seconds, "timing_cache": str(cache_path)}

@@ -1,6 +1,7 @@
 """Export: ONNX per backbone, dynamic batch, metadata, FP16 parity, failure paths, TensorRT (GPU only)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +111,56 @@ def test_parity_failure_leaves_no_file(swin_ckpt, tmp_path, monkeypatch):
 
 
 def test_fp16_parity_failure_leaves_no_fp16_file(swin_ckpt, tmp_path, monkeypatch):
-    """The FP16 model stayed on disk after failing its check, ready to be deployed by mistake."""
+    """The FP16 model stayed on disk after failing its check, ready to be deployed by mistake; and
+    one from an earlier export was deleted with it."""
     monkeypatch.setattr("export.pipeline.FP16_PARITY", 1.5)  # unreachable: every row fails
     with pytest.raises(ExportError, match="parity check failed"):
         run_pipeline(swin_ckpt, tmp_path / "m.onnx", fp16=True, log=lambda *_: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # the FP32 model passed its own check
+    (tmp_path / "m.fp16.onnx").write_bytes(b"an earlier export's FP16 model")
+    with pytest.raises(ExportError, match="parity check failed"):
+        run_pipeline(swin_ckpt, tmp_path / "m.onnx", fp16=True, log=lambda *_: None)
+    assert (tmp_path / "m.fp16.onnx").read_bytes() == b"an earlier export's FP16 model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.fp16.onnx", "m.onnx"]
+
+
+@pytest.mark.parametrize("parity_passes", [True, False])
+def test_an_engine_replaces_the_one_there_only_with_its_sidecar_and_once_checked(swin_ckpt, tmp_path, monkeypatch,
+                                                                                  parity_passes):
+    """The engine stage's file handling, with TensorRT's build and run replaced (no GPU here): a
+    rebuild that failed its parity check deleted the engine already deployed and left the new
+    sidecar beside nothing."""
+    import export.pipeline
+    import export.tensorrt
+
+    def build(onnx_path, engine_path, *batches, **options):
+        engine_path.write_bytes(b"new engine")
+        Path(str(engine_path) + ".json").write_text('{"format": "tensorrt", "built": "new"}')
+        return {"build_seconds": 0.1}
+
+    def parity(engine_path, reference):
+        assert engine_path.read_bytes() == b"new engine" and Path(str(engine_path) + ".json").is_file()
+        if not parity_passes:
+            raise ExportError("parity check failed: TensorRT vs ONNX Runtime FP32 at batch 1")
+        return {1: 0.9999}
+
+    monkeypatch.setattr(export.tensorrt, "gpu_available", lambda: (True, ""))
+    monkeypatch.setattr(export.tensorrt, "build_engine", build)
+    monkeypatch.setattr(export.pipeline, "engine_parity", parity)
+    engine, sidecar = tmp_path / "m.engine", tmp_path / "m.engine.json"
+    engine.write_bytes(b"old engine")
+    sidecar.write_text('{"built": "old"}')
+    run = lambda: run_pipeline(swin_ckpt, tmp_path / "m.onnx", engine, log=lambda *_: None)  # noqa: E731
+    if parity_passes:
+        assert run()[-1].name == "tensorrt"
+        assert engine.read_bytes() == b"new engine"
+        info = json.loads(sidecar.read_text())
+        assert info["built"] == "new" and info["metadata"]["reid.input_height"] == "64"
+    else:
+        with pytest.raises(ExportError, match="parity check failed"):
+            run()
+        assert engine.read_bytes() == b"old engine" and json.loads(sidecar.read_text()) == {"built": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json", "m.onnx"]
 
 
 def test_checker_rejects_a_broken_graph():

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from serving.engines.base import Engine, ImageError, ModelFileError, ModelMetadata, check_pixel_flags, decode_image, resize
+from serving.engines.tensorrt import sidecar_path
 
 __all__ = ["Engine", "ImageError", "ModelFileError", "ModelMetadata", "check_pixel_flags", "decode_image", "model_kind",
            "open_engine", "resize"]
@@ -16,7 +17,7 @@ def model_kind(path: str | Path) -> str:
         raise ModelFileError(f"{path} is a folder; give the model file in it (.onnx, or .engine with its .json)")
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
-    if path.with_suffix(path.suffix + ".json").is_file() and path.suffix != ".onnx":
+    if sidecar_path(path).is_file() and path.suffix != ".onnx":
         return "tensorrt"
     import onnx
 

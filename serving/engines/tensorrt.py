@@ -35,13 +35,18 @@ def _check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
+def sidecar_path(engine: str | Path) -> Path:
+    """The JSON that reid-export writes beside an engine: its profile and the model's reid metadata."""
+    return Path(str(engine) + ".json")
+
+
 class TensorRTEngine(Engine):
     name = "tensorrt"
     warm_each_batch_size = True  # a new input shape makes TensorRT re-plan the context
 
     def __init__(self, path: str | Path):
         path = Path(path)
-        sidecar = Path(str(path) + ".json")
+        sidecar = sidecar_path(path)
         if not sidecar.is_file():
             raise ModelFileError(f"{path} has no sidecar {sidecar.name}; rebuild it with reid-export")
         try:
