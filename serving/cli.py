@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Coroutine
 
+import prometheus_client
 import yaml
 
 from retrieval.gallery import FaissGalleryStore, GalleryError
@@ -255,6 +256,10 @@ def serve_main(argv: list[str] | None = None) -> int:
     # FAISS's loader logs at INFO which CPU build it tried, 11 lines at the first gallery call, most
     # of them "Could not load library with AVX512 support due to: ModuleNotFoundError(...)"
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    # prometheus_client adds a NAME_created gauge beside every counter and histogram series (the
+    # time it was made), which Prometheus stores as a series of its own: twice the series for
+    # nothing a dashboard reads. Process-wide, so the CLI (which owns the process) turns it off.
+    prometheus_client.disable_created_metrics()
     try:
         config = build_config(args)
         fallback = preprocessing_fallback(args)

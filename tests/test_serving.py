@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -934,9 +935,12 @@ def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path, event_loop):
 def test_json_logs_are_one_object_per_line_from_start_to_stop(tiny_onnx, tmp_path):
     """``--log-format json`` (for log collectors): every line the server logs, start to exit, is one
     JSON object with its time, level, logger and message; and FAISS's loader, imported by the first
-    gallery call, no longer adds its 11 lines ("Could not load library with AVX512 support ...")."""
+    gallery call, no longer adds its 11 lines ("Could not load library with AVX512 support ...").
+    The metrics endpoint of reid-serve carries no NAME_created series (one per series otherwise)."""
+    metrics_port = _free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
-                             "--model", str(tiny_onnx), "--port", "0", "--gallery-dir", str(tmp_path), "--log-format", "json"],
+                             "--model", str(tiny_onnx), "--port", "0", "--gallery-dir", str(tmp_path), "--log-format", "json",
+                             "--metrics-port", str(metrics_port)],
                             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
     try:
         entries = []
@@ -948,6 +952,9 @@ def test_json_logs_are_one_object_per_line_from_start_to_stop(tiny_onnx, tmp_pat
         with GalleryClient(f"127.0.0.1:{port}") as g:
             g.create("g", 8)
             g.add("g", embeddings=np.eye(2, 8))
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'reid_requests_total{code="OK",method="AddToGallery"} 1.0' in scraped
+        assert not [line for line in scraped.splitlines() if "_created" in line], scraped
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         entries += [json.loads(line) for line in proc.stderr.read().splitlines()]
