@@ -6,6 +6,7 @@ and searches consistent (a FAISS gallery runs its searches side by side and each
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,8 @@ from serving.security import CALLER_ROLE
 from serving.threads import run_for_caller
 from serving.wire import embedding_message
 
+log = logging.getLogger(__name__)
+
 _INDEX_NAMES = {reid_pb2.INDEX_TYPE_UNSPECIFIED: "flat", reid_pb2.FLAT: "flat", reid_pb2.HNSW: "hnsw"}
 _INDEX_ENUMS = {"flat": reid_pb2.FLAT, "hnsw": reid_pb2.HNSW}
 DEFAULT_PAGE = 1000  # ListEntries' page size when none is asked for
@@ -31,6 +34,11 @@ PAGE_BYTES = 4 * 2**20 - 1024
 # so a k1 of 1,000 kept a 5,000-entry gallery's search busy for over ten minutes. The paper's
 # values are 20 and 6.
 MAX_RERANK_K = 100
+# Gallery failures that are the server's, not the caller's (a full disk, a store that cannot be
+# reached): logged, since the caller alone would see them otherwise; one message at most once a
+# minute, as every write fails alike while a disk stays full.
+FAULT_CODES = frozenset({"INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
+FAULT_LOG_SECONDS = 60.0
 
 
 def _info(info: GalleryInfo) -> reid_pb2.GalleryInfo:
@@ -58,6 +66,8 @@ class GalleryRpcs:
     store = None
     gallery_pool: ThreadPoolExecutor | None = None
     _gallery_calls = 0  # waiting for or running in the gallery pool
+    _fault_logged: tuple[str, float] = ("", float("-inf"))  # the last server-side failure logged, and when
+    _faults_unlogged = 0  # failures left out of the log since then
 
     async def _call(self, context, method: str, fn, *args):
         if self.store is None:
@@ -76,7 +86,7 @@ class GalleryRpcs:
             result = await run_for_caller(self.gallery_pool, fn, *args)
         except GalleryError as exc:
             store_seconds.observe(time.monotonic() - start)  # before the caller can see the failure
-            await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
+            await self._gallery_failed(context, method, exc)
         finally:
             self._gallery_calls -= 1
             self.metrics.gallery_calls.dec()
@@ -88,6 +98,24 @@ class GalleryRpcs:
         self._count(method, code)
         await context.abort(code, message)
 
+    async def _gallery_failed(self, context, method: str, exc: GalleryError):
+        if exc.code in FAULT_CODES:
+            self._log_fault(method, str(exc))
+        await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
+
+    def _log_fault(self, method: str, message: str) -> None:
+        """Log a server-side gallery failure, unless the same one was logged less than
+        FAULT_LOG_SECONDS ago; the next line logged says how many were left out."""
+        now = time.monotonic()
+        last, logged_at = self._fault_logged
+        if message == last and now - logged_at < FAULT_LOG_SECONDS:
+            self._faults_unlogged += 1
+            return
+        unlogged = (f" ({self._faults_unlogged} gallery failure(s) since the last line left out of the log)"
+                    if self._faults_unlogged else "")
+        log.warning("%s failed: %s%s", method, message, unlogged)
+        self._fault_logged, self._faults_unlogged = (message, now), 0
+
     async def _embed_images(self, images, context, method: str, gallery: str) -> tuple[list, list]:
         """Embed request images through the batcher for ``gallery``, once it is known to hold this
         model's embeddings; returns (rows for good images, per-image exceptions)."""
@@ -97,7 +125,7 @@ class GalleryRpcs:
             try:
                 theirs = await asyncio.get_running_loop().run_in_executor(self.gallery_pool, self.store.model, gallery)
             except GalleryError as exc:
-                await self._fail(context, method, grpc.StatusCode[exc.code], str(exc))
+                await self._gallery_failed(context, method, exc)
             ours = self.engine.model_id
             if theirs and ours and theirs != ours:
                 await self._fail(context, method, grpc.StatusCode.FAILED_PRECONDITION,

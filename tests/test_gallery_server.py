@@ -382,9 +382,12 @@ def test_evaluate_through_server_splits_searches_whose_answers_exceed_the_messag
 
 
 @pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS"])
-def test_unwritable_storage_fails_writes_clearly_and_reads_go_on(server, monkeypatch, errno_name):
-    """Disk full / read-only directory, injected at the log write (root ignores file permissions here)."""
+def test_unwritable_storage_fails_writes_clearly_and_reads_go_on(server, monkeypatch, errno_name, caplog):
+    """Disk full / read-only directory, injected at the log write (root ignores file permissions here).
+    The server logs it (it told the caller only, found with a real full disk), once a minute at most."""
     import errno
+
+    import serving.gallery_service
 
     if not isinstance(server.server.store, FaissGalleryStore):
         pytest.skip("the write-ahead log belongs to the FAISS backend")
@@ -404,6 +407,20 @@ def test_unwritable_storage_fails_writes_clearly_and_reads_go_on(server, monkeyp
             g.add("full", embeddings=vecs[2:])
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "cannot write the log of gallery full" in err.value.details()
+        with pytest.raises(grpc.RpcError, match="cannot write the log"):  # the same again: not logged
+            g.add("full", embeddings=vecs[2:])
+        with pytest.raises(grpc.RpcError) as missing:  # the caller's mistake: not logged
+            g.info("nope")
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        logged = [r.getMessage() for r in caplog.records if r.name == "serving.gallery_service"]
+        assert logged == [f"AddToGallery failed: {err.value.details()}"]
+        with pytest.MonkeyPatch.context() as later:  # a minute on, it is logged again, with the count left out
+            later.setattr(serving.gallery_service, "FAULT_LOG_SECONDS", 0.0)
+            with pytest.raises(grpc.RpcError):
+                g.add("full", embeddings=vecs[2:])
+        logged = [r.getMessage() for r in caplog.records if r.name == "serving.gallery_service"]
+        assert logged[1:] == [f"AddToGallery failed: {err.value.details()} "
+                              "(1 gallery failure(s) since the last line left out of the log)"]
         assert g.info("full").size == 2  # nothing half-applied
         assert [h.id for h in g.search("full", embeddings=vecs[:1], top_k=2)[0].hits][0] == 1  # reads go on
         monkeypatch.undo()
