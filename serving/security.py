@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
@@ -93,7 +94,30 @@ def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | No
         ca = client_ca.read_bytes() if client_ca else None
     except OSError as exc:
         raise SecurityError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
+    check_tls_files(cert, key, client_ca)
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Say which TLS file is wrong. gRPC finds out only when the port is bound, and then logs
+    "Unable to create secure server with credentials of type Ssl" and fails the bind, which read as
+    a port already taken. Python's ssl module reads the same PEM files."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=str(cert))
+    except ssl.SSLError:
+        raise SecurityError(f"--tls-cert {cert} holds no PEM certificate (were --tls-cert and --tls-key swapped?)") from None
+    try:  # a password callback that gives none: an encrypted key fails here instead of prompting on the terminal
+        context.load_cert_chain(str(cert), str(key), password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise SecurityError(f"--tls-key {key} is not the private key of --tls-cert {cert}") from None
+        raise SecurityError(f"--tls-key {key} is not an unencrypted PEM private key") from None
+    if client_ca is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(client_ca))
+        except ssl.SSLError:
+            raise SecurityError(f"--tls-client-ca {client_ca} holds no PEM certificate") from None
 
 
 def check_bind(host: str, tls: bool, insecure: bool) -> None:

@@ -228,8 +228,9 @@ class ReidServer:
         except RuntimeError:  # grpcio >= 1.5x raises where older releases returned 0
             port = 0
         if port == 0:
+            tls = " (or gRPC refused the TLS files: its own message is above)" if creds else ""
             raise OSError(f"cannot listen on {address}: the port is taken or {c.host} is not an address of this "
-                          "machine; choose another --port or --host")
+                          f"machine; choose another --port or --host{tls}")
         return port
 
     def _close_metrics_http(self) -> None:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from retrieval.gallery import FaissGalleryStore
 from serving.client import GalleryClient, ReidClient
 from serving.engines.onnxruntime import OnnxRuntimeEngine
-from serving.security import SecurityError, check_bind, load_tokens, parse_tokens
+from serving.security import SecurityError, check_bind, load_tokens, parse_tokens, server_credentials
 from serving.server import ServerConfig
 from tests.serving_support import ServerThread
 
@@ -132,8 +132,6 @@ def test_token_sources_and_errors(tmp_path, monkeypatch):
 
 
 def test_tls_files_come_in_pairs_and_unreadable_ones_are_named(tmp_path):
-    from serving.security import server_credentials
-
     pem = tmp_path / "cert.pem"
     pem.write_text("x")
     assert server_credentials(None, None, None) is None
@@ -143,6 +141,28 @@ def test_tls_files_come_in_pairs_and_unreadable_ones_are_named(tmp_path):
                        ((pem, tmp_path / "key.pem", None), "cannot read TLS file .*key.pem: No such file")):
         with pytest.raises(SecurityError, match=says):
             server_credentials(*args)
+
+
+def test_tls_files_that_do_not_fit_are_named_before_the_port_is_bound(pki, tmp_path, tiny_onnx, capsys):
+    """A key that is not the certificate's, swapped files, an encrypted key or a client CA that is
+    no certificate: gRPC logged "Unable to create secure server" and the bind failed, which
+    reid-serve reported as "the port is taken"."""
+    from serving.cli import serve_main
+
+    (tmp_path / "locked.key").write_bytes(subprocess.run(
+        ["openssl", "rsa", "-in", str(pki / "server.key"), "-aes256", "-passout", "pass:secret"],
+        check=True, capture_output=True).stdout)
+    server, client = (pki / "server.pem", pki / "server.key"), (pki / "client.pem", pki / "client.key")
+    for files, says in [((server[0], client[1], None), f"--tls-key {client[1]} is not the private key of --tls-cert {server[0]}"),
+                        ((server[1], server[0], None), f"--tls-cert {server[1]} holds no PEM certificate (were --tls-cert "
+                                                       "and --tls-key swapped?)"),
+                        ((server[0], tmp_path / "locked.key", None), f"--tls-key {tmp_path / 'locked.key'} is not an "
+                                                                     "unencrypted PEM private key"),
+                        ((*server, pki / "ca.key"), f"--tls-client-ca {pki / 'ca.key'} holds no PEM certificate")]:
+        argv = ["--model", str(tiny_onnx), "--port", "0", "--no-gallery", "--tls-cert", str(files[0]), "--tls-key", str(files[1])]
+        assert serve_main(argv + (["--tls-client-ca", str(files[2])] if files[2] else [])) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"reid-serve: error: {says}"
+    assert server_credentials(*server, pki / "ca.pem") is not None  # the files that fit still do
 
 
 def test_plaintext_beyond_localhost_needs_insecure(caplog):
