@@ -23,6 +23,7 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from serving.client import GalleryClient, ReidClient, metadata_message, parse_response
 from serving.proto import reid_pb2
+from serving.security import SecurityError, read_certificates
 
 
 class UsageError(Exception):
@@ -62,7 +63,7 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
                         "ipv4:H:P,H:P), whose calls are spread over all (default: $REID_SERVER, else 127.0.0.1:50051)")
     parser.add_argument("--timeout", type=_number(float, 0, inclusive=False), default=s, help="seconds per call (default 60)")
     parser.add_argument("--token", default=s, help="bearer token (or set REID_TOKEN)")
-    parser.add_argument("--tls-ca", default=s, help="CA (PEM) to verify the server; enables TLS")
+    parser.add_argument("--tls-ca", default=s, help="CA (PEM) to verify the server; enables TLS (or set REID_TLS_CA)")
 
 
 def client_parser() -> argparse.ArgumentParser:
@@ -587,10 +588,11 @@ def client_main(argv: list[str] | None = None) -> int:
             setattr(args, key, default)
 
     def connect(kind):
+        tls_ca = args.tls_ca or os.environ.get("REID_TLS_CA")
         try:
-            ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-        except OSError as exc:
-            raise UsageError(f"cannot read --tls-ca: {exc}") from None
+            ca = read_certificates(Path(tls_ca), "--tls-ca" if args.tls_ca else "$REID_TLS_CA") if tls_ca else None
+        except SecurityError as exc:
+            raise UsageError(str(exc)) from None
         return kind(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"), root_certificates=ca)
 
     try:

@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.security import SecurityError, read_certificates, read_key_pair
+
 
 def _channel(target: str, credentials: grpc.ChannelCredentials | None, server_name: str | None) -> grpc.Channel:
     if credentials is None:
@@ -66,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     credentials = None
     if args.tls_ca is not None:
         try:
-            pems = [path.read_bytes() if path else None for path in (args.tls_ca, args.tls_key, args.tls_cert)]
-        except OSError as exc:
-            p.error(f"cannot read {exc.filename}: {exc.strerror}")
-        credentials = grpc.ssl_channel_credentials(*pems)
+            ca = read_certificates(args.tls_ca, "--tls-ca")
+            pair = read_key_pair(args.tls_cert, args.tls_key, "--tls-cert", "--tls-key") if args.tls_cert else (None, None)
+        except SecurityError as exc:
+            p.error(str(exc))
+        credentials = grpc.ssl_channel_credentials(ca, *pair)
     if args.wait:
         ok = wait_serving(args.target, args.wait, credentials, args.tls_server_name)
     else:

@@ -82,42 +82,55 @@ def is_loopback(host: str) -> bool:
 
 
 def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None):
-    """``grpc.ServerCredentials`` for TLS (mutual when ``client_ca``), or None for plaintext."""
+    """``grpc.ServerCredentials`` for TLS (mutual when ``client_ca``), or None for plaintext.
+
+    The files are checked here, each named where it is wrong: gRPC finds out only when the port is
+    bound, and then logs "Unable to create secure server with credentials of type Ssl" and fails
+    the bind, which read as a port already taken."""
     if not cert and not key:
         if client_ca:
             raise SecurityError("--tls-client-ca needs --tls-cert and --tls-key")
         return None
     if not (cert and key):
         raise SecurityError("TLS needs both --tls-cert and --tls-key")
-    try:
-        pair = (key.read_bytes(), cert.read_bytes())
-        ca = client_ca.read_bytes() if client_ca else None
-    except OSError as exc:
-        raise SecurityError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
-    check_tls_files(cert, key, client_ca)
+    pair = read_key_pair(cert, key, "--tls-cert", "--tls-key")
+    ca = read_certificates(client_ca, "--tls-client-ca") if client_ca else None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
-    """Say which TLS file is wrong. gRPC finds out only when the port is bound, and then logs
-    "Unable to create secure server with credentials of type Ssl" and fails the bind, which read as
-    a port already taken. Python's ssl module reads the same PEM files."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _read(path: Path, flag: str) -> bytes:
     try:
-        context.load_verify_locations(cafile=str(cert))
-    except ssl.SSLError:
-        raise SecurityError(f"--tls-cert {cert} holds no PEM certificate (were --tls-cert and --tls-key swapped?)") from None
+        return path.read_bytes()
+    except OSError as exc:
+        raise SecurityError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
+def read_certificates(path: Path, flag: str) -> bytes:
+    """The PEM certificate(s) in ``path``, given as ``flag``. A file that holds none is one line
+    naming the flag, for servers and clients alike: gRPC itself fails later and vaguely (a client
+    given a key as its CA: "Failed to create security handshaker")."""
+    data = _read(path, flag)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("ascii"))
+    except (ssl.SSLError, ValueError):  # ValueError: empty, or not text
+        held = " (it holds a private key)" if b"PRIVATE KEY" in data else ""
+        raise SecurityError(f"{flag} {path} holds no PEM certificate{held}") from None
+    return data
+
+
+def read_key_pair(cert: Path, key: Path, cert_flag: str, key_flag: str) -> tuple[bytes, bytes]:
+    """(private key, certificate chain), as gRPC takes them, once ``key`` is found to be the
+    unencrypted PEM private key of the certificate in ``cert`` (Python's ssl reads the same PEM
+    files as gRPC)."""
+    chain = read_certificates(cert, cert_flag)
+    private_key = _read(key, key_flag)
     try:  # a password callback that gives none: an encrypted key fails here instead of prompting on the terminal
-        context.load_cert_chain(str(cert), str(key), password=lambda: b"")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key), password=lambda: b"")
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise SecurityError(f"--tls-key {key} is not the private key of --tls-cert {cert}") from None
-        raise SecurityError(f"--tls-key {key} is not an unencrypted PEM private key") from None
-    if client_ca is not None:
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(client_ca))
-        except ssl.SSLError:
-            raise SecurityError(f"--tls-client-ca {client_ca} holds no PEM certificate") from None
+            raise SecurityError(f"{key_flag} {key} is not the private key of {cert_flag} {cert}") from None
+        raise SecurityError(f"{key_flag} {key} is not an unencrypted PEM private key") from None
+    return private_key, chain
 
 
 def check_bind(host: str, tls: bool, insecure: bool) -> None:

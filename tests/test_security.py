@@ -72,10 +72,46 @@ def test_the_health_probe_speaks_tls(tiny_onnx, pki, capsys):
         assert probe([s.target]) == 1  # plaintext
     for bad, message in [([*tls, client[0]], "--tls-cert and --tls-key go together"),
                          (["--tls-server-name", "x"], "--tls-server-name need --tls-ca"),
-                         (["--tls-ca", "/nonexistent/ca.pem"], "cannot read /nonexistent/ca.pem")]:
+                         (["--tls-ca", "/nonexistent/ca.pem"], "cannot read --tls-ca /nonexistent/ca.pem"),
+                         ([f"--tls-ca={pki / 'ca.key'}"], f"--tls-ca {pki / 'ca.key'} holds no PEM certificate (it holds a private key)"),
+                         ([*tls, client[0], f"--tls-key={pki / 'server.key'}"],
+                          f"--tls-key {pki / 'server.key'} is not the private key of --tls-cert {pki / 'client.pem'}")]:
         with pytest.raises(SystemExit) as exit_:
             probe(["127.0.0.1:1", *bad])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_clients_take_the_ca_and_token_from_the_environment(tiny_onnx, pki, tmp_path, synthetic_root, monkeypatch, capsys):
+    """reid-client and `reid evaluate evaluate.server=` reach a server with TLS and tokens through
+    REID_TLS_CA and REID_TOKEN (evaluation through such a server could not connect at all); a CA
+    file that holds no certificate is one line naming it, not gRPC's "Failed to create security
+    handshaker" at the first call."""
+    import json
+
+    from serving.client_cli import client_main
+    from tests.conftest import quick_overrides
+    from training.cli import main as reid_main
+
+    config = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tokens={WRITE: "write"})
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), config)
+    thread.server.store = FaissGalleryStore(tmp_path / "galleries")
+    with thread as s:
+        target = f"localhost:{s.server.port}"  # a name the certificate holds
+        monkeypatch.setenv("REID_TLS_CA", str(pki / "ca.pem"))
+        monkeypatch.setenv("REID_TOKEN", WRITE)
+        assert client_main(["--server", target, "galleries"]) == 0
+        overrides = quick_overrides(synthetic_root, tmp_path / "eval")
+        assert reid_main(["evaluate", *overrides, f"evaluate.server={target}"]) == 0
+        report = json.loads((tmp_path / "eval" / "evaluate" / "results.json").read_text())
+        assert 0 < report["results"]["without re-ranking"]["mAP"] <= 1
+        monkeypatch.setenv("REID_TLS_CA", str(pki / "ca.key"))
+        capsys.readouterr()
+        assert client_main(["--server", target, "galleries"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"reid-client: error: $REID_TLS_CA {pki / 'ca.key'} holds no PEM certificate (it holds a private key)")
+        assert reid_main(["evaluate", *overrides, f"evaluate.server={target}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"reid evaluate: error: $REID_TLS_CA {pki / 'ca.key'} holds no PEM certificate (it holds a private key)")
 
 
 def test_tokens_separate_read_and_write(tiny_onnx, tmp_path):
@@ -138,7 +174,8 @@ def test_tls_files_come_in_pairs_and_unreadable_ones_are_named(tmp_path):
     for args, says in (((None, None, pem), "--tls-client-ca needs --tls-cert and --tls-key"),
                        ((pem, None, None), "TLS needs both --tls-cert and --tls-key"),
                        ((None, pem, None), "TLS needs both --tls-cert and --tls-key"),
-                       ((pem, tmp_path / "key.pem", None), "cannot read TLS file .*key.pem: No such file")):
+                       ((pem, tmp_path / "key.pem", None), f"--tls-cert {pem} holds no PEM certificate"),
+                       ((tmp_path / "key.pem", pem, None), "cannot read --tls-cert .*key.pem: No such file")):
         with pytest.raises(SecurityError, match=says):
             server_credentials(*args)
 
@@ -154,11 +191,11 @@ def test_tls_files_that_do_not_fit_are_named_before_the_port_is_bound(pki, tmp_p
         check=True, capture_output=True).stdout)
     server, client = (pki / "server.pem", pki / "server.key"), (pki / "client.pem", pki / "client.key")
     for files, says in [((server[0], client[1], None), f"--tls-key {client[1]} is not the private key of --tls-cert {server[0]}"),
-                        ((server[1], server[0], None), f"--tls-cert {server[1]} holds no PEM certificate (were --tls-cert "
-                                                       "and --tls-key swapped?)"),
+                        ((server[1], server[0], None), f"--tls-cert {server[1]} holds no PEM certificate (it holds a "
+                                                       "private key)"),
                         ((server[0], tmp_path / "locked.key", None), f"--tls-key {tmp_path / 'locked.key'} is not an "
                                                                      "unencrypted PEM private key"),
-                        ((*server, pki / "ca.key"), f"--tls-client-ca {pki / 'ca.key'} holds no PEM certificate")]:
+                        ((*server, pki / "server.csr"), f"--tls-client-ca {pki / 'server.csr'} holds no PEM certificate")]:
         argv = ["--model", str(tiny_onnx), "--port", "0", "--no-gallery", "--tls-cert", str(files[0]), "--tls-key", str(files[1])]
         assert serve_main(argv + (["--tls-client-ca", str(files[2])] if files[2] else [])) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1] == f"reid-serve: error: {says}"

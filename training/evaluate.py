@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,16 +69,24 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
     """Enroll the gallery into a temporary gallery on a running server, search every query, score.
 
     Hits come back as distances (1 - cosine, or re-ranked); the Market-1501 protocol (same person
-    and camera removed) is applied to the returned ranking by ``evaluate_rank``, as offline.
+    and camera removed) is applied to the returned ranking by ``evaluate_rank``, as offline. A
+    server with tokens or TLS takes ``REID_TOKEN`` (a write token: a gallery is made and dropped)
+    and ``REID_TLS_CA``, as reid-client does.
     """
     import uuid
 
     import grpc
 
     from serving.client import GalleryClient, ReidClient, metadata_message
+    from serving.security import SecurityError, read_certificates
 
     name = f"eval-{uuid.uuid4().hex[:12]}"
-    client, gallery_client = ReidClient(target, timeout=300), GalleryClient(target, timeout=600)
+    try:
+        ca = read_certificates(Path(os.environ["REID_TLS_CA"]), "$REID_TLS_CA") if os.environ.get("REID_TLS_CA") else None
+    except SecurityError as exc:
+        raise ConfigError(str(exc)) from None
+    connection = {"token": os.environ.get("REID_TOKEN") or None, "root_certificates": ca}
+    client, gallery_client = ReidClient(target, timeout=300, **connection), GalleryClient(target, timeout=600, **connection)
     try:
         qf = []
         # ``with``: each bar is cleared however its loop ends, before a stop's or an error's line is printed
