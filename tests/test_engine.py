@@ -90,9 +90,11 @@ def test_a_stopped_run_names_the_checkpoint_to_resume_from(synthetic_root, tmp_p
 
     results = tmp_path / "results"
     overrides = quick_overrides(synthetic_root, results, **{"train.num_epochs": 500})
+    # as from a terminal: a job a shell starts in the background inherits SIGINT ignored (Python
+    # then leaves it so), and in a suite run that way the child trained on through the signal
     child = subprocess.Popen([sys.executable, "-c", "from training.cli import main; raise SystemExit(main())",
                               "train", *overrides], cwd=Path(__file__).resolve().parents[1],
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((results / "train").glob("model_epoch_*.pth")) and time.monotonic() < deadline:
         time.sleep(0.1)
