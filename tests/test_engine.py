@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,6 +110,43 @@ def test_a_stopped_run_names_the_checkpoint_to_resume_from(synthetic_root, tmp_p
     resumed = train(build_spec({}, quick_overrides(synthetic_root, results, **{
         "train.num_epochs": epoch + 1, key.split("=")[0]: key.split("=", 1)[1]})))
     assert resumed.name == f"model_epoch_{epoch + 1:03d}.pth"
+
+
+def test_a_second_run_on_a_results_dir_in_use_is_refused(synthetic_root, tmp_path, capsys):
+    """A run refused a results_dir only once it held a checkpoint: a second run started before the
+    first wrote one, or a resume started while the first still ran, overwrote its checkpoints epoch
+    by epoch. The running one owns the folder now; the lock goes with its process."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from training.cli import main
+
+    results = tmp_path / "results"
+    first = subprocess.Popen([sys.executable, "-c", "from training.cli import main; raise SystemExit(main())", "train",
+                              *quick_overrides(synthetic_root, results, **{"train.num_epochs": 500})],
+                             cwd=Path(__file__).resolve().parents[1], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((results / "train").glob("model_epoch_*.pth")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        latest = sorted((results / "train").glob("model_epoch_*.pth"))[-1]
+        resume = {"train.resume_training_checkpoint_path": str(latest), "train.num_epochs": 600}
+        capsys.readouterr()
+        assert main(["train", *quick_overrides(synthetic_root, results, **resume)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert re.fullmatch(rf"reid train: error: results_dir={results} is in use by another training run \(pid "
+                            rf"{first.pid} on \S+ since [^)]+\); let it finish or stop it first, or give this run "
+                            "another results_dir", err), err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    latest = sorted((results / "train").glob("model_epoch_*.pth"))[-1]
+    epoch = int(latest.stem.split("_")[-1])
+    resumed = train(build_spec({}, quick_overrides(synthetic_root, results, **{
+        "train.resume_training_checkpoint_path": str(latest), "train.num_epochs": epoch + 1})))
+    assert resumed.name == f"model_epoch_{epoch + 1:03d}.pth"  # the folder is free once its run has ended
 
 
 def test_a_stop_whose_exception_was_lost_ends_training_at_the_next_batch(quick_spec, synthetic_root, tmp_path, capsys):

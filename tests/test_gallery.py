@@ -1869,7 +1869,7 @@ def test_a_gallery_dir_that_cannot_be_locked(tmp_path, monkeypatch, caplog, call
     import errno
     import os
 
-    from retrieval.gallery import owner_lock
+    from retrieval import owner_lock
 
     store = FaissGalleryStore(tmp_path)  # a gallery made beforehand, to search afterwards
     store.add(store.create("g", 4).name, np.array([1]), np.ones((1, 4)), [EntryMetadata()])

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from retrieval.distance import cosine_distance
 from retrieval.metrics import evaluate_rank, queries_with_matches
+from retrieval.owner_lock import OwnerLock
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ExperimentSpec, spec_to_dict
 from training.data.market1501 import ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder
@@ -386,8 +387,34 @@ def check_results_dir(spec: ExperimentSpec) -> None:
                           f"train.resume_training_checkpoint_path={existing}, or give another results_dir")
 
 
+def own_results_dir(spec: ExperimentSpec) -> OwnerLock | None:
+    """Keep other training runs off ``results_dir/train`` while this one runs (``retrieval.owner_lock``):
+    two runs there, or a resume started while the run still goes, would overwrite each other's
+    checkpoints epoch by epoch; a fresh run is refused by ``check_results_dir`` only once a
+    checkpoint exists. Under torchrun, rank 0 holds it for all."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    folder = Path(spec.results_dir) / "train"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def in_use(holder: str) -> ConfigError:
+        return ConfigError(f"results_dir={spec.results_dir} is in use by another training run ({holder}); let it "
+                           "finish or stop it first, or give this run another results_dir")
+
+    return OwnerLock(folder, "other training runs off this results_dir", in_use, ConfigError)
+
+
 def train(spec: ExperimentSpec) -> Path | None:
     """Train per the spec; returns the last checkpoint written (rank 0)."""
+    owner = own_results_dir(spec)
+    try:
+        return _train(spec)
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def _train(spec: ExperimentSpec) -> Path | None:
     check_results_dir(spec)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # launched by torchrun
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -29,7 +29,7 @@ from retrieval.gallery.base import (
 from retrieval.gallery.columns import Coded, Column
 from retrieval.gallery.faiss_snapshot import Persistence, storage_error
 from retrieval.gallery.grouping import search_by_person
-from retrieval.gallery.owner_lock import OwnerLock
+from retrieval.owner_lock import OwnerLock
 from retrieval.gallery.pool_rerank import pool_rerank
 from retrieval.gallery.rwlock import ReadWriteLock
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
@@ -483,6 +483,10 @@ class _Gallery(Persistence):
                 self.wal.close()
 
 
+class GalleryDirInUse(GalleryError):
+    """Another process owns the gallery directory."""
+
+
 class FaissGalleryStore(GalleryBackend):
     """Named FAISS galleries under one directory."""
 
@@ -494,7 +498,7 @@ class FaissGalleryStore(GalleryBackend):
         self.galleries: dict[str, _Gallery] = {}
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self.owner = OwnerLock(self.root)  # before anything is read: another server may be writing it
+            self.owner = self._own(self.root)  # before anything is read: another server may be writing it
         except OSError as exc:
             raise storage_error(exc, f"cannot open gallery directory {self.root}") from None
         try:
@@ -502,6 +506,17 @@ class FaissGalleryStore(GalleryBackend):
         except BaseException:
             self.owner.release()
             raise
+
+    @staticmethod
+    def _own(root: Path) -> OwnerLock:
+        """One server owns a gallery directory (see ``retrieval.owner_lock``)."""
+        def in_use(holder: str) -> GalleryDirInUse:
+            return GalleryDirInUse(
+                f"gallery directory {root} is in use by another process ({holder}); one server owns a FAISS gallery "
+                "directory: stop that one first, give this one its own --gallery-dir, or share galleries between "
+                "servers through Milvus (--gallery-backend milvus)")
+
+        return OwnerLock(root, "other servers off this gallery directory", in_use, GalleryError)
 
     def _open_galleries(self) -> None:
         for cfg in sorted(self.root.glob("*/gallery.json")):
