@@ -100,6 +100,21 @@ def _engine_stage(built_from: Path, onnx_path: Path, engine_path: Path, props: d
     return info, parity
 
 
+def _check_distinct(checkpoint: Path | None, onnx_path: Path, fp16_onnx: Path | None, engine_path: Path | None) -> None:
+    """Every file the pipeline reads or writes is a different one: ``--onnx`` given the checkpoint's
+    name replaced the checkpoint with the ONNX file, and the trained weights were gone."""
+    named = [("--checkpoint", checkpoint), ("--onnx", onnx_path), ("the --fp16 copy", fp16_onnx), ("--engine", engine_path)]
+    seen: dict[Path, str] = {}
+    for flag, path in named:
+        if path is None:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise ExportError(f"{flag} {path} is the same file as {seen[key]}: give each output its own name "
+                              "(writing it would replace the other)")
+        seen[key] = f"{flag} {path}"
+
+
 def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | None = None, fp16: bool = False,
                  fp16_tool: str = "ort", normalize: bool = False, batches: tuple[int, int, int] = (1, 16, 64),
                  workspace_gb: float = 4.0, timing_cache: Path | None = None, pixel_mean=None, pixel_std=None,
@@ -110,6 +125,8 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
     for path in outputs:  # found otherwise only after the stage, as "NAME.tmp: Is a directory"
         if path.is_dir():
             raise ExportError(f"{path} is a folder; give a file name to write")
+    _check_distinct(checkpoint, onnx_path, fp16_path_for(onnx_path) if fp16 else None, engine_path)
+    _check_distinct(checkpoint, onnx_path, fp16_path_for(onnx_path) if fp16 else None, engine_path)
     try:
         check_pixel_flags(pixel_mean, pixel_std)
     except ValueError as exc:

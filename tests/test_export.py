@@ -163,6 +163,24 @@ def test_an_engine_replaces_the_one_there_only_with_its_sidecar_and_once_checked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.engine.json", "m.onnx"]
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--onnx", "m.pth"], "--onnx {d}/m.pth is the same file as --checkpoint {d}/m.pth"),
+    (["--onnx", "m.onnx", "--engine", "m.pth"], "--engine {d}/m.pth is the same file as --checkpoint {d}/m.pth"),
+    (["--onnx", "m.onnx", "--engine", "m.onnx"], "--engine {d}/m.onnx is the same file as --onnx {d}/m.onnx"),
+    (["--onnx", "m.onnx", "--fp16", "--engine", "m.fp16.onnx"],
+     "--engine {d}/m.fp16.onnx is the same file as the --fp16 copy {d}/m.fp16.onnx"),
+])
+def test_an_output_named_as_another_file_of_the_export_is_refused(swin_ckpt, tmp_path, capsys, flags, says):
+    """`reid-export --checkpoint m.pth --onnx m.pth` replaced the checkpoint with the ONNX file."""
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(swin_ckpt.read_bytes())
+    argv = ["--checkpoint", str(ckpt)] + [str(tmp_path / f) if f.startswith("m.") else f for f in flags]
+    assert export_main(argv) == 2
+    assert capsys.readouterr().err.strip() == (f"reid-export: error: {says.format(d=tmp_path)}: give each output its own "
+                                               "name (writing it would replace the other)")
+    assert ckpt.read_bytes() == swin_ckpt.read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+
+
 def test_checker_rejects_a_broken_graph():
     node = helper.make_node("Relu", ["missing"], ["y"])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
