@@ -1044,10 +1044,16 @@ def test_uvloop_asked_for_but_missing_is_one_line(tiny_onnx):
 
 
 def test_startup_with_bad_model_is_one_line(tmp_path):
+    import torch
+
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"garbage")
+    checkpoint = tmp_path / "model_epoch_010.pth"  # a training checkpoint given as the model: say how to export it
+    torch.save({"model": {"w": torch.zeros(2)}}, checkpoint)
     for path, says in ((bad, "is neither an ONNX model"), (tmp_path / "missing.onnx", "does not exist"),
-                       (tmp_path, "is a folder; give the model file in it")):
+                       (tmp_path, "is a folder; give the model file in it"),
+                       (checkpoint, f"is a PyTorch checkpoint; serving takes an exported model: reid-export --checkpoint "
+                                    f"{checkpoint} --onnx {tmp_path / 'model_epoch_010.onnx'}")):
         result = subprocess.run([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
                                  "--model", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2

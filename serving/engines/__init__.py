@@ -1,6 +1,7 @@
 """Engines behind one interface: ONNX Runtime (CPU or CUDA) and TensorRT (GPU)."""
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 from serving.engines.base import Engine, ImageError, ModelFileError, ModelMetadata, check_pixel_flags, decode_image, resize
@@ -25,9 +26,21 @@ def model_kind(path: str | Path) -> str:
         onnx.load(str(path), load_external_data=False)
         return "onnx"
     except Exception:
+        if _is_torch_checkpoint(path):  # the likeliest mix-up: a training checkpoint given as the model
+            raise ModelFileError(f"{path} is a PyTorch checkpoint; serving takes an exported model: "
+                                 f"reid-export --checkpoint {path} --onnx {path.with_suffix('.onnx')}") from None
         raise ModelFileError(
             f"{path} is neither an ONNX model nor a TensorRT engine with its sidecar JSON ({path.name}.json)"
         ) from None
+
+
+def _is_torch_checkpoint(path: Path) -> bool:
+    """A ``torch.save`` archive (a zip holding ``NAME/data.pkl``), told without importing torch."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def open_engine(path: str | Path, device: str = "auto", fallback: ModelMetadata | None = None,
