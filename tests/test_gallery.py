@@ -1861,6 +1861,15 @@ def test_milvus_store_reconnects_after_a_lost_connection(tmp_path, caplog, monke
         store.close()
 
 
+def test_a_gallery_dir_that_is_a_file_is_named_so(tmp_path):
+    """It was "cannot open gallery directory PATH: File exists" (mkdir's words)."""
+    path = tmp_path / "galleries"
+    path.write_text("not a folder")
+    with pytest.raises(GalleryError, match=rf"^gallery directory {path} is a file; give a folder \(made if missing\)$"):
+        FaissGalleryStore(path)
+    assert path.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("call, code, opens", [("lockf", "ENOLCK", True), ("open", "EROFS", True), ("open", "EACCES", False)])
 def test_a_gallery_dir_that_cannot_be_locked(tmp_path, monkeypatch, caplog, call, code, opens):
     """Only a lock held by another process means another owner: a filesystem without locks (ENOLCK)

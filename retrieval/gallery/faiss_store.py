@@ -496,6 +496,8 @@ class FaissGalleryStore(GalleryBackend):
         self.snapshot_every = snapshot_every
         self.lock = threading.Lock()
         self.galleries: dict[str, _Gallery] = {}
+        if self.root.exists() and not self.root.is_dir():  # mkdir said only "File exists"
+            raise GalleryError(f"gallery directory {self.root} is a file; give a folder (made if missing)")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self.owner = self._own(self.root)  # before anything is read: another server may be writing it
