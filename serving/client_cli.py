@@ -581,6 +581,15 @@ COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop":
             "import": _import, "relabel": _relabel}
 
 
+def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
+    """What to change in this command for a refusal the server explains: the --batch its
+    per-request image limit allows (64 images a call, the default, is over a lower limit)."""
+    over = re.search(r"request has \d+ images; the limit is (\d+)", exc.details() or "")
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and over and hasattr(args, "batch"):
+        return f" (give --batch {over.group(1)} or less)"
+    return ""
+
+
 def client_main(argv: list[str] | None = None) -> int:
     args = client_parser().parse_args(argv)
     for key, default in {**CONNECTION_DEFAULTS, "server": os.environ.get("REID_SERVER") or CONNECTION_DEFAULTS["server"]}.items():
@@ -604,7 +613,7 @@ def client_main(argv: list[str] | None = None) -> int:
         print(f"reid-client: error: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
-        print(f"reid-client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"reid-client: error: {exc.code().name}: {exc.details()}{_fix_for(exc, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: what was done is printed already; no traceback
         print("reid-client: interrupted", file=sys.stderr)
