@@ -232,6 +232,31 @@ def test_training_under_torchrun_uses_the_launchers_processes(synthetic_root, tm
     assert [m["epoch"] for m in metrics] == [1] and metrics[0]["images"] == len(single.sampler) * 8
 
 
+def test_a_torchrun_run_stopped_says_once_where_to_resume(synthetic_root, tmp_path):
+    """torchrun passes a SIGTERM on to every rank: each printed the resume line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    results = tmp_path / "results"
+    overrides = quick_overrides(synthetic_root, results, **{"train.num_epochs": 500, "dataset.batch_size": 8})
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "training.cli", "train", *overrides], cwd=Path(__file__).resolve().parents[1],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((results / "train").glob("model_epoch_*.pth")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    lines = [line for line in err.splitlines() if line.startswith("reid train: terminated; resume with ")]
+    latest = sorted((results / "train").glob("model_epoch_*.pth"))[-1]
+    assert lines == [f"reid train: terminated; resume with train.resume_training_checkpoint_path={latest}"], err[-3000:]
+
+
 def test_a_problem_one_process_finds_stops_every_process_with_its_one_line(synthetic_root, tmp_path):
     """A bad image in one rank's share, or a loss gone NaN, stopped that rank alone: the other
     failed in its next collective call, and spawn reported that one ("Connection closed by peer")

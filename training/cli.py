@@ -39,14 +39,15 @@ def _cmd_train(args) -> int:
     from pathlib import Path
 
     from training.config import load_spec
-    from training.engine import resume_hint, train
+    from training.engine import launcher_rank, resume_hint, train
 
     spec = load_spec(args.experiment_spec, args.overrides)
     try:
         ckpt = train(spec)
     except KeyboardInterrupt as exc:  # the epochs since the last checkpoint are lost: say where to go on from
         word, code = _stopped(exc)
-        print(f"reid train: {word}; {resume_hint(Path(spec.results_dir) / 'train')}", file=sys.stderr)
+        if launcher_rank() == 0:  # under torchrun every rank is stopped: one line says where to go on from
+            print(f"reid train: {word}; {resume_hint(Path(spec.results_dir) / 'train')}", file=sys.stderr)
         return code
     if ckpt:
         print(f"checkpoint: {ckpt}")

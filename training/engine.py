@@ -387,12 +387,17 @@ def check_results_dir(spec: ExperimentSpec) -> None:
                           f"train.resume_training_checkpoint_path={existing}, or give another results_dir")
 
 
+def launcher_rank() -> int:
+    """This process's rank in a run torchrun launched (its RANK variable); 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def own_results_dir(spec: ExperimentSpec) -> OwnerLock | None:
     """Keep other training runs off ``results_dir/train`` while this one runs (``retrieval.owner_lock``):
     two runs there, or a resume started while the run still goes, would overwrite each other's
     checkpoints epoch by epoch; a fresh run is refused by ``check_results_dir`` only once a
     checkpoint exists. Under torchrun, rank 0 holds it for all."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launcher_rank() != 0:
         return None
     folder = Path(spec.results_dir) / "train"
     folder.mkdir(parents=True, exist_ok=True)
