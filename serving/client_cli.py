@@ -582,11 +582,18 @@ COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop":
 
 
 def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
-    """What to change in this command for a refusal the server explains: the --batch its
-    per-request image limit allows (64 images a call, the default, is over a lower limit)."""
-    over = re.search(r"request has \d+ images; the limit is (\d+)", exc.details() or "")
+    """What to change in this command, where the failure says: the --batch the server's
+    per-request image limit allows (64 images a call, the default, is over a lower limit); TLS on
+    one side only, which gRPC reports as a closed socket or an SSL version error."""
+    details = exc.details() or ""
+    over = re.search(r"request has \d+ images; the limit is (\d+)", details)
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and over and hasattr(args, "batch"):
         return f" (give --batch {over.group(1)} or less)"
+    tls = bool(args.tls_ca or os.environ.get("REID_TLS_CA"))
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not tls and "Socket closed" in details:
+        return " (if the server serves TLS, give --tls-ca)"
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and tls and "WRONG_VERSION_NUMBER" in details:
+        return " (the server speaks plaintext: leave out --tls-ca and REID_TLS_CA)"
     return ""
 
 

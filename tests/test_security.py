@@ -81,6 +81,23 @@ def test_the_health_probe_speaks_tls(tiny_onnx, pki, capsys):
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_reid_client_says_when_tls_is_on_one_side_only(tiny_onnx, pki, capsys):
+    """gRPC reports a plaintext client at a TLS port as "Socket closed", and a TLS client at a
+    plaintext port as an SSL WRONG_VERSION_NUMBER: reid-client adds what to change."""
+    from serving.client_cli import client_main
+
+    engine = OnnxRuntimeEngine(tiny_onnx)
+    tls = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    for config, flags, hint in [(tls, [], "(if the server serves TLS, give --tls-ca)"),
+                                (ServerConfig(port=0), ["--tls-ca", str(pki / "ca.pem")],
+                                 "(the server speaks plaintext: leave out --tls-ca and REID_TLS_CA)")]:
+        with ServerThread(engine, config) as s:
+            capsys.readouterr()
+            assert client_main(["--server", f"localhost:{s.server.port}", "--timeout", "5", *flags, "galleries"]) == 1
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.startswith("reid-client: error: UNAVAILABLE: ") and err.endswith(hint), err
+
+
 def test_clients_take_the_ca_and_token_from_the_environment(tiny_onnx, pki, tmp_path, synthetic_root, monkeypatch, capsys):
     """reid-client and `reid evaluate evaluate.server=` reach a server with TLS and tokens through
     REID_TLS_CA and REID_TOKEN (evaluation through such a server could not connect at all); a CA
