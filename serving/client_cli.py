@@ -217,9 +217,13 @@ def _output_path(output: Path) -> Path:
     return path
 
 
+_STATUS_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}
+
+
 def _print_failure(what: Path | str, code: int, message: str) -> None:
-    """One image (or entry) the server could not use, on its own stderr line (``embed``, ``enroll``, ``search``)."""
-    print(f"{what}: error {code}: {message}", file=sys.stderr)
+    """One image (or entry) the server could not use, on its own stderr line (``embed``, ``enroll``,
+    ``search``): the gRPC status code's number and name (``error 3 (INVALID_ARGUMENT)``)."""
+    print(f"{what}: error {code} ({_STATUS_NAMES.get(code, 'unknown code')}): {message}", file=sys.stderr)
 
 
 def _embed(args, connect) -> int:

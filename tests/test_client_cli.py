@@ -102,7 +102,7 @@ def test_one_bad_image_fails_only_its_own_search(server, crops, tmp_path, capsys
     assert _run(capsys, server, "enroll", "g", str(a1))[0] == 0
     code, out, err = _run(capsys, server, "search", "g", str(junk), str(a1), "--top-k", "1")
     assert code == 1
-    assert err.startswith(f"{junk}: error 3: ")  # INVALID_ARGUMENT, for that image alone
+    assert err.startswith(f"{junk}: error 3 (INVALID_ARGUMENT): ")  # for that image alone
     assert out.startswith(f"{a1}:\n  1. id ")
 
 
@@ -136,7 +136,7 @@ def test_one_bad_image_fails_only_its_own_enrollment(server, crops, tmp_path, ca
     assert _run(capsys, server, "create", "g")[0] == 0
     code, out, err = _run(capsys, server, "enroll", "g", str(a1), str(junk), str(a2), str(b), "--batch", "3",
                           "--person-id", "P")
-    assert code == 1 and err.startswith(f"{junk}: error 3: cannot decode image")
+    assert code == 1 and err.startswith(f"{junk}: error 3 (INVALID_ARGUMENT): cannot decode image")
     assert [line.split(": id ")[0] for line in out.splitlines()] == [str(a1), str(a2), str(b)]
     ids = [int(line.split(": id ")[1]) for line in out.splitlines()]
     code, out, _ = _run(capsys, server, "galleries")
@@ -403,7 +403,7 @@ def test_search_with_entries_of_the_gallery(server, crops, capsys):
     assert _run(capsys, server, "enroll", "g", str(a2), "--person-id", "A", "--camera-id", "c2")[0] == 0
     assert _run(capsys, server, "enroll", "g", str(b), "--person-id", "B", "--camera-id", "c1")[0] == 0
     code, out, err = _run(capsys, server, "search", "g", "--entry", "1", "--entry", "9", "--top-k", "3", "--json")
-    assert code == 1 and err.strip().startswith("entry 9: error 5: no entry 9 in gallery 'g'")
+    assert code == 1 and err.strip().startswith("entry 9: error 5 (NOT_FOUND): no entry 9 in gallery 'g'")
     (found,) = [json.loads(line) for line in out.splitlines()]
     assert found["entry"] == 1 and [h["id"] for h in found["hits"]][0] == 1 and len(found["hits"]) == 3
     code, out, _ = _run(capsys, server, "search", "g", "--entry", "1", "--exclude-camera", "c1", "--top-k", "3")
@@ -429,7 +429,7 @@ def test_search_with_a_track_searches_once_with_the_mean_of_its_crops(server, cr
         mean = l2_normalize(np.stack([o.embedding for o in client.embed([a1, b])])).mean(axis=0, keepdims=True)
         expected = [(h.id, round(h.score, 4)) for h in g.search("g", embeddings=mean, top_k=3)[0].hits]
     code, out, err = _run(capsys, server, "search", "g", str(a1), str(junk), str(b), "--track", "--top-k", "3")
-    assert code == 1 and err.startswith(f"{junk}: error 3: ")  # that crop left out, the others searched
+    assert code == 1 and err.startswith(f"{junk}: error 3 (INVALID_ARGUMENT): ")  # that crop left out, the others searched
     assert out.splitlines()[0] == "track of 2 images:"
     assert [(int(i), float(sc)) for i, sc in re.findall(r"id (\d+)  score (\S+)", out)] == expected
     code, out, _ = _run(capsys, server, "search", "g", str(a1), str(b), "--track", "--top-k", "3", "--json")
@@ -474,7 +474,7 @@ def test_embed_writes_npy_with_nan_rows_for_failed_images(server, crops, tmp_pat
     junk.write_bytes(b"not an image")
     out_file = tmp_path / "emb.npy"
     code, out, err = _run(capsys, server, "embed", str(a1), str(junk), str(a2), "--output", str(out_file))
-    assert code == 1 and err.startswith(f"{junk}: error 3: ")
+    assert code == 1 and err.startswith(f"{junk}: error 3 (INVALID_ARGUMENT): ")
     rows = np.load(out_file)
     assert rows.shape == (3, 32) and np.isnan(rows[1]).all() and np.isfinite(rows[[0, 2]]).all()
     assert out.strip() == f"wrote {out_file} (3 x 32)"
