@@ -208,7 +208,8 @@ class ReidServer:
         names = sorted(widths)
         shown = ", ".join(names[:_GALLERIES_NAMED]) + (f", and {len(names) - _GALLERIES_NAMED} more"
                                                        if len(names) > _GALLERIES_NAMED else "")
-        log.info("galleries: %d, %s%s", len(names), self.store.location, f" ({shown})" if names else "")
+        loaded = f", loaded in {self.store.load_seconds:.1f} s" if self.store.load_seconds is not None and names else ""
+        log.info("galleries: %d, %s%s%s", len(names), self.store.location, f" ({shown})" if names else "", loaded)
         other = [f"{name} ({width}-d)" for name, width in widths.items() if width != dim]
         if other:
             log.warning("galleries of another width than this model's %d-d embeddings: %s; adding or searching "

@@ -226,6 +226,9 @@ class GalleryBackend(abc.ABC):
     """What the server needs from a gallery store. Every method is thread-safe."""
 
     location: str = ""  # where the galleries are, for the startup log: a folder, a Milvus address
+    # seconds the store took to load its galleries when it opened (for the startup log, to size a
+    # startup probe by); None where opening loads nothing (a Milvus server holds them)
+    load_seconds: float | None = None
 
     @abc.abstractmethod
     def create(self, name: str, dim: int, index_type: str = "flat", model: str = "") -> GalleryInfo:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,10 @@ from retrieval.gallery.base import (
 from retrieval.gallery.columns import Coded, Column
 from retrieval.gallery.faiss_snapshot import Persistence, storage_error
 from retrieval.gallery.grouping import search_by_person
-from retrieval.owner_lock import OwnerLock
 from retrieval.gallery.pool_rerank import pool_rerank
 from retrieval.gallery.rwlock import ReadWriteLock
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
+from retrieval.owner_lock import OwnerLock
 
 log = logging.getLogger(__name__)
 HNSW_M = 32
@@ -503,11 +504,13 @@ class FaissGalleryStore(GalleryBackend):
             self.owner = self._own(self.root)  # before anything is read: another server may be writing it
         except OSError as exc:
             raise storage_error(exc, f"cannot open gallery directory {self.root}") from None
+        start = time.monotonic()
         try:
             self._open_galleries()
         except BaseException:
             self.owner.release()
             raise
+        self.load_seconds = time.monotonic() - start
 
     @staticmethod
     def _own(root: Path) -> OwnerLock:
