@@ -93,7 +93,8 @@ def test_reid_client_says_when_tls_is_on_one_side_only(tiny_onnx, pki, capsys):
                                  "(the server speaks plaintext: leave out --tls-ca and REID_TLS_CA)")]:
         with ServerThread(engine, config) as s:
             capsys.readouterr()
-            assert client_main(["--server", f"localhost:{s.server.port}", "--timeout", "5", *flags, "galleries"]) == 1
+            # 127.0.0.1: "localhost" also names ::1, where nothing listens, and its refusal can be the error reported
+            assert client_main(["--server", s.target, "--timeout", "5", *flags, "galleries"]) == 1
             err = capsys.readouterr().err.strip().splitlines()[-1]
             assert err.startswith("reid-client: error: UNAVAILABLE: ") and err.endswith(hint), err
 
@@ -113,7 +114,7 @@ def test_clients_take_the_ca_and_token_from_the_environment(tiny_onnx, pki, tmp_
     thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), config)
     thread.server.store = FaissGalleryStore(tmp_path / "galleries")
     with thread as s:
-        target = f"localhost:{s.server.port}"  # a name the certificate holds
+        target = s.target  # 127.0.0.1, an address the certificate holds
         monkeypatch.setenv("REID_TLS_CA", str(pki / "ca.pem"))
         monkeypatch.setenv("REID_TOKEN", WRITE)
         assert client_main(["--server", target, "galleries"]) == 0

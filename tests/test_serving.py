@@ -849,6 +849,7 @@ def test_wait_returns_only_after_the_whole_shutdown(engine):
     class Store:  # the shutdown's last step is closing (snapshotting) the gallery store
         closed = False
         location = "in memory"
+        load_seconds = None
 
         def dimensions(self):
             return {}
@@ -884,6 +885,7 @@ def test_a_failed_shutdown_step_is_raised_by_wait(engine):
 
     class Store:
         location = "in memory"
+        load_seconds = None
 
         def dimensions(self):
             return {}
