@@ -126,7 +126,6 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
         if path.is_dir():
             raise ExportError(f"{path} is a folder; give a file name to write")
     _check_distinct(checkpoint, onnx_path, fp16_path_for(onnx_path) if fp16 else None, engine_path)
-    _check_distinct(checkpoint, onnx_path, fp16_path_for(onnx_path) if fp16 else None, engine_path)
     try:
         check_pixel_flags(pixel_mean, pixel_std)
     except ValueError as exc:
