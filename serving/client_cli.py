@@ -23,7 +23,7 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from serving.client import GalleryClient, ReidClient, metadata_message, parse_response
 from serving.proto import reid_pb2
-from serving.security import SecurityError, read_certificates
+from serving.security import TLS_CA_ENV, SecurityError, client_ca
 
 
 class UsageError(Exception):
@@ -593,7 +593,7 @@ def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
     over = re.search(r"request has \d+ images; the limit is (\d+)", details)
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and over and hasattr(args, "batch"):
         return f" (give --batch {over.group(1)} or less)"
-    tls = bool(args.tls_ca or os.environ.get("REID_TLS_CA"))
+    tls = bool(args.tls_ca or os.environ.get(TLS_CA_ENV))
     if exc.code() == grpc.StatusCode.UNAVAILABLE and not tls and "Socket closed" in details:
         return " (if the server serves TLS, give --tls-ca)"
     if exc.code() == grpc.StatusCode.UNAVAILABLE and tls and "WRONG_VERSION_NUMBER" in details:
@@ -608,9 +608,8 @@ def client_main(argv: list[str] | None = None) -> int:
             setattr(args, key, default)
 
     def connect(kind):
-        tls_ca = args.tls_ca or os.environ.get("REID_TLS_CA")
         try:
-            ca = read_certificates(Path(tls_ca), "--tls-ca" if args.tls_ca else "$REID_TLS_CA") if tls_ca else None
+            ca = client_ca(args.tls_ca)
         except SecurityError as exc:
             raise UsageError(str(exc)) from None
         return kind(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"), root_certificates=ca)

@@ -118,6 +118,18 @@ def read_certificates(path: Path, flag: str) -> bytes:
     return data
 
 
+TLS_CA_ENV = "REID_TLS_CA"  # the clients' CA when no --tls-ca is given (reid-client, evaluation through a server)
+
+
+def client_ca(given: str | Path | None = None) -> bytes | None:
+    """The CA a client verifies the server with: ``given`` (its --tls-ca), else the file $REID_TLS_CA
+    names, else None (plaintext)."""
+    if given:
+        return read_certificates(Path(given), "--tls-ca")
+    named = os.environ.get(TLS_CA_ENV)
+    return read_certificates(Path(named), f"${TLS_CA_ENV}") if named else None
+
+
 def read_key_pair(cert: Path, key: Path, cert_flag: str, key_flag: str) -> tuple[bytes, bytes]:
     """(private key, certificate chain), as gRPC takes them, once ``key`` is found to be the
     unencrypted PEM private key of the certificate in ``cert`` (Python's ssl reads the same PEM

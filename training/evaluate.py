@@ -78,11 +78,11 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
     import grpc
 
     from serving.client import GalleryClient, ReidClient, metadata_message
-    from serving.security import SecurityError, read_certificates
+    from serving.security import SecurityError, client_ca
 
     name = f"eval-{uuid.uuid4().hex[:12]}"
     try:
-        ca = read_certificates(Path(os.environ["REID_TLS_CA"]), "$REID_TLS_CA") if os.environ.get("REID_TLS_CA") else None
+        ca = client_ca()
     except SecurityError as exc:
         raise ConfigError(str(exc)) from None
     connection = {"token": os.environ.get("REID_TOKEN") or None, "root_certificates": ca}
