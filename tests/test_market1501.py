@@ -1,6 +1,8 @@
 """Market-1501 naming and split rules."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -47,8 +49,22 @@ def test_missing_or_empty_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_query(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no Market-1501-named images"):
+    with pytest.raises(DataError, match="no Market-1501-named images$"):
         load_query(tmp_path / "empty")
+
+
+def test_dataset_root_in_place_of_a_split_names_the_splits(tmp_path):
+    for split in ("bounding_box_train", "query"):
+        _touch(tmp_path / "data" / split, ["0001_c1s1_000001_00.jpg"])
+    (tmp_path / "data" / "notes").mkdir()  # no images: not named
+    with pytest.raises(DataError, match="its subfolders bounding_box_train, query hold images: give one of them"):
+        load_train(tmp_path / "data")
+
+
+def test_a_misnamed_image_names_its_folder(tmp_path):
+    _touch(tmp_path / "split", ["0001_c1s1_000001_00.jpg", "person_a.jpg"])
+    with pytest.raises(DataError, match="^" + re.escape(f"{tmp_path / 'split'}/person_a.jpg: file name does not follow")):
+        load_gallery(tmp_path / "split")
 
 
 def test_corrupt_image_names_its_path(tmp_path):

@@ -58,13 +58,26 @@ def list_split(folder: str | Path, keep_distractors: bool) -> list[ImageRecord]:
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        pid, camid = parse_name(path.name)
+        try:
+            pid, camid = parse_name(path.name)
+        except DataError as exc:
+            raise DataError(f"{folder}/{exc}") from None
         if pid == JUNK_PID or (pid == DISTRACTOR_PID and not keep_distractors):
             continue
         records.append(ImageRecord(str(path), pid, camid))
     if not records:
-        raise DataError(f"dataset folder {folder} holds no Market-1501-named images")
+        raise DataError(f"dataset folder {folder} holds no Market-1501-named images{_split_hint(folder)}")
     return records
+
+
+def _split_hint(folder: Path) -> str:
+    """A dataset root given where a split folder belongs (``data`` for ``data/bounding_box_train``)
+    is the likely mistake when a folder holds no images: name its subfolders that do hold some."""
+    splits = sorted(sub.name for sub in folder.iterdir()
+                    if sub.is_dir() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in sub.iterdir()))
+    if not splits:
+        return ""
+    return f"; its subfolders {', '.join(splits)} hold images: give one of them (a split, not the dataset root)"
 
 
 def protocol_ids(query: list[ImageRecord], gallery: list[ImageRecord]) -> tuple[np.ndarray, ...]:
