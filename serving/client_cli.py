@@ -588,8 +588,11 @@ COMMANDS = {"embed": _embed, "galleries": _galleries, "create": _create, "drop":
 def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
     """What to change in this command, where the failure says: the --batch the server's
     per-request image limit allows (64 images a call, the default, is over a lower limit); TLS on
-    one side only, which gRPC reports as a closed socket or an SSL version error."""
+    one side only, which gRPC reports as a closed socket or an SSL version error; a server address
+    where nothing listens (the default one, when --server and REID_SERVER were forgotten)."""
     details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and "Connection refused" in details:
+        return f" (nothing listens at {args.server}: start reid-serve there, or give --server HOST:PORT or REID_SERVER)"
     over = re.search(r"request has \d+ images; the limit is (\d+)", details)
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and over and hasattr(args, "batch"):
         return f" (give --batch {over.group(1)} or less)"

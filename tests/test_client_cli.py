@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 
@@ -544,6 +545,16 @@ def test_connection_options_go_before_or_after_the_command(server, monkeypatch, 
     assert client_main(["galleries", "--timeout", "5"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1:] == [f"front: 0 entries, 32-d, flat index, faiss on cpu, model {server.server.engine.model_id}"] * 2
+
+
+def test_a_server_address_where_nothing_listens_says_how_to_give_another(capsys):
+    with socket.socket() as sock:  # bound, never listening: connections to it are refused
+        sock.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{sock.getsockname()[1]}"
+        assert client_main(["galleries", "--server", target, "--timeout", "5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reid-client: error: UNAVAILABLE: ") and "Connection refused" in err, err
+    assert err.endswith(f"(nothing listens at {target}: start reid-serve there, or give --server HOST:PORT or REID_SERVER)")
 
 
 def test_a_reader_that_leaves_early_ends_the_output_quietly(server, crops):
