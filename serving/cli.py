@@ -5,6 +5,7 @@ import argparse
 import importlib.metadata
 import asyncio
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -200,8 +201,16 @@ def build_config(args) -> ServerConfig:
     known = {f.name for f in dataclasses.fields(ServerConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
+        options = known | {f.name for f in dataclasses.fields(Limits)} | {
+            a.dest for a in serve_parser()._actions if a.dest not in ("help", "config")}
+        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(_with_guess(k, options) for k in unknown)}")
     return ServerConfig(**values, limits=Limits(**limits))
+
+
+def _with_guess(key: str, options: set[str]) -> str:
+    """``key``, and the option it most likely misspells (a config file gets no argparse help)."""
+    guess = difflib.get_close_matches(key, sorted(options), n=1)
+    return f"{key} (did you mean {guess[0]}?)" if guess else key
 
 
 def event_loop_runner(choice: str) -> Callable[[Coroutine], object]:

@@ -679,9 +679,11 @@ def test_config_file_takes_every_option_not_only_the_batchers(tmp_path, capsys):
         parse_serve_args(["--config", str(config)])
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"reid-serve: error: --config {config} is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'")
-    config.write_text("model: m.onnx\nbatch_size: 4\n")
-    with pytest.raises(ValueError, match="unknown option.*batch_size"):
+    config.write_text("model: m.onnx\nbatch_size: 4\nmax_queu_delay_ms: 2\nzzz: 1\n")
+    with pytest.raises(ValueError) as info:
         build_config(parse_serve_args(["--config", str(config)]))
+    assert str(info.value) == (f"unknown option(s) in {config}: batch_size (did you mean max_batch_size?), "
+                               "max_queu_delay_ms (did you mean max_queue_delay_ms?), zzz")
 
 
 def _os_thread_names() -> set[str]:
