@@ -843,21 +843,26 @@ def test_shutdown_ends_streams_once_what_they_read_is_answered(engine):
         assert time.monotonic() - start < 10  # not the 30 s grace period
 
 
+class _EmptyStore:
+    """What the server asks of a gallery store that holds no gallery: the shutdown tests replace
+    its close()."""
+    location = "in memory"
+    load_seconds = None
+
+    def dimensions(self):
+        return {}
+
+    def models(self):
+        return {}
+
+
 def test_wait_returns_only_after_the_whole_shutdown(engine):
     """serve_forever (and with it the process) ends when wait() returns, and the gRPC port closes
     before the batcher drains and the galleries are snapshotted: wait() must cover those too."""
     from serving.server import ReidServer
 
-    class Store:  # the shutdown's last step is closing (snapshotting) the gallery store
+    class Store(_EmptyStore):  # the shutdown's last step is closing (snapshotting) the gallery store
         closed = False
-        location = "in memory"
-        load_seconds = None
-
-        def dimensions(self):
-            return {}
-
-        def models(self):
-            return {}
 
         def close(self):
             self.closed = True
@@ -885,16 +890,7 @@ def test_a_failed_shutdown_step_is_raised_by_wait(engine):
     """A gallery snapshot that fails must not end in a silent exit 0."""
     from serving.server import ReidServer
 
-    class Store:
-        location = "in memory"
-        load_seconds = None
-
-        def dimensions(self):
-            return {}
-
-        def models(self):
-            return {}
-
+    class Store(_EmptyStore):
         def close(self):
             raise OSError("disk full")
 
