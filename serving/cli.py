@@ -45,7 +45,8 @@ def serve_parser() -> argparse.ArgumentParser:
                        "(default: the training checkpoint's hash from the model's metadata, else the model file's hash)")
     model.add_argument("--pixel-mean", type=float, nargs=3, help="preprocessing for a model without reid metadata")
     model.add_argument("--pixel-std", type=float, nargs=3, help="preprocessing for a model without reid metadata")
-    model.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size when the graph's is dynamic")
+    model.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                       help="input size when the graph's is dynamic (needed then: no size is guessed)")
     net = p.add_argument_group("network and process")
     net.add_argument("--config", type=Path,
                      help="YAML file with any of these options (dashes or underscores; the command line wins)")
@@ -252,7 +253,7 @@ def preprocessing_fallback(args: argparse.Namespace) -> ModelMetadata | None:
     check_pixel_flags(args.pixel_mean, args.pixel_std)
     if args.pixel_mean is None:
         return None
-    h, w = args.input_size or (256, 128)
+    h, w = args.input_size or (0, 0)  # 0: the graph's fixed size, else refused (no guess)
     return ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
 
 

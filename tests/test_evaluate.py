@@ -324,3 +324,31 @@ def test_an_interrupted_inference_leaves_the_previous_file_whole(trained, tmp_pa
     monkeypatch.setattr(np, "savez", interrupted)
     assert main(args) == 130
     assert out_file.read_bytes() == before and sorted(p.name for p in tmp_path.glob("emb*")) == ["emb.npz"]
+
+
+def test_a_model_without_metadata_takes_preprocessing_only_from_keys_the_user_set(synthetic_root, tmp_path, capsys):
+    """The schema's defaults (TAO's 0.5/0.5, 384x128) stood in for another tool's model's own
+    preprocessing without a word: OSNet scored 39.8 mAP on CUHK03 instead of 52.3."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(  # the mean colour of the crop: any size, no reid metadata
+        [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["out"])],
+        "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "other_tool.onnx"
+    onnx.save(model, str(path))
+    base = [f"results_dir={tmp_path / 'r'}", f"evaluate.checkpoint={path}",
+            f"dataset.query_dataset_dir={synthetic_root / 'query'}", f"dataset.test_dataset_dir={synthetic_root / 'bounding_box_test'}"]
+    pixels = ["dataset.pixel_mean=[0.5,0.5,0.5]", "dataset.pixel_std=[0.5,0.5,0.5]"]  # the defaults, given
+    size = ["model.input_height=64", "model.input_width=32"]
+    for given, says in [([], "set dataset.pixel_mean and dataset.pixel_std in the spec or as overrides"),
+                        (size + pixels[:1], "set dataset.pixel_mean and dataset.pixel_std"),
+                        (pixels, "has a dynamic input size and no reid metadata: set model.input_height and model.input_width")]:
+        code, _, err = _run(capsys, "evaluate", *base, *given)
+        assert code == 2 and err.strip().splitlines()[-1].startswith(f"reid evaluate: error: {path} "), err
+        assert says in err, err
+    code, out, err = _run(capsys, "evaluate", *base, *size, *pixels)
+    assert code == 0 and "(input 64x32)" in out, err

@@ -164,6 +164,10 @@ def test_preprocessing_flags_are_checked_and_never_ignored_silently(tiny_onnx, t
     assert (got.pixel_mean, got.pixel_std, got.input_height, got.input_width) == ([0.5] * 3, [0.25] * 3, 64, 32)
     assert serving.cli.serve_main(base + [str(plain)]) == 2
     assert "carries no reid preprocessing metadata; give its pixel mean/std" in capsys.readouterr().err
+    assert serving.cli.serve_main(base + [str(plain)] + mean + std) == 2  # its size used to be guessed as 256 x 128
+    assert capsys.readouterr().err.strip().endswith(
+        "the model's input size is dynamic (h x w) and it carries no reid metadata; give the size it was trained at "
+        "(e.g. --input-size 256 128)")
 
 
 def test_encoded_raw_and_frame_inputs_match_the_engine(server, engine):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from serving.engines.base import Engine, ImageError, ModelFileError, ModelMetadata, check_pixel_flags, decode_image, resize
+from serving.engines.base import (Engine, ImageError, ModelFileError, ModelMetadata, NoPreprocessingMetadata, check_pixel_flags,
+                                  decode_image, resize)
 from serving.engines.tensorrt import sidecar_path
 
-__all__ = ["Engine", "ImageError", "ModelFileError", "ModelMetadata", "check_pixel_flags", "decode_image", "model_kind",
-           "open_engine", "resize"]
+__all__ = ["Engine", "ImageError", "ModelFileError", "ModelMetadata", "NoPreprocessingMetadata", "check_pixel_flags",
+           "decode_image", "model_kind", "open_engine", "resize"]
 
 
 def model_kind(path: str | Path) -> str:

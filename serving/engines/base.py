@@ -26,6 +26,11 @@ class ModelFileError(Exception):
     """The model file is missing, of an unknown kind, or lacks what serving needs; the message says which."""
 
 
+class NoPreprocessingMetadata(ModelFileError):
+    """A model from another tool, given no pixel mean/std by the caller: each command says in its
+    own terms (flags, spec keys) how to give them."""
+
+
 def first_line(exc: BaseException) -> str:
     """An error's first line for a one-line message (ONNX Runtime, TensorRT, protobuf and onnx
     messages run over many), or its type's name when it has no message."""

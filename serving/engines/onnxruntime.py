@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.engines.base import Engine, ModelFileError, ModelMetadata, first_line
+from serving.engines.base import Engine, ModelFileError, ModelMetadata, NoPreprocessingMetadata, first_line
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,15 @@ def metadata_from_graph(session, fallback: ModelMetadata | None) -> ModelMetadat
     # N x D, or N x D x 1 x 1 (see Engine._embeddings); 0 = dynamic, taken from the first run
     dim = out.shape[1] if len(out.shape) >= 2 and isinstance(out.shape[1], int) else 0
     if fallback is None or not fallback.pixel_mean:
-        raise ModelFileError(
+        raise NoPreprocessingMetadata(
             "the model carries no reid preprocessing metadata; give its pixel mean/std "
             "(e.g. --pixel-mean 0.485 0.456 0.406 --pixel-std 0.229 0.224 0.225)"
         )
     if not isinstance(height, int) or not isinstance(width, int):
+        if not (fallback.input_height and fallback.input_width):  # a guessed size embeds every crop wrongly
+            raise NoPreprocessingMetadata(
+                f"the model's input size is dynamic ({height} x {width}) and it carries no reid metadata; "
+                "give the size it was trained at (e.g. --input-size 256 128)")
         height, width = fallback.input_height, fallback.input_width
     return ModelMetadata(
         input_height=height, input_width=width, embedding_dim=dim or fallback.embedding_dim,

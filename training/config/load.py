@@ -194,6 +194,7 @@ def build_spec(data: dict | None, overrides: Iterable[str] = ()) -> ExperimentSp
     explicit: set[str] = set()
     spec = _build(ExperimentSpec, tree, "", explicit)
     _check_combinations(spec, explicit)
+    spec.given_keys = frozenset(explicit)  # type: ignore[misc]  # per instance; see ExperimentSpec
     return spec
 
 

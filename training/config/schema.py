@@ -6,7 +6,7 @@ checks every key and names it in the error. Defaults are TAO's documented defaul
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import ClassVar, List
 
 BACKBONES = (
     "swin_tiny_patch4_window7_224",
@@ -154,3 +154,7 @@ class ExperimentSpec:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    # The keys the spec file or the overrides set, as "section.key" (``build_spec`` fills it): a
+    # default and a value given equal to it are not the same answer to "how was this model
+    # trained?" (see training.embedders.EngineEmbedder). Not a field: never saved or compared.
+    given_keys: ClassVar[frozenset[str]] = frozenset()
