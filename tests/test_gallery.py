@@ -2,6 +2,7 @@
 backend (FAISS, and Milvus through Milvus Lite); FAISS durability (log, snapshot) at the end."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -321,6 +322,37 @@ def test_unreadable_gallery_config_refuses_to_start_naming_it(tmp_path):
     (tmp_path / "g" / "gallery.json").write_text('{"dim": 4, "index_type": "ivf"}')  # loaded as flat before
     with pytest.raises(GalleryError, match=r"g/gallery.json is unreadable \(dim 4 and index_type 'ivf'\)"):
         FaissGalleryStore(tmp_path)
+
+
+def test_a_gallery_written_by_a_newer_version_is_refused_not_misread(tmp_path):
+    """A log record of a kind this version does not know was applied as a removal; a folder in a
+    newer format would have been read as this one's."""
+    import struct
+    import zlib
+
+    store = FaissGalleryStore(tmp_path)
+    store.create("g", 4)
+    store.add("g", np.array([1, 2]), np.eye(2, 4), [EntryMetadata()] * 2)
+    store.close()
+    config = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert config["format"] == 1
+    header = json.dumps({"op": "merge", "ids": [1, 2]}).encode()
+    payload = len(header).to_bytes(4, "little") + header
+    wal = tmp_path / "g" / "wal.log"
+    record = b"RWAL" + struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+    wal.write_bytes(wal.read_bytes() + record if wal.exists() else record)
+    before = wal.read_bytes()
+    with pytest.raises(GalleryError, match="gallery g: its log holds a change of kind 'merge', which this version"):
+        FaissGalleryStore(tmp_path)
+    assert wal.read_bytes() == before  # nothing cut from the log it refused
+    wal.unlink()
+    assert FaissGalleryStore(tmp_path).info("g").size == 2  # the entries were never touched
+    (tmp_path / "g" / "gallery.json").write_text(json.dumps({**config, "format": 2}))
+    with pytest.raises(GalleryError, match="gallery g is in format 2, written by a newer version of reid; this one reads format 1"):
+        FaissGalleryStore(tmp_path)
+    del config["format"]  # as written before the number was kept
+    (tmp_path / "g" / "gallery.json").write_text(json.dumps(config))
+    assert FaissGalleryStore(tmp_path).info("g").size == 2
 
 
 def test_assigned_ids_are_never_reused(tmp_path):

@@ -18,6 +18,12 @@ names it: building the graph anew took about 0.45 ms per entry on 2 cores (7 min
 reading it back a few milliseconds per 10,000. Their snapshots keep removed rows (marked dead, as
 in memory) until a compaction, so the graph's nodes stay the snapshot's rows. A missing or
 unusable graph is rebuilt from the rows, with a warning: it holds nothing the snapshot does not.
+
+``gallery.json`` carries the folder's format number (``FORMAT``; absent = 1, as written before the
+number was kept). A later version that writes what this one cannot read (a new kind of log record,
+a snapshot field that changes what rows mean) raises it, so that an older reid-serve started on
+the folder (a rollback) refuses it by name instead of misreading it. Likewise a log record of an
+unknown kind stops the start: applied as some other kind, it would change the gallery silently.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ from retrieval.gallery.columns import Column
 from retrieval.gallery.wal import WriteAheadLog, fsync_dir
 
 log = logging.getLogger(__name__)
+
+# The gallery folder layout this version writes and the newest it reads (see the module docstring).
+FORMAT = 1
 
 # A snapshot compacts an HNSW gallery (drops its removed rows, rebuilds the graph) only when more
 # than this share of its rows is dead: the rebuild takes about 0.45 ms per entry on 2 cores (13.5 s
@@ -189,8 +198,12 @@ class Persistence:
         if op["op"] == "add":
             vectors = np.frombuffer(payload[4 + n :], dtype=np.float32).reshape(len(ids), self.dim)
             self._apply_add(ids, vectors, [EntryMetadata(**m) for m in op["meta"]])
-        else:
+        elif op["op"] == "remove":
             self._apply_remove(ids)
+        else:  # once read as a removal: a newer version's record would have deleted entries
+            raise GalleryError(f"gallery {self.dir.name}: its log holds a change of kind {op['op']!r}, which this "
+                               "version of reid does not know (a newer one wrote it?); refusing to start: run the "
+                               "version that wrote it")
 
     def _log(self, payload: bytes) -> None:
         try:

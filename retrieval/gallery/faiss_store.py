@@ -28,7 +28,7 @@ from retrieval.gallery.base import (
     check_people, check_queries,
 )
 from retrieval.gallery.columns import Coded, Column
-from retrieval.gallery.faiss_snapshot import Persistence, storage_error
+from retrieval.gallery.faiss_snapshot import FORMAT, Persistence, storage_error
 from retrieval.gallery.grouping import search_by_person
 from retrieval.gallery.pool_rerank import pool_rerank
 from retrieval.gallery.rwlock import ReadWriteLock
@@ -530,9 +530,14 @@ class FaissGalleryStore(GalleryBackend):
                 dim, index_type, model = int(meta["dim"]), str(meta["index_type"]), str(meta.get("model", ""))
                 if index_type not in INDEX_TYPES or dim < 1:  # else it would load as some other index
                     raise ValueError(f"dim {dim} and index_type {index_type!r}")
+                written = int(meta.get("format", 1))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise GalleryError(f"{cfg} is unreadable ({exc}); refusing to start: restore it (it holds "
                                    '{"dim": D, "index_type": "flat" or "hnsw"}) or move the gallery directory aside') from None
+            if written > FORMAT:
+                raise GalleryError(f"gallery {cfg.parent.name} is in format {written}, written by a newer version of "
+                                   f"reid; this one reads format {FORMAT} and older: run a reid-serve as new as the one "
+                                   "that wrote it")
             self.galleries[cfg.parent.name] = _Gallery(cfg.parent, dim, index_type, self.snapshot_every, model)
 
     def _get(self, name: str) -> _Gallery:
@@ -557,7 +562,8 @@ class FaissGalleryStore(GalleryBackend):
             try:
                 directory.mkdir()
                 tmp = directory / "gallery.json.tmp"
-                tmp.write_text(json.dumps({"dim": dim, "index_type": index_type, **({"model": model} if model else {})}))
+                tmp.write_text(json.dumps({"format": FORMAT, "dim": dim, "index_type": index_type,
+                                           **({"model": model} if model else {})}))
                 os.replace(tmp, directory / "gallery.json")
                 fsync_dir(directory)
             except OSError as exc:
