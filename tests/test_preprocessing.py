@@ -234,3 +234,18 @@ def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped():
         out = decode_image(png.tobytes())
         want = rgb if pixels.ndim == 3 else np.repeat(rgb[..., :1], 3, axis=2)
         assert out.dtype == np.uint8 and np.array_equal(out, want)
+
+
+def test_metadata_keys_of_a_newer_export_are_named_not_dropped_silently(caplog):
+    """A key this version does not know may change how the model must be fed; it is ignored, but
+    the start says so."""
+    props = {**ModelMetadata(256, 128, 512, **IMAGENET).to_props(), "reid.channel_order": '"BGR"', "other.key": "1"}
+    with caplog.at_level("WARNING"):
+        meta = ModelMetadata.from_props(props)
+    assert (meta.input_height, meta.pixel_mean) == (256, IMAGENET["pixel_mean"])
+    assert "model metadata holds reid.channel_order, which this version of reid does not know" in caplog.text
+    assert "other.key" not in caplog.text  # not ours to judge
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ModelMetadata.from_props(ModelMetadata(256, 128, 512).to_props())
+    assert caplog.text == ""

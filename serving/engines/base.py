@@ -10,6 +10,7 @@ import abc
 import hashlib
 import io
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,8 @@ import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 METADATA_PREFIX = "reid."
 
@@ -99,6 +102,11 @@ class ModelMetadata:
         if not values:
             return None
         known = cls.__dataclass_fields__
+        unknown = sorted(set(values) - set(known))
+        if unknown:  # a newer reid-export's keys may change how the model is fed: say they go unheeded
+            log.warning("model metadata holds %s, which this version of reid does not know (a newer reid-export "
+                        "wrote it?): ignored; if the model misbehaves, serve it with the version that exported it",
+                        ", ".join(METADATA_PREFIX + k for k in unknown))
         try:
             return cls(**{k: json.loads(v) for k, v in values.items() if k in known})
         except (TypeError, ValueError) as exc:
