@@ -127,6 +127,19 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(trained, tmp_path, capsys, sy
         assert code == 2 and message in err.strip().splitlines()[-1], (extra, err)
 
 
+def test_a_missing_model_names_the_last_checkpoint_of_the_results_dir(trained, tmp_path, capsys):
+    """The spec that trained a model, given to evaluate/inference/export without a model, said only
+    that one is required; the checkpoint training wrote last under its results_dir is the usual answer."""
+    ckpt, overrides = trained
+    for command in ("evaluate", "inference", "export"):
+        code, _, err = _run(capsys, command, *overrides)  # the training run's results_dir
+        assert code == 2 and err.strip().splitlines()[-1].endswith(
+            f"; the last checkpoint training wrote under results_dir={ckpt.parent.parent} is {command}.checkpoint={ckpt}"), err
+        code, _, err = _run(capsys, command, *overrides, f"results_dir={tmp_path}")  # no training there
+        assert code == 2 and err.strip().splitlines()[-1].startswith(f"reid {command}: error: {command}.checkpoint is required ("), err
+        assert "last checkpoint" not in err
+
+
 def test_unwritable_outputs_stop_before_any_embedding(trained, tmp_path, capsys, monkeypatch):
     """A typo in an output path used to surface only after every image had been embedded."""
     import training.evaluate

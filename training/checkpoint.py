@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from training.errors import ReidError
+from training.errors import ConfigError, ReidError
 from training.outputs import replaced_on_success
 
 FORMAT_VERSION = 1
@@ -70,3 +70,17 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The last epoch checkpoint a training run wrote into ``out_dir`` (``results_dir/train``)."""
+    existing = sorted(out_dir.glob("model_epoch_*.pth"))
+    return existing[-1] if existing else None
+
+
+def model_required(key: str, accepts: str, results_dir: str) -> ConfigError:
+    """The error of ``reid evaluate``/``inference``/``export`` given no model: the usual answer is
+    the checkpoint that training wrote last under the same ``results_dir``, so it is named."""
+    last = latest_checkpoint(Path(results_dir) / "train")
+    hint = f"; the last checkpoint training wrote under results_dir={results_dir} is {key}={last}" if last else ""
+    return ConfigError(f"{key} is required ({accepts}){hint}")

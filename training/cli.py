@@ -75,12 +75,13 @@ def _cmd_export(args) -> int:
 
     from export.errors import ExportError
     from export.pipeline import run_pipeline
+    from training.checkpoint import model_required
     from training.config import load_spec
 
     spec = load_spec(args.experiment_spec, args.overrides)
     x = spec.export
     if not x.checkpoint:
-        raise ReidError("export.checkpoint is required")
+        raise model_required("export.checkpoint", "a .pth training checkpoint", spec.results_dir)
     onnx_path = Path(x.onnx_file) if x.onnx_file else Path(x.checkpoint).with_suffix(".onnx")
     try:
         stages = run_pipeline(Path(x.checkpoint), onnx_path)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from retrieval.distance import cosine_distance
 from retrieval.metrics import evaluate_rank, queries_with_matches
 from retrieval.owner_lock import OwnerLock
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ExperimentSpec, spec_to_dict
 from training.data.market1501 import ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
@@ -39,11 +39,6 @@ log = logging.getLogger(__name__)
 # With mixed precision, an overflow in float16 gives a non-finite loss now and then: the gradient
 # scaler skips that step and halves its scale. This many in a row is divergence, not overflow.
 AMP_NONFINITE_STEPS = 10
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    existing = sorted(out_dir.glob("model_epoch_*.pth"))
-    return existing[-1] if existing else None
 
 
 def resume_hint(out_dir: Path) -> str:

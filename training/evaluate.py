@@ -13,6 +13,7 @@ from tqdm import tqdm
 from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
 from retrieval.rerank import k_reciprocal_rerank
+from training.checkpoint import model_required
 from training.data.market1501 import load_query_gallery, protocol_ids
 from training.data.transforms import check_images
 from training.embed import nonfinite_rows
@@ -147,8 +148,8 @@ def _rerank_device(gpu_id: int) -> str:
 def run_evaluate(spec) -> dict:
     e = spec.evaluate
     if not e.checkpoint and not e.server:
-        raise ConfigError("evaluate.checkpoint is required (a .pth checkpoint, .onnx, .engine or embeddings file), "
-                          "or evaluate.server to evaluate through a running server")
+        raise model_required("evaluate.checkpoint", "a .pth checkpoint, .onnx, .engine or embeddings file; or "
+                             "evaluate.server to evaluate through a running server", spec.results_dir)
     if e.checkpoint and not e.server and not Path(e.checkpoint).exists():
         raise ConfigError(f"evaluate.checkpoint={e.checkpoint} does not exist")
     if e.checkpoint and e.server:  # a spec file's checkpoint, with a server given on the command line

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.checkpoint import model_required
 from training.data.market1501 import load_query_gallery
 from training.data.transforms import check_images
 from training.embedders import open_embedder
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 def run_inference(spec) -> Path:
     i = spec.inference
     if not i.checkpoint:
-        raise ConfigError("inference.checkpoint is required (a .pth checkpoint, .onnx or .engine file)")
+        raise model_required("inference.checkpoint", "a .pth checkpoint, .onnx or .engine file", spec.results_dir)
     out = Path(i.output_file or Path(spec.results_dir) / "inference" / "embeddings.json")
     if out.suffix not in (".json", ".npz"):
         raise ConfigError(f"inference.output_file={out} must end in .json (TAO format) or .npz (compact)")
