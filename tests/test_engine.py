@@ -475,3 +475,53 @@ def test_resuming_a_finished_run_says_to_raise_num_epochs(quick_spec):
     more = Trainer(quick_spec(**{"train.num_epochs": 2, "train.resume_training_checkpoint_path": str(ckpt)}),
                    torch.device("cpu")).fit()
     assert load_checkpoint(more)["epoch"] == 2
+
+
+class _FullDisk:
+    """A file on a disk that fills after ``room`` bytes: its writes then fail as a full disk's do."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(28, "No space left on device")
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_that_says_where_to_resume(synthetic_root, tmp_path, monkeypatch, capsys):
+    """torch.save's zip writer turned the full disk into "RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos ...": a traceback that never said the disk was full."""
+    import builtins
+
+    import training.checkpoint
+    from training.cli import main
+
+    saves = []
+
+    def open_(path, mode="r", *args, **kwargs):
+        file = builtins.open(path, mode, *args, **kwargs)
+        if not str(path).endswith(".pth.tmp"):
+            return file
+        saves.append(path)
+        return _FullDisk(file, room=1 << 40 if len(saves) == 1 else 1 << 16)  # the second checkpoint fills it
+
+    monkeypatch.setattr(training.checkpoint, "open", open_, raising=False)
+    results = tmp_path / "results"
+    code = main(["train", *quick_overrides(synthetic_root, results, **{"train.num_epochs": 3})])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    first, second = results / "train" / "model_epoch_001.pth", results / "train" / "model_epoch_002.pth"
+    assert code == 2 and err == (f"reid train: error: {second}: No space left on device; once fixed, resume with "
+                                 f"train.resume_training_checkpoint_path={first}"), err
+    assert sorted(p.name for p in (results / "train").glob("model_epoch_*")) == [first.name]  # no partial file left
+    assert load_checkpoint(first)["epoch"] == 1  # the last good one is whole

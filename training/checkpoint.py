@@ -18,12 +18,40 @@ from training.outputs import replaced_on_success
 FORMAT_VERSION = 1
 
 
+class _Writes:
+    """The file torch.save writes through. Its zip writer turns a failed write (a full disk) into
+    ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...``, which reached
+    users as a traceback; the OSError kept here is raised instead."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
     """Write atomically (temp file + rename): a crash mid-write never leaves a truncated checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replaced_on_success(path) as tmp:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+    try:
+        with replaced_on_success(path) as tmp, open(tmp, "wb") as file:
+            out = _Writes(file)
+            try:
+                torch.save({"format_version": FORMAT_VERSION, **payload}, out)
+            except RuntimeError:
+                if out.error is None:
+                    raise
+                raise out.error from None
+    except OSError as exc:  # the checkpoint's own name, not the temporary file's (or none)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     return path
 
 

@@ -38,6 +38,7 @@ def _stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
 def _cmd_train(args) -> int:
     from pathlib import Path
 
+    from training.checkpoint import latest_checkpoint
     from training.config import load_spec
     from training.engine import launcher_rank, resume_hint, train
 
@@ -49,6 +50,11 @@ def _cmd_train(args) -> int:
         if launcher_rank() == 0:  # under torchrun every rank is stopped: one line says where to go on from
             print(f"reid train: {word}; {resume_hint(Path(spec.results_dir) / 'train')}", file=sys.stderr)
         return code
+    except OSError as exc:  # a full disk at a checkpoint: once fixed, go on from the last one written
+        last = latest_checkpoint(Path(spec.results_dir) / "train")
+        hint = f"; once fixed, resume with train.resume_training_checkpoint_path={last}" if last else ""
+        print(f"reid train: error: {os_error_line(exc)}{hint}", file=sys.stderr)
+        return 2
     if ckpt:
         print(f"checkpoint: {ckpt}")
     return 0
