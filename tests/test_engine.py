@@ -525,3 +525,41 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_that_says_where_to_resume(synth
                                  f"train.resume_training_checkpoint_path={first}"), err
     assert sorted(p.name for p in (results / "train").glob("model_epoch_*")) == [first.name]  # no partial file left
     assert load_checkpoint(first)["epoch"] == 1  # the last good one is whole
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_settings_to_lower(synthetic_root, tmp_path, monkeypatch, capsys):
+    """CUDA's out-of-memory error reached users as a traceback of allocator figures; it now names
+    the batch sizes and input size in effect and what to lower (faked here: no GPU)."""
+    from training.cli import main
+    from training.engine import Trainer
+
+    real_step, steps = Trainer._step, []
+
+    def step(self, images, pids):
+        steps.append(1)
+        if len(steps) > 5:  # the second epoch's first batch: epoch 1 wrote a checkpoint
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, images, pids)
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    results = tmp_path / "results"
+    overrides = quick_overrides(synthetic_root, results, **{"train.num_epochs": 3, "train.mixed_precision": False})
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("reid train: error: out of GPU memory with dataset.batch_size=8, dataset.val_batch_size=128, "
+                   "model.input_height=64, model.input_width=32, train.mixed_precision=False: lower dataset.batch_size "
+                   "or dataset.val_batch_size, or set train.mixed_precision=True (float16 activations); once fixed, "
+                   f"resume with train.resume_training_checkpoint_path={results / 'train' / 'model_epoch_001.pth'}"), err
+
+    from training.embedders import CheckpointEmbedder
+
+    def embed(self, records, desc):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(CheckpointEmbedder, "embed", embed)
+    for command in ("evaluate", "inference"):
+        assert main([command, *overrides, f"{command}.checkpoint={results / 'train' / 'model_epoch_001.pth'}",
+                     f"{command}.batch_size=64"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"reid {command}: error: out of GPU memory with {command}.batch_size=64, dataset.val_batch_size=128: "
+            f"lower {command}.batch_size or dataset.val_batch_size")

@@ -35,25 +35,50 @@ def _stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
     return ("terminated", 128 + signal.SIGTERM) if isinstance(exc, Terminated) else ("interrupted", 128 + signal.SIGINT)
 
 
-def _cmd_train(args) -> int:
+def _out_of_memory(spec, keys: list[str]) -> ReidError:
+    """CUDA out of memory, a traceback of allocator figures before: the settings that size the
+    memory, as given, and which to lower."""
+    from training.config.load import spec_value
+
+    given = ", ".join(f"{key}={spec_value(spec, key)}" for key in keys)
+    return ReidError(f"out of GPU memory with {given}: lower {' or '.join(k for k in keys if 'batch' in k)}"
+                     + (", or set train.mixed_precision=True (float16 activations)"
+                        if "train.mixed_precision" in keys and not spec.train.mixed_precision else ""))
+
+
+def _resume_after_fix(spec) -> str:
+    """How a run that failed midway goes on once the cause is fixed: from its last checkpoint."""
     from pathlib import Path
 
     from training.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(Path(spec.results_dir) / "train")
+    return f"; once fixed, resume with train.resume_training_checkpoint_path={last}" if last else ""
+
+
+def _cmd_train(args) -> int:
+    from pathlib import Path
+
+    import torch
+
     from training.config import load_spec
     from training.engine import launcher_rank, resume_hint, train
 
     spec = load_spec(args.experiment_spec, args.overrides)
     try:
         ckpt = train(spec)
+    except torch.OutOfMemoryError:  # at the first batch, or in a validation after checkpoints were written
+        error = _out_of_memory(spec, ["dataset.batch_size", "dataset.val_batch_size", "model.input_height",
+                                      "model.input_width", "train.mixed_precision"])
+        print(f"reid train: error: {error}{_resume_after_fix(spec)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:  # the epochs since the last checkpoint are lost: say where to go on from
         word, code = _stopped(exc)
         if launcher_rank() == 0:  # under torchrun every rank is stopped: one line says where to go on from
             print(f"reid train: {word}; {resume_hint(Path(spec.results_dir) / 'train')}", file=sys.stderr)
         return code
     except OSError as exc:  # a full disk at a checkpoint: once fixed, go on from the last one written
-        last = latest_checkpoint(Path(spec.results_dir) / "train")
-        hint = f"; once fixed, resume with train.resume_training_checkpoint_path={last}" if last else ""
-        print(f"reid train: error: {os_error_line(exc)}{hint}", file=sys.stderr)
+        print(f"reid train: error: {os_error_line(exc)}{_resume_after_fix(spec)}", file=sys.stderr)
         return 2
     if ckpt:
         print(f"checkpoint: {ckpt}")
@@ -61,18 +86,30 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
+    import torch
+
     from training.config import load_spec
     from training.evaluate import format_report, run_evaluate
 
-    print(format_report(run_evaluate(load_spec(args.experiment_spec, args.overrides))))
+    spec = load_spec(args.experiment_spec, args.overrides)
+    try:
+        print(format_report(run_evaluate(spec)))
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(spec, ["evaluate.batch_size", "dataset.val_batch_size"]) from None
     return 0
 
 
 def _cmd_inference(args) -> int:
+    import torch
+
     from training.config import load_spec
     from training.inference import run_inference
 
-    print(f"wrote {run_inference(load_spec(args.experiment_spec, args.overrides))}")
+    spec = load_spec(args.experiment_spec, args.overrides)
+    try:
+        print(f"wrote {run_inference(spec)}")
+    except torch.OutOfMemoryError:
+        raise _out_of_memory(spec, ["inference.batch_size", "dataset.val_batch_size"]) from None
     return 0
 
 

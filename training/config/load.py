@@ -137,7 +137,8 @@ def _build(cls: type, data: Any, prefix: str, explicit: set[str]):
     return cls(**kwargs)
 
 
-def _get(spec: ExperimentSpec, key: str) -> Any:
+def spec_value(spec: ExperimentSpec, key: str) -> Any:
+    """The value of ``section.key`` in ``spec``."""
     node: Any = spec
     for part in key.split("."):
         node = getattr(node, part)
@@ -149,7 +150,7 @@ def _check_combinations(spec: ExperimentSpec, explicit: set[str]) -> None:
     for key, (backbones, why) in _BACKBONE_ONLY.items():
         if spec.model.backbone in backbones or key not in explicit:
             continue
-        if _get(spec, key) != _get(defaults, key):
+        if spec_value(spec, key) != spec_value(defaults, key):
             raise ConfigError(f"{key} cannot apply to backbone {spec.model.backbone}: {why}; remove it")
         log.warning("%s has no effect with backbone %s (%s); ignored", key, spec.model.backbone, why)
     m, d, o = spec.model, spec.dataset, spec.train.optim
