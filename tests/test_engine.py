@@ -563,3 +563,38 @@ def test_out_of_gpu_memory_is_one_line_naming_the_settings_to_lower(synthetic_ro
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"reid {command}: error: out of GPU memory with {command}.batch_size=64, dataset.val_batch_size=128: "
             f"lower {command}.batch_size or dataset.val_batch_size")
+
+
+def test_a_loader_out_of_shared_memory_is_warned_of_and_then_one_line(synthetic_root, tmp_path, monkeypatch, capsys, caplog):
+    """Docker's 64 MiB of /dev/shm is less than two workers' batches of 256x128 crops; the failure
+    came as a RuntimeError traceback from inside torch's collate (reproduced with a 4 MiB /dev/shm)."""
+    from training.cli import main
+    from training.data import shared_memory
+    from training.engine import Trainer
+
+    monkeypatch.setattr(shared_memory, "_free_bytes", lambda: 4 << 20)
+    with caplog.at_level("WARNING"):
+        shared_memory.check_shared_memory(32, 256, 128, 2, "dataset.num_workers")
+    assert ("dataset.num_workers=2 workers keep about 48 MiB of batches in shared memory, and /dev/shm has 4 MiB free: "
+            "give the container more (docker run --shm-size=2g") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        shared_memory.check_shared_memory(32, 256, 128, 0, "dataset.num_workers")  # no workers: nothing shared
+        shared_memory.check_shared_memory(2, 64, 32, 2, "dataset.num_workers")  # fits
+    assert caplog.text == ""
+    assert shared_memory.shared_memory_error(RuntimeError("CUDA error: device-side assert"), "k") is None
+    killed = RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
+                          "workers are out of shared memory. Please try to raise your shared memory limit.")
+    assert "ran out of shared memory (/dev/shm: 4 MiB free now)" in str(shared_memory.shared_memory_error(killed, "k"))
+
+    def step(self, images, pids):
+        raise RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                           "last):\n...\nRuntimeError: unable to allocate shared memory(shm) for file </torch_1_2_0>: "
+                           "No space left on device (28)")
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    assert main(["train", *quick_overrides(synthetic_root, tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "reid train: error: the data loader's workers ran out of shared memory (/dev/shm: 4 MiB free now): give the "
+        "container more (docker run --shm-size=2g, or --ipc=host; Kubernetes: an emptyDir with medium Memory at "
+        "/dev/shm), or lower dataset.num_workers (0 loads in the main process, slower)")

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Callable
 
+from training.data.shared_memory import shared_memory_error
 from training.errors import STOP_REQUESTED, ReidError, Terminated, os_error_line
 
 log = logging.getLogger("reid")
@@ -70,6 +71,12 @@ def _cmd_train(args) -> int:
     except torch.OutOfMemoryError:  # at the first batch, or in a validation after checkpoints were written
         error = _out_of_memory(spec, ["dataset.batch_size", "dataset.val_batch_size", "model.input_height",
                                       "model.input_width", "train.mixed_precision"])
+        print(f"reid train: error: {error}{_resume_after_fix(spec)}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        error = shared_memory_error(exc, "dataset.num_workers")
+        if error is None:
+            raise
         print(f"reid train: error: {error}{_resume_after_fix(spec)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # the epochs since the last checkpoint are lost: say where to go on from
@@ -192,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # results_dir not writable, disk full, ...: the path and the reason, not a traceback
         log.debug("%s failed", args.command, exc_info=True)
         print(f"reid {args.command}: error: {os_error_line(exc)} (-v shows where)", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # evaluate's and inference's loaders (train says where to resume itself)
+        error = shared_memory_error(exc, "dataset.num_workers")
+        if error is None:
+            raise
+        print(f"reid {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         word, code = _stopped(exc)

@@ -25,6 +25,7 @@ from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from training.config import ExperimentSpec, spec_to_dict
 from training.data.market1501 import ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
+from training.data.shared_memory import check_shared_memory
 from training.data.transforms import ImageDataset, build_train_transform, check_images
 from training.embed import embed_records, nonfinite_rows
 from training.errors import STOP_REQUESTED, ConfigError, DataError, ReidError, Terminated, TrainingDiverged
@@ -113,6 +114,8 @@ def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int, dev
         share = f", {world_size} processes" if world_size > 1 else ""
         raise ConfigError(f"dataset.batch_size={d.batch_size} is larger than one epoch of the training set "
                           f"({len(records)} images{share}); lower it")
+    # the whole batch: the processes on one machine (each with its share) fill one /dev/shm
+    check_shared_memory(d.batch_size, m.input_height, m.input_width, d.num_workers, "dataset.num_workers")
     loader = torch.utils.data.DataLoader(
         ImageDataset(records, transform), batch_sampler=sampler, num_workers=d.num_workers,
         generator=torch.Generator(),
