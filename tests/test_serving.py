@@ -783,7 +783,10 @@ def test_cuda_libraries_from_pip_are_preloaded_and_their_failures_reported(tiny_
         preload_cuda_libraries.cache_clear()
 
 
-def test_onnxruntime_on_cpu_picks_two_instances_sharing_the_cores(tiny_onnx):
+def test_onnxruntime_on_cpu_picks_two_instances_sharing_the_cores(tiny_onnx, tmp_path, monkeypatch):
+    import serving.threads
+
+    monkeypatch.setattr(serving.threads, "CGROUP_ROOT", tmp_path)  # no CPU quota
     cores = len(os.sched_getaffinity(0))
     auto = OnnxRuntimeEngine(tiny_onnx, device="cpu", instances=0)
     assert auto.instances == min(2, cores)
@@ -791,6 +794,35 @@ def test_onnxruntime_on_cpu_picks_two_instances_sharing_the_cores(tiny_onnx):
     assert threads == (max(1, cores // 2) if cores >= 2 else 0)
     single = OnnxRuntimeEngine(tiny_onnx, device="cpu")  # a lone caller (offline evaluation) keeps every core
     assert single.instances == 1 and single.session.get_session_options().intra_op_num_threads == 0
+
+
+def test_a_cgroup_cpu_quota_sizes_onnxruntimes_threads(tiny_onnx, tmp_path, monkeypatch, caplog):
+    """A container limited to N CPUs sees every core of its host; ONNX Runtime sized its threads by
+    those, and a quota spent by many threads is throttled for the rest of each period."""
+    import serving.threads
+    from serving.threads import cpu_quota_cores, usable_cores
+
+    monkeypatch.setattr(serving.threads, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert cpu_quota_cores() is None and usable_cores() == (64, False)
+    (tmp_path / "cpu").mkdir()  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota_cores() is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")  # 1.5 CPUs: two threads may run
+    assert cpu_quota_cores() == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # cgroup v2 wins where present
+    assert cpu_quota_cores() is None
+    (tmp_path / "cpu.max").write_text("400000 100000\n")
+    assert usable_cores() == (4, True)
+    with caplog.at_level(logging.INFO, logger="serving.engines.onnxruntime"):
+        auto = OnnxRuntimeEngine(tiny_onnx, device="cpu", instances=0)
+        single = OnnxRuntimeEngine(tiny_onnx, device="cpu")
+    assert auto.instances == 2 and auto.session.get_session_options().intra_op_num_threads == 2
+    assert single.session.get_session_options().intra_op_num_threads == 4  # not 0: ONNX Runtime would count 64
+    assert "a CPU quota allows 4 core(s): ONNX Runtime runs 2 thread(s) per instance, 2 instance(s)" in caplog.text
+    explicit = OnnxRuntimeEngine(tiny_onnx, device="cpu", intra_op_threads=3)
+    assert explicit.session.get_session_options().intra_op_num_threads == 3
 
 
 def test_engine_failure_fails_that_batch_only(engine):

@@ -5,7 +5,6 @@ import contextlib
 import functools
 import io
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.engines.base import Engine, ModelFileError, ModelMetadata, NoPreprocessingMetadata, first_line
+from serving.threads import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +129,16 @@ class OnnxRuntimeEngine(Engine):
         elif device == "cuda":
             raise ModelFileError("device cuda asked for, but onnxruntime has no CUDA provider (install onnxruntime-gpu)")
         wants_cuda = len(providers) > 1
-        cores = len(os.sched_getaffinity(0))
+        cores, quota_bound = usable_cores()
         self.instances = instances or (1 if wants_cuda else min(2, cores))
         options = ort.SessionOptions()
-        # 0 lets ONNX Runtime use every core, which is right for one instance only.
-        options.intra_op_num_threads = intra_op_threads or (max(1, cores // self.instances) if self.instances > 1 else 0)
+        # 0 lets ONNX Runtime use every core, which is right for one instance only, and only where
+        # no CPU quota allows fewer (ONNX Runtime counts the host's cores, not the quota).
+        options.intra_op_num_threads = intra_op_threads or (
+            max(1, cores // self.instances) if self.instances > 1 or quota_bound else 0)
+        if quota_bound and not intra_op_threads:
+            log.info("a CPU quota allows %d core(s): ONNX Runtime runs %d thread(s) per instance, %d instance(s)",
+                     cores, options.intra_op_num_threads, self.instances)
         if graph_optimization == "extended":
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         try:
