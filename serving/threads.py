@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import math
-import os
 import sys
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
-from pathlib import Path
 
 from retrieval.cancellation import run_cancellable
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 _PR_SET_NAME = 15  # linux/prctl.h
 _OS_NAME_BYTES = 15  # the kernel keeps 16 bytes, the last one NUL
 
@@ -51,31 +47,3 @@ def name_os_thread() -> None:
     name = threading.current_thread().name.encode()[:_OS_NAME_BYTES]
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
-
-def cpu_quota_cores() -> int | None:
-    """The cores a cgroup CPU quota allows this process (``docker run --cpus``, a Kubernetes CPU
-    limit), rounded up; None without a quota. The CPU affinity does not show a quota: a container
-    limited to 2 CPUs on a 64-core host sees 64, and 32 threads per engine run there would spend
-    the quota in a few milliseconds and then be throttled for the rest of each period."""
-    try:
-        quota, period = (CGROUP_ROOT / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
-    except (OSError, ValueError):
-        try:  # cgroup v1
-            quota = (CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").read_text().strip()  # -1: none
-            period = (CGROUP_ROOT / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    try:
-        quota_us, period_us = int(quota), int(period)
-    except ValueError:  # "max": no quota
-        return None
-    if quota_us <= 0 or period_us <= 0:
-        return None
-    return max(1, math.ceil(quota_us / period_us))
-
-
-def usable_cores() -> tuple[int, bool]:
-    """(cores this process may use, whether a cgroup quota is what limits it)."""
-    affinity = len(os.sched_getaffinity(0))
-    quota = cpu_quota_cores()
-    return (quota, True) if quota is not None and quota < affinity else (affinity, False)

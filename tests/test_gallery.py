@@ -1944,3 +1944,34 @@ def test_searching_a_gallery_with_no_entries_answers_each_query_with_no_hits(sto
     store.remove("g", np.array([1, 2]))
     for rerank, by_person in [(None, False), (RerankOptions(), False), (None, True)]:
         assert store.search("g", queries, 5, [SearchFilter(exclude_camera_id="c1")] * 3, rerank, by_person) == [[], [], []]
+
+
+def test_faiss_threads_follow_a_cpu_quota(tmp_path, monkeypatch, caplog):
+    """OpenMP gives every FAISS search as many threads as the process sees cores: in a container
+    limited to 1 CPU on a 64-core host, 64 threads per search, throttled by the quota."""
+    import os
+
+    import faiss
+
+    import retrieval.cpu_quota
+    from retrieval.faiss_setup import _fit_threads_to_quota, import_faiss
+
+    before = faiss.omp_get_max_threads()
+    monkeypatch.setattr(retrieval.cpu_quota, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    faiss.omp_set_num_threads(64)
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "64")  # the operator's choice stands
+        _fit_threads_to_quota.cache_clear()
+        import_faiss()
+        assert faiss.omp_get_max_threads() == 64
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        _fit_threads_to_quota.cache_clear()
+        with caplog.at_level("INFO", logger="retrieval.faiss_setup"):
+            import_faiss()
+        assert faiss.omp_get_max_threads() == 1
+        assert "a CPU quota allows 1 core(s): FAISS searches use 1 OpenMP threads, not 64" in caplog.text
+    finally:
+        faiss.omp_set_num_threads(before)
+        _fit_threads_to_quota.cache_clear()

@@ -784,9 +784,9 @@ def test_cuda_libraries_from_pip_are_preloaded_and_their_failures_reported(tiny_
 
 
 def test_onnxruntime_on_cpu_picks_two_instances_sharing_the_cores(tiny_onnx, tmp_path, monkeypatch):
-    import serving.threads
+    import retrieval.cpu_quota
 
-    monkeypatch.setattr(serving.threads, "CGROUP_ROOT", tmp_path)  # no CPU quota
+    monkeypatch.setattr(retrieval.cpu_quota, "CGROUP_ROOT", tmp_path)  # no CPU quota
     cores = len(os.sched_getaffinity(0))
     auto = OnnxRuntimeEngine(tiny_onnx, device="cpu", instances=0)
     assert auto.instances == min(2, cores)
@@ -799,10 +799,10 @@ def test_onnxruntime_on_cpu_picks_two_instances_sharing_the_cores(tiny_onnx, tmp
 def test_a_cgroup_cpu_quota_sizes_onnxruntimes_threads(tiny_onnx, tmp_path, monkeypatch, caplog):
     """A container limited to N CPUs sees every core of its host; ONNX Runtime sized its threads by
     those, and a quota spent by many threads is throttled for the rest of each period."""
-    import serving.threads
-    from serving.threads import cpu_quota_cores, usable_cores
+    import retrieval.cpu_quota
+    from retrieval.cpu_quota import cpu_quota_cores, usable_cores
 
-    monkeypatch.setattr(serving.threads, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(retrieval.cpu_quota, "CGROUP_ROOT", tmp_path)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert cpu_quota_cores() is None and usable_cores() == (64, False)
     (tmp_path / "cpu").mkdir()  # cgroup v1

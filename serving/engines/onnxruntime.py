@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.cpu_quota import usable_cores
 from serving.engines.base import Engine, ModelFileError, ModelMetadata, NoPreprocessingMetadata, first_line
-from serving.threads import usable_cores
 
 log = logging.getLogger(__name__)
 
