@@ -589,8 +589,12 @@ def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
     """What to change in this command, where the failure says: the --batch the server's
     per-request image limit allows (64 images a call, the default, is over a lower limit); TLS on
     one side only, which gRPC reports as a closed socket or an SSL version error; a server address
-    where nothing listens (the default one, when --server and REID_SERVER were forgotten)."""
+    where nothing listens (the default one, when --server and REID_SERVER were forgotten); a gallery
+    not created yet."""
     details = exc.details() or ""
+    missing = re.search(r"no gallery named '(.*)'", details)
+    if exc.code() == grpc.StatusCode.NOT_FOUND and missing:
+        return f" (reid-client galleries lists the galleries; reid-client create {missing.group(1)} makes this one)"
     if exc.code() == grpc.StatusCode.UNAVAILABLE and "Connection refused" in details:
         return f" (nothing listens at {args.server}: start reid-serve there, or give --server HOST:PORT or REID_SERVER)"
     over = re.search(r"request has \d+ images; the limit is (\d+)", details)

@@ -279,7 +279,8 @@ def test_entries_lists_what_the_gallery_holds(server, crops, capsys, tmp_path):
         code, _, err = _run(capsys, server, *argv)
         assert code == 2 and err.strip() == f"reid-client: error: {message}"
     code, _, err = _run(capsys, server, "entries", "nobody")
-    assert code == 1 and err.strip() == "reid-client: error: NOT_FOUND: no gallery named 'nobody'"
+    assert code == 1 and err.strip() == ("reid-client: error: NOT_FOUND: no gallery named 'nobody' (reid-client galleries "
+                                         "lists the galleries; reid-client create nobody makes this one)")
 
 
 def test_import_copies_a_listing_into_another_gallery(server, crops, capsys, tmp_path):
