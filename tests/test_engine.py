@@ -15,7 +15,7 @@ from training.checkpoint import load_checkpoint
 from training.config.load import build_spec
 from training.data.market1501 import load_query, load_train
 from training.data.synthetic import make_synthetic
-from training.errors import ConfigError, DataError, TrainingDiverged
+from training.errors import ConfigError, DataError, ReidError, TrainingDiverged
 from training.embed import embed_records, model_from_checkpoint
 from training.data.transforms import check_images
 from training.engine import Trainer, _train_loader, spawn_workers, train
@@ -62,6 +62,20 @@ def test_checkpoint_rebuilds_the_same_model(quick_spec, synthetic_root):
     records = load_query(synthetic_root / "query")[:6]
     expected = embed_records(trainer.model, records, torch.device("cpu"))
     np.testing.assert_allclose(embed_records(rebuilt, records, torch.device("cpu")), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_from_a_newer_version_is_refused_by_name(quick_spec, tmp_path):
+    """The format number was written but never read: a newer layout would have been misread."""
+    ckpt = load_checkpoint(Trainer(quick_spec(**{"train.num_epochs": 1}), torch.device("cpu")).fit())
+    assert ckpt["format_version"] == 1
+    newer = tmp_path / "newer.pth"
+    torch.save({**ckpt, "format_version": 2}, newer)
+    with pytest.raises(ReidError, match=r"newer.pth is a checkpoint of format 2, written by a newer version of reid; "
+                                        r"this one reads format 1 and older"):
+        load_checkpoint(newer)
+    older = tmp_path / "older.pth"
+    torch.save({k: v for k, v in ckpt.items() if k != "format_version"}, older)  # as before the number was kept
+    assert load_checkpoint(older)["epoch"] == 1
 
 
 def test_resume_equals_uninterrupted_run(synthetic_root, tmp_path):

@@ -15,6 +15,7 @@ import torch
 from training.errors import ConfigError, ReidError
 from training.outputs import replaced_on_success
 
+# Raised by a version that writes what an older one cannot read, which then refuses the file.
 FORMAT_VERSION = 1
 
 
@@ -89,6 +90,10 @@ def load_checkpoint(path: str | Path) -> dict:
     ckpt = load_weights(path)
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model_state" not in ckpt:
         raise ReidError(f"{path} is not a reid training checkpoint (no model_args/model_state)")
+    version = ckpt.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:  # a newer layout would be misread, not refused
+        raise ReidError(f"{path} is a checkpoint of format {version}, written by a newer version of reid; this one "
+                        f"reads format {FORMAT_VERSION} and older: use the version that wrote it, or a newer one")
     return ckpt
 
 
