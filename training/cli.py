@@ -36,15 +36,15 @@ def _stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
     return ("terminated", 128 + signal.SIGTERM) if isinstance(exc, Terminated) else ("interrupted", 128 + signal.SIGINT)
 
 
-def _out_of_memory(spec, keys: list[str]) -> ReidError:
+def _out_of_memory(spec, keys: list[str]) -> str:
     """CUDA out of memory, a traceback of allocator figures before: the settings that size the
     memory, as given, and which to lower."""
     from training.config.load import spec_value
 
     given = ", ".join(f"{key}={spec_value(spec, key)}" for key in keys)
-    return ReidError(f"out of GPU memory with {given}: lower {' or '.join(k for k in keys if 'batch' in k)}"
-                     + (", or set train.mixed_precision=True (float16 activations)"
-                        if "train.mixed_precision" in keys and not spec.train.mixed_precision else ""))
+    return (f"out of GPU memory with {given}: lower {' or '.join(k for k in keys if 'batch' in k)}"
+            + (", or set train.mixed_precision=True (float16 activations)"
+               if "train.mixed_precision" in keys and not spec.train.mixed_precision else ""))
 
 
 def _resume_after_fix(spec) -> str:
@@ -69,24 +69,22 @@ def _cmd_train(args) -> int:
     try:
         ckpt = train(spec)
     except torch.OutOfMemoryError:  # at the first batch, or in a validation after checkpoints were written
-        error = _out_of_memory(spec, ["dataset.batch_size", "dataset.val_batch_size", "model.input_height",
-                                      "model.input_width", "train.mixed_precision"])
-        print(f"reid train: error: {error}{_resume_after_fix(spec)}", file=sys.stderr)
-        return 2
+        raise ReidError(_out_of_memory(spec, ["dataset.batch_size", "dataset.val_batch_size", "model.input_height",
+                                              "model.input_width", "train.mixed_precision"])
+                        + _resume_after_fix(spec)) from None
     except RuntimeError as exc:
         error = shared_memory_error(exc, "dataset.num_workers")
         if error is None:
             raise
-        print(f"reid train: error: {error}{_resume_after_fix(spec)}", file=sys.stderr)
-        return 2
+        raise ReidError(f"{error}{_resume_after_fix(spec)}") from None
     except KeyboardInterrupt as exc:  # the epochs since the last checkpoint are lost: say where to go on from
         word, code = _stopped(exc)
         if launcher_rank() == 0:  # under torchrun every rank is stopped: one line says where to go on from
             print(f"reid train: {word}; {resume_hint(Path(spec.results_dir) / 'train')}", file=sys.stderr)
         return code
     except OSError as exc:  # a full disk at a checkpoint: once fixed, go on from the last one written
-        print(f"reid train: error: {os_error_line(exc)}{_resume_after_fix(spec)}", file=sys.stderr)
-        return 2
+        log.debug("train failed", exc_info=True)
+        raise ReidError(f"{os_error_line(exc)}{_resume_after_fix(spec)}") from None
     if ckpt:
         print(f"checkpoint: {ckpt}")
     return 0
@@ -102,7 +100,7 @@ def _cmd_evaluate(args) -> int:
     try:
         print(format_report(run_evaluate(spec)))
     except torch.OutOfMemoryError:
-        raise _out_of_memory(spec, ["evaluate.batch_size", "dataset.val_batch_size"]) from None
+        raise ReidError(_out_of_memory(spec, ["evaluate.batch_size", "dataset.val_batch_size"])) from None
     return 0
 
 
@@ -116,7 +114,7 @@ def _cmd_inference(args) -> int:
     try:
         print(f"wrote {run_inference(spec)}")
     except torch.OutOfMemoryError:
-        raise _out_of_memory(spec, ["inference.batch_size", "dataset.val_batch_size"]) from None
+        raise ReidError(_out_of_memory(spec, ["inference.batch_size", "dataset.val_batch_size"])) from None
     return 0
 
 
