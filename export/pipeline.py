@@ -168,7 +168,9 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
 
         ok, why = gpu_available()
         if not ok:
-            raise ExportError(f"cannot build a TensorRT engine here: {why}")
+            kept = f"; {built_from} is written: on a GPU machine, reid-export --onnx {onnx_path}" + (
+                " --fp16" if fp16 else "") + f" --engine {engine_path} builds it from there" if stages else ""
+            raise ExportError(f"cannot build a TensorRT engine here: {why}{kept}")
         props = props or ensure_metadata(onnx_path, None, None)  # the checkpoint's ONNX, just written
         log(f"[3] TensorRT engine from {built_from} (batch {batches[0]}/{batches[1]}/{batches[2]}) ...")
         info, parity = _engine_stage(built_from, onnx_path, engine_path, props, batches, workspace_gb, timing_cache)

@@ -202,6 +202,8 @@ def test_engine_without_gpu_is_one_line_and_keeps_onnx(swin_ckpt, tmp_path, caps
     code = export_main(["--checkpoint", str(swin_ckpt), "--onnx", str(tmp_path / "m.onnx"), "--engine", str(tmp_path / "m.engine")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "cannot build a TensorRT engine here" in err[0]
+    assert err[0].endswith(f"; {tmp_path / 'm.onnx'} is written: on a GPU machine, reid-export --onnx {tmp_path / 'm.onnx'} "
+                           f"--engine {tmp_path / 'm.engine'} builds it from there"), err
     assert (tmp_path / "m.onnx").is_file() and not (tmp_path / "m.engine").exists()
 
 
