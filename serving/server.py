@@ -90,6 +90,8 @@ class ServerConfig:
             check_number(name, getattr(self, name), low, high, integer=isinstance(getattr(ServerConfig, name), int))
         if self.instances < 0:
             raise ValueError(f"instances (--instances) must be 0 (automatic) or more, got {self.instances}")
+        if self.metrics_port and self.metrics_port == self.port:  # else "cannot serve metrics ...: Address already in use"
+            raise ValueError(f"--metrics-port {self.metrics_port} is also --port: give the metrics their own port")
         for limit in fields(self.limits):
             check_number(limit.name, getattr(self.limits, limit.name), 1, None, integer=True)
         if self.limits.max_images_per_request > self.queue_capacity:

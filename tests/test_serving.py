@@ -604,6 +604,8 @@ def test_every_flag_named_after_a_setting_reaches_the_server_config():
     (["--instances", "-1"], r"instances \(--instances\) must be 0 \(automatic\) or more"),
     # a request that could never be queued would get RESOURCE_EXHAUSTED, which clients retry, forever
     (["--queue-capacity", "100"], r"max_images_per_request \(256\) exceeds queue_capacity \(100\)"),
+    # was "cannot serve metrics on 127.0.0.1:9100: Address already in use", after the gRPC port took it
+    (["--port", "9100", "--metrics-port", "9100"], "--metrics-port 9100 is also --port: give the metrics their own port"),
 ])
 def test_numeric_options_out_of_range_are_refused_naming_the_option(argv, message):
     from serving.cli import build_config, parse_serve_args
