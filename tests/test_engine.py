@@ -612,3 +612,32 @@ def test_a_loader_out_of_shared_memory_is_warned_of_and_then_one_line(synthetic_
         "reid train: error: the data loader's workers ran out of shared memory (/dev/shm: 4 MiB free now): give the "
         "container more (docker run --shm-size=2g, or --ipc=host; Kubernetes: an emptyDir with medium Memory at "
         "/dev/shm), or lower dataset.num_workers (0 loads in the main process, slower)")
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused_naming_the_key(synthetic_root, tmp_path, monkeypatch, capsys):
+    """train.gpu_ids=[0,1] on a one-GPU machine started a process per id, and the second failed
+    inside CUDA ("invalid device ordinal"); evaluate.gpu_id=1 the same at its first tensor. Faked
+    here (no GPU): CUDA reports one device."""
+    from training.cli import main
+    from training.devices import cuda_or_cpu
+
+    assert cuda_or_cpu(3, "evaluate.gpu_id") == torch.device("cpu")  # no CUDA: the CPU, whatever the index
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert cuda_or_cpu(0, "evaluate.gpu_id") == torch.device("cuda", 0)
+    spawned = []
+    monkeypatch.setattr("training.engine.spawn_workers", lambda *args: spawned.append(args))
+    results = tmp_path / "results"
+    for command, key in [("train", "train.gpu_ids=[0,1]"), ("evaluate", "evaluate.gpu_id=1"),
+                         ("inference", "inference.gpu_id=1")]:
+        argv = [command, *quick_overrides(synthetic_root, results), key]
+        if command != "train":
+            argv.append(f"{command}.checkpoint={tmp_path / 'absent.onnx'}")
+            (tmp_path / "absent.onnx").write_bytes(b"")  # exists: the device is checked before the model is read
+        assert main(argv) == 2
+        shown = key.split("=")[0] + ("=[0, 1]" if command == "train" else "")
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"reid {command}: error: {shown} names CUDA device 1, but this machine has 1 (0..0); "
+            "CUDA_VISIBLE_DEVICES=3 numbers the visible ones from 0")
+    assert spawned == []

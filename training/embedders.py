@@ -53,17 +53,13 @@ def detect_kind(path: str | Path) -> str:
         ) from None
 
 
-def _device(gpu_id: int) -> torch.device:
-    return torch.device("cuda", gpu_id) if torch.cuda.is_available() else torch.device("cpu")
-
-
 class CheckpointEmbedder:
     reads_images = True
 
-    def __init__(self, path: str, gpu_id: int, batch_size: int, num_workers: int):
+    def __init__(self, path: str, device: torch.device, batch_size: int, num_workers: int):
         from training.embed import model_from_checkpoint
 
-        self.device = _device(gpu_id)
+        self.device = device
         self.model, _ = model_from_checkpoint(path)
         self.model.to(self.device)
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -80,7 +76,7 @@ class EngineEmbedder:
 
     reads_images = True
 
-    def __init__(self, path: str, spec, gpu_id: int, batch_size: int):
+    def __init__(self, path: str, spec, device: torch.device, batch_size: int):
         from serving.engines import ModelFileError, ModelMetadata, NoPreprocessingMetadata, open_engine
 
         # A model from another tool is preprocessed as the spec says only where the spec says it: the
@@ -93,7 +89,7 @@ class EngineEmbedder:
             embedding_dim=0, pixel_mean=list(spec.dataset.pixel_mean) if pixels else [], pixel_std=list(spec.dataset.pixel_std),
         )
         try:
-            self.engine = open_engine(path, device="cuda" if torch.cuda.is_available() else "cpu", fallback=fallback,
+            self.engine = open_engine(path, device=device.type, fallback=fallback,
                                       max_batch_size=batch_size)
         except NoPreprocessingMetadata:
             if not pixels:
@@ -178,10 +174,10 @@ class StoredEmbedder:
         return self.feats[rows]
 
 
-def open_embedder(path: str, spec, gpu_id: int, batch_size: int) -> Embedder:
+def open_embedder(path: str, spec, device: torch.device, batch_size: int) -> Embedder:
     kind = detect_kind(path)
     if kind == "checkpoint":
-        return CheckpointEmbedder(path, gpu_id, batch_size, spec.dataset.num_workers)
+        return CheckpointEmbedder(path, device, batch_size, spec.dataset.num_workers)
     if kind == "embeddings":
         return StoredEmbedder(path)
-    return EngineEmbedder(path, spec, gpu_id, batch_size)
+    return EngineEmbedder(path, spec, device, batch_size)

@@ -27,6 +27,7 @@ from training.data.market1501 import ImageRecord, load_gallery, load_query, load
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.shared_memory import check_shared_memory
 from training.data.transforms import ImageDataset, build_train_transform, check_images
+from training.devices import cuda_or_cpu
 from training.embed import embed_records, nonfinite_rows
 from training.errors import STOP_REQUESTED, ConfigError, DataError, ReidError, Terminated, TrainingDiverged
 from training.losses import ReIdLoss, loss_from_spec
@@ -329,10 +330,8 @@ class Trainer:
 
 
 def _device_for(spec: ExperimentSpec, local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        ids = spec.train.gpu_ids
-        return torch.device("cuda", ids[local_rank] if local_rank < len(ids) else local_rank)
-    return torch.device("cpu")
+    ids = spec.train.gpu_ids
+    return cuda_or_cpu(ids[local_rank] if local_rank < len(ids) else local_rank, f"train.gpu_ids={ids}")
 
 
 def _worker(rank: int, spec: ExperimentSpec, world_size: int, backend: str, port: int, result_file: str) -> None:
@@ -432,6 +431,8 @@ def _train(spec: ExperimentSpec) -> Path | None:
     gpus = spec.train.gpu_ids
     if len(gpus) > 1:
         if torch.cuda.is_available():
+            for rank in range(len(gpus)):  # before any process starts, not as one worker's CUDA error
+                _device_for(spec, rank)
             return spawn_workers(spec, len(gpus), "nccl")
         log.warning("train.gpu_ids=%s but no CUDA device is available; training on the CPU in one process", gpus)
     elif not torch.cuda.is_available():

@@ -17,6 +17,7 @@ from training.checkpoint import model_required
 from training.data.market1501 import load_query_gallery, protocol_ids
 from training.data.transforms import check_images
 from training.embed import nonfinite_rows
+from training.devices import cuda_or_cpu
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
 from training.outputs import writable_output
@@ -139,12 +140,6 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
         gallery_client.close()
 
 
-def _rerank_device(gpu_id: int) -> str:
-    import torch
-
-    return f"cuda:{gpu_id}" if torch.cuda.is_available() else "cpu"
-
-
 def run_evaluate(spec) -> dict:
     e = spec.evaluate
     if not e.checkpoint and not e.server:
@@ -163,8 +158,8 @@ def run_evaluate(spec) -> dict:
                                    "evaluate.output_sampled_matches_plot" if e.output_sampled_matches_plot else "results_dir")
     query, gallery = load_query_gallery(e.query_dataset or spec.dataset.query_dataset_dir,
                                         e.test_dataset or spec.dataset.test_dataset_dir, "evaluate")
-    embedder = None if e.server else open_embedder(e.checkpoint, spec, e.gpu_id,
-                                                   e.batch_size or spec.dataset.val_batch_size)
+    device = None if e.server else cuda_or_cpu(e.gpu_id, "evaluate.gpu_id")  # embeds, and re-ranks
+    embedder = None if device is None else open_embedder(e.checkpoint, spec, device, e.batch_size or spec.dataset.val_batch_size)
     if embedder is None or embedder.reads_images:  # a server is sent the images too
         check_images([r.path for r in query + gallery], spec.dataset.num_workers)
     if embedder is None:
@@ -176,7 +171,7 @@ def run_evaluate(spec) -> dict:
         log.info("evaluating %s on %d query and %d gallery images", embedder.description, len(query), len(gallery))
         qf = embedder.embed(query, "query")
         gf = embedder.embed(gallery, "gallery")
-        results, curves, dists = score(qf, gf, query, gallery, spec.re_ranking, _rerank_device(e.gpu_id))
+        results, curves, dists = score(qf, gf, query, gallery, spec.re_ranking, str(device))
         dim = int(qf.shape[1])
     report = {
         "model": str(e.checkpoint or e.server), "source": source,

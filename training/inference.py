@@ -10,6 +10,7 @@ import numpy as np
 from training.checkpoint import model_required
 from training.data.market1501 import load_query_gallery
 from training.data.transforms import check_images
+from training.devices import cuda_or_cpu
 from training.embedders import open_embedder
 from training.errors import ConfigError
 from training.outputs import replaced_on_success, writable_output
@@ -29,7 +30,8 @@ def run_inference(spec) -> Path:
     writable_output(out, "inference.output_file" if i.output_file else "results_dir")
     query, gallery = load_query_gallery(i.query_dataset or spec.dataset.query_dataset_dir,
                                         i.test_dataset or spec.dataset.test_dataset_dir, "inference")
-    embedder = open_embedder(i.checkpoint, spec, i.gpu_id, i.batch_size or spec.dataset.val_batch_size)
+    embedder = open_embedder(i.checkpoint, spec, cuda_or_cpu(i.gpu_id, "inference.gpu_id"),
+                             i.batch_size or spec.dataset.val_batch_size)
     records = query + gallery
     if embedder.reads_images:
         check_images([r.path for r in records], spec.dataset.num_workers)
