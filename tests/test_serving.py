@@ -1316,6 +1316,41 @@ def test_a_tensorrt_engine_where_tensorrt_is_missing_is_one_line(tmp_path):
         open_engine(engine)
 
 
+def test_an_engine_built_for_another_tensorrt_or_gpu_says_how_to_rebuild_it(tmp_path, monkeypatch):
+    """TensorRT's deserializer refuses a plan built by another TensorRT version or for another GPU
+    model by returning None; the error said only that, not which versions, nor the command.
+    Faked TensorRT (none here): its runtime refuses every plan, as it does such an engine."""
+    import sys
+    import types
+
+    import serving.engines.tensorrt as trt_engine
+    from serving.engines import ModelMetadata, open_engine
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return None
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "11.4.0"
+    fake.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    fake.Runtime = Runtime
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_engine, "cuda_runtime", lambda: object())
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"plan")
+    (tmp_path / "model.engine.json").write_text(json.dumps({
+        "format": "tensorrt", "tensorrt_version": "10.13.3", "source_onnx": "runs/model.fp16.onnx",
+        "profile": {"min": 1, "opt": 16, "max": 64}, "metadata": ModelMetadata(256, 128, 512).to_props()}))
+    with pytest.raises(ModelFileError) as err:
+        open_engine(engine)
+    assert str(err.value) == (f"{engine} does not load with TensorRT 11.4.0 on this GPU (it was built with TensorRT "
+                              "10.13.3): an engine runs only with the TensorRT version and GPU model it was built for; "
+                              f"rebuild it on this machine: reid-export --onnx runs/model.fp16.onnx --engine {engine}")
+
+
 def _slow_decoding(monkeypatch, seconds: float) -> list:
     """Make the server's decoding of each image take ``seconds``; returns the list that gets one
     item per image decoded."""

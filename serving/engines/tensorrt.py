@@ -67,8 +67,12 @@ class TensorRTEngine(Engine):
                                  "(TensorRT and cuda-python need an NVIDIA GPU); serve the ONNX file instead") from None
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise ModelFileError(f"{path} is not a TensorRT engine for this TensorRT version and GPU")
+        if self.engine is None:  # TensorRT's own reason went to its logger, above
+            source = info.get("source_onnx") or "MODEL.onnx"
+            raise ModelFileError(
+                f"{path} does not load with TensorRT {trt.__version__} on this GPU (it was built with TensorRT "
+                f"{info.get('tensorrt_version', '(unknown)')}): an engine runs only with the TensorRT version and GPU "
+                f"model it was built for; rebuild it on this machine: reid-export --onnx {source} --engine {path}")
         self.context = self.engine.create_execution_context()
         self.input_name = self.metadata.input_name
         self.output_name = self.metadata.output_name
