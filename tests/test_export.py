@@ -239,12 +239,15 @@ def test_unwritable_output_is_one_line(swin_ckpt, tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith(f"{folder} is a folder; give a file name to write")
 
 
-def test_tao_form_writes_onnx_next_to_checkpoint(swin_ckpt, synthetic_root, tmp_path, capsys):
+def test_tao_form_writes_onnx_next_to_checkpoint(swin_ckpt, synthetic_root, tmp_path, capsys, caplog):
     from training.cli import main
 
     code = main(["export", *quick_overrides(synthetic_root, tmp_path), f"export.checkpoint={swin_ckpt}"])
     assert code == 0
     assert swin_ckpt.with_suffix(".onnx").is_file()
+    assert "export.gpu_id" not in caplog.text
+    code = main(["export", *quick_overrides(synthetic_root, tmp_path), f"export.checkpoint={swin_ckpt}", "export.gpu_id=1"])
+    assert code == 0 and "export.gpu_id=1 is not used: the ONNX export runs on the CPU" in caplog.text
 
 
 @pytest.mark.gpu

@@ -130,6 +130,9 @@ def _cmd_export(args) -> int:
     x = spec.export
     if not x.checkpoint:
         raise model_required("export.checkpoint", "a .pth training checkpoint", spec.results_dir)
+    if "export.gpu_id" in spec.given_keys:  # TAO's key; set on purpose, it deserves a word
+        log.warning("export.gpu_id=%d is not used: the ONNX export runs on the CPU (a TensorRT engine is built on "
+                    "the GPU reid-export --engine runs on)", x.gpu_id)
     onnx_path = Path(x.onnx_file) if x.onnx_file else Path(x.checkpoint).with_suffix(".onnx")
     try:
         stages = run_pipeline(Path(x.checkpoint), onnx_path)
