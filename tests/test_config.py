@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -75,12 +76,41 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_non_applicable_keys_rejected_when_changed():
-    with pytest.raises(ConfigError, match="model.stride_size cannot apply to backbone swin_tiny"):
+    with pytest.raises(ConfigError, match=r"model.stride_size=\[12, 12\] cannot apply with backbone swin_tiny"):
         load_spec(TAO_SPEC, ["model.stride_size=[12,12]"])
-    with pytest.raises(ConfigError, match="model.last_stride cannot apply"):
+    with pytest.raises(ConfigError, match="model.last_stride=2 cannot apply"):
         load_spec(TAO_SPEC, ["model.last_stride=2"])
     spec = load_spec(TAO_SPEC, ["model.backbone=resnet_50", "model.last_stride=2"])
     assert spec.model.last_stride == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # tuning a margin the soft-margin loss does not have, a momentum AdamW does not take: no effect, silently
+    (["train.optim.triplet_loss_margin=0.5"], "train.optim.triplet_loss_margin=0.5 cannot apply with model.no_margin=True: "
+                                              "the soft-margin triplet loss has no margin; remove it"),
+    (["dataset.sampler=softmax", "model.no_margin=False", "train.optim.triplet_loss_margin=0.5"],
+     "with dataset.sampler=softmax and model.metric_loss_type=triplet: no triplet loss is trained"),
+    (["train.optim.name=AdamW", "train.optim.momentum=0.95"], "train.optim.momentum=0.95 cannot apply with "
+                                                               "train.optim.name=AdamW: it is SGD's momentum; remove it"),
+    (["train.optim.center_lr=0.1"], "train.optim.center_lr=0.1 cannot apply with model.with_center_loss=False"),
+])
+def test_optimizer_and_loss_keys_that_cannot_apply_are_refused_when_changed(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_spec(TAO_SPEC, overrides)
+
+
+def test_optimizer_and_loss_keys_apply_where_their_setting_is_on(caplog):
+    with caplog.at_level(logging.WARNING):
+        spec = load_spec(TAO_SPEC, ["model.no_margin=False", "train.optim.triplet_loss_margin=0.5",
+                                    "train.optim.momentum=0.95", "model.with_center_loss=True",
+                                    "model.metric_loss_type=triplet_center", "train.optim.center_lr=0.1"])
+    assert (spec.train.optim.triplet_loss_margin, spec.train.optim.momentum, spec.train.optim.center_lr) == (0.5, 0.95, 0.1)
+    assert "train.optim" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_spec(TAO_SPEC)  # the TAO example sets them at their defaults where they do nothing: a warning each
+    assert "train.optim.triplet_loss_margin has no effect with model.no_margin=True" in caplog.text
+    assert "train.optim.center_loss_weight has no effect with model.with_center_loss=False" in caplog.text
 
 
 def test_center_loss_keys_must_agree():
