@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ def test_tao_example_spec_loads_verbatim(caplog):
     assert spec.re_ranking.k1 == 20 and spec.re_ranking.lambda_value == 0.3
     text = caplog.text
     assert "encryption_key is ignored" in text
-    assert "model.stride_size has no effect" in text and "model.pretrain_hw_ratio has no effect" in text
+    assert "model.stride_size=[16, 16] has no effect" in text and "model.pretrain_hw_ratio=" in text
 
 
 @pytest.mark.parametrize("path", sorted(SPECS.glob("*.yaml")), ids=lambda p: p.name)
@@ -86,17 +85,20 @@ def test_non_applicable_keys_rejected_when_changed():
 
 @pytest.mark.parametrize("overrides, message", [
     # tuning a margin the soft-margin loss does not have, a momentum AdamW does not take: no effect, silently
-    (["train.optim.triplet_loss_margin=0.5"], "train.optim.triplet_loss_margin=0.5 cannot apply with model.no_margin=True: "
-                                              "the soft-margin triplet loss has no margin; remove it"),
+    (["train.optim.triplet_loss_margin=0.5"], "train.optim.triplet_loss_margin=0.5 has no effect with model.no_margin=True: "
+                                              "the soft-margin triplet loss has no margin; ignored"),
     (["dataset.sampler=softmax", "model.no_margin=False", "train.optim.triplet_loss_margin=0.5"],
      "with dataset.sampler=softmax and model.metric_loss_type=triplet: no triplet loss is trained"),
-    (["train.optim.name=AdamW", "train.optim.momentum=0.95"], "train.optim.momentum=0.95 cannot apply with "
-                                                               "train.optim.name=AdamW: it is SGD's momentum; remove it"),
-    (["train.optim.center_lr=0.1"], "train.optim.center_lr=0.1 cannot apply with model.with_center_loss=False"),
+    (["train.optim.name=AdamW", "train.optim.momentum=0.95"], "train.optim.momentum=0.95 has no effect with "
+                                                               "train.optim.name=AdamW: it is SGD's momentum; ignored"),
+    (["train.optim.center_lr=0.1"], "train.optim.center_lr=0.1 has no effect with model.with_center_loss=False"),
 ])
-def test_optimizer_and_loss_keys_that_cannot_apply_are_refused_when_changed(overrides, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
+def test_optimizer_and_loss_keys_changed_where_they_do_nothing_are_warned_of(overrides, message, caplog):
+    """Toggled settings (model.no_margin, the optimizer, center loss) leave such keys behind: a
+    warning, not a refusal, so that a spec can keep tuned values while a toggle is tried."""
+    with caplog.at_level(logging.WARNING):
         load_spec(TAO_SPEC, overrides)
+    assert message in caplog.text
 
 
 def test_optimizer_and_loss_keys_apply_where_their_setting_is_on(caplog):
@@ -104,13 +106,9 @@ def test_optimizer_and_loss_keys_apply_where_their_setting_is_on(caplog):
         spec = load_spec(TAO_SPEC, ["model.no_margin=False", "train.optim.triplet_loss_margin=0.5",
                                     "train.optim.momentum=0.95", "model.with_center_loss=True",
                                     "model.metric_loss_type=triplet_center", "train.optim.center_lr=0.1"])
-    assert (spec.train.optim.triplet_loss_margin, spec.train.optim.momentum, spec.train.optim.center_lr) == (0.5, 0.95, 0.1)
+        assert (spec.train.optim.triplet_loss_margin, spec.train.optim.momentum, spec.train.optim.center_lr) == (0.5, 0.95, 0.1)
+        load_spec(TAO_SPEC)  # the TAO example sets them at their defaults where they do nothing: not worth a word
     assert "train.optim" not in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        load_spec(TAO_SPEC)  # the TAO example sets them at their defaults where they do nothing: a warning each
-    assert "train.optim.triplet_loss_margin has no effect with model.no_margin=True" in caplog.text
-    assert "train.optim.center_loss_weight has no effect with model.with_center_loss=False" in caplog.text
 
 
 def test_center_loss_keys_must_agree():

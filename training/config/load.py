@@ -34,21 +34,22 @@ def _without_center(s: ExperimentSpec) -> str | None:
     return None if s.model.with_center_loss else "with model.with_center_loss=False: no center loss is trained"
 
 
-# Keys that only some settings use: key -> what says, for a spec, why the key does nothing there
-# ("with SETTING: reason"), or None where it applies. Set to its default value, such a key is only
-# warned about (the TAO example spec sets several); set to anything else, it fails: the user
-# expects it to change something.
-_CONDITIONAL: dict[str, Callable[[ExperimentSpec], str | None]] = {
-    "model.last_stride": _without_backbone(("resnet_50",), "it sets the stride of ResNet-50's last stage"),
-    "model.stride_size": _without_backbone((), "it applies to ViT-style overlapping patch embeddings, which no supported "
-                                                "backbone has"),
-    "model.pretrain_hw_ratio": _without_backbone((), "it applies to ViT-style position-embedding resizing, which no "
-                                                      "supported backbone has"),
-    "train.optim.momentum": lambda s: None if s.train.optim.name == "SGD" else f"with train.optim.name={s.train.optim.name}: "
-                                                                               "it is SGD's momentum",
-    "train.optim.triplet_loss_margin": _without_margin,
-    "train.optim.center_loss_weight": _without_center,
-    "train.optim.center_lr": _without_center,
+# Keys that only some settings use: key -> (what says, for a spec, why the key does nothing there
+# ("with SETTING: reason"), or None where it applies; whether a changed value fails).
+# Backbone keys fail when changed (set at their default, as the TAO example spec sets them, they are
+# only warned about). Optimizer and loss keys belong to settings a user toggles (model.no_margin,
+# the optimizer, center loss), so a changed value there is warned about, not refused.
+_CONDITIONAL: dict[str, tuple[Callable[[ExperimentSpec], str | None], bool]] = {
+    "model.last_stride": (_without_backbone(("resnet_50",), "it sets the stride of ResNet-50's last stage"), True),
+    "model.stride_size": (_without_backbone((), "it applies to ViT-style overlapping patch embeddings, which no "
+                                                 "supported backbone has"), True),
+    "model.pretrain_hw_ratio": (_without_backbone((), "it applies to ViT-style position-embedding resizing, which no "
+                                                       "supported backbone has"), True),
+    "train.optim.momentum": (lambda s: None if s.train.optim.name == "SGD" else
+                             f"with train.optim.name={s.train.optim.name}: it is SGD's momentum", False),
+    "train.optim.triplet_loss_margin": (_without_margin, False),
+    "train.optim.center_loss_weight": (_without_center, False),
+    "train.optim.center_lr": (_without_center, False),
 }
 
 
@@ -172,13 +173,15 @@ def spec_value(spec: ExperimentSpec, key: str) -> Any:
 
 def _check_combinations(spec: ExperimentSpec, explicit: set[str]) -> None:
     defaults = ExperimentSpec()
-    for key, inapplicable in _CONDITIONAL.items():
+    for key, (inapplicable, strict) in _CONDITIONAL.items():
         why = inapplicable(spec) if key in explicit else None
         if why is None:
             continue
-        if spec_value(spec, key) != spec_value(defaults, key):  # set to change something it cannot change
+        changed = spec_value(spec, key) != spec_value(defaults, key)
+        if changed and strict:  # set to change something it cannot change
             raise ConfigError(f"{key}={spec_value(spec, key)} cannot apply {why}; remove it")
-        log.warning("%s has no effect %s; ignored", key, why)
+        if changed or strict:
+            log.warning("%s=%s has no effect %s; ignored", key, spec_value(spec, key), why)
     m, d, o = spec.model, spec.dataset, spec.train.optim
     uses_center = m.metric_loss_type in ("center", "triplet_center")
     if m.with_center_loss != uses_center:
