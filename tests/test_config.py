@@ -101,6 +101,15 @@ def test_optimizer_and_loss_keys_changed_where_they_do_nothing_are_warned_of(ove
     assert message in caplog.text
 
 
+def test_pixel_statistics_on_the_0_to_255_scale_are_refused():
+    """An OpenMMLab-style mean/std (123.675, ...) normalized 0..1 images into a few hundredths
+    around -2: a model trained on that learns from garbage, silently."""
+    with pytest.raises(ConfigError, match=r"dataset.pixel_mean=\[123.675, 116.28, 103.53\] / dataset.pixel_std=\[58.395, "
+                                          r"57.12, 57.375\] look like 0..255 values.*divide them by 255"):
+        load_spec(TAO_SPEC, ["dataset.pixel_mean=[123.675,116.28,103.53]", "dataset.pixel_std=[58.395,57.12,57.375]"])
+    assert load_spec(TAO_SPEC, ["dataset.pixel_mean=[1.0,1.0,1.0]", "dataset.pixel_std=[1.0,1.0,1.0]"])
+
+
 def test_optimizer_and_loss_keys_apply_where_their_setting_is_on(caplog):
     with caplog.at_level(logging.WARNING):
         spec = load_spec(TAO_SPEC, ["model.no_margin=False", "train.optim.triplet_loss_margin=0.5",

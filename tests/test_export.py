@@ -283,6 +283,7 @@ def test_another_tools_onnx_gets_its_preprocessing_from_the_flags(tmp_path):
     ([], "f.onnx carries no reid metadata: give --pixel-mean and --pixel-std"),
     (["--pixel-mean", "0.5", "0.5", "0.5"], "give --pixel-mean and --pixel-std together"),
     (["--pixel-mean", "0.5", "0.5", "0.5", "--pixel-std", "0", "1", "1"], "--pixel-std 0.0 1.0 1.0: every value must be above 0"),
+    (["--pixel-mean", "123.675", "116.28", "103.53", "--pixel-std", "58.395", "57.12", "57.375"], "look like 0..255 values"),
 ])
 def test_preprocessing_flags_are_checked_before_any_stage(tmp_path, capsys, flags, message):
     """A missing --pixel-mean for another tool's ONNX used to be found after the FP16 conversion."""
