@@ -1,8 +1,9 @@
 """Load a YAML spec, apply ``key.sub=value`` overrides and validate it against the schema.
 
 Unknown keys, wrong types and out-of-range values fail at once with a ``ConfigError`` naming the
-key. Keys that cannot apply to the chosen model fail too, unless they hold their default value (the
-TAO example spec sets them), in which case a warning says they are ignored.
+key. Keys that do nothing under the spec's other settings are named (``_CONDITIONAL``): a backbone
+key changed for another backbone fails, at its default (the TAO example spec sets them) it is
+warned about; an optimizer or loss key changed where its setting is off is warned about.
 """
 from __future__ import annotations
 
