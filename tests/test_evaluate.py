@@ -339,11 +339,13 @@ def test_an_interrupted_inference_leaves_the_previous_file_whole(trained, tmp_pa
     assert out_file.read_bytes() == before and sorted(p.name for p in tmp_path.glob("emb*")) == ["emb.npz"]
 
 
-def test_a_model_without_metadata_takes_preprocessing_only_from_keys_the_user_set(synthetic_root, tmp_path, capsys):
+def test_a_model_without_metadata_takes_preprocessing_only_from_keys_the_user_set(synthetic_root, tmp_path, capsys, caplog):
     """The schema's defaults (TAO's 0.5/0.5, 384x128) stood in for another tool's model's own
     preprocessing without a word: OSNet scored 39.8 mAP on CUHK03 instead of 52.3."""
     import onnx
     from onnx import TensorProto, helper
+
+    caplog.set_level("INFO", logger="training.embedders")
 
     graph = helper.make_graph(  # the mean colour of the crop: any size, no reid metadata
         [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]), helper.make_node("Flatten", ["pooled"], ["out"])],
@@ -365,3 +367,5 @@ def test_a_model_without_metadata_takes_preprocessing_only_from_keys_the_user_se
         assert says in err, err
     code, out, err = _run(capsys, "evaluate", *base, *size, *pixels)
     assert code == 0 and "(input 64x32)" in out, err
+    assert ("other_tool.onnx carries no reid metadata: its images are normalized with the spec's "
+            "dataset.pixel_mean=[0.5, 0.5, 0.5] and dataset.pixel_std=[0.5, 0.5, 0.5]") in caplog.text

@@ -105,6 +105,10 @@ class EngineEmbedder:
         md = self.engine.metadata
         self.batch_size = min(batch_size, self.engine.max_batch_size)
         self.description = f"{self.engine.name} engine {path} (input {md.input_height}x{md.input_width})"
+        if self.engine.uses_fallback:  # a spec written for another model gives wrong numbers that still run
+            log.info("%s carries no reid metadata: its images are normalized with the spec's dataset.pixel_mean=%s "
+                     "and dataset.pixel_std=%s; a model trained otherwise scores lower without failing",
+                     path, md.pixel_mean, md.pixel_std)
 
     def embed(self, records, desc):
         from serving.engines import ImageError, decode_image
