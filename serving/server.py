@@ -9,10 +9,12 @@ turns health NOT_SERVING until a batch works again (``unhealthy_after_failures``
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import importlib.metadata
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -108,6 +110,30 @@ _RANGES = (("port", 0, 65535), ("metrics_port", 0, 65535), ("max_batch_size", 1,
            ("max_message_bytes", 4096, None), ("min_client_ping_seconds", 0, None), ("max_connection_age_seconds", 0, None),
            ("grace_seconds", 0, None),
            ("shutdown_delay_seconds", 0, None), ("unhealthy_after_failures", 0, None), ("engine_probe_seconds", 0.01, None))
+
+
+def _bind_failure(host: str, port: int, tls: bool) -> str:
+    """Why ``host:port`` cannot be bound, and what to change: gRPC's failed bind gives no reason,
+    so a plain socket tries the same address (a privileged port read as "taken" before)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"{host} does not resolve ({exc.strerror}); choose another --host"
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "the port is taken (Address already in use); choose another --port, or stop what holds it"
+                if exc.errno == errno.EACCES:
+                    return (f"permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE; choose another "
+                            f"--port ({exc.strerror})")
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"{host} is not an address of this machine; choose another --host ({exc.strerror})"
+                return f"{exc.strerror or exc}; choose another --port or --host"
+    tls_hint = "; gRPC may have refused the TLS files (its own message is above)" if tls else ""
+    return f"gRPC refused it, though the address itself can be bound{tls_hint}"
 
 
 def host_port(host: str, port: int) -> str:
@@ -231,9 +257,7 @@ class ReidServer:
         except RuntimeError:  # grpcio >= 1.5x raises where older releases returned 0
             port = 0
         if port == 0:
-            tls = " (or gRPC refused the TLS files: its own message is above)" if creds else ""
-            raise OSError(f"cannot listen on {address}: the port is taken or {c.host} is not an address of this "
-                          f"machine; choose another --port or --host{tls}")
+            raise OSError(f"cannot listen on {address}: {_bind_failure(c.host, c.port, creds is not None)}")
         return port
 
     def _close_metrics_http(self) -> None:

@@ -1006,6 +1006,33 @@ def test_json_logs_are_one_object_per_line_from_start_to_stop(tiny_onnx, tmp_pat
     assert not [e for e in entries if e["logger"].startswith("faiss")], entries
 
 
+def test_a_port_that_cannot_be_bound_says_why(engine, monkeypatch):
+    """gRPC's failed bind gives no reason, and every failure read "the port is taken or HOST is not
+    an address of this machine", a privileged port included."""
+    import errno
+    import socket
+
+    from serving.server import _bind_failure
+
+    with pytest.raises(OSError, match="cannot listen on 192.0.2.1:0: 192.0.2.1 is not an address of this machine; "
+                                      "choose another --host"):
+        asyncio.run(ReidServer(engine, ServerConfig(host="192.0.2.1", port=0, insecure=True)).start())
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        assert _bind_failure("127.0.0.1", holder.getsockname()[1], False).startswith("the port is taken")
+    assert _bind_failure("127.0.0.1", 0, True) == ("gRPC refused it, though the address itself can be bound; gRPC may "
+                                                   "have refused the TLS files (its own message is above)")
+
+    class Privileged(socket.socket):
+        def bind(self, address):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(socket, "socket", Privileged)
+    assert _bind_failure("127.0.0.1", 80, False) == ("permission denied: ports below 1024 need root or "
+                                                     "CAP_NET_BIND_SERVICE; choose another --port (Permission denied)")
+
+
 def test_a_port_another_server_holds_is_a_startup_error_unless_both_share_it(engine):
     """gRPC binds with SO_REUSEPORT by default: a second server started on a server's port came up,
     and the kernel gave it part of the first one's connections, without a word to either."""
