@@ -590,8 +590,14 @@ def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
     per-request image limit allows (64 images a call, the default, is over a lower limit); TLS on
     one side only, which gRPC reports as a closed socket or an SSL version error; a server address
     where nothing listens (the default one, when --server and REID_SERVER were forgotten); a gallery
-    not created yet."""
+    not created yet; a token missing, unknown, or only for reading."""
     details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        given = args.token or os.environ.get("REID_TOKEN")
+        return (" (the server does not know this token: check --token or REID_TOKEN)" if given
+                else " (the server wants a token: give --token or set REID_TOKEN)")
+    if exc.code() == grpc.StatusCode.PERMISSION_DENIED and "not change galleries" in details:
+        return " (this is a read token: changes need a write token)"
     missing = re.search(r"no gallery named '(.*)'", details)
     if exc.code() == grpc.StatusCode.NOT_FOUND and missing:
         return f" (reid-client galleries lists the galleries; reid-client create {missing.group(1)} makes this one)"

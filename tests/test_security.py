@@ -132,6 +132,22 @@ def test_clients_take_the_ca_and_token_from_the_environment(tiny_onnx, pki, tmp_
             f"reid evaluate: error: $REID_TLS_CA {pki / 'ca.key'} holds no PEM certificate (it holds a private key)")
 
 
+def test_reid_client_says_what_is_wrong_with_its_token(tiny_onnx, tmp_path, monkeypatch, capsys):
+    from serving.client_cli import client_main
+
+    monkeypatch.delenv("REID_TOKEN", raising=False)
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, tokens={READ: "read", WRITE: "write"}))
+    thread.server.store = FaissGalleryStore(tmp_path)
+    with thread as s:
+        for token, hint in [([], "(the server wants a token: give --token or set REID_TOKEN)"),
+                            (["--token", "x" * 24], "(the server does not know this token: check --token or REID_TOKEN)")]:
+            assert client_main(["--server", s.target, "galleries", *token]) == 1
+            assert capsys.readouterr().err.strip() == (
+                f"reid-client: error: UNAUTHENTICATED: missing or invalid bearer token {hint}")
+        assert client_main(["--server", s.target, "--token", READ, "create", "g"]) == 1
+        assert capsys.readouterr().err.strip().endswith("(this is a read token: changes need a write token)")
+
+
 def test_tokens_separate_read_and_write(tiny_onnx, tmp_path):
     thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, tokens={READ: "read", WRITE: "write"}))
     thread.server.store = FaissGalleryStore(tmp_path)
