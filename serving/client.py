@@ -94,8 +94,8 @@ def service_config(retries: int) -> str:
 
 
 class _Connection:
-    """Channel options shared by the clients: message size, TLS (CA, optional client pair), token,
-    keepalive, retries.
+    """Channel options shared by the clients: message size, TLS (CA, optional client pair, the name
+    to check the server's certificate against), token, keepalive, retries.
 
     ``retries`` (default 2) is how many more times a call that changes nothing is sent after
     RESOURCE_EXHAUSTED or UNAVAILABLE (``service_config``); 0 turns retrying off. gRPC allows at most
@@ -109,7 +109,8 @@ class _Connection:
 
     def __init__(self, target: str, timeout: float | None, max_message_bytes: int, token: str | None = None,
                  root_certificates: bytes | None = None, client_cert: bytes | None = None, client_key: bytes | None = None,
-                 keepalive_seconds: float | None = None, retries: int = 2, aio: bool = False):
+                 keepalive_seconds: float | None = None, retries: int = 2, tls_server_name: str | None = None,
+                 aio: bool = False):
         if not 0 <= retries <= 4:
             raise ValueError(f"retries must be within 0..4 (gRPC makes at most 5 attempts), got {retries}")
         opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes),
@@ -117,6 +118,8 @@ class _Connection:
         if keepalive_seconds:
             opts += [("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)), ("grpc.keepalive_permit_without_calls", 1),
                      ("grpc.http2.max_pings_without_data", 0)]  # keep pinging through idle spells
+        if tls_server_name:  # a server called by an address its certificate does not hold (an IP, a proxy's name)
+            opts.append(("grpc.ssl_target_name_override", tls_server_name))
         mod = grpc.aio if aio else grpc
         if root_certificates or client_cert:
             creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)

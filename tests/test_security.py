@@ -132,6 +132,36 @@ def test_clients_take_the_ca_and_token_from_the_environment(tiny_onnx, pki, tmp_
             f"reid evaluate: error: $REID_TLS_CA {pki / 'ca.key'} holds no PEM certificate (it holds a private key)")
 
 
+def test_reid_client_reaches_a_mutual_tls_server_and_checks_the_name_it_is_told(tiny_onnx, pki, tmp_path, monkeypatch, capsys):
+    """reid-client had no client certificate options, so it could not call a server started with
+    --tls-client-ca, nor one called by an address its certificate does not hold."""
+    from serving.client_cli import client_main
+
+    monkeypatch.delenv("REID_TLS_CA", raising=False)
+    config = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tls_client_ca=str(pki / "ca.pem"))
+    thread = ServerThread(OnnxRuntimeEngine(tiny_onnx), config)
+    thread.server.store = FaissGalleryStore(tmp_path)
+    with thread as s:
+        tls = ["--server", s.target, "--tls-ca", str(pki / "ca.pem"), "--timeout", "5"]
+        pair = ["--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
+        assert client_main([*tls, "galleries"]) == 1  # no client certificate: the handshake fails
+        assert capsys.readouterr().err.strip().endswith(
+            "(if the server wants a client certificate, mutual TLS, give --tls-cert and --tls-key)")
+        assert client_main([*tls, *pair, "galleries"]) == 0
+        assert client_main([*tls, *pair, "--tls-server-name", "localhost", "galleries"]) == 0  # a name the certificate holds
+        capsys.readouterr()
+        assert client_main([*tls, *pair, "--tls-server-name", "elsewhere.example", "galleries"]) == 1
+        assert capsys.readouterr().err.strip().endswith("(the server's certificate does not hold the name called: call it "
+                                                        "by a name it holds, or give --tls-server-name)")
+        for argv, message in [([*tls, "--tls-cert", str(pki / "client.pem"), "galleries"], "--tls-cert and --tls-key go together"),
+                              (["--server", s.target, *pair, "galleries"], "--tls-cert and --tls-server-name need TLS: give --tls-ca"),
+                              ([*tls, "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "server.key"), "galleries"],
+                               "is not the private key of --tls-cert")]:
+            assert client_main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("reid-client: error: ") and message in err, err
+
+
 def test_reid_client_says_what_is_wrong_with_its_token(tiny_onnx, tmp_path, monkeypatch, capsys):
     from serving.client_cli import client_main
 
