@@ -23,7 +23,7 @@ import numpy as np
 from retrieval.distance import l2_normalize
 from serving.client import GalleryClient, ReidClient, metadata_message, parse_response
 from serving.proto import reid_pb2
-from serving.security import TLS_CA_ENV, SecurityError, client_ca, read_key_pair
+from serving.security import TLS_CA_ENV, TLS_CLIENT_ENV, SecurityError, client_tls
 
 
 class UsageError(Exception):
@@ -65,11 +65,12 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_number(float, 0, inclusive=False), default=s, help="seconds per call (default 60)")
     parser.add_argument("--token", default=s, help="bearer token (or set REID_TOKEN)")
     parser.add_argument("--tls-ca", default=s, help="CA (PEM) to verify the server; enables TLS (or set REID_TLS_CA)")
-    parser.add_argument("--tls-cert", default=s, help="client certificate (PEM), for a server under mutual TLS (--tls-client-ca)")
-    parser.add_argument("--tls-key", default=s, help="the client certificate's private key (PEM)")
+    parser.add_argument("--tls-cert", default=s,
+                        help="client certificate (PEM), for a server under mutual TLS (or set REID_TLS_CERT)")
+    parser.add_argument("--tls-key", default=s, help="the client certificate's private key (PEM; or set REID_TLS_KEY)")
     parser.add_argument("--tls-server-name", default=s,
                         help="the name to check the server's certificate against, where --server is an address the "
-                             "certificate does not hold (default: --server's host)")
+                             "certificate does not hold (or set REID_TLS_SERVER_NAME; default: --server's host)")
 
 
 def client_parser() -> argparse.ArgumentParser:
@@ -618,7 +619,8 @@ def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
         return " (if the server serves TLS, give --tls-ca)"
     if exc.code() == grpc.StatusCode.UNAVAILABLE and tls and "WRONG_VERSION_NUMBER" in details:
         return " (the server speaks plaintext: leave out --tls-ca and REID_TLS_CA)"
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and tls and not args.tls_cert and "Socket closed" in details:
+    if (exc.code() == grpc.StatusCode.UNAVAILABLE and tls and not (args.tls_cert or os.environ.get(TLS_CLIENT_ENV["cert"]))
+            and "Socket closed" in details):
         return " (if the server wants a client certificate, mutual TLS, give --tls-cert and --tls-key)"
     if exc.code() == grpc.StatusCode.UNAVAILABLE and "Hostname Verification" in details:
         return (" (the server's certificate does not hold the name called: call it by a name it holds, or give "
@@ -633,18 +635,11 @@ def client_main(argv: list[str] | None = None) -> int:
             setattr(args, key, default)
 
     def connect(kind):
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise UsageError("--tls-cert and --tls-key go together")
         try:
-            ca = client_ca(args.tls_ca)
-            key, cert = (read_key_pair(Path(args.tls_cert), Path(args.tls_key), "--tls-cert", "--tls-key")
-                         if args.tls_cert else (None, None))
+            tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
         except SecurityError as exc:
             raise UsageError(str(exc)) from None
-        if ca is None and (cert or args.tls_server_name):
-            raise UsageError("--tls-cert and --tls-server-name need TLS: give --tls-ca (or set REID_TLS_CA)")
-        return kind(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"), root_certificates=ca,
-                    client_cert=cert, client_key=key, tls_server_name=args.tls_server_name)
+        return kind(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"), **tls)
 
     try:
         return COMMANDS[args.command](args, connect)

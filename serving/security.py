@@ -119,6 +119,8 @@ def read_certificates(path: Path, flag: str) -> bytes:
 
 
 TLS_CA_ENV = "REID_TLS_CA"  # the clients' CA when no --tls-ca is given (reid-client, evaluation through a server)
+# ... and their client pair (mutual TLS) and the name to check the server's certificate against
+TLS_CLIENT_ENV = {"cert": "REID_TLS_CERT", "key": "REID_TLS_KEY", "server_name": "REID_TLS_SERVER_NAME"}
 
 
 def client_ca(given: str | Path | None = None) -> bytes | None:
@@ -128,6 +130,26 @@ def client_ca(given: str | Path | None = None) -> bytes | None:
         return read_certificates(Path(given), "--tls-ca")
     named = os.environ.get(TLS_CA_ENV)
     return read_certificates(Path(named), f"${TLS_CA_ENV}") if named else None
+
+
+def client_tls(ca: str | None = None, cert: str | None = None, key: str | None = None,
+               server_name: str | None = None) -> dict:
+    """The TLS keyword arguments of the Python clients (``root_certificates``, ``client_cert``,
+    ``client_key``, ``tls_server_name``) from reid-client's flags, each else its environment
+    variable ($REID_TLS_CA, $REID_TLS_CERT, $REID_TLS_KEY, $REID_TLS_SERVER_NAME), so that
+    ``reid evaluate evaluate.server=`` reaches the servers reid-client reaches. Empty without TLS."""
+    cert = cert or os.environ.get(TLS_CLIENT_ENV["cert"])
+    key = key or os.environ.get(TLS_CLIENT_ENV["key"])
+    server_name = server_name or os.environ.get(TLS_CLIENT_ENV["server_name"])
+    if bool(cert) != bool(key):
+        raise SecurityError("--tls-cert and --tls-key ($REID_TLS_CERT and $REID_TLS_KEY) go together")
+    root = client_ca(ca)
+    if root is None and (cert or server_name):
+        raise SecurityError("--tls-cert and --tls-server-name need TLS: give --tls-ca (or set REID_TLS_CA)")
+    if root is None:
+        return {}
+    private_key, chain = read_key_pair(Path(cert), Path(key), "--tls-cert", "--tls-key") if cert else (None, None)
+    return {"root_certificates": root, "client_cert": chain, "client_key": private_key, "tls_server_name": server_name}
 
 
 def read_key_pair(cert: Path, key: Path, cert_flag: str, key_flag: str) -> tuple[bytes, bytes]:

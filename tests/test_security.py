@@ -132,10 +132,14 @@ def test_clients_take_the_ca_and_token_from_the_environment(tiny_onnx, pki, tmp_
             f"reid evaluate: error: $REID_TLS_CA {pki / 'ca.key'} holds no PEM certificate (it holds a private key)")
 
 
-def test_reid_client_reaches_a_mutual_tls_server_and_checks_the_name_it_is_told(tiny_onnx, pki, tmp_path, monkeypatch, capsys):
+def test_reid_client_reaches_a_mutual_tls_server_and_checks_the_name_it_is_told(tiny_onnx, pki, tmp_path, monkeypatch, capsys,
+                                                                               synthetic_root):
     """reid-client had no client certificate options, so it could not call a server started with
-    --tls-client-ca, nor one called by an address its certificate does not hold."""
+    --tls-client-ca, nor one called by an address its certificate does not hold; nor could
+    `reid evaluate evaluate.server=`, which takes the same settings from the environment."""
     from serving.client_cli import client_main
+    from tests.conftest import quick_overrides
+    from training.cli import main as reid_main
 
     monkeypatch.delenv("REID_TLS_CA", raising=False)
     config = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tls_client_ca=str(pki / "ca.pem"))
@@ -153,13 +157,22 @@ def test_reid_client_reaches_a_mutual_tls_server_and_checks_the_name_it_is_told(
         assert client_main([*tls, *pair, "--tls-server-name", "elsewhere.example", "galleries"]) == 1
         assert capsys.readouterr().err.strip().endswith("(the server's certificate does not hold the name called: call it "
                                                         "by a name it holds, or give --tls-server-name)")
-        for argv, message in [([*tls, "--tls-cert", str(pki / "client.pem"), "galleries"], "--tls-cert and --tls-key go together"),
+        for argv, message in [([*tls, "--tls-cert", str(pki / "client.pem"), "galleries"], "--tls-cert and --tls-key"),
                               (["--server", s.target, *pair, "galleries"], "--tls-cert and --tls-server-name need TLS: give --tls-ca"),
                               ([*tls, "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "server.key"), "galleries"],
                                "is not the private key of --tls-cert")]:
             assert client_main(argv) == 2
             err = capsys.readouterr().err.strip()
             assert err.startswith("reid-client: error: ") and message in err, err
+        for name, value in [("REID_TLS_CA", "ca.pem"), ("REID_TLS_CERT", "client.pem"), ("REID_TLS_KEY", "client.key"),
+                            ("REID_TLS_SERVER_NAME", "localhost")]:
+            monkeypatch.setenv(name, str(pki / value) if "." in value and name != "REID_TLS_SERVER_NAME" else value)
+        assert client_main(["--server", s.target, "galleries"]) == 0
+        overrides = quick_overrides(synthetic_root, tmp_path / "eval")
+        assert reid_main(["evaluate", *overrides, f"evaluate.server={s.target}"]) == 0
+        monkeypatch.delenv("REID_TLS_KEY")
+        assert client_main(["--server", s.target, "galleries"]) == 2
+        assert capsys.readouterr().err.strip().endswith("--tls-cert and --tls-key ($REID_TLS_CERT and $REID_TLS_KEY) go together")
 
 
 def test_reid_client_says_what_is_wrong_with_its_token(tiny_onnx, tmp_path, monkeypatch, capsys):

@@ -73,21 +73,21 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
     Hits come back as distances (1 - cosine, or re-ranked); the Market-1501 protocol (same person
     and camera removed) is applied to the returned ranking by ``evaluate_rank``, as offline. A
     server with tokens or TLS takes ``REID_TOKEN`` (a write token: a gallery is made and dropped)
-    and ``REID_TLS_CA``, as reid-client does.
+    and ``REID_TLS_CA`` (with ``REID_TLS_CERT``/``REID_TLS_KEY`` under mutual TLS, and
+    ``REID_TLS_SERVER_NAME``), as reid-client does.
     """
     import uuid
 
     import grpc
 
     from serving.client import GalleryClient, ReidClient, metadata_message
-    from serving.security import SecurityError, client_ca
+    from serving.security import SecurityError, client_tls
 
     name = f"eval-{uuid.uuid4().hex[:12]}"
     try:
-        ca = client_ca()
+        connection = {"token": os.environ.get("REID_TOKEN") or None, **client_tls()}
     except SecurityError as exc:
         raise ConfigError(str(exc)) from None
-    connection = {"token": os.environ.get("REID_TOKEN") or None, "root_certificates": ca}
     client, gallery_client = ReidClient(target, timeout=300, **connection), GalleryClient(target, timeout=600, **connection)
     try:
         qf = []
