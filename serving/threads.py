@@ -46,4 +46,3 @@ def name_os_thread() -> None:
         return
     name = threading.current_thread().name.encode()[:_OS_NAME_BYTES]
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-

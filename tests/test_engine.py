@@ -588,18 +588,18 @@ def test_a_loader_out_of_shared_memory_is_warned_of_and_then_one_line(synthetic_
 
     monkeypatch.setattr(shared_memory, "_free_bytes", lambda: 4 << 20)
     with caplog.at_level("WARNING"):
-        shared_memory.check_shared_memory(32, 256, 128, 2, "dataset.num_workers")
+        shared_memory.check_shared_memory(32, 256, 128, 2)
     assert ("dataset.num_workers=2 workers keep about 48 MiB of batches in shared memory, and /dev/shm has 4 MiB free: "
             "give the container more (docker run --shm-size=2g") in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        shared_memory.check_shared_memory(32, 256, 128, 0, "dataset.num_workers")  # no workers: nothing shared
-        shared_memory.check_shared_memory(2, 64, 32, 2, "dataset.num_workers")  # fits
+        shared_memory.check_shared_memory(32, 256, 128, 0)  # no workers: nothing shared
+        shared_memory.check_shared_memory(2, 64, 32, 2)  # fits
     assert caplog.text == ""
-    assert shared_memory.shared_memory_error(RuntimeError("CUDA error: device-side assert"), "k") is None
+    assert shared_memory.shared_memory_error(RuntimeError("CUDA error: device-side assert")) is None
     killed = RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
                           "workers are out of shared memory. Please try to raise your shared memory limit.")
-    assert "ran out of shared memory (/dev/shm: 4 MiB free now)" in str(shared_memory.shared_memory_error(killed, "k"))
+    assert "ran out of shared memory (/dev/shm: 4 MiB free now)" in str(shared_memory.shared_memory_error(killed))
 
     def step(self, images, pids):
         raise RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "

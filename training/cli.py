@@ -48,13 +48,15 @@ def _out_of_memory(spec, keys: list[str]) -> str:
 
 
 def _resume_after_fix(spec) -> str:
-    """How a run that failed midway goes on once the cause is fixed: from its last checkpoint."""
+    """How a run that failed midway goes on once the cause is fixed: from its last checkpoint, in
+    ``resume_hint``'s words (nothing where no checkpoint was written)."""
     from pathlib import Path
 
     from training.checkpoint import latest_checkpoint
+    from training.engine import resume_hint
 
-    last = latest_checkpoint(Path(spec.results_dir) / "train")
-    return f"; once fixed, resume with train.resume_training_checkpoint_path={last}" if last else ""
+    out_dir = Path(spec.results_dir) / "train"
+    return f"; once fixed, {resume_hint(out_dir)}" if latest_checkpoint(out_dir) else ""
 
 
 def _cmd_train(args) -> int:
@@ -73,7 +75,7 @@ def _cmd_train(args) -> int:
                                               "model.input_width", "train.mixed_precision"])
                         + _resume_after_fix(spec)) from None
     except RuntimeError as exc:
-        error = shared_memory_error(exc, "dataset.num_workers")
+        error = shared_memory_error(exc)
         if error is None:
             raise
         raise ReidError(f"{error}{_resume_after_fix(spec)}") from None
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reid {args.command}: error: {os_error_line(exc)} (-v shows where)", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # evaluate's and inference's loaders (train says where to resume itself)
-        error = shared_memory_error(exc, "dataset.num_workers")
+        error = shared_memory_error(exc)
         if error is None:
             raise
         print(f"reid {args.command}: error: {error}", file=sys.stderr)

@@ -32,7 +32,7 @@ def embed_records(
 ) -> np.ndarray:
     """Eval-mode embeddings (float32, N x D) of ``records`` in order."""
     args = model.args
-    check_shared_memory(batch_size, args.input_height, args.input_width, num_workers, "dataset.num_workers")
+    check_shared_memory(batch_size, args.input_height, args.input_width, num_workers)
     loader = torch.utils.data.DataLoader(
         ImageDataset(records, build_eval_transform(args.input_height, args.input_width)),
         batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",

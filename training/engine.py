@@ -116,7 +116,7 @@ def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int, dev
         raise ConfigError(f"dataset.batch_size={d.batch_size} is larger than one epoch of the training set "
                           f"({len(records)} images{share}); lower it")
     # the whole batch: the processes on one machine (each with its share) fill one /dev/shm
-    check_shared_memory(d.batch_size, m.input_height, m.input_width, d.num_workers, "dataset.num_workers")
+    check_shared_memory(d.batch_size, m.input_height, m.input_width, d.num_workers)
     loader = torch.utils.data.DataLoader(
         ImageDataset(records, transform), batch_sampler=sampler, num_workers=d.num_workers,
         generator=torch.Generator(),

@@ -16,6 +16,7 @@ from training.errors import ReidError
 log = logging.getLogger(__name__)
 
 SHM = "/dev/shm"
+WORKERS_KEY = "dataset.num_workers"  # the one setting that sizes every loader's worker count
 PREFETCH_FACTOR = 2  # DataLoader's default: batches each worker prepares ahead
 
 
@@ -27,12 +28,12 @@ def _free_bytes() -> int | None:
     return stat.f_bavail * stat.f_frsize
 
 
-def _advice(workers_key: str) -> str:
+def _advice() -> str:
     return (f"give the container more (docker run --shm-size=2g, or --ipc=host; Kubernetes: an emptyDir "
-            f"with medium Memory at {SHM}), or lower {workers_key} (0 loads in the main process, slower)")
+            f"with medium Memory at {SHM}), or lower {WORKERS_KEY} (0 loads in the main process, slower)")
 
 
-def check_shared_memory(batch_size: int, height: int, width: int, num_workers: int, workers_key: str) -> None:
+def check_shared_memory(batch_size: int, height: int, width: int, num_workers: int) -> None:
     """Warn when ``num_workers`` workers' float32 batches in flight would not fit in the free
     shared memory."""
     free = _free_bytes()
@@ -41,14 +42,14 @@ def check_shared_memory(batch_size: int, height: int, width: int, num_workers: i
     need = num_workers * PREFETCH_FACTOR * batch_size * 3 * height * width * 4
     if need > free:
         log.warning("%s=%d workers keep about %d MiB of batches in shared memory, and %s has %d MiB free: %s",
-                    workers_key, num_workers, need >> 20, SHM, free >> 20, _advice(workers_key))
+                    WORKERS_KEY, num_workers, need >> 20, SHM, free >> 20, _advice())
 
 
-def shared_memory_error(exc: BaseException, workers_key: str) -> ReidError | None:
+def shared_memory_error(exc: BaseException) -> ReidError | None:
     """The one-line error for a data loader that ran out of shared memory; None for any other error."""
     text = str(exc)
     if not isinstance(exc, RuntimeError) or ("shared memory" not in text and "(shm)" not in text):
         return None
     free = _free_bytes()
     room = f" ({SHM}: {free >> 20} MiB free now)" if free is not None else ""
-    return ReidError(f"the data loader's workers ran out of shared memory{room}: {_advice(workers_key)}")
+    return ReidError(f"the data loader's workers ran out of shared memory{room}: {_advice()}")
