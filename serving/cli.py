@@ -23,6 +23,7 @@ from serving.engines.onnxruntime import GRAPH_OPTIMIZATIONS
 from serving.security import SecurityError, load_tokens
 from serving.server import ServerConfig, serve_forever
 from serving.service import Limits
+from serving.strict_yaml import load_yaml, yaml_problem
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +157,11 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
     values: dict = {}
     if args.config:
         try:
-            loaded = yaml.safe_load(args.config.read_text()) or {}
+            loaded = load_yaml(args.config.read_text()) or {}
         except OSError as exc:
             parser.error(f"cannot read --config {args.config}: {exc.strerror or exc}")
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)  # PyYAML's message spans lines; the line/column and problem suffice
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            parser.error(f"--config {args.config} is not valid YAML: {where}{getattr(exc, 'problem', None) or exc}")
+            parser.error(f"--config {args.config} is not valid YAML: {yaml_problem(exc)}")
         if not isinstance(loaded, dict):
             parser.error(f"--config {args.config} must hold a mapping of option: value")
         values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
@@ -284,7 +283,7 @@ def serve_main(argv: list[str] | None = None) -> int:
                 raise ValueError("--model-id must not be empty")
             engine.model_id = args.model_id.strip()
         store = None if args.no_gallery else open_store(args)
-    except (ModelFileError, GalleryError, SecurityError, ValueError, OSError, yaml.YAMLError) as exc:
+    except (ModelFileError, GalleryError, SecurityError, ValueError, OSError) as exc:
         print(f"reid-serve: error: {exc}", file=sys.stderr)
         return 2
     try:

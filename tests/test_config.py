@@ -166,6 +166,12 @@ def test_missing_and_invalid_spec_files(tmp_path):
         load_spec(bad)
     # PyYAML's own message spans four lines (context, snippet, caret); the CLI prints one
     assert str(err.value) == f"spec file {bad} is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'"
+    twice = tmp_path / "twice.yaml"  # a second section at the end of a copied spec: its first one was dropped
+    twice.write_text("train:\n  num_epochs: 5\ntrain:\n  optim:\n    base_lr: 0.01\n")
+    with pytest.raises(ConfigError) as err:
+        load_spec(twice)
+    assert str(err.value) == (f"spec file {twice} is not valid YAML: line 3, column 1: key 'train' appears twice in one "
+                              "mapping (first on line 1); YAML would keep only the later value: merge the two")
     with pytest.raises(ConfigError, match="is a folder; give the YAML file"):  # said "does not exist"
         load_spec(tmp_path)
     listing = tmp_path / "list.yaml"

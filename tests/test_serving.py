@@ -685,6 +685,11 @@ def test_config_file_takes_every_option_not_only_the_batchers(tmp_path, capsys):
         parse_serve_args(["--config", str(config)])
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"reid-serve: error: --config {config} is not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>'")
+    config.write_text("model: m.onnx\nport: 7000\nport: 7001\n")
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--config", str(config)])
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"reid-serve: error: --config {config} is not valid YAML: line 3, column 1: key 'port' appears twice")
     config.write_text("model: m.onnx\nbatch_size: 4\nmax_queu_delay_ms: 2\nzzz: 1\n")
     with pytest.raises(ValueError) as info:
         build_config(parse_serve_args(["--config", str(config)]))

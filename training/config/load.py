@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from serving.strict_yaml import load_yaml, yaml_problem
 from training.config.schema import ExperimentSpec
 from training.errors import ConfigError
 
@@ -54,23 +55,15 @@ _CONDITIONAL: dict[str, tuple[Callable[[ExperimentSpec], str | None], bool]] = {
 }
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's message spans several lines (context, a quoted snippet, a caret); errors here are
-    one line, so keep where and what."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    return where + (getattr(exc, "problem", None) or str(exc).splitlines()[0])
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", parsed value); the value is parsed as YAML (``[0,1]``, ``True``, ``1e-3``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {yaml_problem(exc)}") from None
     return key.strip(), value
 
 
@@ -243,9 +236,9 @@ def load_spec(path: str | Path | None, overrides: Iterable[str] = ()) -> Experim
         if not path.is_file():
             raise ConfigError(f"spec file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"spec file {path} is not valid YAML: {_yaml_problem(exc)}") from None
+            raise ConfigError(f"spec file {path} is not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"spec file {path} holds a {type(data).__name__}; a spec is a mapping of sections "
                               "(model:, dataset:, train:, ...)")
