@@ -192,9 +192,14 @@ def test_the_epoch_bar_is_drawn_at_most_once_a_second(quick_spec, capsys):
 def test_resume_rejects_a_different_model(quick_spec, synthetic_root, tmp_path):
     ckpt = train(quick_spec(**{"train.num_epochs": 1}))
     other = build_spec({}, quick_overrides(synthetic_root, tmp_path / "o", **{
-        "model.feat_dim": 16, "train.resume_training_checkpoint_path": str(ckpt)}))
-    with pytest.raises(Exception, match="different model spec"):
+        "model.feat_dim": 16, "dataset.pixel_std": [0.25, 0.25, 0.25],
+        "train.resume_training_checkpoint_path": str(ckpt)}))
+    with pytest.raises(ConfigError) as err:  # said "a different model spec", naming nothing
         train(other)
+    feat_dim = quick_spec().model.feat_dim
+    assert str(err.value) == (
+        f"train.resume_training_checkpoint_path={ckpt} was trained with model.feat_dim={feat_dim} (now 16), "
+        "dataset.pixel_std=[0.5, 0.5, 0.5] (now [0.25, 0.25, 0.25]); resume with the checkpoint's values")
 
 
 def test_resume_refuses_other_optimizer_settings_in_one_line(quick_spec, monkeypatch):

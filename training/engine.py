@@ -32,7 +32,7 @@ from training.embed import embed_records, nonfinite_rows
 from training.errors import STOP_REQUESTED, ConfigError, DataError, ReidError, Terminated, TrainingDiverged
 from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
-from training.models.build import load_pretrained
+from training.models.build import load_pretrained, model_args_differences
 from training.optim import build_optimizer, lr_factor, set_epoch_lr
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,9 @@ class Trainer:
     def _resume(self, path: str) -> None:
         key = f"train.resume_training_checkpoint_path={path}"
         ckpt = load_checkpoint(path)
-        if ckpt["model_args"] != self.model_args.to_dict():
-            raise ConfigError(f"{key} was trained with a different model spec")
+        differences = model_args_differences(ckpt["model_args"], self.model_args)
+        if differences:  # its weights would not fit this model, or would mean something else
+            raise ConfigError(f"{key} was trained with {', '.join(differences)}; resume with the checkpoint's values")
         saved = ckpt.get("spec", {})
         for name, before, now in (
             ("train.optim.name", saved.get("train", {}).get("optim", {}).get("name"), self.spec.train.optim.name),

@@ -99,6 +99,22 @@ def model_args_from_spec(spec, num_classes: int | None = None) -> ModelArgs:
     )
 
 
+_DATASET_FIELDS = ("num_classes", "pixel_mean", "pixel_std")
+
+
+def spec_key(field_name: str) -> str:
+    """The spec key ``model_args_from_spec`` fills a ``ModelArgs`` field from, for messages."""
+    return f"{'dataset' if field_name in _DATASET_FIELDS else 'model'}.{field_name}"
+
+
+def model_args_differences(saved: dict, now: ModelArgs) -> list[str]:
+    """``key=saved (now: value)`` for every field of a checkpoint's model arguments that ``now``
+    does not share: what a user must set back to resume the run."""
+    current = now.to_dict()
+    return [f"{spec_key(name)}={saved.get(name)!r} (now {value!r})"
+            for name, value in current.items() if saved.get(name) != value]
+
+
 def _extract_state_dict(obj, path: str) -> dict:
     if isinstance(obj, dict):
         for key in ("model_state", "state_dict", "model"):
