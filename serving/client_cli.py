@@ -108,6 +108,9 @@ def client_parser() -> argparse.ArgumentParser:
                         "Market-1501 names")
     a.add_argument("--timestamp", type=_number(float, 0), default=0.0, help="seconds, recorded with every image of this call")
     a.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a free-form label (repeatable)")
+    a.add_argument("--skip", type=_number(int, 0), default=0, metavar="N",
+                   help="leave out the first N images (files in the order given, folders in name order): to go on "
+                        "after an enroll that stopped, with the N it printed, without adding images twice")
 
     s = sub.add_parser("search", parents=[common, images], help="who is in these images: the closest gallery entries")
     s.add_argument("gallery")
@@ -318,22 +321,60 @@ def _metadata(args, files: list[Path]) -> dict[Path, reid_pb2.EntryMetadata]:
 def _enroll(args, connect) -> int:
     """Embeds each call's images, then adds the embeddings of those that worked: AddToGallery with
     images adds all of a call's or none, so one corrupt file would stop the command with its
-    neighbours and every later image left out. A failed image gets its own line, as in ``embed``."""
-    batches = _batches(args)
+    neighbours and every later image left out. A failed image gets its own line, as in ``embed``.
+
+    Running a stopped enroll again would add its first images twice (the server gives each added
+    embedding a new id), so a stop says how many images are done and the ``--skip`` that goes on."""
+    files = _image_files(args.images)
+    if args.skip >= len(files):
+        raise UsageError(f"--skip {args.skip} leaves none of the {len(files)} images")
+    batches = _batches(args, files[args.skip:])
     meta = _metadata(args, [p for batch in batches for p in batch])
-    failed = 0
+    failed = enrolled = done = 0  # done: images whose call is over, enrolled or failed alone
+    adding: list = []  # the images (path, embedding) of a call to add that has not answered yet
     with connect(GalleryClient) as g, connect(ReidClient) as client:
-        for batch, outcomes in _embedded_for(args.gallery, g, client, batches, "enroll into a new gallery"):
-            for path, o in zip(batch, outcomes):
-                if not o.ok:
-                    failed += 1
-                    _print_failure(path, o.error_code, o.error)
-            good = [(path, o.embedding) for path, o in zip(batch, outcomes) if o.ok]
-            if good:
-                ids = g.add(args.gallery, embeddings=np.stack([e for _, e in good]), metadata=[meta[p] for p, _ in good])
-                for (path, _), entry in zip(good, ids):
-                    print(f"{path}: id {entry}", flush=True)
+        try:
+            for batch, outcomes in _embedded_for(args.gallery, g, client, batches, "enroll into a new gallery"):
+                for path, o in zip(batch, outcomes):
+                    if not o.ok:
+                        failed += 1
+                        _print_failure(path, o.error_code, o.error)
+                adding = [(path, o.embedding) for path, o in zip(batch, outcomes) if o.ok]
+                if adding:
+                    ids = g.add(args.gallery, embeddings=np.stack([e for _, e in adding]),
+                                metadata=[meta[p] for p, _ in adding])
+                    for (path, _), entry in zip(adding, ids):
+                        print(f"{path}: id {entry}", flush=True)
+                    enrolled += len(adding)
+                done += len(batch)
+                adding = []
+        except (grpc.RpcError, CommandFailed, KeyboardInterrupt) as exc:
+            if done or adding:
+                _print_enroll_stop(args, exc, enrolled, len(files), done, len(batch) if adding else 0)
+            raise
     return 1 if failed else 0
+
+
+def _print_enroll_stop(args, exc: BaseException, enrolled: int, total: int, done: int, adding: int) -> None:
+    """How far a stopped enroll got, and the ``--skip`` that goes on. A call to add that was under
+    way when the client gave up (deadline, Ctrl-C) or lost the server may still have added its
+    images: then both numbers are given (``adding``: that call's images, its failed ones too)."""
+    stop = "the interruption" if isinstance(exc, KeyboardInterrupt) else "the failure below"
+    line = f"enrolled {enrolled} of {total} images into {args.gallery} before {stop}"
+    skip = args.skip + done
+    unsure = adding and (isinstance(exc, KeyboardInterrupt) or (
+        isinstance(exc, grpc.RpcError) and exc.code() in _OUTCOME_UNKNOWN and "Failed to connect" not in (exc.details() or "")))
+    if unsure:
+        line += (f"; the call adding the next {adding} images may have added them: --skip {skip + adding} goes on "
+                 f"if 'reid-client entries {args.gallery}' lists them, else --skip {skip}")
+    else:
+        line += f"; to go on, run the same command with --skip {skip}"
+    print(line, file=sys.stderr)
+
+
+# Codes with which a call may have done its work before the client heard back.
+_OUTCOME_UNKNOWN = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 
 
 def _embedded_for(gallery: str, g: GalleryClient, client: ReidClient, batches: list[list], fix: str):

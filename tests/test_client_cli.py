@@ -128,6 +128,48 @@ def test_search_prints_each_calls_answers_before_a_later_call_fails(server, crop
     assert out.startswith(f"{a1}:\n  1. id ")  # the first call's answer
 
 
+def test_a_stopped_enroll_says_which_skip_goes_on_without_adding_images_twice(server, synthetic_root, tmp_path, capsys):
+    """The server gives every added embedding a new id, so running a stopped enroll again added its
+    first images twice; nothing said how far it got."""
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    good = [str(f) for f in sorted((synthetic_root / "bounding_box_test").iterdir())[:7]]
+    files = [good[0], str(junk), *good[1:]]  # calls of 2: [0, junk] [1, 2] [3, 4] [5, 6]
+    original, calls = GalleryClient.add, []
+
+    def third_call_fails(self, gallery, **kwargs):  # a real NOT_FOUND from the server
+        calls.append(1)
+        return original(self, "nobody" if len(calls) == 3 else gallery, **kwargs)
+
+    assert _run(capsys, server, "create", "g")[0] == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GalleryClient, "add", third_call_fails)
+        code, out, err = _run(capsys, server, "enroll", "g", *files, "--batch", "2")
+    assert code == 1 and [line.split(": id ")[0] for line in out.splitlines()] == good[:3]
+    assert err.splitlines()[1:] == [
+        "enrolled 3 of 8 images into g before the failure below; to go on, run the same command with --skip 4",
+        "reid-client: error: NOT_FOUND: no gallery named 'nobody' (reid-client galleries lists the galleries; "
+        "reid-client create nobody makes this one)"]
+    code, out, _ = _run(capsys, server, "enroll", "g", *files, "--batch", "2", "--skip", "4")
+    assert code == 0 and [line.split(": id ")[0] for line in out.splitlines()] == good[3:]
+    assert _run(capsys, server, "galleries")[1].startswith("g: 7 entries")  # each image once
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while the second call to add is under way
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GalleryClient, "add", interrupted)
+        code, out, err = _run(capsys, server, "enroll", "g", *files, "--batch", "2", "--skip", "1")
+    assert code == 130 and err.splitlines()[1:] == [  # calls of [junk, 1] [2, 3] ...: the second one under way
+        "enrolled 1 of 8 images into g before the interruption; the call adding the next 2 images may have added "
+        "them: --skip 5 goes on if 'reid-client entries g' lists them, else --skip 3", "reid-client: interrupted"]
+    code, _, err = _run(capsys, server, "enroll", "g", *files, "--skip", "8")
+    assert code == 2 and err.strip() == "reid-client: error: --skip 8 leaves none of the 8 images"
+
+
 def test_one_bad_image_fails_only_its_own_enrollment(server, crops, tmp_path, capsys):
     """AddToGallery with images adds all of a call's or none: the command used to stop at a call
     holding a corrupt file, leaving out its neighbours and every later image."""
