@@ -20,7 +20,7 @@ from retrieval.gallery import FaissGalleryStore, GalleryError
 from retrieval.gallery.milvus_store import CONSISTENCY_LEVELS
 from serving.engines import ModelFileError, ModelMetadata, check_pixel_flags, open_engine
 from serving.engines.onnxruntime import GRAPH_OPTIMIZATIONS
-from serving.security import SecurityError, load_tokens
+from serving.security import SecurityError, env_tokens, read_tokens_file
 from serving.server import ServerConfig, serve_forever
 from serving.service import Limits
 from serving.strict_yaml import load_yaml, yaml_problem
@@ -99,11 +99,13 @@ def serve_parser() -> argparse.ArgumentParser:
                          help="what searches see: strong (default) every acknowledged add of any replica, about 300 ms per "
                               "search on a Milvus server; bounded: at once, possibly missing other replicas' last seconds")
     security = p.add_argument_group("security")
-    security.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS")
+    security.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key enables TLS. The TLS files are "
+                          "read again when they change")
     security.add_argument("--tls-key", help="server private key (PEM)")
     security.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to: mutual TLS")
     security.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address (logs a warning)")
-    security.add_argument("--tokens-file", type=Path, help="bearer tokens, one 'TOKEN read|write' per line")
+    security.add_argument("--tokens-file", help="bearer tokens, one 'TOKEN read|write' per line; read again when "
+                          "the file changes")
     security.add_argument("--tokens-env", help="environment variable holding 'TOKEN:read|write,...'")
     return p
 
@@ -194,8 +196,10 @@ def build_config(args) -> ServerConfig:
     values.update(_given(args, ServerConfig))
     if args.no_batching:
         values["batching"] = False
-    if args.tokens_file or args.tokens_env:
-        values["tokens"] = load_tokens(args.tokens_file, args.tokens_env)
+    if args.tokens_env:
+        values["tokens"] = env_tokens(args.tokens_env)
+    if args.tokens_file:  # read here too, so that a bad file stops the start before the model loads
+        read_tokens_file(Path(args.tokens_file))
     limits = {f.name: values.pop(f.name) for f in dataclasses.fields(Limits) if f.name in values}
     limits.update(_given(args, Limits))
     known = {f.name for f in dataclasses.fields(ServerConfig)}

@@ -34,12 +34,19 @@ class ServerMetrics:
         self.request_seconds = Histogram("reid_request_seconds", "Whole-call latency by RPC method (EmbedStream: per message), "
                                          "failed calls included", ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("reid_errors_total", "Errors by gRPC status code (per call and per image)", ["code"], registry=r)
+        self.credential_reloads = Counter(
+            "reid_credential_reloads_total", "Times the TLS files or the tokens file changed and were read again, by "
+            "outcome (refused: they held no valid set, and the one in use stayed)", ["credential", "outcome"], registry=r)
 
     def count_call(self, method: str, code: str) -> None:
         """One call of ``method`` that ended with status ``code`` (a name: "OK", "UNAVAILABLE")."""
         self.requests.labels(method, code).inc()
         if code != "OK":
             self.errors.labels(code).inc()
+
+    def count_reload(self, credential: str, ok: bool) -> None:
+        """One reading again of ``credential``'s changed files ("tls", "tokens"), taken or refused."""
+        self.credential_reloads.labels(credential, "loaded" if ok else "refused").inc()
 
     def watch_galleries(self, store: GalleryBackend) -> None:
         """Export ``reid_gallery_entries{gallery}``, read from ``store`` at each scrape."""

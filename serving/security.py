@@ -9,6 +9,10 @@
   than a searching client should hold). Tokens are compared in constant time against every known
   token. Health checks and reflection stay open.
 - Plaintext is allowed on loopback; on any other address it needs ``--insecure`` and logs a warning.
+- Both rotate without a restart: the certificate, key and client CA files, and the tokens file,
+  are read again when they change (looked at at most once a second), so that cert-manager's
+  renewals and a Kubernetes secret's updates take effect. Files that no longer hold a valid set
+  (written half, a new certificate beside the old key) keep the one in use, with a warning.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import ipaddress
 import logging
 import os
 import ssl
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -57,19 +63,96 @@ def parse_tokens(lines: list[str], source: str) -> dict[str, str]:
     return tokens
 
 
-def load_tokens(tokens_file: Path | None, tokens_env: str | None) -> dict[str, str]:
-    tokens: dict[str, str] = {}
-    if tokens_file is not None:
-        try:
-            tokens.update(parse_tokens(tokens_file.read_text().splitlines(), str(tokens_file)))
-        except OSError as exc:
-            raise SecurityError(f"cannot read tokens file {tokens_file}: {exc.strerror}") from None
-    if tokens_env:
-        value = os.environ.get(tokens_env)
-        if not value:
-            raise SecurityError(f"environment variable {tokens_env} is not set")
-        tokens.update(parse_tokens(value.split(","), f"${tokens_env}"))
-    return tokens
+def read_tokens_file(path: Path) -> dict[str, str]:
+    """The tokens of a ``--tokens-file``."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SecurityError(f"cannot read tokens file {path}: {exc.strerror}") from None
+    return parse_tokens(text.splitlines(), str(path))
+
+
+def env_tokens(variable: str) -> dict[str, str]:
+    """The tokens of a ``--tokens-env`` variable (``TOKEN:ROLE,...``)."""
+    value = os.environ.get(variable)
+    if not value:
+        raise SecurityError(f"environment variable {variable} is not set")
+    return parse_tokens(value.split(","), f"${variable}")
+
+
+# How often, at most, the server looks whether its certificate or tokens files changed.
+RELOAD_CHECK_SECONDS = 1.0
+
+
+class FileWatch:
+    """Whether some files changed since the last look, looking at most once per ``every`` seconds,
+    so that a caller may ask on every call. A change is a new modification time, inode, device or
+    size: an editor or cert-manager writes a file anew, a Kubernetes secret volume swaps the
+    symbolic link the files are reached through."""
+
+    def __init__(self, paths: Iterable[Path], every: float | None = None):
+        self.paths = tuple(paths)
+        self.every = RELOAD_CHECK_SECONDS if every is None else every
+        self._seen = self._signature()
+        self._next = time.monotonic() + self.every
+
+    def _signature(self) -> tuple:
+        out = []
+        for path in self.paths:
+            try:
+                st = path.stat()
+                out.append((st.st_mtime_ns, st.st_ino, st.st_dev, st.st_size))
+            except OSError:  # gone for now (mid-swap): a change, looked at again later
+                out.append(None)
+        return tuple(out)
+
+    def changed(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.every
+        signature = self._signature()
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        return True
+
+
+class TokenTable:
+    """The tokens a server takes: ``fixed`` ones (given in code, or by ``--tokens-env``) and those
+    of ``path`` (``--tokens-file``), read again when the file changes so that tokens rotate
+    without a restart. A file that no longer reads as tokens (written half, emptied) keeps the
+    tokens in use, with a warning: refusing every caller for a typo would be an outage.
+    ``on_reload(ok)`` hears of each reload (the server counts them in its metrics)."""
+
+    def __init__(self, fixed: dict[str, str], path: Path | None = None,
+                 on_reload: Callable[[bool], None] | None = None):
+        self._fixed = dict(fixed)
+        self._path = path
+        self._watch = FileWatch([path]) if path else None
+        self._on_reload = on_reload
+        self._entries = self._combined(read_tokens_file(path) if path else {})
+
+    def _combined(self, from_file: dict[str, str]) -> list[tuple[bytes, str]]:
+        return [(token.encode(), role) for token, role in {**from_file, **self._fixed}.items()]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[tuple[bytes, str]]:
+        """(token, role) pairs, after reading the file again if it changed."""
+        if self._watch is not None and self._watch.changed():
+            try:
+                self._entries = self._combined(read_tokens_file(self._path))
+            except SecurityError as exc:
+                log.warning("kept the %d tokens in use: %s (read again when the file changes)", len(self._entries), exc)
+                ok = False
+            else:
+                log.info("tokens reloaded from %s: %d token(s)", self._path, len(self._entries))
+                ok = True
+            if self._on_reload is not None:
+                self._on_reload(ok)
+        return self._entries
 
 
 def is_loopback(host: str) -> bool:
@@ -81,21 +164,66 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None):
+def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None,
+                       on_reload: Callable[[bool], None] | None = None):
     """``grpc.ServerCredentials`` for TLS (mutual when ``client_ca``), or None for plaintext.
 
     The files are checked here, each named where it is wrong: gRPC finds out only when the port is
     bound, and then logs "Unable to create secure server with credentials of type Ssl" and fails
-    the bind, which read as a port already taken."""
+    the bind, which read as a port already taken. They are read again when they change
+    (``_CertificateFiles``); ``on_reload(ok)`` hears of each time."""
     if not cert and not key:
         if client_ca:
             raise SecurityError("--tls-client-ca needs --tls-cert and --tls-key")
         return None
     if not (cert and key):
         raise SecurityError("TLS needs both --tls-cert and --tls-key")
-    pair = read_key_pair(cert, key, "--tls-cert", "--tls-key")
-    ca = read_certificates(client_ca, "--tls-client-ca") if client_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    files = _CertificateFiles(cert, key, client_ca, on_reload)
+    return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch, require_client_authentication=client_ca is not None)
+
+
+class _CertificateFiles:
+    """The server's certificate configuration, read again from its files when they change.
+
+    gRPC asks ``fetch`` before each TLS handshake, on its own threads: it answers a new
+    configuration once the files changed and hold a valid set, else None (keep the one in use).
+    A renewal seen half done (the new certificate beside the old key) keeps the old set, with a
+    warning, and is read again when the rest arrives."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None, on_reload: Callable[[bool], None] | None):
+        self._files = (cert, key, client_ca)
+        self._watch = FileWatch([p for p in self._files if p])
+        self._on_reload = on_reload
+        self._lock = threading.Lock()  # handshakes on several gRPC threads ask at once
+        self.initial = self._configuration()
+
+    def _configuration(self):
+        cert, key, client_ca = self._files
+        private_key, chain = read_key_pair(cert, key, "--tls-cert", "--tls-key")
+        root = read_certificates(client_ca, "--tls-client-ca") if client_ca else None
+        if (_read(key, "--tls-key"), _read(cert, "--tls-cert")) != (private_key, chain):
+            # checked by path: the bytes read before must be the ones checked
+            raise SecurityError(f"{cert} or {key} changed while being read")
+        return grpc.ssl_server_certificate_configuration([(private_key, chain)], root_certificates=root)
+
+    def fetch(self):
+        try:
+            with self._lock:
+                if not self._watch.changed():
+                    return None
+                try:
+                    configuration = self._configuration()
+                except SecurityError as exc:
+                    log.warning("kept the TLS certificate in use: %s (read again when the files change)", exc)
+                    configuration = None
+                else:
+                    log.info("TLS certificate reloaded from %s", self._files[0])
+            if self._on_reload is not None:
+                self._on_reload(configuration is not None)
+            return configuration
+        except Exception:  # raised into gRPC's C core, it would fail the handshake without a word
+            log.exception("cannot look at the TLS files again; the certificate in use stays")
+            return None
 
 
 def _read(path: Path, flag: str) -> bytes:
@@ -200,16 +328,16 @@ def _with_role(handler, role: str):
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Bearer-token check per call; read tokens may not call gallery-changing methods."""
 
-    def __init__(self, tokens: dict[str, str], on_refused: Callable[[str, grpc.StatusCode], None] | None = None):
+    def __init__(self, tokens: TokenTable, on_refused: Callable[[str, grpc.StatusCode], None] | None = None):
         """``on_refused(method, code)`` hears of each call refused here (the server counts them in
         its metrics: they never reach the service, and a client with a stale token went unseen)."""
-        self._tokens = [(t.encode(), role) for t, role in tokens.items()]
+        self._tokens = tokens
         self._on_refused = on_refused
 
     def _role(self, presented: str) -> str | None:
         given = presented.encode()
         found = None
-        for token, role in self._tokens:  # no early exit: time does not depend on which token matched
+        for token, role in self._tokens.entries():  # no early exit: time does not depend on which token matched
             if hmac.compare_digest(given, token):
                 found = role
         return found

@@ -30,7 +30,7 @@ from serving.batcher import DynamicBatcher
 from serving.engines.base import Engine, ModelFileError, first_line
 from serving.metrics import ServerMetrics
 from serving.proto import reid_pb2, reid_pb2_grpc
-from serving.security import TokenAuthInterceptor, check_bind, server_credentials
+from serving.security import TokenAuthInterceptor, TokenTable, check_bind, server_credentials
 from serving.service import Limits, ReIdentificationService
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""
     insecure: bool = False
-    tokens: dict = field(default_factory=dict)  # token -> "read" | "write"; empty = no authentication
+    tokens: dict = field(default_factory=dict)  # token -> "read" | "write"; none here or in tokens_file = no authentication
+    tokens_file: str = ""  # more tokens, one "TOKEN ROLE" a line; read again when the file changes
     grace_seconds: float = 10.0
     # After health turns NOT_SERVING, keep accepting calls this long so load balancers and health
     # probes see it before the port closes.
@@ -181,10 +182,13 @@ class ReidServer:
                 ("grpc.keepalive_permit_without_calls", 1), ("grpc.so_reuseport", int(c.reuse_port))]
         if c.max_connection_age_seconds:
             opts.append(("grpc.max_connection_age_ms", int(c.max_connection_age_seconds * 1000)))
-        creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)))
+        creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)),
+                                   on_reload=lambda ok: self.metrics.count_reload("tls", ok))
         check_bind(c.host, creds is not None, c.insecure)
-        interceptors = ([TokenAuthInterceptor(c.tokens, lambda method, code: self.metrics.count_call(method, code.name))]
-                        if c.tokens else [])
+        tokens = TokenTable(c.tokens, Path(c.tokens_file) if c.tokens_file else None,
+                            on_reload=lambda ok: self.metrics.count_reload("tokens", ok))
+        interceptors = ([TokenAuthInterceptor(tokens, lambda method, code: self.metrics.count_call(method, code.name))]
+                        if len(tokens) else [])
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
                                       c.batching, self.metrics, c.instances, c.split_batch_ms / 1000, self._batch_outcome)
@@ -221,7 +225,7 @@ class ReidServer:
         log.info("serving %s on %s (reid %s, model %s, %s x %d, max batch %d, queue delay %.1f ms, %s, %s, %s event loop)",
                  SERVICE_NAME, host_port(c.host, self.port), importlib.metadata.version("reid"), self.engine.model_id, self.engine.label,
                  self.batcher.instances, self.batcher.max_batch_size, c.max_queue_delay_ms, transport,
-                 f"{len(c.tokens)} token(s)" if c.tokens else "no authentication",
+                 f"{len(tokens)} token(s)" if len(tokens) else "no authentication",
                  type(asyncio.get_running_loop()).__module__.split(".")[0])
         return self.port
 

@@ -1,8 +1,11 @@
 """TLS, mutual TLS and token authentication with read/write permissions."""
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 import subprocess
+import time
 
 import grpc
 import numpy as np
@@ -12,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from retrieval.gallery import FaissGalleryStore
 from serving.client import GalleryClient, ReidClient
 from serving.engines.onnxruntime import OnnxRuntimeEngine
-from serving.security import SecurityError, check_bind, load_tokens, parse_tokens, server_credentials
+from serving.security import SecurityError, check_bind, env_tokens, parse_tokens, read_tokens_file, server_credentials
 from serving.server import ServerConfig
 from tests.serving_support import ServerThread
 
@@ -226,22 +229,96 @@ def test_tokens_separate_read_and_write(tiny_onnx, tmp_path):
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _embeds(target: str, **tls) -> str:
+    """"ok", or the code a fresh connection's call fails with (a new TLS handshake each time)."""
+    try:
+        with ReidClient(target, timeout=3, **tls) as client:
+            return "ok" if client.embed([_image()])[0].ok else "image failed"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(tiny_onnx, pki, tmp_path, monkeypatch, caplog):
+    """cert-manager renews certificates every few weeks: the server read its files once, kept
+    serving the old certificate until it expired, and every client then failed its handshake."""
+    monkeypatch.setattr("serving.security.RELOAD_CHECK_SECONDS", 0.05)
+    run = functools.partial(subprocess.run, cwd=tmp_path, check=True, capture_output=True)
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca2.key", "-out", "ca2.pem", "-days", "2",
+         "-subj", "/CN=test-ca-2"])
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "new.key", "-out", "new.csr", "-subj", "/CN=server"])
+    run(["openssl", "x509", "-req", "-in", "new.csr", "-CA", "ca2.pem", "-CAkey", "ca2.key", "-CAcreateserial", "-out",
+         "new.pem", "-days", "2", "-extfile", str(pki / "server.ext")])
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki / "server.pem", cert)
+    shutil.copy(pki / "server.key", key)
+    old_ca, new_ca = {"root_certificates": (pki / "ca.pem").read_bytes()}, {"root_certificates": (tmp_path / "ca2.pem").read_bytes()}
+    with ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, tls_cert=str(cert), tls_key=str(key))) as s:
+        assert (_embeds(s.target, **old_ca), _embeds(s.target, **new_ca)) == ("ok", "UNAVAILABLE")
+        shutil.copy(tmp_path / "new.pem", cert)  # half a renewal: the new certificate beside the old key
+        time.sleep(0.1)
+        assert _embeds(s.target, **old_ca) == "ok"  # the old pair stays
+        assert "kept the TLS certificate in use" in caplog.text and "is not the private key of" in caplog.text
+        shutil.copy(tmp_path / "new.key", key)
+        time.sleep(0.1)
+        assert (_embeds(s.target, **new_ca), _embeds(s.target, **old_ca)) == ("ok", "UNAVAILABLE")
+        assert s.metrics.value("reid_credential_reloads_total", credential="tls", outcome="refused") == 1
+        assert s.metrics.value("reid_credential_reloads_total", credential="tls", outcome="loaded") == 1
+
+
+def test_a_changed_tokens_file_takes_effect_without_a_restart(tiny_onnx, tmp_path, monkeypatch, caplog):
+    """Rotating a token meant restarting every server. The file sits behind symbolic links as a
+    Kubernetes secret volume places it, and changes as such a volume changes: by a new folder and a
+    swapped link. Tokens from --tokens-env stay; a file that no longer reads keeps the tokens in use."""
+    monkeypatch.setattr("serving.security.RELOAD_CHECK_SECONDS", 0.05)
+    fixed, first, second = "f" * 20, "1" * 20, "2" * 20
+
+    def publish(version: str, text: str) -> None:  # what the kubelet does: a new folder, then one rename
+        (tmp_path / version).mkdir()
+        (tmp_path / version / "tokens").write_text(text)
+        (tmp_path / "..data_tmp").symlink_to(version)
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+
+    publish("v1", f"{first} write\n")
+    (tmp_path / "tokens").symlink_to("..data/tokens")
+    config = ServerConfig(port=0, tokens={fixed: "read"}, tokens_file=str(tmp_path / "tokens"))
+    with ServerThread(OnnxRuntimeEngine(tiny_onnx), config) as s:
+        def code(token: str) -> str:
+            try:
+                with ReidClient(s.target, token=token) as client:
+                    client.embed([_image()])
+                return "ok"
+            except grpc.RpcError as exc:
+                return exc.code().name
+
+        assert [code(t) for t in (fixed, first, second)] == ["ok", "ok", "UNAUTHENTICATED"]
+        publish("v2", f"# rotated\n{second} write\n")
+        time.sleep(0.1)
+        assert [code(t) for t in (fixed, first, second)] == ["ok", "UNAUTHENTICATED", "ok"]
+        publish("v3", f"{second} admin\n")  # a mistake: no role of ours
+        time.sleep(0.1)
+        assert [code(t) for t in (fixed, first, second)] == ["ok", "UNAUTHENTICATED", "ok"]
+        assert "kept the 2 tokens in use" in caplog.text and "entry 1 must be 'TOKEN read' or 'TOKEN write'" in caplog.text
+        assert s.metrics.value("reid_credential_reloads_total", credential="tokens", outcome="loaded") == 1
+        assert s.metrics.value("reid_credential_reloads_total", credential="tokens", outcome="refused") == 1
+
+
 def test_token_sources_and_errors(tmp_path, monkeypatch):
     f = tmp_path / "tokens"
     f.write_text(f"# comment\n{READ} read\n{WRITE} write\n")
     monkeypatch.setenv("REID_TOKENS", f"{'e' * 20}:write")
-    assert load_tokens(f, "REID_TOKENS") == {READ: "read", WRITE: "write", "e" * 20: "write"}
+    assert read_tokens_file(f) == {READ: "read", WRITE: "write"}
+    assert env_tokens("REID_TOKENS") == {"e" * 20: "write"}
     with pytest.raises(SecurityError, match="'TOKEN read' or 'TOKEN write'"):
         parse_tokens(["abcdefghijklmnopqrstuvwxyz admin"], "x")
     with pytest.raises(SecurityError, match="at least 16"):
         parse_tokens(["short read"], "x")
     with pytest.raises(SecurityError, match="not set"):
-        load_tokens(None, "REID_NO_SUCH_VAR")
+        env_tokens("REID_NO_SUCH_VAR")
     (tmp_path / "empty").write_text("# only a comment\n\n")
     with pytest.raises(SecurityError, match="empty holds no tokens"):
-        load_tokens(tmp_path / "empty", None)
+        read_tokens_file(tmp_path / "empty")
     with pytest.raises(SecurityError, match="cannot read tokens file .*missing: No such file"):
-        load_tokens(tmp_path / "missing", None)
+        read_tokens_file(tmp_path / "missing")
 
 
 def test_tls_files_come_in_pairs_and_unreadable_ones_are_named(tmp_path):

@@ -559,7 +559,7 @@ def test_batcher_options_come_from_the_config_file_and_the_command_line(tmp_path
         build_config(parse_serve_args(["--model", "m.onnx", "--min-client-ping-seconds", "-1"]))
 
 
-def test_every_flag_named_after_a_setting_reaches_the_server_config():
+def test_every_flag_named_after_a_setting_reaches_the_server_config(tmp_path):
     """build_config kept a hand-written list of flags: one added to the parser and not to the list
     was parsed, then ignored."""
     import dataclasses
@@ -570,6 +570,8 @@ def test_every_flag_named_after_a_setting_reaches_the_server_config():
 
     defaults = {**{f.name: f for f in dataclasses.fields(ServerConfig)}, **{f.name: f for f in dataclasses.fields(Limits)}}
     argv, expected = ["--model", "m.onnx"], {}
+    tokens = tmp_path / "tokens"  # read as the flags are: it must hold tokens
+    tokens.write_text("t" * 16 + " read\n")
     actions = [a for a in serve_parser()._actions if a.dest in defaults]
     for action in actions:
         default = defaults[action.dest].default
@@ -577,7 +579,8 @@ def test_every_flag_named_after_a_setting_reaches_the_server_config():
             argv.append(action.option_strings[0])
             expected[action.dest] = not default
         else:
-            value = default + 1 if isinstance(default, (int, float)) else f"x-{action.dest}"
+            value = (default + 1 if isinstance(default, (int, float)) else
+                     str(tokens) if action.dest == "tokens_file" else f"x-{action.dest}")
             argv += [action.option_strings[0], str(value)]
             expected[action.dest] = value
     config = build_config(parse_serve_args(argv))
@@ -587,8 +590,8 @@ def test_every_flag_named_after_a_setting_reaches_the_server_config():
     # a flag with another name must be wired by hand: it is one of these, or build_config ignores it
     others = {"help", "version", "config", "model", "device", "intra_op_threads", "graph_optimization", "event_loop",
               "pixel_mean", "pixel_std", "input_size", "model_id", "gallery_dir", "no_gallery", "gallery_backend",
-              "milvus_uri", "milvus_token", "milvus_ca", "milvus_consistency", "no_batching", "tokens_file",
-              "tokens_env", "log_format"}
+              "milvus_uri", "milvus_token", "milvus_ca", "milvus_consistency", "no_batching", "tokens_env",
+              "log_format"}
     assert {a.dest for a in serve_parser()._actions} - set(defaults) == others
 
 
