@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from training.data.market1501 import ImageRecord
+from training.data.workers import loader_workers
 from training.errors import ReidError
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class StoredEmbedder:
 def open_embedder(path: str, spec, device: torch.device, batch_size: int) -> Embedder:
     kind = detect_kind(path)
     if kind == "checkpoint":
-        return CheckpointEmbedder(path, device, batch_size, spec.dataset.num_workers)
+        return CheckpointEmbedder(path, device, batch_size, loader_workers(spec))
     if kind == "embeddings":
         return StoredEmbedder(path)
     return EngineEmbedder(path, spec, device, batch_size)

@@ -27,6 +27,7 @@ from training.data.market1501 import ImageRecord, load_gallery, load_query, load
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.shared_memory import check_shared_memory
 from training.data.transforms import ImageDataset, build_train_transform, check_images
+from training.data.workers import loader_workers
 from training.devices import cuda_or_cpu
 from training.embed import embed_records, nonfinite_rows
 from training.errors import STOP_REQUESTED, ConfigError, DataError, ReidError, Terminated, TrainingDiverged
@@ -87,9 +88,9 @@ def validate(model, spec: ExperimentSpec, device: torch.device, query: list[Imag
     Nothing (and an error in the log) when some embeddings are not finite: no figure would mean
     anything, and stopping here would leave the other processes of a multi-GPU run waiting.
     """
-    d = spec.dataset
-    qf = embed_records(model, query, device, d.val_batch_size, d.num_workers)
-    gf = embed_records(model, gallery, device, d.val_batch_size, d.num_workers)
+    d, workers = spec.dataset, loader_workers(spec)
+    qf = embed_records(model, query, device, d.val_batch_size, workers)
+    gf = embed_records(model, gallery, device, d.val_batch_size, workers)
     bad = nonfinite_rows(qf) + nonfinite_rows(gf)
     if bad:
         log.error("validation skipped: %d of %d embeddings are not finite (NaN or inf)", bad, len(qf) + len(gf))
@@ -116,9 +117,10 @@ def _train_loader(spec: ExperimentSpec, records, rank: int, world_size: int, dev
         raise ConfigError(f"dataset.batch_size={d.batch_size} is larger than one epoch of the training set "
                           f"({len(records)} images{share}); lower it")
     # the whole batch: the processes on one machine (each with its share) fill one /dev/shm
-    check_shared_memory(d.batch_size, m.input_height, m.input_width, d.num_workers)
+    workers = loader_workers(spec, world_size)
+    check_shared_memory(d.batch_size, m.input_height, m.input_width, workers)
     loader = torch.utils.data.DataLoader(
-        ImageDataset(records, transform), batch_sampler=sampler, num_workers=d.num_workers,
+        ImageDataset(records, transform), batch_sampler=sampler, num_workers=workers,
         generator=torch.Generator(),
         pin_memory=device.type == "cuda",  # page-locked batches: the step's non_blocking copy then overlaps
     )
