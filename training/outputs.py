@@ -29,11 +29,16 @@ def writable_output(path: str | Path, key: str) -> Path:
 def replaced_on_success(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed over ``path`` when the block ends
     without an error, removed otherwise. A crash or Ctrl-C mid-write then leaves the previous file
-    whole instead of a truncated one."""
+    whole instead of a truncated one. A write error that names no file (a full disk: the OS
+    reports it on the write, not the open) is given ``path``'s name, for the one-line errors."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            exc.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
