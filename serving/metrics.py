@@ -37,6 +37,9 @@ class ServerMetrics:
         self.credential_reloads = Counter(
             "reid_credential_reloads_total", "Times the TLS files or the tokens file changed and were read again, by "
             "outcome (refused: they held no valid set, and the one in use stayed)", ["credential", "outcome"], registry=r)
+        self.tls_not_after = Gauge("reid_tls_certificate_expiry_timestamp_seconds",
+                                   "When the TLS certificate served expires (seconds since the epoch; 0 without TLS)",
+                                   registry=r)
 
     def count_call(self, method: str, code: str) -> None:
         """One call of ``method`` that ended with status ``code`` (a name: "OK", "UNAVAILABLE")."""

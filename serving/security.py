@@ -16,6 +16,8 @@
 """
 from __future__ import annotations
 
+import base64
+import datetime
 import hmac
 import ipaddress
 import logging
@@ -165,20 +167,22 @@ def is_loopback(host: str) -> bool:
 
 
 def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None,
-                       on_reload: Callable[[bool], None] | None = None):
+                       on_reload: Callable[[bool], None] | None = None,
+                       on_certificate: Callable[[float], None] | None = None):
     """``grpc.ServerCredentials`` for TLS (mutual when ``client_ca``), or None for plaintext.
 
     The files are checked here, each named where it is wrong: gRPC finds out only when the port is
     bound, and then logs "Unable to create secure server with credentials of type Ssl" and fails
     the bind, which read as a port already taken. They are read again when they change
-    (``_CertificateFiles``); ``on_reload(ok)`` hears of each time."""
+    (``_CertificateFiles``); ``on_reload(ok)`` hears of each time, and ``on_certificate(not_after)``
+    of each certificate taken (its expiry, in seconds since the epoch)."""
     if not cert and not key:
         if client_ca:
             raise SecurityError("--tls-client-ca needs --tls-cert and --tls-key")
         return None
     if not (cert and key):
         raise SecurityError("TLS needs both --tls-cert and --tls-key")
-    files = _CertificateFiles(cert, key, client_ca, on_reload)
+    files = _CertificateFiles(cert, key, client_ca, on_reload, on_certificate)
     return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch, require_client_authentication=client_ca is not None)
 
 
@@ -190,10 +194,12 @@ class _CertificateFiles:
     A renewal seen half done (the new certificate beside the old key) keeps the old set, with a
     warning, and is read again when the rest arrives."""
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None, on_reload: Callable[[bool], None] | None):
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None, on_reload: Callable[[bool], None] | None,
+                 on_certificate: Callable[[float], None] | None):
         self._files = (cert, key, client_ca)
         self._watch = FileWatch([p for p in self._files if p])
         self._on_reload = on_reload
+        self._on_certificate = on_certificate
         self._lock = threading.Lock()  # handshakes on several gRPC threads ask at once
         self.initial = self._configuration()
 
@@ -204,6 +210,11 @@ class _CertificateFiles:
         if (_read(key, "--tls-key"), _read(cert, "--tls-cert")) != (private_key, chain):
             # checked by path: the bytes read before must be the ones checked
             raise SecurityError(f"{cert} or {key} changed while being read")
+        not_after = certificate_not_after(chain)
+        if not_after is not None:
+            _warn_of_expiry(cert, not_after)
+            if self._on_certificate is not None:
+                self._on_certificate(not_after)
         return grpc.ssl_server_certificate_configuration([(private_key, chain)], root_certificates=root)
 
     def fetch(self):
@@ -224,6 +235,61 @@ class _CertificateFiles:
         except Exception:  # raised into gRPC's C core, it would fail the handshake without a word
             log.exception("cannot look at the TLS files again; the certificate in use stays")
             return None
+
+
+# A certificate that expires sooner than this is named in the log at start and at each reload.
+EXPIRY_WARNING_DAYS = 14
+
+
+def _warn_of_expiry(cert: Path, not_after: float) -> None:
+    left = not_after - time.time()
+    when = datetime.datetime.fromtimestamp(not_after, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if left <= 0:
+        log.warning("the TLS certificate %s expired on %s: clients will refuse it; renew it (the server reads it "
+                    "again when it changes)", cert, when)
+    elif left < EXPIRY_WARNING_DAYS * 86400:
+        log.warning("the TLS certificate %s expires on %s, in %.1f days; renew it (the server reads it again when "
+                    "it changes)", cert, when, left / 86400)
+
+
+def certificate_not_after(pem: bytes) -> float | None:
+    """When the first certificate of a PEM chain (the server's own) expires, in seconds since the
+    epoch; None where it cannot be read (the TLS library has accepted the file by then, so this
+    is for the log and the metrics only). X.509 in DER: Certificate = SEQUENCE { tbsCertificate =
+    SEQUENCE { [0] version (optional), serialNumber, signature, issuer, validity = SEQUENCE {
+    notBefore, notAfter }, ... }, ... } (RFC 5280, 4.1)."""
+    try:
+        body = pem.split(b"-----BEGIN CERTIFICATE-----", 1)[1].split(b"-----END CERTIFICATE-----", 1)[0]
+        der = base64.b64decode(b"".join(body.split()))
+        _, start, _ = _der_item(der, 0)  # into Certificate
+        _, at, _ = _der_item(der, start)  # into tbsCertificate
+        if der[at] == 0xA0:  # explicit version tag
+            at = _der_item(der, at)[2]
+        for _ in range(3):  # serialNumber, signature, issuer
+            at = _der_item(der, at)[2]
+        _, at, _ = _der_item(der, at)  # into validity
+        at = _der_item(der, at)[2]  # past notBefore
+        tag, start, end = _der_item(der, at)
+        text = der[start:end].decode("ascii")
+        if tag == 0x17:  # UTCTime, YYMMDDHHMMSSZ: years 50-99 are 19xx (RFC 5280, 4.1.2.5.1)
+            text = ("19" if int(text[:2]) >= 50 else "20") + text
+        elif tag != 0x18:  # GeneralizedTime, YYYYMMDDHHMMSSZ
+            return None
+        moment = datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
+        return moment.timestamp()
+    except (IndexError, ValueError):
+        return None
+
+
+def _der_item(der: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, start of the value, end of the value) of the DER item at ``at``."""
+    tag, length, at = der[at], der[at + 1], at + 2
+    if length & 0x80:
+        count = length & 0x7F
+        length, at = int.from_bytes(der[at : at + count], "big"), at + count
+    if at + length > len(der):
+        raise ValueError("truncated DER")
+    return tag, at, at + length
 
 
 def _read(path: Path, flag: str) -> bytes:

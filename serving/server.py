@@ -183,7 +183,8 @@ class ReidServer:
         if c.max_connection_age_seconds:
             opts.append(("grpc.max_connection_age_ms", int(c.max_connection_age_seconds * 1000)))
         creds = server_credentials(*(Path(p) if p else None for p in (c.tls_cert, c.tls_key, c.tls_client_ca)),
-                                   on_reload=lambda ok: self.metrics.count_reload("tls", ok))
+                                   on_reload=lambda ok: self.metrics.count_reload("tls", ok),
+                                   on_certificate=self.metrics.tls_not_after.set)
         check_bind(c.host, creds is not None, c.insecure)
         tokens = TokenTable(c.tokens, Path(c.tokens_file) if c.tokens_file else None,
                             on_reload=lambda ok: self.metrics.count_reload("tokens", ok))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -15,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from retrieval.gallery import FaissGalleryStore
 from serving.client import GalleryClient, ReidClient
 from serving.engines.onnxruntime import OnnxRuntimeEngine
-from serving.security import SecurityError, check_bind, env_tokens, parse_tokens, read_tokens_file, server_credentials
+from serving.security import (SecurityError, certificate_not_after, check_bind, env_tokens, parse_tokens, read_tokens_file,
+                              server_credentials)
 from serving.server import ServerConfig
 from tests.serving_support import ServerThread
 
@@ -263,6 +265,37 @@ def test_a_renewed_certificate_is_served_without_a_restart(tiny_onnx, pki, tmp_p
         assert (_embeds(s.target, **new_ca), _embeds(s.target, **old_ca)) == ("ok", "UNAVAILABLE")
         assert s.metrics.value("reid_credential_reloads_total", credential="tls", outcome="refused") == 1
         assert s.metrics.value("reid_credential_reloads_total", credential="tls", outcome="loaded") == 1
+        assert s.metrics.value("reid_tls_certificate_expiry_timestamp_seconds") == _not_after(tmp_path / "new.pem")
+
+
+def _not_after(pem) -> float:
+    """The certificate's expiry as openssl reads it."""
+    import email.utils
+
+    end = subprocess.run(["openssl", "x509", "-in", str(pem), "-noout", "-enddate"], capture_output=True, text=True,
+                         check=True).stdout.strip().split("=", 1)[1]
+    return email.utils.parsedate_to_datetime(end.replace("GMT", "+0000")).timestamp()
+
+
+def test_the_certificates_expiry_is_logged_when_near_and_exported(tiny_onnx, pki, tmp_path, caplog):
+    """Nothing said when the served certificate would expire: clients found out by failing."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "far.key", "-out", "far.pem",
+                    "-days", "12000", "-subj", "/CN=far"], cwd=tmp_path, check=True, capture_output=True)
+    far = tmp_path / "far.pem"  # past 2049: its expiry is a GeneralizedTime, not a UTCTime
+    for pem in (pki / "server.pem", far):
+        assert certificate_not_after(pem.read_bytes()) == _not_after(pem)
+    assert certificate_not_after((pki / "server.pem").read_bytes() + far.read_bytes()) == _not_after(pki / "server.pem")
+    assert certificate_not_after(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n") is None
+    config = ServerConfig(port=0, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    with ServerThread(OnnxRuntimeEngine(tiny_onnx), config) as s:  # the test certificates last 2 days
+        assert s.metrics.value("reid_tls_certificate_expiry_timestamp_seconds") == _not_after(pki / "server.pem")
+    assert re.search(rf"the TLS certificate {re.escape(str(pki / 'server.pem'))} expires on \S+ \S+ UTC, in [12]\.\d days",
+                     caplog.text)
+    caplog.clear()
+    config = ServerConfig(port=0, tls_cert=str(far), tls_key=str(tmp_path / "far.key"))
+    with ServerThread(OnnxRuntimeEngine(tiny_onnx), config):
+        pass
+    assert "expires" not in caplog.text
 
 
 def test_a_changed_tokens_file_takes_effect_without_a_restart(tiny_onnx, tmp_path, monkeypatch, caplog):
