@@ -639,7 +639,8 @@ def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
     one side only, which gRPC reports as a closed socket or an SSL version error; a server address
     where nothing listens (the default one, when --server and REID_SERVER were forgotten); a gallery
     not created yet; a token missing, unknown, or only for reading; a client certificate missing;
-    a name the server's certificate does not hold."""
+    a name the server's certificate does not hold; a server certificate expired, or not from the
+    CA given."""
     details = exc.details() or ""
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         given = args.token or os.environ.get("REID_TOKEN")
@@ -666,6 +667,11 @@ def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
     if exc.code() == grpc.StatusCode.UNAVAILABLE and "Hostname Verification" in details:
         return (" (the server's certificate does not hold the name called: call it by a name it holds, or give "
                 "--tls-server-name)")
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in details:
+        if "expired" in details:
+            return " (the server's certificate has expired: renew it; reid-serve reads it again when it changes)"
+        ca = args.tls_ca or os.environ.get(TLS_CA_ENV)
+        return f" (the server's certificate is not signed by the CA in {ca}: give the CA that signed it as --tls-ca)"
     return ""
 
 

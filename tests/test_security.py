@@ -277,8 +277,12 @@ def _not_after(pem) -> float:
     return email.utils.parsedate_to_datetime(end.replace("GMT", "+0000")).timestamp()
 
 
-def test_the_certificates_expiry_is_logged_when_near_and_exported(tiny_onnx, pki, tmp_path, caplog):
-    """Nothing said when the served certificate would expire: clients found out by failing."""
+def test_the_certificates_expiry_is_logged_when_near_and_exported(tiny_onnx, pki, tmp_path, caplog, capsys, monkeypatch):
+    """Nothing said when the served certificate would expire: clients found out by failing, with
+    gRPC's CERTIFICATE_VERIFY_FAILED and nothing more."""
+    from serving.client_cli import client_main
+
+    monkeypatch.delenv("REID_TLS_CA", raising=False)
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "far.key", "-out", "far.pem",
                     "-days", "12000", "-subj", "/CN=far"], cwd=tmp_path, check=True, capture_output=True)
     far = tmp_path / "far.pem"  # past 2049: its expiry is a GeneralizedTime, not a UTCTime
@@ -293,9 +297,21 @@ def test_the_certificates_expiry_is_logged_when_near_and_exported(tiny_onnx, pki
                      caplog.text)
     caplog.clear()
     config = ServerConfig(port=0, tls_cert=str(far), tls_key=str(tmp_path / "far.key"))
-    with ServerThread(OnnxRuntimeEngine(tiny_onnx), config):
-        pass
-    assert "expires" not in caplog.text
+    with ServerThread(OnnxRuntimeEngine(tiny_onnx), config) as s:
+        assert client_main(["--server", s.target, "--tls-ca", str(pki / "ca.pem"), "--timeout", "5", "galleries"]) == 1
+        assert capsys.readouterr().err.strip().endswith(
+            f"(the server's certificate is not signed by the CA in {pki / 'ca.pem'}: give the CA that signed it as --tls-ca)")
+    assert "expire" not in caplog.text
+    run = functools.partial(subprocess.run, cwd=tmp_path, check=True, capture_output=True)
+    run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "old.key", "-out", "old.csr", "-subj", "/CN=server"])
+    run(["openssl", "x509", "-req", "-in", "old.csr", "-CA", str(pki / "ca.pem"), "-CAkey", str(pki / "ca.key"),
+         "-CAcreateserial", "-out", "old.pem", "-days", "-1", "-extfile", str(pki / "server.ext")])  # expired yesterday
+    config = ServerConfig(port=0, tls_cert=str(tmp_path / "old.pem"), tls_key=str(tmp_path / "old.key"))
+    with ServerThread(OnnxRuntimeEngine(tiny_onnx), config) as s:
+        assert client_main(["--server", s.target, "--tls-ca", str(pki / "ca.pem"), "--timeout", "5", "galleries"]) == 1
+        assert capsys.readouterr().err.strip().endswith(
+            "(the server's certificate has expired: renew it; reid-serve reads it again when it changes)")
+    assert f"the TLS certificate {tmp_path / 'old.pem'} expired on " in caplog.text
 
 
 def test_a_changed_tokens_file_takes_effect_without_a_restart(tiny_onnx, tmp_path, monkeypatch, caplog):
