@@ -66,11 +66,14 @@ def parse_tokens(lines: list[str], source: str) -> dict[str, str]:
 
 
 def read_tokens_file(path: Path) -> dict[str, str]:
-    """The tokens of a ``--tokens-file``."""
+    """The tokens of a ``--tokens-file``. A byte-order mark (Windows editors write one) is not part
+    of the first token: kept, it made that token one no client could present."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise SecurityError(f"cannot read tokens file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SecurityError(f"tokens file {path} is not UTF-8 text") from None
     return parse_tokens(text.splitlines(), str(path))
 
 

@@ -368,6 +368,11 @@ def test_token_sources_and_errors(tmp_path, monkeypatch):
         read_tokens_file(tmp_path / "empty")
     with pytest.raises(SecurityError, match="cannot read tokens file .*missing: No such file"):
         read_tokens_file(tmp_path / "missing")
+    (tmp_path / "bom").write_bytes(f"\ufeff{READ} read\r\n{WRITE} write\r\n".encode())  # as Notepad saves it
+    assert read_tokens_file(tmp_path / "bom") == {READ: "read", WRITE: "write"}  # the mark was part of the first token
+    (tmp_path / "binary").write_bytes(b"\xff\xfe" + f"{READ} read".encode("utf-16-le"))
+    with pytest.raises(SecurityError, match="binary is not UTF-8 text"):  # was a bare UnicodeDecodeError
+        read_tokens_file(tmp_path / "binary")
 
 
 def test_tls_files_come_in_pairs_and_unreadable_ones_are_named(tmp_path):

@@ -21,6 +21,7 @@ from training.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+
 def _without_backbone(backbones: tuple[str, ...], why: str) -> Callable[[ExperimentSpec], str | None]:
     return lambda s: None if s.model.backbone in backbones else f"with backbone {s.model.backbone}: {why}"
 
