@@ -646,3 +646,12 @@ def test_a_cuda_device_the_machine_lacks_is_refused_naming_the_key(synthetic_roo
             f"reid {command}: error: {shown} names CUDA device 1, but this machine has 1 (0..0); "
             "CUDA_VISIBLE_DEVICES=3 numbers the visible ones from 0")
     assert spawned == []
+
+
+def test_validation_on_the_training_folder_is_warned_about(quick_spec, synthetic_root, caplog):
+    train_dir = str(synthetic_root / "bounding_box_train")
+    Trainer(quick_spec(**{"train.validation_interval": 1}), torch.device("cpu"))
+    assert "are training images" not in caplog.text
+    Trainer(quick_spec(**{"train.validation_interval": 1, "dataset.query_dataset_dir": train_dir,
+                          "dataset.test_dataset_dir": train_dir}), torch.device("cpu"))
+    assert "gallery images are training images" in caplog.text and "validation measures what the model memorized" in caplog.text

@@ -42,6 +42,32 @@ def test_evaluate_checkpoint_writes_json_and_plots(trained, tmp_path, capsys):
     assert "with re-ranking" in out and "mAP" in out
 
 
+def test_evaluating_on_the_training_folder_is_warned_about(trained, synthetic_root, tmp_path, capsys, caplog):
+    ckpt, overrides = trained
+    code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", f"evaluate.checkpoint={ckpt}")
+    assert code == 0, err
+    assert "are training images" not in caplog.text
+    train_dir = synthetic_root / "bounding_box_train"
+    code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", f"evaluate.checkpoint={ckpt}",
+                        f"evaluate.query_dataset={train_dir}", f"evaluate.test_dataset={train_dir}")
+    train_images = len(list(train_dir.iterdir()))
+    assert code == 0 and (f"{train_images} of {train_images} query and {train_images} of {train_images} gallery images "
+                          "are training images") in caplog.text, err
+
+
+def test_evaluate_stops_before_embedding_when_no_query_can_be_scored(trained, synthetic_root, tmp_path, capsys, caplog):
+    """The training folder's people are not the query's: evaluate embedded every image, then said
+    "mAP is undefined"."""
+    ckpt, overrides = trained
+    test_dir = synthetic_root / "bounding_box_train"
+    code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", f"evaluate.checkpoint={ckpt}",
+                        f"evaluate.test_dataset={test_dir}")
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"reid evaluate: error: no query in {synthetic_root / 'query'} has an image of the same person from another "
+        f"camera in {test_dir}, so the evaluation has no mAP to report; check the folders")
+    assert "query:" not in err and "embedding" not in caplog.text  # no progress bar: nothing was embedded
+
+
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
 def test_inference_file_scores_like_the_checkpoint(trained, tmp_path, capsys, suffix):
     ckpt, overrides = trained

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data.market1501 import load_gallery, load_query, load_train, parse_name
+from training.data.market1501 import load_gallery, load_query, load_train, parse_name, warn_of_training_images
 from training.data.transforms import read_image
 from training.errors import DataError
 
@@ -108,3 +108,22 @@ def test_make_synthetic_refuses_sets_that_cannot_be_evaluated(tmp_path, capsys):
     assert main(["make-synthetic", str(out), "--identities", "6"]) == 2  # would mix two sets
     assert "bounding_box_train is not empty; give a new folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*.jpg")) == before
+
+
+def test_query_or_gallery_images_from_the_training_folder_are_warned_about(tmp_path, caplog):
+    """A test folder set to bounding_box_train reported what the model memorized as re-identification."""
+    names = ["0001_c1s1_000001_00.jpg", "0001_c2s1_000002_00.jpg", "0002_c1s1_000003_00.jpg", "0002_c2s1_000004_00.jpg"]
+    _touch(tmp_path / "bounding_box_train", names)
+    _touch(tmp_path / "query", names[:2])  # another dataset's files with the same names: not training images
+    (tmp_path / "link").symlink_to(tmp_path / "bounding_box_train")  # the training folder by another path
+    train = str(tmp_path / "bounding_box_train")
+    query, gallery = load_query(tmp_path / "query"), load_gallery(tmp_path / "link")
+    warn_of_training_images(train, query, gallery, "the evaluation")
+    assert caplog.messages == [f"0 of 2 query and 4 of 4 gallery images are training images (dataset.train_dataset_dir="
+                               f"{train}): the evaluation measures what the model memorized, not how it finds people it "
+                               "never saw; give the held-out query and test folders"]
+    caplog.clear()
+    warn_of_training_images(train, query, load_gallery(tmp_path / "query"), "validation")
+    warn_of_training_images("", query, gallery, "validation")  # no training folder in the spec
+    warn_of_training_images(str(tmp_path / "gone"), query, gallery, "validation")
+    assert caplog.messages == []

@@ -19,11 +19,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from retrieval.distance import cosine_distance
-from retrieval.metrics import evaluate_rank, queries_with_matches
+from retrieval.metrics import evaluate_rank
 from retrieval.owner_lock import OwnerLock
 from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ExperimentSpec, spec_to_dict
-from training.data.market1501 import ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder
+from training.data.market1501 import (ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder,
+                                      require_matches, warn_of_training_images)
 from training.data.samplers import IdentityBatchSampler, RandomBatchSampler
 from training.data.shared_memory import check_shared_memory
 from training.data.transforms import ImageDataset, build_train_transform, check_images
@@ -74,10 +75,8 @@ def validation_split(spec: ExperimentSpec) -> tuple[list[ImageRecord], list[Imag
     d, why = spec.dataset, f" (train.validation_interval={spec.train.validation_interval} evaluates on it)"
     query = load_query(require_folder(d.query_dataset_dir, "dataset.query_dataset_dir" + why))
     gallery = load_gallery(require_folder(d.test_dataset_dir, "dataset.test_dataset_dir" + why))
-    if not queries_with_matches(*protocol_ids(query, gallery)).any():
-        raise DataError(f"no query in {d.query_dataset_dir} has an image of the same person from another camera in "
-                        f"{d.test_dataset_dir}, so validation has no mAP to report; check the folders, or set "
-                        f"train.validation_interval=0")
+    require_matches(query, gallery, d.query_dataset_dir, d.test_dataset_dir, "validation",
+                    "check the folders, or set train.validation_interval=0")
     return query, gallery
 
 
@@ -137,6 +136,8 @@ class Trainer:
         self.records = load_train(require_folder(spec.dataset.train_dataset_dir, "dataset.train_dataset_dir"),
                                   spec.dataset.num_classes)
         self.val_split = validation_split(spec) if spec.train.validation_interval else None
+        if self.val_split and _is_main(rank):
+            warn_of_training_images(spec.dataset.train_dataset_dir, *self.val_split, "validation")
         val_paths = [r.path for split in self.val_split for r in split] if self.val_split else []
         check_images([r.path for r in self.records] + val_paths, spec.dataset.num_workers, rank, world_size,
                      total=self._sum_over_processes)

@@ -14,7 +14,7 @@ from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
 from retrieval.rerank import k_reciprocal_rerank
 from training.checkpoint import model_required
-from training.data.market1501 import load_query_gallery, protocol_ids
+from training.data.market1501 import load_query_gallery, protocol_ids, require_matches, warn_of_training_images
 from training.data.transforms import check_images
 from training.embed import nonfinite_rows
 from training.devices import cuda_or_cpu
@@ -156,8 +156,10 @@ def run_evaluate(spec) -> dict:
                                "evaluate.output_cmc_curve_plot" if e.output_cmc_curve_plot else "results_dir")
     matches_path = writable_output(e.output_sampled_matches_plot or out_dir / "sampled_matches.png",
                                    "evaluate.output_sampled_matches_plot" if e.output_sampled_matches_plot else "results_dir")
-    query, gallery = load_query_gallery(e.query_dataset or spec.dataset.query_dataset_dir,
-                                        e.test_dataset or spec.dataset.test_dataset_dir, "evaluate")
+    query_dir, test_dir = e.query_dataset or spec.dataset.query_dataset_dir, e.test_dataset or spec.dataset.test_dataset_dir
+    query, gallery = load_query_gallery(query_dir, test_dir, "evaluate")
+    require_matches(query, gallery, query_dir, test_dir, "the evaluation", "check the folders")
+    warn_of_training_images(spec.dataset.train_dataset_dir, query, gallery, "the evaluation")
     device = None if e.server else cuda_or_cpu(e.gpu_id, "evaluate.gpu_id")  # embeds, and re-ranks
     embedder = None if device is None else open_embedder(e.checkpoint, spec, device, e.batch_size or spec.dataset.val_batch_size)
     if embedder is None or embedder.reads_images:  # a server is sent the images too

@@ -5,13 +5,18 @@ they are valid non-matches). CUHK03 and DukeMTMC in Market layout follow the sam
 """
 from __future__ import annotations
 
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from retrieval.metrics import queries_with_matches
 from training.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _NAME = re.compile(r"^(-?\d+)_c(\d+)")
@@ -78,6 +83,33 @@ def _split_hint(folder: Path) -> str:
     if not splits:
         return ""
     return f"; its subfolders {', '.join(splits)} hold images: give one of them (a split, not the dataset root)"
+
+
+def require_matches(query: list[ImageRecord], gallery: list[ImageRecord], query_dir: str, test_dir: str,
+                    purpose: str, fix: str) -> None:
+    """Stop before any embedding when no query has a gallery image of the same person from another
+    camera: ``purpose`` (validation, the evaluation) would have no mAP to report, found only after
+    embedding every image."""
+    if not queries_with_matches(*protocol_ids(query, gallery)).any():
+        raise DataError(f"no query in {query_dir} has an image of the same person from another camera in "
+                        f"{test_dir}, so {purpose} has no mAP to report; {fix}")
+
+
+def warn_of_training_images(train_dir: str, query: list[ImageRecord], gallery: list[ImageRecord], what: str) -> None:
+    """Say so when query or gallery images are files of the training folder (the test folder set
+    to ``bounding_box_train`` by a slip): ``what`` (validation, the evaluation) would then report
+    what the model memorized as re-identification, with nothing else looking wrong. Files are
+    compared by their real paths, so one folder reached by two paths counts, and another dataset's
+    files with the same Market-1501 names do not."""
+    if not train_dir or not Path(train_dir).is_dir():
+        return
+    trained = {os.path.realpath(p) for p in Path(train_dir).iterdir()}
+    in_query = sum(os.path.realpath(r.path) in trained for r in query)
+    in_gallery = sum(os.path.realpath(r.path) in trained for r in gallery)
+    if in_query or in_gallery:
+        log.warning("%d of %d query and %d of %d gallery images are training images (dataset.train_dataset_dir=%s): "
+                    "%s measures what the model memorized, not how it finds people it never saw; give the "
+                    "held-out query and test folders", in_query, len(query), in_gallery, len(gallery), train_dir, what)
 
 
 def protocol_ids(query: list[ImageRecord], gallery: list[ImageRecord]) -> tuple[np.ndarray, ...]:
