@@ -18,7 +18,7 @@ import yaml
 
 from retrieval.gallery import FaissGalleryStore, GalleryError
 from retrieval.gallery.milvus_store import CONSISTENCY_LEVELS
-from serving.engines import ModelFileError, ModelMetadata, check_pixel_flags, open_engine
+from serving.engines import ModelFileError, ModelMetadata, check_pixel_flags, open_engine, warn_if_wide
 from serving.engines.onnxruntime import GRAPH_OPTIMIZATIONS
 from serving.security import SecurityError, env_tokens, read_tokens_file
 from serving.server import ServerConfig, serve_forever
@@ -257,6 +257,7 @@ def preprocessing_fallback(args: argparse.Namespace) -> ModelMetadata | None:
     if args.pixel_mean is None:
         return None
     h, w = args.input_size or (0, 0)  # 0: the graph's fixed size, else refused (no guess)
+    warn_if_wide(h, w, f"--input-size {h} {w}")
     return ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
 
 

@@ -182,3 +182,14 @@ def test_missing_and_invalid_spec_files(tmp_path):
         load_spec(None, ["train.gpu_ids=[0,"])
     assert str(err.value) == ("override train.gpu_ids: cannot parse value '[0,': line 1, column 4: "
                               "expected the node content, but found '<stream end>'")
+
+
+def test_an_input_size_wider_than_high_is_warned_about(caplog):
+    """Height and width swapped trained on squashed people without a word."""
+    build_spec({}, ["model.input_height=128", "model.input_width=256"])
+    assert caplog.messages == ["model.input_height=128, model.input_width=256: wider than high, but person crops are "
+                               "taller than wide (height first: 256x128 is usual); were the two swapped?"]
+    caplog.clear()
+    build_spec({}, ["model.input_height=256", "model.input_width=128"])
+    build_spec({"model": {"input_height": 64, "input_width": 64}}, [])
+    assert caplog.messages == []

@@ -559,6 +559,19 @@ def test_batcher_options_come_from_the_config_file_and_the_command_line(tmp_path
         build_config(parse_serve_args(["--model", "m.onnx", "--min-client-ping-seconds", "-1"]))
 
 
+def test_an_input_size_wider_than_high_is_warned_about(caplog):
+    from serving.cli import parse_serve_args, preprocessing_fallback
+
+    mean = ["--pixel-mean", "0.5", "0.5", "0.5", "--pixel-std", "0.5", "0.5", "0.5"]
+    fallback = preprocessing_fallback(parse_serve_args(["--model", "m.onnx", *mean, "--input-size", "128", "256"]))
+    assert (fallback.input_height, fallback.input_width) == (128, 256)  # as given: a warning, not a guess
+    assert "--input-size 128 256: wider than high" in caplog.text
+    caplog.clear()
+    preprocessing_fallback(parse_serve_args(["--model", "m.onnx", *mean, "--input-size", "256", "128"]))
+    preprocessing_fallback(parse_serve_args(["--model", "m.onnx", *mean]))  # the graph's size
+    assert caplog.text == ""
+
+
 def test_every_flag_named_after_a_setting_reaches_the_server_config(tmp_path):
     """build_config kept a hand-written list of flags: one added to the parser and not to the list
     was parsed, then ignored."""

@@ -5,11 +5,11 @@ import zipfile
 from pathlib import Path
 
 from serving.engines.base import (Engine, ImageError, ModelFileError, ModelMetadata, NoPreprocessingMetadata, check_pixel_flags,
-                                  decode_image, resize)
+                                  decode_image, resize, warn_if_wide)
 from serving.engines.tensorrt import sidecar_path
 
 __all__ = ["Engine", "ImageError", "ModelFileError", "ModelMetadata", "NoPreprocessingMetadata", "check_pixel_flags",
-           "decode_image", "model_kind", "open_engine", "resize"]
+           "decode_image", "model_kind", "open_engine", "resize", "warn_if_wide"]
 
 
 def model_kind(path: str | Path) -> str:

@@ -128,6 +128,15 @@ def check_pixel_flags(pixel_mean: list | None, pixel_std: list | None) -> None:
                          "them by 255 (ImageNet's: 0.485 0.456 0.406 / 0.229 0.224 0.225)")
 
 
+def warn_if_wide(height: int, width: int, given_as: str) -> None:
+    """Person crops are taller than wide (ReID models take 256x128 or 384x128, height first); an
+    input size wider than tall is most likely the two swapped, which trains or embeds squashed
+    people without any error. ``given_as`` says how the size was given (spec keys, a flag)."""
+    if width > height:
+        log.warning("%s: wider than high, but person crops are taller than wide (height first: 256x128 is usual); "
+                    "were the two swapped?", given_as)
+
+
 # JPEGs go to TurboJPEG (simplejpeg), other formats to OpenCV, which decodes and resizes several
 # times faster than Pillow on person crops (measured in docs/performance.md); headers are read
 # first, so the pixel limit holds before any decoding.

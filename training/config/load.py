@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from serving.engines.base import warn_if_wide
 from serving.strict_yaml import load_yaml, yaml_problem
 from training.config.schema import ExperimentSpec
 from training.errors import ConfigError
@@ -182,6 +183,8 @@ def _check_combinations(spec: ExperimentSpec, explicit: set[str]) -> None:
         raise ConfigError(f"dataset.pixel_mean={d.pixel_mean} / dataset.pixel_std={d.pixel_std} look like 0..255 values, "
                           "but images are scaled to 0..1 before they are normalized: divide them by 255 (ImageNet's: "
                           "[0.485, 0.456, 0.406] / [0.229, 0.224, 0.225])")
+    if {"model.input_height", "model.input_width"} & explicit:
+        warn_if_wide(m.input_height, m.input_width, f"model.input_height={m.input_height}, model.input_width={m.input_width}")
     uses_center = m.metric_loss_type in ("center", "triplet_center")
     if m.with_center_loss != uses_center:
         raise ConfigError(
