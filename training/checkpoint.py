@@ -106,9 +106,14 @@ def file_sha256(path: str | Path) -> str:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The last epoch checkpoint a training run wrote into ``out_dir`` (``results_dir/train``)."""
-    existing = sorted(out_dir.glob("model_epoch_*.pth"))
-    return existing[-1] if existing else None
+    """The last epoch checkpoint a training run wrote into ``out_dir`` (``results_dir/train``), by
+    epoch number: names are padded to 3 digits, so by name epoch 1000 came before epoch 999."""
+    epochs = {}
+    for path in out_dir.glob("model_epoch_*.pth"):
+        number = path.stem.removeprefix("model_epoch_")
+        if number.isdigit():
+            epochs[int(number)] = path
+    return epochs[max(epochs)] if epochs else None
 
 
 def model_required(key: str, accepts: str, results_dir: str) -> ConfigError:
