@@ -144,6 +144,14 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_spec(args) -> int:
+    from training.config import load_spec
+    from training.config.dump import spec_yaml
+
+    print(spec_yaml(load_spec(args.experiment_spec, args.overrides)), end="")
+    return 0
+
+
 def _cmd_make_synthetic(args) -> int:
     from tqdm import tqdm
 
@@ -177,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_command(sub, "evaluate", "mAP/CMC of a checkpoint, .onnx, .engine or embeddings file, with plots.", _cmd_evaluate)
     _spec_command(sub, "export", "Export a checkpoint to ONNX with a parity check (TAO form of reid-export).", _cmd_export)
     _spec_command(sub, "inference", "Embed every query and gallery image (JSON or .npz by extension).", _cmd_inference)
+    _spec_command(sub, "spec", "Print the spec after the file and overrides, every key: those set active, the others "
+                  "commented out at their defaults (what a run will use; a start for a spec file).", _cmd_spec)
     p = sub.add_parser("make-synthetic", help="Write a small synthetic dataset in Market-1501 layout.")
     p.add_argument("out_dir")
     p.add_argument("--identities", type=int, default=40, help="number of people (half train, half test)")
