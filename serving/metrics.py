@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+IMAGE_OUTCOMES = ("ok", "invalid", "model_error")  # reid_images_total's outcome label
 
 
 class ServerMetrics:
@@ -37,6 +38,13 @@ class ServerMetrics:
         self.credential_reloads = Counter(
             "reid_credential_reloads_total", "Times the TLS files or the tokens file changed and were read again, by "
             "outcome (refused: they held no valid set, and the one in use stayed)", ["credential", "outcome"], registry=r)
+        # Every code and outcome starts at 0: Prometheus's rate() and increase() see no rise in a
+        # series whose first sample is already 1, so an alert on "any INTERNAL error" missed the first.
+        for code in grpc.StatusCode:
+            if code != grpc.StatusCode.OK:
+                self.errors.labels(code.name)
+        for outcome in IMAGE_OUTCOMES:
+            self.images.labels(outcome)
         self.tls_not_after = Gauge("reid_tls_certificate_expiry_timestamp_seconds",
                                    "When the TLS certificate served expires (seconds since the epoch; 0 without TLS)",
                                    registry=r)
@@ -47,8 +55,13 @@ class ServerMetrics:
         if code != "OK":
             self.errors.labels(code).inc()
 
+    def watch_reloads(self, credential: str) -> None:
+        """Start ``credential``'s reload counts ("tls", "tokens") at 0, for a server that watches its files."""
+        for outcome in ("loaded", "refused"):
+            self.credential_reloads.labels(credential, outcome)
+
     def count_reload(self, credential: str, ok: bool) -> None:
-        """One reading again of ``credential``'s changed files ("tls", "tokens"), taken or refused."""
+        """One reading again of ``credential``'s changed files, taken or refused."""
         self.credential_reloads.labels(credential, "loaded" if ok else "refused").inc()
 
     def watch_galleries(self, store: GalleryBackend) -> None:

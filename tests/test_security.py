@@ -255,6 +255,8 @@ def test_a_renewed_certificate_is_served_without_a_restart(tiny_onnx, pki, tmp_p
     shutil.copy(pki / "server.key", key)
     old_ca, new_ca = {"root_certificates": (pki / "ca.pem").read_bytes()}, {"root_certificates": (tmp_path / "ca2.pem").read_bytes()}
     with ServerThread(OnnxRuntimeEngine(tiny_onnx), ServerConfig(port=0, tls_cert=str(cert), tls_key=str(key))) as s:
+        assert s.metrics.registry.get_sample_value(  # there at 0 from the start, for alerts on its rise
+            "reid_credential_reloads_total", {"credential": "tls", "outcome": "refused"}) == 0.0
         assert (_embeds(s.target, **old_ca), _embeds(s.target, **new_ca)) == ("ok", "UNAVAILABLE")
         shutil.copy(tmp_path / "new.pem", cert)  # half a renewal: the new certificate beside the old key
         time.sleep(0.1)
