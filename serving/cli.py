@@ -1,6 +1,8 @@
 """``reid-serve``: options, config file and startup of the gRPC server (``reid-client`` is in ``client_cli``)."""
 from __future__ import annotations
 
+import serving.grpc_logs  # noqa: F401  first: sets gRPC's log level before gRPC is imported
+
 import argparse
 import importlib.metadata
 import asyncio

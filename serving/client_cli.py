@@ -7,6 +7,8 @@ error found before calling.
 """
 from __future__ import annotations
 
+import serving.grpc_logs  # noqa: F401  first: sets gRPC's log level before gRPC is imported
+
 import argparse
 import importlib.metadata
 import json

@@ -8,6 +8,8 @@ certificate holds (a container probing 127.0.0.1 with a certificate for reid.exa
 """
 from __future__ import annotations
 
+import serving.grpc_logs  # noqa: F401  first: sets gRPC's log level before gRPC is imported
+
 import argparse
 import sys
 import time

@@ -425,3 +425,33 @@ def test_plaintext_beyond_localhost_needs_insecure(caplog):
         check_bind("0.0.0.0", tls=False, insecure=False)
     check_bind("0.0.0.0", tls=False, insecure=True)
     assert "PLAINTEXT" in caplog.text
+
+
+def test_failed_handshakes_do_not_break_the_json_logs(tiny_onnx, pki):
+    """gRPC's C core wrote "I1207 ... ssl_transport_security.cc] Handshake failed ..." to stderr
+    for every failed TLS handshake (a TCP probe, a plaintext client), outside the JSON lines."""
+    import json
+    import signal
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}  # as a fresh shell has it
+    proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                             "--model", str(tiny_onnx), "--port", "0", "--no-gallery", "--log-format", "json",
+                             "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")],
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while not any("serving reid.v1.ReIdentification on" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            lines.append(proc.stderr.readline())
+        target = "127.0.0.1:" + lines[-1].split("127.0.0.1:")[1].split()[0]
+        assert _embeds(target) == "UNAVAILABLE"  # plaintext at a TLS port
+        assert _embeds(target, root_certificates=(pki / "client.pem").read_bytes()) == "UNAVAILABLE"  # another CA
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        lines += proc.stderr.read().splitlines()
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert [json.loads(line)["message"] for line in lines if line.strip()][-1] == "server stopped", lines
