@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Union
@@ -71,6 +72,26 @@ def parse_response(response: reid_pb2.EmbedResponse) -> list[EmbedOutcome]:
 RETRIED_METHODS = ("Embed", "Search", "ListEntries", "ListGalleries", "GetGalleryInfo")
 
 
+def check_target(target: str) -> None:
+    """A URL given as the server's address (``http://host:50051``, as for a web service) reads to
+    gRPC as a host name with slashes in it: the call failed later with "Misformatted domain name".
+    gRPC targets are ``host:port`` or a resolver's ``scheme:`` form (``dns:///``, ``ipv4:``)."""
+    scheme = re.match(r"(https?)://", target)
+    if scheme:
+        rest = target[scheme.end():].rstrip("/")
+        tls = " (and --tls-ca / root_certificates= for TLS)" if scheme.group(1) == "https" else ""
+        raise ValueError(f"server address {target!r} is a URL; give host:port, e.g. {rest}{tls}")
+
+
+def port_missing(target: str) -> bool:
+    """Whether ``target`` is a bare host, to which gRPC adds port 443 (reid-serve listens on 50051)."""
+    if re.match(r"[a-z][a-z0-9+.-]*:", target) and not re.match(r"[^:/]+:\d+$", target):  # dns:///, ipv4:, unix:
+        return False
+    if target.startswith("["):
+        return "]:" not in target
+    return ":" not in target
+
+
 def service_config(retries: int) -> str:
     """The channel's gRPC service config.
 
@@ -113,6 +134,7 @@ class _Connection:
                  aio: bool = False):
         if not 0 <= retries <= 4:
             raise ValueError(f"retries must be within 0..4 (gRPC makes at most 5 attempts), got {retries}")
+        check_target(target)
         opts = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.enable_retries", int(retries > 0)), ("grpc.service_config", service_config(retries))]
         if keepalive_seconds:

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 
 from retrieval.distance import l2_normalize
-from serving.client import GalleryClient, ReidClient, metadata_message, parse_response
+from serving.client import GalleryClient, ReidClient, metadata_message, parse_response, port_missing
 from serving.proto import reid_pb2
 from serving.security import TLS_CA_ENV, TLS_CLIENT_ENV, SecurityError, client_tls
 
@@ -654,6 +654,9 @@ def _fix_for(exc: grpc.RpcError, args: argparse.Namespace) -> str:
     if exc.code() == grpc.StatusCode.NOT_FOUND and missing:
         return f" (reid-client galleries lists the galleries; reid-client create {missing.group(1)} makes this one)"
     if exc.code() == grpc.StatusCode.UNAVAILABLE and "Connection refused" in details:
+        if port_missing(args.server):
+            return (f" (--server {args.server} gives no port, so gRPC called port 443; reid-serve listens on 50051 "
+                    f"unless told otherwise: give --server {args.server}:PORT)")
         return f" (nothing listens at {args.server}: start reid-serve there, or give --server HOST:PORT or REID_SERVER)"
     over = re.search(r"request has \d+ images; the limit is (\d+)", details)
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and over and hasattr(args, "batch"):
@@ -688,7 +691,10 @@ def client_main(argv: list[str] | None = None) -> int:
             tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
         except SecurityError as exc:
             raise UsageError(str(exc)) from None
-        return kind(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"), **tls)
+        try:
+            return kind(args.server, timeout=args.timeout, token=args.token or os.environ.get("REID_TOKEN"), **tls)
+        except ValueError as exc:  # an address that is not a gRPC target
+            raise UsageError(f"--server: {exc}") from None
 
     try:
         return COMMANDS[args.command](args, connect)

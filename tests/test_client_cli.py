@@ -8,11 +8,12 @@ import socket
 import subprocess
 import sys
 
+import grpc
 import numpy as np
 import pytest
 
 from retrieval.gallery import FaissGalleryStore
-from serving.client import GalleryClient
+from serving.client import GalleryClient, ReidClient
 from serving.client_cli import client_main
 from serving.engines.onnxruntime import OnnxRuntimeEngine
 from serving.server import ServerConfig
@@ -598,6 +599,35 @@ def test_a_server_address_where_nothing_listens_says_how_to_give_another(capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("reid-client: error: UNAVAILABLE: ") and "Connection refused" in err, err
     assert err.endswith(f"(nothing listens at {target}: start reid-serve there, or give --server HOST:PORT or REID_SERVER)")
+
+
+def test_a_url_or_a_bare_host_as_the_server_address_says_what_to_give(capsys):
+    """A URL failed at the first call with gRPC's "Misformatted domain name"; a host without a port
+    was called at 443 (gRPC's default), with only "nothing listens" said."""
+    import argparse
+
+    from serving.client_cli import _fix_for
+
+    assert client_main(["galleries", "--server", "http://127.0.0.1:50051"]) == 2
+    assert capsys.readouterr().err.strip() == ("reid-client: error: --server: server address 'http://127.0.0.1:50051' is "
+                                               "a URL; give host:port, e.g. 127.0.0.1:50051")
+    with pytest.raises(ValueError, match=r"is a URL; give host:port, e.g. reid.example.com \(and --tls-ca"):
+        ReidClient("https://reid.example.com/")
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.7:443: Connection refused"
+
+    def hint(server: str) -> str:
+        return _fix_for(Refused(), argparse.Namespace(server=server, token=None, tls_ca=None, tls_cert=None, batch=1))
+
+    assert hint("10.0.0.7") == (" (--server 10.0.0.7 gives no port, so gRPC called port 443; reid-serve listens on 50051 "
+                                "unless told otherwise: give --server 10.0.0.7:PORT)")
+    for server in ("10.0.0.7:50051", "[::1]:50051", "dns:///reid:50051", "ipv4:10.0.0.7:1,10.0.0.8:1"):
+        assert hint(server).startswith(f" (nothing listens at {server}: "), server
 
 
 def test_a_reader_that_leaves_early_ends_the_output_quietly(server, crops):

@@ -140,6 +140,8 @@ def test_bad_inputs_give_one_line_and_nonzero_exit(trained, tmp_path, capsys, sy
         ([f"evaluate.checkpoint={ckpt}", 'dataset.test_dataset_dir=""'], "set evaluate.test_dataset (or dataset.test_dataset_dir"),
         # The model is checked before any folder is read.
         ([f"evaluate.checkpoint={tmp_path / 'absent.onnx'}", 'dataset.query_dataset_dir=""'], "evaluate.checkpoint="),
+        # a URL for a gRPC address: was gRPC's "Misformatted domain name" after the images were checked
+        (["evaluate.server=http://127.0.0.1:50051"], "evaluate.server: server address 'http://127.0.0.1:50051' is a URL"),
     ]
     for extra, message in cases:
         code, _, err = _run(capsys, "evaluate", *overrides, f"results_dir={tmp_path}", *extra)

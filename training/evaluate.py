@@ -88,7 +88,10 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
         connection = {"token": os.environ.get("REID_TOKEN") or None, **client_tls()}
     except SecurityError as exc:
         raise ConfigError(str(exc)) from None
-    client, gallery_client = ReidClient(target, timeout=300, **connection), GalleryClient(target, timeout=600, **connection)
+    try:
+        client, gallery_client = ReidClient(target, timeout=300, **connection), GalleryClient(target, timeout=600, **connection)
+    except ValueError as exc:  # an address that is not a gRPC target
+        raise ConfigError(f"evaluate.server: {exc}") from None
     try:
         qf = []
         # ``with``: each bar is cleared however its loop ends, before a stop's or an error's line is printed
