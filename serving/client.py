@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Union
@@ -11,6 +10,7 @@ import grpc
 import numpy as np
 
 from serving.proto import reid_pb2, reid_pb2_grpc
+from serving.targets import check_target
 from serving.wire import embedding_message
 
 ImageInput = Union[bytes, str, Path, np.ndarray]
@@ -70,26 +70,6 @@ def parse_response(response: reid_pb2.EmbedResponse) -> list[EmbedOutcome]:
 # Calls that change nothing, so that sending one again cannot do anything twice. Writes are never
 # retried for the caller: an add with ids the server assigns would add its entries twice.
 RETRIED_METHODS = ("Embed", "Search", "ListEntries", "ListGalleries", "GetGalleryInfo")
-
-
-def check_target(target: str) -> None:
-    """A URL given as the server's address (``http://host:50051``, as for a web service) reads to
-    gRPC as a host name with slashes in it: the call failed later with "Misformatted domain name".
-    gRPC targets are ``host:port`` or a resolver's ``scheme:`` form (``dns:///``, ``ipv4:``)."""
-    scheme = re.match(r"(https?)://", target)
-    if scheme:
-        rest = target[scheme.end():].rstrip("/")
-        tls = " (and --tls-ca / root_certificates= for TLS)" if scheme.group(1) == "https" else ""
-        raise ValueError(f"server address {target!r} is a URL; give host:port, e.g. {rest}{tls}")
-
-
-def port_missing(target: str) -> bool:
-    """Whether ``target`` is a bare host, to which gRPC adds port 443 (reid-serve listens on 50051)."""
-    if re.match(r"[a-z][a-z0-9+.-]*:", target) and not re.match(r"[^:/]+:\d+$", target):  # dns:///, ipv4:, unix:
-        return False
-    if target.startswith("["):
-        return "]:" not in target
-    return ":" not in target
 
 
 def service_config(retries: int) -> str:

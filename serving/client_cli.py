@@ -23,9 +23,10 @@ import grpc
 import numpy as np
 
 from retrieval.distance import l2_normalize
-from serving.client import GalleryClient, ReidClient, metadata_message, parse_response, port_missing
+from serving.client import GalleryClient, ReidClient, metadata_message, parse_response
 from serving.proto import reid_pb2
 from serving.security import TLS_CA_ENV, TLS_CLIENT_ENV, SecurityError, client_tls
+from serving.targets import port_missing
 
 
 class UsageError(Exception):

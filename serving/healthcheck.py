@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.security import SecurityError, read_certificates, read_key_pair
+from serving.targets import check_target
 
 
 def _channel(target: str, credentials: grpc.ChannelCredentials | None, server_name: str | None) -> grpc.Channel:
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tls-cert and --tls-key go together")
     if (args.tls_cert or args.tls_server_name) and args.tls_ca is None:
         p.error("--tls-cert and --tls-server-name need --tls-ca")
+    try:
+        check_target(args.target)
+    except ValueError as exc:  # else an unhealthy verdict, forever, with no word why
+        p.error(str(exc))
     credentials = None
     if args.tls_ca is not None:
         try:
