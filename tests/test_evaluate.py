@@ -227,7 +227,8 @@ def test_training_checks_its_folders_before_the_first_epoch(tmp_path, capsys, sy
     blocker.write_text("")
     code, _, err = _run(capsys, "train", *quick_overrides(synthetic_root, blocker / "results"))
     last = err.strip().splitlines()[-1]
-    assert code == 2 and last.startswith("reid train: error: ") and "Not a directory" in last, err
+    assert code == 2 and last == (f"reid train: error: results_dir={blocker / 'results'}: cannot create "
+                                  f"{blocker / 'results' / 'train'}: Not a directory"), err
     assert "Traceback" not in err
 
 

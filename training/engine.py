@@ -401,7 +401,10 @@ def own_results_dir(spec: ExperimentSpec) -> OwnerLock | None:
     if launcher_rank() != 0:
         return None
     folder = Path(spec.results_dir) / "train"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # said only "PATH: No such file or directory", for a folder it could not create
+        raise ConfigError(f"results_dir={spec.results_dir}: cannot create {folder}: {exc.strerror or exc}") from None
 
     def in_use(holder: str) -> ConfigError:
         return ConfigError(f"results_dir={spec.results_dir} is in use by another training run ({holder}); let it "
