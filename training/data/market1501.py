@@ -98,14 +98,21 @@ def require_matches(query: list[ImageRecord], gallery: list[ImageRecord], query_
 def warn_of_training_images(train_dir: str, query: list[ImageRecord], gallery: list[ImageRecord], what: str) -> None:
     """Say so when query or gallery images are files of the training folder (the test folder set
     to ``bounding_box_train`` by a slip): ``what`` (validation, the evaluation) would then report
-    what the model memorized as re-identification, with nothing else looking wrong. Files are
-    compared by their real paths, so one folder reached by two paths counts, and another dataset's
-    files with the same Market-1501 names do not."""
+    what the model memorized as re-identification, with nothing else looking wrong. Folders are
+    compared by their real paths (one real path per folder, not per image: a training set of
+    100,000 images costs nothing), so the training folder reached by another path or a link
+    counts, and another dataset's files with the same Market-1501 names do not."""
     if not train_dir or not Path(train_dir).is_dir():
         return
-    trained = {os.path.realpath(p) for p in Path(train_dir).iterdir()}
-    in_query = sum(os.path.realpath(r.path) in trained for r in query)
-    in_gallery = sum(os.path.realpath(r.path) in trained for r in gallery)
+    trained, verdicts = os.path.realpath(train_dir), {}
+
+    def in_training(record: ImageRecord) -> bool:
+        folder = os.path.dirname(record.path)
+        if folder not in verdicts:
+            verdicts[folder] = os.path.realpath(folder) == trained
+        return verdicts[folder]
+
+    in_query, in_gallery = sum(map(in_training, query)), sum(map(in_training, gallery))
     if in_query or in_gallery:
         log.warning("%d of %d query and %d of %d gallery images are training images (dataset.train_dataset_dir=%s): "
                     "%s measures what the model memorized, not how it finds people it never saw; give the "
