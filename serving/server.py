@@ -367,10 +367,15 @@ class ReidServer:
             await self._shutdown
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT drain and stop. SIGHUP, by daemon custom "reload", ended the process at
+        once (its default action), calls in flight and all: it now only says what reloads by itself."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda s=sig: (log.info("received %s: draining", s.name),
                                                         asyncio.ensure_future(self.stop())))
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
+            "received SIGHUP: nothing to do; the TLS and tokens files are read again when they change (within a "
+            "second), and a new model or other settings need a restart"))
 
 
 async def serve_forever(engine: Engine, config: ServerConfig, store: GalleryBackend | None = None) -> None:

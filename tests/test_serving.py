@@ -991,6 +991,29 @@ def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path, event_loop):
         proc.stderr.close()
 
 
+def test_sighup_does_not_stop_the_server(tiny_onnx):
+    """SIGHUP ("reload", by daemon custom) ended the process at once, calls in flight and all."""
+    proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                             "--model", str(tiny_onnx), "--port", "0", "--no-gallery"], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        line, deadline = "", time.monotonic() + 60
+        while " on 127.0.0.1:" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, line
+            line = proc.stderr.readline()
+        target = "127.0.0.1:" + line.split("127.0.0.1:")[1].split()[0]
+        time.sleep(0.5)  # the handlers are set just after that line
+        proc.send_signal(signal.SIGHUP)
+        assert "received SIGHUP: nothing to do; the TLS and tokens files are read again" in proc.stderr.readline()
+        with ReidClient(target) as client:
+            assert client.embed([_jpeg(1)])[0].ok
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.stderr.close()
+
+
 def test_json_logs_are_one_object_per_line_from_start_to_stop(tiny_onnx, tmp_path):
     """``--log-format json`` (for log collectors): every line the server logs, start to exit, is one
     JSON object with its time, level, logger and message; and FAISS's loader, imported by the first
