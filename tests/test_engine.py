@@ -648,6 +648,13 @@ def test_a_cuda_device_the_machine_lacks_is_refused_naming_the_key(synthetic_roo
     assert spawned == []
 
 
+def test_a_schedule_the_run_never_reaches_is_warned_about_when_training_starts(quick_spec, caplog):
+    Trainer(quick_spec(**{"train.num_epochs": 2, "train.optim.lr_steps": "[1]"}), torch.device("cpu"))
+    assert "never reached" not in caplog.text
+    Trainer(quick_spec(**{"train.num_epochs": 2, "train.optim.lr_steps": "[1, 5]"}), torch.device("cpu"))
+    assert "train.optim.lr_steps=[1, 5]: epoch 5 is never reached with train.num_epochs=2" in caplog.text
+
+
 def test_validation_on_the_training_folder_is_warned_about(quick_spec, synthetic_root, caplog):
     train_dir = str(synthetic_root / "bounding_box_train")
     Trainer(quick_spec(**{"train.validation_interval": 1}), torch.device("cpu"))

@@ -35,7 +35,7 @@ from training.errors import STOP_REQUESTED, ConfigError, DataError, ReidError, T
 from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
 from training.models.build import load_pretrained, model_args_differences
-from training.optim import build_optimizer, lr_factor, set_epoch_lr
+from training.optim import build_optimizer, lr_factor, set_epoch_lr, warn_of_unreached_schedule
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class Trainer:
         self.val_split = validation_split(spec) if spec.train.validation_interval else None
         if self.val_split and _is_main(rank):
             warn_of_training_images(spec.dataset.train_dataset_dir, *self.val_split, "validation")
+        if _is_main(rank):
+            warn_of_unreached_schedule(spec.train.optim, spec.train.num_epochs)
         val_paths = [r.path for split in self.val_split for r in split] if self.val_split else []
         check_images([r.path for r in self.records] + val_paths, spec.dataset.num_workers, rank, world_size,
                      total=self._sum_over_processes)

@@ -1,10 +1,13 @@
 """Optimizers with ReID parameter groups and the warmup + multi-step learning-rate schedule."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(
@@ -51,6 +54,19 @@ def lr_factor(epoch: int, lr_steps: list[int], gamma: float, warmup_epochs: int,
     else:
         warm = warmup_factor + (1 - warmup_factor) * (1 - math.cos(math.pi * alpha)) / 2
     return warm * decay
+
+
+def warn_of_unreached_schedule(o, num_epochs: int) -> None:
+    """A schedule cut short (a 120-epoch spec run for 30 epochs) kept the full rate to the end, or
+    never reached it, without a word. ``o``: the spec's ``train.optim``."""
+    late = [step for step in o.lr_steps if step >= num_epochs]
+    if late:
+        log.warning("train.optim.lr_steps=%s: %s %s never reached with train.num_epochs=%d (epochs 0..%d run), so the "
+                    "rate is not lowered there", o.lr_steps, "epoch" if len(late) == 1 else "epochs",
+                    ", ".join(map(str, late)) + (" is" if len(late) == 1 else " are"), num_epochs, num_epochs - 1)
+    if o.warmup_epochs >= num_epochs:
+        log.warning("train.optim.warmup_epochs=%d is not shorter than train.num_epochs=%d: the run ends before the "
+                    "rate reaches train.optim.base_lr", o.warmup_epochs, num_epochs)
 
 
 def set_epoch_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
