@@ -31,7 +31,7 @@ def test_set_keys_are_active_and_defaults_commented_with_their_docs():
     assert "    base_lr: 0.01" in lines and "    # name: SGD" in lines
     assert "  backbone_overrides: {embed_dim: 32}  # extra constructor arguments for the backbone (e.g. a smaller " \
            "Swin for quick runs)" in lines
-    assert "  # validation_interval: 0  # evaluate on query/test every N epochs; 0 = never" in lines
+    assert "  # validation_interval: 0  # evaluate on query/test every N epochs and after the last; 0 = never" in lines
 
 
 def test_reid_spec_prints_it_and_refuses_a_bad_key(capsys):

@@ -34,6 +34,14 @@ def test_train_writes_checkpoints_and_metrics(quick_spec):
     assert payload["epoch"] == 2 and payload["spec"]["train"]["num_epochs"] == 2
 
 
+def test_the_last_epoch_is_validated_too(quick_spec):
+    """Every validation_interval epochs only: a run of 50 epochs validated every 20 said nothing of
+    the model it ended with."""
+    ckpt = train(quick_spec(**{"train.num_epochs": 3, "train.validation_interval": 2}))
+    lines = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [("mAP" in m) for m in lines] == [False, True, True]
+
+
 def test_validation_with_embeddings_that_are_not_finite_logs_an_error_and_training_goes_on(quick_spec, monkeypatch, caplog):
     """NaN embeddings used to give a validation mAP of 1.0; stopping instead would leave the other
     processes of a multi-GPU run waiting at the barrier."""

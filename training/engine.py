@@ -319,7 +319,9 @@ class Trainer:
             metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
             metrics.update(epoch=epoch + 1, lr=o.base_lr * factor, images=n_images,
                            images_per_s=n_images / (time.perf_counter() - start), seconds=time.perf_counter() - start)
-            if t.validation_interval and (epoch + 1) % t.validation_interval == 0:
+            # and after the last epoch, as for checkpoints: a run of 50 epochs validated every 20 said
+            # nothing of the model it ended with
+            if t.validation_interval and ((epoch + 1) % t.validation_interval == 0 or epoch + 1 == t.num_epochs):
                 if main:
                     metrics.update(validate(self.model, spec, self.device, *self.val_split))
                 if self.world_size > 1:

@@ -106,7 +106,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     num_epochs: int = ranged(120, 1)
     checkpoint_interval: int = ranged(10, 1)
-    validation_interval: int = ranged(0, 0, doc="evaluate on query/test every N epochs; 0 = never")
+    validation_interval: int = ranged(0, 0, doc="evaluate on query/test every N epochs and after the last; 0 = never")
     gpu_ids: List[int] = listed([0], lo=0)
     clip_grad_norm: float = ranged(0.0, 0.0)
     resume_training_checkpoint_path: str = ""
