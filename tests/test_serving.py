@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib.util
 import io
@@ -965,53 +966,45 @@ def test_a_failed_shutdown_step_is_raised_by_wait(engine):
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
-def test_sigterm_drains_and_exits_zero(tiny_onnx, tmp_path, event_loop):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+@contextlib.contextmanager
+def _reid_serve(tiny_onnx, *flags: str):
+    """reid-serve in a subprocess on a free port: (the process, its "serving ... on" line, its address)."""
     proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
-                             "--model", str(tiny_onnx), "--port", "0", "--event-loop", event_loop], cwd=ROOT, env=env,
-                            stderr=subprocess.PIPE, text=True)
+                             "--model", str(tiny_onnx), "--port", "0", *flags], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
     try:
-        port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
+        line, deadline = "", time.monotonic() + 60
+        while " on 127.0.0.1:" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, f"server did not report its port: {line}"
             line = proc.stderr.readline()
-            if " on 127.0.0.1:" in line:
-                port = int(line.split("127.0.0.1:")[1].split()[0])
-        assert port, "server did not report its port"
-        # auto picks uvloop, a dependency wherever it installs (not on Windows)
-        expected = "asyncio" if event_loop == "asyncio" or importlib.util.find_spec("uvloop") is None else "uvloop"
-        assert line.rstrip().endswith(f", {expected} event loop)"), line
-        with ReidClient(f"127.0.0.1:{port}") as client:
-            assert client.embed([_jpeg(1)])[0].ok
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
+        yield proc, line, "127.0.0.1:" + line.split("127.0.0.1:")[1].split()[0]
     finally:
         proc.kill()
         proc.stderr.close()
 
 
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+def test_sigterm_drains_and_exits_zero(tiny_onnx, event_loop):
+    with _reid_serve(tiny_onnx, "--event-loop", event_loop) as (proc, line, target):
+        # auto picks uvloop, a dependency wherever it installs (not on Windows)
+        expected = "asyncio" if event_loop == "asyncio" or importlib.util.find_spec("uvloop") is None else "uvloop"
+        assert line.rstrip().endswith(f", {expected} event loop)"), line
+        with ReidClient(target) as client:
+            assert client.embed([_jpeg(1)])[0].ok
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+
+
 def test_sighup_does_not_stop_the_server(tiny_onnx):
     """SIGHUP ("reload", by daemon custom) ended the process at once, calls in flight and all."""
-    proc = subprocess.Popen([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
-                             "--model", str(tiny_onnx), "--port", "0", "--no-gallery"], cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True)
-    try:
-        line, deadline = "", time.monotonic() + 60
-        while " on 127.0.0.1:" not in line:
-            assert time.monotonic() < deadline and proc.poll() is None, line
-            line = proc.stderr.readline()
-        target = "127.0.0.1:" + line.split("127.0.0.1:")[1].split()[0]
-        time.sleep(0.5)  # the handlers are set just after that line
+    with _reid_serve(tiny_onnx, "--no-gallery") as (proc, _, target):
+        time.sleep(0.5)  # the handlers are set just after the line that names the port
         proc.send_signal(signal.SIGHUP)
         assert "received SIGHUP: nothing to do; the TLS and tokens files are read again" in proc.stderr.readline()
         with ReidClient(target) as client:
             assert client.embed([_jpeg(1)])[0].ok
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
-        proc.stderr.close()
 
 
 def test_json_logs_are_one_object_per_line_from_start_to_stop(tiny_onnx, tmp_path):
