@@ -177,11 +177,30 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(str(exc))
         parser.set_defaults(**options)
         args = parser.parse_args(argv)
+        args.config_paths = {k: v for k, v in values.items() if k in PATH_OPTIONS and isinstance(v, str)}
         values = {k: v for k, v in values.items() if k not in actions}
     if not args.model:
         parser.error("--model is required (on the command line or in --config)")
     args.config_values = values
     return args
+
+
+# Options that name files or folders. In a --config file, as on the command line, a relative one is
+# taken from the working directory.
+PATH_OPTIONS = ("model", "tokens_file", "tls_cert", "tls_key", "tls_client_ca", "milvus_ca", "gallery_dir")
+
+
+def config_folder_hint(args: argparse.Namespace) -> str:
+    """For a start that failed: the --config file's relative paths that do not exist from the
+    working directory but do beside the file, the likely cause (a config file and its model kept
+    together, the server started elsewhere)."""
+    folder = Path(args.config).parent if args.config else None
+    misplaced = [f"{key}: {value}" for key, value in getattr(args, "config_paths", {}).items()
+                 if folder and not Path(value).is_absolute() and not Path(value).exists() and (folder / value).exists()]
+    if not misplaced:
+        return ""
+    return (f"relative paths in --config are taken from the working directory {Path.cwd()}, not from {folder}, "
+            f"which holds {', '.join(misplaced)}: give absolute paths, or start from {folder}")
 
 
 def _given(args: argparse.Namespace, settings) -> dict:
@@ -276,6 +295,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     # time it was made), which Prometheus stores as a series of its own: twice the series for
     # nothing a dashboard reads. Process-wide, so the CLI (which owns the process) turns it off.
     prometheus_client.disable_created_metrics()
+    misplaced = config_folder_hint(args)  # before the store makes a gallery_dir that did not exist here
     try:
         config = build_config(args)
         fallback = preprocessing_fallback(args)
@@ -290,8 +310,10 @@ def serve_main(argv: list[str] | None = None) -> int:
                 raise ValueError("--model-id must not be empty")
             engine.model_id = args.model_id.strip()
         store = None if args.no_gallery else open_store(args)
+        if misplaced:  # a gallery_dir beside the config, and a new empty one made here: its galleries looked gone
+            log.warning(misplaced)
     except (ModelFileError, GalleryError, SecurityError, ValueError, OSError) as exc:
-        print(f"reid-serve: error: {exc}", file=sys.stderr)
+        print(f"reid-serve: error: {exc}" + (f" ({misplaced})" if misplaced else ""), file=sys.stderr)
         return 2
     try:
         run(serve_forever(engine, config, store))

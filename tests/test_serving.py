@@ -573,6 +573,35 @@ def test_an_input_size_wider_than_high_is_warned_about(caplog):
     assert caplog.text == ""
 
 
+def test_paths_a_config_file_gives_beside_itself_are_named_when_they_miss(tiny_onnx, tmp_path, monkeypatch, capsys, caplog):
+    """Relative paths in --config are read from the working directory: a config kept beside its
+    model failed with "model file m.onnx does not exist", and a gallery_dir beside it started an
+    empty gallery folder here, its galleries seemingly gone."""
+    import shutil
+
+    from serving.cli import serve_main
+
+    conf = tmp_path / "conf"
+    (conf / "galleries").mkdir(parents=True)
+    shutil.copy(tiny_onnx, conf / "m.onnx")
+    (conf / "serve.yaml").write_text("model: m.onnx\nno_gallery: true\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert serve_main(["--config", str(conf / "serve.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"reid-serve: error: model file m.onnx does not exist (relative paths in --config are taken from the working "
+        f"directory {elsewhere}, not from {conf}, which holds model: m.onnx: give absolute paths, or start from {conf})")
+    (conf / "serve.yaml").write_text(f"model: {conf / 'm.onnx'}\ngallery_dir: galleries\n")
+    monkeypatch.setattr("serving.cli.serve_forever", lambda *a: asyncio.sleep(0))  # up to the start, no further
+    assert serve_main(["--config", str(conf / "serve.yaml")]) == 0
+    assert f"not from {conf}, which holds gallery_dir: galleries" in caplog.text
+    caplog.clear()
+    monkeypatch.chdir(conf)  # started beside it: nothing to say
+    assert serve_main(["--config", "serve.yaml"]) == 0
+    assert "relative paths in --config" not in caplog.text
+
+
 def test_every_flag_named_after_a_setting_reaches_the_server_config(tmp_path):
     """build_config kept a hand-written list of flags: one added to the parser and not to the list
     was parsed, then ignored."""
