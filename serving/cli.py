@@ -194,9 +194,11 @@ def config_folder_hint(args: argparse.Namespace) -> str:
     """For a start that failed: the --config file's relative paths that do not exist from the
     working directory but do beside the file, the likely cause (a config file and its model kept
     together, the server started elsewhere)."""
-    folder = Path(args.config).parent if args.config else None
-    misplaced = [f"{key}: {value}" for key, value in getattr(args, "config_paths", {}).items()
-                 if folder and not Path(value).is_absolute() and not Path(value).exists() and (folder / value).exists()]
+    if not args.config:
+        return ""
+    folder = Path(args.config).parent
+    misplaced = [f"{key}: {value}" for key, value in args.config_paths.items()
+                 if not Path(value).is_absolute() and not Path(value).exists() and (folder / value).exists()]
     if not misplaced:
         return ""
     return (f"relative paths in --config are taken from the working directory {Path.cwd()}, not from {folder}, "

@@ -334,7 +334,7 @@ def _enroll(args, connect) -> int:
     batches = _batches(args, files[args.skip:])
     meta = _metadata(args, [p for batch in batches for p in batch])
     failed = enrolled = done = 0  # done: images whose call is over, enrolled or failed alone
-    adding: list = []  # the images (path, embedding) of a call to add that has not answered yet
+    pending = 0  # images of the call to add under way (its failed ones too): it may apply though the client gave up
     with connect(GalleryClient) as g, connect(ReidClient) as client:
         try:
             for batch, outcomes in _embedded_for(args.gallery, g, client, batches, "enroll into a new gallery"):
@@ -342,18 +342,17 @@ def _enroll(args, connect) -> int:
                     if not o.ok:
                         failed += 1
                         _print_failure(path, o.error_code, o.error)
-                adding = [(path, o.embedding) for path, o in zip(batch, outcomes) if o.ok]
-                if adding:
-                    ids = g.add(args.gallery, embeddings=np.stack([e for _, e in adding]),
-                                metadata=[meta[p] for p, _ in adding])
-                    for (path, _), entry in zip(adding, ids):
+                good = [(path, o.embedding) for path, o in zip(batch, outcomes) if o.ok]
+                if good:
+                    pending = len(batch)
+                    ids = g.add(args.gallery, embeddings=np.stack([e for _, e in good]), metadata=[meta[p] for p, _ in good])
+                    for (path, _), entry in zip(good, ids):
                         print(f"{path}: id {entry}", flush=True)
-                    enrolled += len(adding)
-                done += len(batch)
-                adding = []
+                    enrolled += len(good)
+                done, pending = done + len(batch), 0
         except (grpc.RpcError, CommandFailed, KeyboardInterrupt) as exc:
-            if done or adding:
-                _print_enroll_stop(args, exc, enrolled, len(files), done, len(batch) if adding else 0)
+            if done or pending:
+                _print_enroll_stop(args, exc, enrolled, len(files), done, pending)
             raise
     return 1 if failed else 0
 

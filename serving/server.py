@@ -190,9 +190,10 @@ class ReidServer:
                             on_reload=lambda ok: self.metrics.count_reload("tokens", ok))
         interceptors = ([TokenAuthInterceptor(tokens, lambda method, code: self.metrics.count_call(method, code.name))]
                         if len(tokens) else [])
-        for credential, watched in (("tls", creds is not None), ("tokens", bool(c.tokens_file))):
-            if watched:
-                self.metrics.watch_reloads(credential)
+        if creds is not None:
+            self.metrics.watch_reloads("tls")
+        if c.tokens_file:
+            self.metrics.watch_reloads("tokens")
         self.server = grpc.aio.server(options=opts, interceptors=interceptors)
         self.batcher = DynamicBatcher(self.engine, c.max_batch_size, c.max_queue_delay_ms / 1000, c.queue_capacity,
                                       c.batching, self.metrics, c.instances, c.split_batch_ms / 1000, self._batch_outcome)

@@ -136,9 +136,9 @@ class Trainer:
         self.records = load_train(require_folder(spec.dataset.train_dataset_dir, "dataset.train_dataset_dir"),
                                   spec.dataset.num_classes)
         self.val_split = validation_split(spec) if spec.train.validation_interval else None
-        if self.val_split and _is_main(rank):
-            warn_of_training_images(spec.dataset.train_dataset_dir, *self.val_split, "validation")
         if _is_main(rank):
+            if self.val_split:
+                warn_of_training_images(spec.dataset.train_dataset_dir, *self.val_split, "validation")
             warn_of_unreached_schedule(spec.train.optim, spec.train.num_epochs)
         val_paths = [r.path for split in self.val_split for r in split] if self.val_split else []
         check_images([r.path for r in self.records] + val_paths, spec.dataset.num_workers, rank, world_size,

@@ -59,11 +59,11 @@ def lr_factor(epoch: int, lr_steps: list[int], gamma: float, warmup_epochs: int,
 def warn_of_unreached_schedule(o, num_epochs: int) -> None:
     """A schedule cut short (a 120-epoch spec run for 30 epochs) kept the full rate to the end, or
     never reached it, without a word. ``o``: the spec's ``train.optim``."""
-    late = [step for step in o.lr_steps if step >= num_epochs]
+    late = [str(step) for step in o.lr_steps if step >= num_epochs]
     if late:
-        log.warning("train.optim.lr_steps=%s: %s %s never reached with train.num_epochs=%d (epochs 0..%d run), so the "
-                    "rate is not lowered there", o.lr_steps, "epoch" if len(late) == 1 else "epochs",
-                    ", ".join(map(str, late)) + (" is" if len(late) == 1 else " are"), num_epochs, num_epochs - 1)
+        which = f"epoch {late[0]} is" if len(late) == 1 else f"epochs {', '.join(late)} are"
+        log.warning("train.optim.lr_steps=%s: %s never reached with train.num_epochs=%d (epochs 0..%d run), so the rate "
+                    "is not lowered there", o.lr_steps, which, num_epochs, num_epochs - 1)
     if o.warmup_epochs >= num_epochs:
         log.warning("train.optim.warmup_epochs=%d is not shorter than train.num_epochs=%d: the run ends before the "
                     "rate reaches train.optim.base_lr", o.warmup_epochs, num_epochs)

@@ -108,7 +108,7 @@ def spec_key(field_name: str) -> str:
 
 
 def model_args_differences(saved: dict, now: ModelArgs) -> list[str]:
-    """``key=saved (now: value)`` for every field of a checkpoint's model arguments that ``now``
+    """``key=saved (now value)`` for every field of a checkpoint's model arguments that ``now``
     does not share: what a user must set back to resume the run."""
     current = now.to_dict()
     return [f"{spec_key(name)}={saved.get(name)!r} (now {value!r})"
