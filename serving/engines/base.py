@@ -122,10 +122,19 @@ def check_pixel_flags(pixel_mean: list | None, pixel_std: list | None) -> None:
                          "--pixel-std 0.229 0.224 0.225; 0 0 0 and 1 1 1 for a model fed 0..1 pixels)")
     if pixel_std is not None and min(pixel_std) <= 0:
         raise ValueError(f"--pixel-std {' '.join(map(str, pixel_std))}: every value must be above 0")
-    if pixel_mean is not None and max([*pixel_mean, *pixel_std]) > 1:  # an OpenMMLab-style config's numbers
-        raise ValueError(f"--pixel-mean {' '.join(map(str, pixel_mean))} --pixel-std {' '.join(map(str, pixel_std))} "
-                         "look like 0..255 values, but images are scaled to 0..1 before they are normalized: divide "
-                         "them by 255 (ImageNet's: 0.485 0.456 0.406 / 0.229 0.224 0.225)")
+    problem = pixel_scale_problem(pixel_mean, pixel_std) if pixel_mean is not None else None
+    if problem:
+        raise ValueError(f"--pixel-mean {' '.join(map(str, pixel_mean))} --pixel-std {' '.join(map(str, pixel_std))} {problem}")
+
+
+def pixel_scale_problem(pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> str | None:
+    """What is wrong with pixel statistics given on the 0..255 scale (an OpenMMLab-style config's
+    numbers), or None: images are scaled to 0..1 before they are normalized, so such values feed
+    the model garbage without any error. One wording for the flags and the spec keys."""
+    if max([*pixel_mean, *pixel_std]) <= 1:
+        return None
+    return ("look like 0..255 values, but images are scaled to 0..1 before they are normalized: divide them by 255 "
+            "(ImageNet's: 0.485 0.456 0.406 / 0.229 0.224 0.225)")
 
 
 def warn_if_wide(height: int, width: int, given_as: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from serving.engines.base import warn_if_wide
+from serving.engines.base import pixel_scale_problem, warn_if_wide
 from serving.strict_yaml import load_yaml, yaml_problem
 from training.config.schema import ExperimentSpec
 from training.errors import ConfigError
@@ -179,10 +179,9 @@ def _check_combinations(spec: ExperimentSpec, explicit: set[str]) -> None:
         if changed or strict:
             log.warning("%s=%s has no effect %s; ignored", key, spec_value(spec, key), why)
     m, d, o = spec.model, spec.dataset, spec.train.optim
-    if max([*d.pixel_mean, *d.pixel_std]) > 1:  # images are 0..1 when normalized: such values train on garbage
-        raise ConfigError(f"dataset.pixel_mean={d.pixel_mean} / dataset.pixel_std={d.pixel_std} look like 0..255 values, "
-                          "but images are scaled to 0..1 before they are normalized: divide them by 255 (ImageNet's: "
-                          "[0.485, 0.456, 0.406] / [0.229, 0.224, 0.225])")
+    problem = pixel_scale_problem(d.pixel_mean, d.pixel_std)
+    if problem:
+        raise ConfigError(f"dataset.pixel_mean={d.pixel_mean} / dataset.pixel_std={d.pixel_std} {problem}")
     if {"model.input_height", "model.input_width"} & explicit:
         warn_if_wide(m.input_height, m.input_width, f"model.input_height={m.input_height}, model.input_width={m.input_width}")
     uses_center = m.metric_loss_type in ("center", "triplet_center")
