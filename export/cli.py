@@ -69,6 +69,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"reid-export: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # --checkpoint where only reid-serve's install is (no PyTorch)
+        from training.errors import missing_torch
+
+        line = missing_torch(exc, "--checkpoint")
+        if line is None:
+            raise
+        print(f"reid-export: error: {line}; building from an existing --onnx needs no PyTorch", file=sys.stderr)
+        return 2
     except Exception as exc:  # a checkpoint/ONNX file that cannot be read
         from training.errors import ReidError
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 
 from export.errors import ExportError
-from export.onnx import check_graph
+from export.onnx_file import check_graph
 
 KEEP_FP32_OPS = [
     "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from export.errors import ExportError, warn
 from export.fp16 import convert_fp16
-from export.onnx import CHECK_BATCHES, export_onnx, read_onnx, run_onnx, static_input
-from export.verify import check_inputs, check_parity
+from export.onnx_file import read_onnx, run_onnx, static_input
+from export.verify import CHECK_BATCHES, check_inputs, check_parity
 from serving.engines.base import ModelMetadata, check_pixel_flags
 from serving.engines.tensorrt import sidecar_path
 from training.outputs import replaced_on_success
@@ -147,6 +147,8 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
         if checkpoint is None:  # another tool's ONNX: a missing --pixel-mean is found before any stage runs
             props = ensure_metadata(onnx_path, pixel_mean, pixel_std)
     if checkpoint is not None:
+        from export.onnx import export_onnx  # PyTorch: the only stage that needs it
+
         log(f"[1] ONNX export of {checkpoint} ...")
         report = export_onnx(checkpoint, onnx_path, normalize_output=normalize)
         stages.append(Stage("onnx", str(onnx_path), report["export_seconds"], report["parity_min_cosine"]))
@@ -181,10 +183,6 @@ def run_pipeline(checkpoint: Path | None, onnx_path: Path, engine_path: Path | N
 
 def verify_only(checkpoint: Path | None, onnx_path: Path, engine_path: Path | None, fp16: bool, log=print) -> list[Stage]:
     """Re-run every applicable parity check on existing files; writes nothing."""
-    import torch
-
-    from training.embed import model_from_checkpoint
-
     if checkpoint is None and not fp16 and engine_path is None:  # it checked nothing and exited 0
         raise ExportError("--verify-only compares --onnx with something: give --checkpoint (ONNX vs PyTorch), "
                           "--fp16 (its FP16 copy) or --engine (the TensorRT engine)")
@@ -196,6 +194,10 @@ def verify_only(checkpoint: Path | None, onnx_path: Path, engine_path: Path | No
             read_onnx(path)
     stages = []
     if checkpoint is not None:
+        import torch
+
+        from training.embed import model_from_checkpoint
+
         model, _ = model_from_checkpoint(str(checkpoint))
         md = ModelMetadata.from_props({p.key: p.value for p in read_onnx(onnx_path).metadata_props})
         parity = {}

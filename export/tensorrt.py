@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from export.errors import ExportError
-from export.onnx import static_input
+from export.onnx_file import static_input
 from serving.engines.tensorrt import sidecar_path
 
 

@@ -5,6 +5,9 @@ import numpy as np
 
 from export.errors import ExportError
 
+# The batch sizes each stage is checked at: one image, and a batch that is no power of two.
+CHECK_BATCHES = (1, 7)
+
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

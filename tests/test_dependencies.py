@@ -7,6 +7,8 @@ use it (GPU re-ranking), so training, evaluation and serving share it without pu
 from __future__ import annotations
 
 import ast
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +68,41 @@ def test_the_client_library_loads_no_decoder_runtime_or_index():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _without_torch(call: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``call`` (Python) where torch, torchvision and timm cannot be imported, as in the serving
+    image, whose install has none of them."""
+    code = "import sys\nfor name in ('torch', 'torchvision', 'timm'): sys.modules[name] = None\n" + call
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_an_onnx_file_becomes_fp16_and_meets_the_engine_stage_without_pytorch(tiny_onnx, tmp_path):
+    """The deployment guide builds the TensorRT engine in the serving image, from the ONNX file:
+    ``reid-export`` failed there at import (``No module named 'torch'``), even for ``--help``."""
+    model = tmp_path / "model.onnx"
+    shutil.copy(tiny_onnx, model)
+    result = _without_torch(f"from export.cli import main\nsys.exit(main(['--onnx', {str(model)!r}, '--fp16']))", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fp16_onnx" in result.stdout and (tmp_path / "model.fp16.onnx").is_file()
+    result = _without_torch(f"from export.cli import main\nsys.exit(main(['--onnx', {str(model)!r}, '--engine', 'm.engine']))",
+                            tmp_path)
+    assert result.returncode == 2
+    assert "cannot build a TensorRT engine here" in result.stderr and "torch" not in result.stderr
+
+
+@pytest.mark.parametrize("call, command", [
+    ("from export.cli import main\nsys.exit(main(['--checkpoint', 'run.pth', '--onnx', 'm.onnx']))", "reid-export: error: --checkpoint"),
+    ("from training.cli import main\nsys.exit(main(['train', '-e', 'spec.yaml']))", "reid train: error: this command"),
+    ("from training.cli import main\nsys.exit(main(['evaluate', '-e', 'spec.yaml']))", "reid evaluate: error: this command"),
+], ids=["reid-export --checkpoint", "reid train", "reid evaluate"])
+def test_commands_that_need_pytorch_say_so_in_one_line_without_it(tmp_path, call, command):
+    (tmp_path / "spec.yaml").write_text("results_dir: out\n")
+    (tmp_path / "run.pth").write_bytes(b"not read")
+    result = _without_torch(call, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"{command} needs PyTorch, and torch is not installed here")
+    assert "'.[train]'" in lines[0]

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper
 
 from export.cli import main as export_main
 from export.errors import ExportError
-from export.onnx import check_graph, export_onnx, run_onnx
+from export.onnx import export_onnx
+from export.onnx_file import check_graph, run_onnx
 from export.pipeline import compare_onnx, run_pipeline
 from export.tensorrt import gpu_available
 from serving.engines.onnxruntime import OnnxRuntimeEngine

@@ -9,7 +9,7 @@ import sys
 from typing import Callable
 
 from training.data.shared_memory import shared_memory_error
-from training.errors import STOP_REQUESTED, ReidError, Terminated, os_error_line
+from training.errors import STOP_REQUESTED, ReidError, Terminated, missing_torch, os_error_line
 
 log = logging.getLogger("reid")
 
@@ -223,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         word, code = _stopped(exc)
         print(f"reid {args.command}: {word}", file=sys.stderr)
         return code
+    except ModuleNotFoundError as exc:  # train, evaluate, inference, export where only reid-serve's install is
+        line = missing_torch(exc, "this command")
+        if line is None:
+            raise
+        print(f"reid {args.command}: error: {line}", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
 

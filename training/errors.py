@@ -33,3 +33,14 @@ def os_error_line(exc: OSError) -> str:
     """An OSError as the CLIs print it: the path and the reason (``/x/y: Permission denied``)."""
     where = f"{exc.filename}: " if exc.filename else ""
     return f"{where}{exc.strerror or exc}"
+
+
+def missing_torch(exc: ImportError, subject: str) -> str | None:
+    """The line for a command (``subject`` names it) that needs PyTorch, run where only the base
+    install is (the serving image has none: serving never imports it), or None for any other
+    missing module. Without it the command ended in a traceback of ``No module named 'torch'``."""
+    name = (exc.name or "").partition(".")[0]
+    if name not in ("torch", "torchvision", "timm"):
+        return None
+    return (f"{subject} needs PyTorch, and {name} is not installed here: install reid's train extra "
+            "(pip install '.[train]' in a checkout; the image of Dockerfile.train has it)")
