@@ -153,14 +153,13 @@ def _cmd_spec(args) -> int:
 
 
 def _cmd_make_synthetic(args) -> int:
-    from tqdm import tqdm
-
     from training.data.synthetic import make_synthetic
+    from training.progress import progress
 
     try:
         counts = make_synthetic(
             args.out_dir, args.identities, args.cameras, args.images_per_identity, args.seed, args.height, args.width,
-            progress=lambda it: tqdm(it, desc="identities", unit="id"),
+            progress=lambda it: progress(it, desc="identities", unit="id"),
         )
     except ValueError as exc:
         raise ReidError(str(exc)) from None

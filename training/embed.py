@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from training.checkpoint import load_checkpoint
 from training.data.shared_memory import check_shared_memory
 from training.data.transforms import ImageDataset, build_eval_transform
 from training.models import ModelArgs, build_model
 from training.models.build import ReIdModel
+from training.progress import progress
 
 
 def model_from_checkpoint(path: str) -> tuple[ReIdModel, dict]:
@@ -40,7 +40,7 @@ def embed_records(
     was_training = model.training
     model.eval()
     out = []
-    with tqdm(loader, desc=desc, disable=desc is None, unit="batch", leave=False) as bar:  # cleared however the loop ends
+    with progress(loader, desc=desc or "", disable=desc is None, unit="batch", leave=False) as bar:  # cleared however the loop ends
         for images, _, _ in bar:
             out.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
     model.train(was_training)

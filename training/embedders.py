@@ -12,11 +12,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from training.data.market1501 import ImageRecord
 from training.data.workers import loader_workers
 from training.errors import ReidError
+from training.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class EngineEmbedder:
 
         out = []
         # ``with``: the bar is cleared however the loop ends, before a stop's or an error's line is printed
-        with tqdm(range(0, len(records), self.batch_size), desc=desc, unit="batch", leave=False) as bar:
+        with progress(range(0, len(records), self.batch_size), desc=desc, unit="batch", leave=False) as bar:
             for start in bar:
                 images = []
                 for rec in records[start : start + self.batch_size]:

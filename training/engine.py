@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from retrieval.distance import cosine_distance
 from retrieval.metrics import evaluate_rank
@@ -36,6 +35,7 @@ from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
 from training.models.build import load_pretrained, model_args_differences
 from training.optim import build_optimizer, lr_factor, set_epoch_lr, warn_of_unreached_schedule
+from training.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class Trainer:
             # ``with``: the bar is closed however the loop ends, so that a stop's line starts a line of its own;
             # a SIGTERM between the bar's first display and its first step once left it open ("epoch 2/500:
             # 0%| ... reid train: terminated; ...", one line)
-            with tqdm(self.loader, desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not main, unit="batch", mininterval=1.0) as bar:
+            with progress(self.loader, desc=f"epoch {epoch + 1}/{t.num_epochs}", disable=not main, unit="batch", mininterval=1.0) as bar:
                 for images, pids, _ in bar:
                     if STOP_REQUESTED.is_set():  # a SIGTERM whose exception was lost where it landed
                         raise Terminated()

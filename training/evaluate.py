@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from retrieval.distance import compute_distance, l2_normalize
 from retrieval.metrics import evaluate_rank
@@ -16,12 +15,13 @@ from retrieval.rerank import k_reciprocal_rerank
 from training.checkpoint import model_required
 from training.data.market1501 import load_query_gallery, protocol_ids, require_matches, warn_of_training_images
 from training.data.transforms import check_images
-from training.embed import nonfinite_rows
 from training.devices import cuda_or_cpu
+from training.embed import nonfinite_rows
 from training.embedders import open_embedder
 from training.errors import ConfigError, ReidError
 from training.outputs import writable_output
 from training.plots import plot_cmc, plot_matches
+from training.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
     try:
         qf = []
         # ``with``: each bar is cleared however its loop ends, before a stop's or an error's line is printed
-        with tqdm(range(0, len(query), chunk), desc="query (server)", unit="batch", leave=False) as bar:
+        with progress(range(0, len(query), chunk), desc="query (server)", unit="batch", leave=False) as bar:
             for start in bar:
                 for rec, out in zip(query[start:start + chunk], client.embed([r.path for r in query[start:start + chunk]])):
                     if not out.ok:
@@ -104,7 +104,7 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
         qf = np.stack(qf)
         gallery_client.create(name)
         try:
-            with tqdm(range(0, len(gallery), chunk), desc="gallery (server)", unit="batch", leave=False) as bar:
+            with progress(range(0, len(gallery), chunk), desc="gallery (server)", unit="batch", leave=False) as bar:
                 for start in bar:
                     part = gallery[start:start + chunk]
                     gallery_client.add(name, images=[r.path for r in part], ids=range(start + 1, start + len(part) + 1),
@@ -124,7 +124,7 @@ def score_via_server(target: str, query, gallery, rerank_cfg, chunk: int = 64) -
                          "re-ranked figures can differ slightly from offline, which re-ranks all queries together", per_call)
             for label, rerank in variants.items():
                 dist = np.full((len(query), len(gallery)), np.inf, dtype=np.float32)
-                with tqdm(range(0, len(query), per_call), desc=f"search {label} (server)", unit="call", leave=False) as bar:
+                with progress(range(0, len(query), per_call), desc=f"search {label} (server)", unit="call", leave=False) as bar:
                     for start in bar:
                         answers = gallery_client.search(name, embeddings=qf[start:start + per_call], top_k=len(gallery),
                                                         rerank=rerank)
