@@ -106,3 +106,24 @@ def test_commands_that_need_pytorch_say_so_in_one_line_without_it(tmp_path, call
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"{command} needs PyTorch, and torch is not installed here")
     assert "'.[train]'" in lines[0]
+
+
+def test_onnx_runtime_sends_and_keeps_no_telemetry(tiny_onnx, tmp_path):
+    """ONNX Runtime's builds report usage to Microsoft from Linux too, with a device id and an event
+    cache under ~/.cache: a network call in code that users run offline."""
+    code = ("import numpy as np\nfrom serving.engines import open_engine\nfrom export.onnx_file import run_onnx\n"
+            f"engine = open_engine({str(tiny_onnx)!r}, device='cpu')\n"
+            "engine.run(np.zeros((2, 3, engine.metadata.input_height, engine.metadata.input_width), np.float32))\n"
+            f"run_onnx({str(tiny_onnx)!r}, np.zeros((1, 3, engine.metadata.input_height, engine.metadata.input_width), np.float32))\n")
+
+    def files_kept(home: Path, **env: str) -> list[Path]:
+        home.mkdir()
+        environment = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                env={**environment, "HOME": str(home), **env})
+        assert result.returncode == 0, result.stderr
+        return [p for p in home.rglob("*") if p.is_file()]
+
+    if not files_kept(tmp_path / "opted_in", ORT_DISABLE_TELEMETRY="0"):  # the user's choice wins, and shows what to look for
+        pytest.skip("this onnxruntime keeps no telemetry files, even when asked to: nothing to check")
+    assert files_kept(tmp_path / "default") == []

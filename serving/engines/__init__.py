@@ -1,8 +1,18 @@
 """Engines behind one interface: ONNX Runtime (CPU or CUDA) and TensorRT (GPU)."""
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
+
+# ONNX Runtime's PyPI builds (1.32 here) send usage telemetry to Microsoft's 1DS collector from
+# Linux too, and keep a device id and an event cache under ~/.cache/Microsoft: network calls from
+# a server, an evaluation or an export that users run offline, files written wherever HOME points,
+# and in a read-only container a warning line on stderr (past ``--log-format json``) at every
+# start. ``ORT_DISABLE_TELEMETRY=1`` turns all of it off, but only when set before onnxruntime is
+# first imported; every import of it in this project follows this package's. A user's own setting
+# (0, to opt in) wins.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from serving.engines.base import (Engine, ImageError, ModelFileError, ModelMetadata, NoPreprocessingMetadata, check_pixel_flags,
                                   decode_image, resize, warn_if_wide)
