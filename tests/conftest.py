@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic Market-1501-layout set and a quick spec for it."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -53,6 +54,13 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     make_synthetic(root, identities=16, cameras=2, images_per_identity=6, seed=3)
     return root
+
+
+class Terminal(io.StringIO):
+    """A stand-in for stderr on a terminal, where progress bars are drawn (elsewhere they are log lines)."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def quick_overrides(root: Path, results: Path, **extra) -> list[str]:

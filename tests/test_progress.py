@@ -9,18 +9,13 @@ from itertools import count
 import pytest
 from tqdm import tqdm
 
-from tests.conftest import quick_overrides
+from tests.conftest import Terminal, quick_overrides
 from training.cli import main as reid_main
 from training.progress import LoggedProgress, progress
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def test_a_terminal_gets_a_bar_and_a_file_gets_log_lines(monkeypatch):
-    monkeypatch.setattr(sys, "stderr", _Terminal())
+    monkeypatch.setattr(sys, "stderr", Terminal())
     assert isinstance(progress(range(3), desc="x", unit="batch"), tqdm)
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert isinstance(progress(range(3), desc="x", unit="batch"), LoggedProgress)
