@@ -3,7 +3,9 @@ backend (FAISS, and Milvus through Milvus Lite); FAISS durability (log, snapshot
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -144,6 +146,36 @@ def test_milvus_refuses_gallery_names_too_long_for_a_collection(tmp_path):
         assert [g.name for g in store.list()] == ["n" * 125]
     finally:
         close_milvus_store(store)
+
+
+def test_creating_a_milvus_lite_gallery_logs_no_error(tmp_path, caplog):
+    """pymilvus asks Milvus Lite for a method it lacks and goes on; gRPC logged an ERROR traceback
+    in the server's log at every CreateGallery."""
+    store = open_milvus_store(tmp_path)
+    try:
+        with caplog.at_level(logging.ERROR):
+            store.create("g", 4, "hnsw")
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        close_milvus_store(store)
+
+
+def test_only_the_methods_milvus_lite_lacks_leave_its_log():
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    from retrieval.gallery.milvus_store import _not_a_method_milvus_lite_lacks
+
+    def record_of(code: str, filename: str) -> logging.LogRecord:
+        try:
+            exec(compile(code, filename, "exec"))
+        except Exception:  # noqa: BLE001 - whatever the code raised, as gRPC's server catches it
+            return logging.LogRecord("grpc._server", logging.ERROR, filename, 1, "Exception calling application",
+                                     None, sys.exc_info())
+        raise AssertionError("raised nothing")
+
+    assert not _not_a_method_milvus_lite_lacks(record_of("raise NotImplementedError('x')", "milvus_pb2_grpc.py"))
+    assert _not_a_method_milvus_lite_lacks(record_of("raise NotImplementedError('x')", "servicer.py"))
+    assert _not_a_method_milvus_lite_lacks(record_of("raise ValueError('x')", "milvus_pb2_grpc.py"))
+    assert _not_a_method_milvus_lite_lacks(logging.LogRecord("grpc._server", logging.ERROR, "f", 1, "plain", None, None))
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])

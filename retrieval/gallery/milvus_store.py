@@ -46,6 +46,24 @@ log = logging.getLogger(__name__)
 # read by an iterator of its own. (pymilvus 3 names the logger so; 2.x has the iterator elsewhere.)
 for _name in ("pymilvus.client.iterator.query_iterator", "pymilvus.orm.iterator"):
     logging.getLogger(_name).addFilter(lambda record: "failed to get mvccTs" not in record.getMessage())
+
+
+def _not_a_method_milvus_lite_lacks(record: logging.LogRecord) -> bool:
+    """Milvus Lite (3.x) serves pymilvus from a gRPC server in this process and leaves some of
+    Milvus's methods to the generated stubs' ``NotImplementedError``. pymilvus asks for one
+    (AllocTimestamp, while it waits for a new collection's index) and goes on without it, but gRPC
+    logged each such call as an ERROR with a traceback: one in reid-serve's log per CreateGallery.
+    Any other error of that server still logs."""
+    error = record.exc_info[1] if record.exc_info else None
+    if not isinstance(error, NotImplementedError):
+        return True
+    last = error.__traceback__
+    while last is not None and last.tb_next is not None:
+        last = last.tb_next
+    return last is None or not last.tb_frame.f_code.co_filename.endswith("_pb2_grpc.py")
+
+
+logging.getLogger("grpc._server").addFilter(_not_a_method_milvus_lite_lacks)  # the asyncio server logs elsewhere
 PREFIX = "reid_"
 CONSISTENCY_LEVELS = {"strong": "Strong", "bounded": "Bounded", "session": "Session", "eventually": "Eventually"}
 META_FIELDS = ["person_id", "camera_id", "timestamp", "labels"]
