@@ -317,8 +317,23 @@ def _metadata(args, files: list[Path]) -> dict[Path, reid_pb2.EntryMetadata]:
             if match is None:
                 raise UsageError(f"{path}: file name does not match --name-pattern '{pattern.pattern}'")
             ids.update({group: match.group(group) or "" for group in groups})
+            for group in groups:
+                if not _utf8(ids[group]):  # a name in another encoding: protobuf refused it with a traceback
+                    shown = str(path).encode("utf-8", "backslashreplace").decode()
+                    raise UsageError(f"{shown}: the {group} id --name-pattern reads from this file name, {ids[group]!r}, "
+                                     f"is not UTF-8 text; rename the file (e.g. with convmv) or give --{group}-id")
         out[path] = metadata_message(ids["person"], ids["camera"], args.timestamp, labels)
     return out
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can go into a message: file names and arguments in another encoding than
+    UTF-8 reach Python with their bytes kept as surrogates, which protobuf's strings refuse."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _enroll(args, connect) -> int:
@@ -707,6 +722,9 @@ def client_main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"reid-client: error: {exc.code().name}: {exc.details()}{_fix_for(exc, args)}", file=sys.stderr)
         return 1
+    except UnicodeEncodeError as exc:  # a gallery name, id or label given in bytes of another encoding
+        print(f"reid-client: error: {exc.object!r} is not UTF-8 text, which requests carry; give it in UTF-8", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: what was done is printed already; no traceback
         print("reid-client: interrupted", file=sys.stderr)
         return 130

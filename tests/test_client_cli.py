@@ -673,3 +673,20 @@ def test_an_interrupted_embed_output_leaves_the_previous_file_whole(server, crop
     code, _, err = _run(capsys, server, "embed", str(a1), str(a2), "--output", str(out_file))
     assert code == 130 and err.strip() == "reid-client: interrupted"
     assert out_file.read_bytes() == before and sorted(p.name for p in tmp_path.glob("emb*")) == ["emb.npy"]
+
+
+def test_text_in_another_encoding_than_utf8_is_one_line_before_any_call(crops, tmp_path, capsys):
+    """File names and arguments in another encoding reach Python with surrogates, which protobuf
+    refused with a traceback (an enroll of a Latin-1 folder with --name-pattern)."""
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    (folder / "ok_1.jpg").write_bytes(crops[0].read_bytes())
+    (folder / "J\udce9r\udcf4me_2.jpg").write_bytes(crops[0].read_bytes())  # "Jérôme" in Latin-1
+    nobody = "127.0.0.1:9"  # no call is made: the names are checked first
+    code = client_main(["enroll", "g", str(folder), "--name-pattern", r"^(?P<person>[^_]+)_", "--server", nobody])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the person id --name-pattern reads from this file name, 'J\\udce9r\\udcf4me', is not UTF-8 text" in err
+    code = client_main(["create", "caf\udce9", "--server", nobody])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "reid-client: error: 'caf\\udce9' is not UTF-8 text, which requests carry; give it in UTF-8"
