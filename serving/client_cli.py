@@ -88,7 +88,7 @@ def client_parser() -> argparse.ArgumentParser:
     _add_connection_options(p)
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("embed", parents=[common, images], help="embed image files; print embeddings or write them as .npy")
-    e.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order)")
+    e.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order, hidden files left out)")
     e.add_argument("--output", type=Path, help=".npy file for the N x D embeddings (rows of failed images are NaN)")
 
     gl = sub.add_parser("galleries", parents=[common], help="list galleries: name, entries, dimension, index, backend, model")
@@ -102,7 +102,7 @@ def client_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("enroll", parents=[common, images], help="embed images on the server and add them to a gallery")
     a.add_argument("gallery")
-    a.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order)")
+    a.add_argument("images", nargs="+", type=Path, help="image files, or folders of them (their images in name order, hidden files left out)")
     a.add_argument("--person-id", default="", help="person or track id recorded with every image of this call")
     a.add_argument("--camera-id", default="", help="camera id recorded with every image of this call")
     a.add_argument("--name-pattern", type=_name_pattern, metavar="REGEX",
@@ -117,7 +117,7 @@ def client_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", parents=[common, images], help="who is in these images: the closest gallery entries")
     s.add_argument("gallery")
-    s.add_argument("images", nargs="*", type=Path, help="image files, or folders of them (their images in name order)")
+    s.add_argument("images", nargs="*", type=Path, help="image files, or folders of them (their images in name order, hidden files left out)")
     s.add_argument("--entry", action="append", default=[], type=_number(int, 1), metavar="ID",
                    help="search with this gallery entry's stored embedding instead of images (repeatable): where "
                         "else was it seen? It is its own best hit unless --exclude-camera leaves it out")
@@ -188,11 +188,14 @@ def _name_pattern(text: str) -> re.Pattern:
 
 def _image_files(paths: list[Path]) -> list[Path]:
     """The files given, each folder replaced by the image files directly inside it in name order:
-    a gallery of thousands of crops is one folder, not a glob that can outgrow the command line."""
+    a gallery of thousands of crops is one folder, not a glob that can outgrow the command line.
+    Hidden files are left out, as a shell's ``*.jpg`` leaves them out: a folder copied from a Mac
+    holds a ``._NAME.jpg`` beside each image (its metadata, not a JPEG), each an error line."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            inside = sorted(p for p in path.iterdir()
+                            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
             if not inside:
                 raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
             files += inside

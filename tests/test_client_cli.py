@@ -675,6 +675,17 @@ def test_an_interrupted_embed_output_leaves_the_previous_file_whole(server, crop
     assert out_file.read_bytes() == before and sorted(p.name for p in tmp_path.glob("emb*")) == ["emb.npy"]
 
 
+def test_a_folder_gives_its_images_in_name_order_without_hidden_files(crops, tmp_path):
+    """A folder copied from a Mac holds ``._NAME.jpg`` beside each image (metadata, not a JPEG):
+    each was sent, and each failed with an error line of its own."""
+    from serving.client_cli import _image_files
+
+    for name in ("b.jpg", "a.png", "notes.txt", "._a.png", ".hidden.jpg"):
+        (tmp_path / name).write_bytes(crops[0].read_bytes())
+    assert [p.name for p in _image_files([tmp_path])] == ["a.png", "b.jpg"]
+    assert _image_files([tmp_path / "._a.png"]) == [tmp_path / "._a.png"]  # a file named on purpose is sent
+
+
 def test_text_in_another_encoding_than_utf8_is_one_line_before_any_call(crops, tmp_path, capsys):
     """File names and arguments in another encoding reach Python with surrogates, which protobuf
     refused with a traceback (an enroll of a Latin-1 folder with --name-pattern)."""

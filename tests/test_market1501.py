@@ -67,6 +67,14 @@ def test_a_misnamed_image_names_its_folder(tmp_path):
         load_gallery(tmp_path / "split")
 
 
+def test_a_macs_metadata_files_beside_the_images_are_not_read(tmp_path):
+    """A dataset copied from a Mac holds ``._NAME.jpg`` beside each image: its metadata, not a JPEG."""
+    _touch(tmp_path / "split", ["0001_c1s1_000001_00.jpg", "0002_c2s1_000002_00.jpg"])
+    for name in ("._0001_c1s1_000001_00.jpg", "._0002_c2s1_000002_00.jpg"):
+        (tmp_path / "split" / name).write_bytes(b"\x00\x05\x16\x07Mac OS X        ")  # AppleDouble's header
+    assert [r.pid for r in load_gallery(tmp_path / "split")] == [1, 2]
+
+
 def test_corrupt_image_names_its_path(tmp_path):
     bad = tmp_path / "0001_c1s1_000001_00.jpg"
     bad.write_bytes(b"not a jpeg")

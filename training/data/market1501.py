@@ -55,13 +55,15 @@ def load_query_gallery(query: str, gallery: str, command: str) -> tuple[list[Ima
 
 
 def list_split(folder: str | Path, keep_distractors: bool) -> list[ImageRecord]:
-    """Every usable image of one split folder, sorted by file name; junk is always dropped."""
+    """Every usable image of one split folder, sorted by file name; junk is always dropped. Hidden
+    files are not images of the set: a dataset copied from a Mac holds a ``._NAME.jpg`` (metadata)
+    beside each image, which stopped the run as a file name off the Market-1501 pattern."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"dataset folder {folder} does not exist")
     records = []
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
             continue
         try:
             pid, camid = parse_name(path.name)
