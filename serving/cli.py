@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Coroutine
 
@@ -284,12 +285,31 @@ def preprocessing_fallback(args: argparse.Namespace) -> ModelMetadata | None:
     return ModelMetadata(h, w, 0, pixel_mean=args.pixel_mean, pixel_std=args.pixel_std)
 
 
-def serve_main(argv: list[str] | None = None) -> int:
-    args = parse_serve_args(argv)
+def configure_logging(log_format: str) -> Callable[[str], None]:
+    """Logging for ``--log-format``, and the function that reports a fatal error with it.
+
+    With ``json`` every line on stderr must be one object, or a collector splits and mislabels what
+    it cannot parse: Python warnings, a thread's uncaught exception and a crash's traceback went
+    to stderr as plain multi-line text, and the fatal one-liner (``reid-serve: error: ...``) too.
+    They go through logging here. Warnings do in text mode as well, with a time stamp like the rest.
+    """
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if args.log_format == "json" else
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.captureWarnings(True)
+    if log_format != "json":
+        return lambda message: print(message, file=sys.stderr)
+    crash = logging.getLogger("reid-serve")
+    sys.excepthook = lambda kind, error, trace: crash.critical("uncaught exception", exc_info=(kind, error, trace))
+    threading.excepthook = lambda hook: crash.error("uncaught exception in thread %s", getattr(hook.thread, "name", "?"),
+                                                    exc_info=(hook.exc_type, hook.exc_value, hook.exc_traceback))
+    return crash.error
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = parse_serve_args(argv)
+    fatal = configure_logging(args.log_format)
     # FAISS's loader logs at INFO which CPU build it tried, 11 lines at the first gallery call, most
     # of them "Could not load library with AVX512 support due to: ModuleNotFoundError(...)"
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
@@ -315,11 +335,11 @@ def serve_main(argv: list[str] | None = None) -> int:
         if misplaced:  # a gallery_dir beside the config, and a new empty one made here: its galleries looked gone
             log.warning(misplaced)
     except (ModelFileError, GalleryError, SecurityError, ValueError, OSError) as exc:
-        print(f"reid-serve: error: {exc}" + (f" ({misplaced})" if misplaced else ""), file=sys.stderr)
+        fatal(f"reid-serve: error: {exc}" + (f" ({misplaced})" if misplaced else ""))
         return 2
     try:
         run(serve_forever(engine, config, store))
     except (OSError, SecurityError, ModelFileError) as exc:  # ModelFileError: a model that fails its warm-up
-        print(f"reid-serve: error: {exc}", file=sys.stderr)
+        fatal(f"reid-serve: error: {exc}")
         return 2
     return 0

@@ -1072,6 +1072,28 @@ def test_json_logs_are_one_object_per_line_from_start_to_stop(tiny_onnx, tmp_pat
     assert not [e for e in entries if e["logger"].startswith("faiss")], entries
 
 
+def test_json_logs_hold_warnings_crashes_and_the_fatal_error_too(tmp_path):
+    """Python warnings, a thread's uncaught exception, a crash's traceback and the one-line fatal
+    error went to stderr as plain (multi-line) text past ``--log-format json``."""
+    code = ("import threading, warnings\nfrom serving.cli import configure_logging\n"
+            "fatal = configure_logging('json')\nwarnings.warn('a library warns')\n"
+            "thread = threading.Thread(target=lambda: 1 / 0, name='pool-1')\nthread.start(); thread.join()\n"
+            "fatal('reid-serve: error: what to fix')\nraise RuntimeError('boom')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    entries = [json.loads(line) for line in result.stderr.splitlines()]  # each line one object
+    assert [(e["level"], e["logger"]) for e in entries] == [
+        ("WARNING", "py.warnings"), ("ERROR", "reid-serve"), ("ERROR", "reid-serve"), ("CRITICAL", "reid-serve")]
+    assert "UserWarning: a library warns" in entries[0]["message"]
+    assert [e["message"] for e in entries[1:]] == [
+        "uncaught exception in thread pool-1", "reid-serve: error: what to fix", "uncaught exception"]
+    assert "ZeroDivisionError" in entries[1]["exception"] and "RuntimeError: boom" in entries[3]["exception"]
+    text = subprocess.run([sys.executable, "-c", "from serving.cli import serve_main; raise SystemExit(serve_main())",
+                           "--model", str(tmp_path / "absent.onnx"), "--log-format", "json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert text.returncode == 2 and json.loads(text.stderr.strip().splitlines()[-1])["message"].startswith("reid-serve: error: ")
+
+
 def test_a_port_that_cannot_be_bound_says_why(engine, monkeypatch):
     """gRPC's failed bind gives no reason, and every failure read "the port is taken or HOST is not
     an address of this machine", a privileged port included."""
