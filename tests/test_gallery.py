@@ -307,8 +307,33 @@ def test_a_torn_record_that_cannot_be_cut_at_once_is_cut_before_the_next_append(
         wal.append(b"third")
     monkeypatch.setattr(os, "ftruncate", real_truncate)
     wal.append(b"fourth")
-    wal.close()
     assert list(WriteAheadLog(tmp_path / "wal.log").replay()) == [b"first", b"fourth"]
+
+
+def test_changes_to_many_galleries_hold_no_file_open(tmp_path):
+    """Each gallery's log was held open after its first change: at about a thousand galleries the
+    server ran out of file descriptors (1,024 by default), and every later change failed."""
+    import subprocess
+    from pathlib import Path
+
+    code = f"""
+import os, resource
+import numpy as np
+from retrieval.gallery import FaissGalleryStore
+from retrieval.gallery.base import EntryMetadata
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+store = FaissGalleryStore({str(tmp_path)!r})
+before = len(os.listdir("/proc/self/fd"))
+for i in range(200):
+    store.create(f"g{{i}}", 4)
+    store.add(f"g{{i}}", np.array([1]), np.ones((1, 4)), [EntryMetadata()])
+print(len(os.listdir("/proc/self/fd")) - before, sum(store.info(f"g{{i}}").size for i in range(200)))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    opened, entries = map(int, result.stdout.split())
+    assert opened <= 2 and entries == 200
 
 
 def test_a_new_log_file_is_synced_into_its_folder_before_its_first_record(tmp_path, monkeypatch):

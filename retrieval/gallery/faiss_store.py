@@ -480,8 +480,6 @@ class _Gallery(Persistence):
                     self.snapshot()
                 except StorageError as exc:
                     log.warning("%s (the log still holds every change)", exc)
-            with self._changes, self.lock.write():
-                self.wal.close()
 
 
 class GalleryDirInUse(GalleryError):
@@ -580,7 +578,6 @@ class FaissGalleryStore(GalleryBackend):
         # a snapshot or an add in progress must not write into the removed directory
         with gallery._snapshot_lock, gallery._changes, gallery.lock.write():
             gallery._require_open()  # another drop got there first
-            gallery.wal.close()
             try:
                 shutil.rmtree(gallery.dir)
             except OSError as exc:

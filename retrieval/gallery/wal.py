@@ -7,6 +7,12 @@ Record: ``b"RWAL"`` | payload length (u32) | CRC32 of payload (u32) | payload. A
 flushed and fsync'ed before it returns, so an acknowledged change survives a crash or power
 loss. On replay a record cut short or failing its checksum (a torn last write) ends the log: it
 is dropped with a warning and the file truncated to the last good record, never a crash.
+
+The log is opened for each append and closed after it, not held open: a server with a log per
+gallery ran out of file descriptors (1,024 by default) at about a thousand galleries, and from then
+on every change failed and no new connection was accepted. Opening and closing add about 20 us to
+an append of 4 KiB, fsync included (median of 6 interleaved runs of 1,000 on a 2-core VM's disk:
+286 us against 267 us held open), once per change call, not per entry.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ _HEADER = struct.Struct("<4sII")
 class WriteAheadLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._fd: int | None = None
+        # Whether the log file's name is on disk for sure: a log created after a seal is lost on
+        # power loss, with its records, unless its folder is synced once after it appears.
+        self._name_synced = False
         # Where the log must end before the next append: set when a failed append could not take
         # its partial record back, so that no acknowledged record ever follows a torn one.
         self._cut_at: int | None = None
@@ -65,38 +73,38 @@ class WriteAheadLog:
         an I/O error) is cut off again before the error is raised, so that the next record lands
         where this one began: replay stops at the first torn record, and would otherwise drop every
         acknowledged record after it. Unbuffered, so there is no hidden buffer to fail at close."""
-        if self._fd is None:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:  # a log just created (after each seal) is lost on power loss unless its name is synced too
-                fsync_dir(self.path.parent)
-            except OSError:
-                os.close(fd)
-                raise
-            self._fd = fd
-        if self._cut_at is not None:
-            self._cut(self._cut_at)
-        start = os.fstat(self._fd).st_size
-        record = memoryview(_HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            while record:
-                record = record[os.write(self._fd, record):]
-            os.fsync(self._fd)
-        except OSError:
+            if not self._name_synced:
+                fsync_dir(self.path.parent)
+                self._name_synced = True
+            if self._cut_at is not None:
+                self._cut(self._cut_at, fd)
+            start = os.fstat(fd).st_size
+            record = memoryview(_HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload)
             try:
-                self._cut(start)
+                while record:
+                    record = record[os.write(fd, record):]
+                os.fsync(fd)
             except OSError:
-                self._cut_at = start  # retried before the next append, which fails until it works
-            raise
+                try:
+                    self._cut(start, fd)
+                except OSError:
+                    self._cut_at = start  # retried before the next append, which fails until it works
+                raise
+        finally:
+            os.close(fd)
 
-    def _cut(self, size: int) -> None:
-        if self._fd is None:  # nothing appended yet: a tail found by replay
-            with open(self.path, "r+b") as f:
-                f.truncate(size)
-                f.flush()
-                os.fsync(f.fileno())
-        else:
-            os.ftruncate(self._fd, size)
-            os.fsync(self._fd)
+    def _cut(self, size: int, fd: int | None = None) -> None:
+        if fd is None:  # a tail found by replay, or before a seal
+            fd = os.open(self.path, os.O_WRONLY)
+            try:
+                self._cut(size, fd)
+            finally:
+                os.close(fd)
+            return
+        os.ftruncate(fd, size)
+        os.fsync(fd)
         self._cut_at = None
 
     def seal(self, dest: Path) -> None:
@@ -105,15 +113,10 @@ class WriteAheadLog:
         written go to the new log, and deletes ``dest`` once the snapshot is safe on disk."""
         if self._cut_at is not None:  # a torn record that could not be cut yet must not be sealed in
             self._cut(self._cut_at)
-        self.close()
         if self.path.exists():
             os.replace(self.path, dest)
             fsync_dir(self.path.parent)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        self._name_synced = False  # the next append creates the log anew
 
 
 def fsync_dir(path: Path) -> None:
