@@ -725,8 +725,12 @@ def client_main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"reid-client: error: {exc.code().name}: {exc.details()}{_fix_for(exc, args)}", file=sys.stderr)
         return 1
-    except UnicodeEncodeError as exc:  # a gallery name, id or label given in bytes of another encoding
-        print(f"reid-client: error: {exc.object!r} is not UTF-8 text, which requests carry; give it in UTF-8", file=sys.stderr)
+    except UnicodeEncodeError as exc:
+        if exc.encoding.replace("-", "").lower() == "utf8":  # a gallery name, id or label given in another encoding
+            print(f"reid-client: error: {exc.object!r} is not UTF-8 text, which requests carry; give it in UTF-8", file=sys.stderr)
+        else:  # an answer's person id that this terminal's encoding cannot show
+            print(f"reid-client: error: cannot print {ascii(exc.object[exc.start:exc.end])} in this terminal's encoding "
+                  f"({exc.encoding}); use a UTF-8 locale, or set PYTHONIOENCODING=utf-8", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was done is printed already; no traceback
         print("reid-client: interrupted", file=sys.stderr)

@@ -3,10 +3,12 @@ its exit status."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,6 +21,8 @@ from serving.engines.onnxruntime import OnnxRuntimeEngine
 from serving.server import ServerConfig
 from serving.service import Limits
 from tests.serving_support import ServerThread
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -701,3 +705,15 @@ def test_text_in_another_encoding_than_utf8_is_one_line_before_any_call(crops, t
     code = client_main(["create", "caf\udce9", "--server", nobody])
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == "reid-client: error: 'caf\\udce9' is not UTF-8 text, which requests carry; give it in UTF-8"
+
+
+def test_an_answer_the_terminal_cannot_show_says_how_to_see_it(server, crops, tmp_path):
+    """A person id outside the terminal's encoding (a Latin-1 locale) ended in a traceback."""
+    assert client_main(["create", "g", "--server", server.target]) == 0
+    assert client_main(["enroll", "g", str(crops[0]), "--person-id", "Zoë 😀", "--server", server.target]) == 0
+    result = subprocess.run([sys.executable, "-c", "import sys; from serving.client_cli import client_main; "
+                             f"sys.exit(client_main(['entries', 'g', '--server', {server.target!r}]))"],
+                            cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONIOENCODING": "latin-1"}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.decode().strip() == ("reid-client: error: cannot print '\\U0001f600' in this terminal's encoding (latin-1); "
+                                              "use a UTF-8 locale, or set PYTHONIOENCODING=utf-8")
