@@ -19,6 +19,8 @@ def test_a_terminal_gets_a_bar_and_a_file_gets_log_lines(monkeypatch):
     assert isinstance(progress(range(3), desc="x", unit="batch"), tqdm)
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert isinstance(progress(range(3), desc="x", unit="batch"), LoggedProgress)
+    monkeypatch.setitem(sys.modules, "ipykernel", sys)  # a Jupyter kernel: its output shows bars, though no terminal
+    assert isinstance(progress(range(3), desc="x", unit="batch"), tqdm)
 
 
 def test_log_lines_come_at_most_once_an_interval_with_rate_time_left_and_figures(caplog):

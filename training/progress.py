@@ -59,8 +59,9 @@ class LoggedProgress:
 
 def progress(iterable: Iterable[T], desc: str, unit: str, *, disable: bool = False, leave: bool = True,
              mininterval: float = 0.1) -> tqdm | LoggedProgress:
-    """A tqdm bar where stderr is a terminal, else log lines (module docstring); nothing when
-    ``disable`` (the ranks other than the first, under torchrun)."""
-    if disable or sys.stderr.isatty():
+    """A tqdm bar where stderr is a terminal or a notebook's output (which redraws a bar in place,
+    though it is no terminal), else log lines (module docstring); nothing when ``disable`` (the
+    ranks other than the first, under torchrun)."""
+    if disable or sys.stderr.isatty() or "ipykernel" in sys.modules:
         return tqdm(iterable, desc=desc, unit=unit, disable=disable, leave=leave, mininterval=mininterval)
     return LoggedProgress(iterable, desc, unit)
