@@ -96,15 +96,15 @@ class WriteAheadLog:
             os.close(fd)
 
     def _cut(self, size: int, fd: int | None = None) -> None:
-        if fd is None:  # a tail found by replay, or before a seal
-            fd = os.open(self.path, os.O_WRONLY)
-            try:
-                self._cut(size, fd)
-            finally:
-                os.close(fd)
-            return
-        os.ftruncate(fd, size)
-        os.fsync(fd)
+        """Truncate the log to ``size`` bytes, durably: through ``fd`` (an append's), else opened here
+        (a tail found by replay, a cut owed before a seal)."""
+        target = os.open(self.path, os.O_WRONLY) if fd is None else fd
+        try:
+            os.ftruncate(target, size)
+            os.fsync(target)
+        finally:
+            if fd is None:
+                os.close(target)
         self._cut_at = None
 
     def seal(self, dest: Path) -> None:
