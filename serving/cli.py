@@ -162,11 +162,13 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
     values: dict = {}
     if args.config:
         try:
-            loaded = load_yaml(args.config.read_text()) or {}
+            loaded = load_yaml(args.config.read_text(encoding="utf-8")) or {}  # YAML is UTF-8, whatever the locale
         except OSError as exc:
             parser.error(f"cannot read --config {args.config}: {exc.strerror or exc}")
         except yaml.YAMLError as exc:
             parser.error(f"--config {args.config} is not valid YAML: {yaml_problem(exc)}")
+        except UnicodeDecodeError as exc:
+            parser.error(f"--config {args.config} is not UTF-8 text (byte {exc.start}); save it as UTF-8")
         if not isinstance(loaded, dict):
             parser.error(f"--config {args.config} must hold a mapping of option: value")
         values = {str(k).replace("-", "_"): v for k, v in loaded.items()}

@@ -588,10 +588,12 @@ def _listing_entry(line: str, where: str, width: int | None) -> tuple[int, list,
 
 
 def _listing(path: Path):
-    """The listing's entries, one (id, embedding, metadata, model) at a time; blank lines are skipped."""
+    """The listing's entries, one (id, embedding, metadata, model) at a time; blank lines are skipped.
+    Read as UTF-8, as JSON is, whatever the locale (under a Latin-1 one, "Zoë" came in as "ZoÃ«"),
+    past a byte-order mark (a listing saved again by a Windows editor failed at its first line)."""
     width = None
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     entry = _listing_entry(line, f"{path}:{n}", width)

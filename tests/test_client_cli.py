@@ -383,6 +383,10 @@ def test_import_copies_a_listing_into_another_gallery(server, crops, capsys, tmp
         code, _, err = _run(capsys, server, "import", "new", str(path))
         assert code == 2 and err.startswith("reid-client: error: ") and message in err, err
     assert server.server.store.info("new").size == 3
+    saved_again = tmp_path / "edited.jsonl"  # by a Windows editor: a byte-order mark, UTF-8 text
+    saved_again.write_bytes(b"\xef\xbb\xbf" + json.dumps({**good, "id": 500, "person_id": "Zoë"}, ensure_ascii=False).encode())
+    assert _run(capsys, server, "import", "new", str(saved_again))[0] == 0
+    assert list(server.server.store.entries("new", person_ids=["Zoë"]).ids) == [500]
 
 
 def test_relabel_merges_tracks_into_one_person(server, crops, capsys):

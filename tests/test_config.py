@@ -193,3 +193,23 @@ def test_an_input_size_wider_than_high_is_warned_about(caplog):
     build_spec({}, ["model.input_height=256", "model.input_width=128"])
     build_spec({"model": {"input_height": 64, "input_width": 64}}, [])
     assert caplog.messages == []
+
+
+def test_a_spec_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """Under LC_ALL=POSIX (cron, minimal containers) Python reads files as ASCII: a spec with a
+    non-ASCII path or comment ended in a UnicodeDecodeError traceback; one saved in Latin-1 too."""
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("# Zoë's run\nresults_dir: runs/Zoë\n", encoding="utf-8")
+    code = f"from training.config import load_spec; print(ascii(load_spec({str(spec)!r}, []).results_dir))"
+    env = {**os.environ, "LC_ALL": "POSIX", "PYTHONUTF8": "0"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.strip() == ascii("runs/Zoë")
+    spec.write_text("results_dir: runs/Zoë\n", encoding="latin-1")
+    with pytest.raises(ConfigError, match=r"spec\.yaml is not UTF-8 text \(byte 20\); save it as UTF-8"):
+        load_spec(str(spec), [])

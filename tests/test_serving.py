@@ -703,6 +703,24 @@ def test_config_file_values_that_are_no_option_are_checked_by_the_server_config(
         build_config(parse_serve_args(["--model", "m.onnx", "--config", str(config)]))
 
 
+def test_a_config_file_is_read_as_utf8_whatever_the_locale(tmp_path, capsys):
+    """Under LC_ALL=POSIX Python reads files as ASCII: a config naming /models/Zoë.onnx (or with a
+    non-ASCII comment) ended in a UnicodeDecodeError traceback; one saved in Latin-1 too."""
+    from serving.cli import parse_serve_args
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("# Zoë's model\nmodel: /models/Zoë.onnx\n", encoding="utf-8")
+    code = f"from serving.cli import parse_serve_args; print(ascii(parse_serve_args(['--config', {str(config)!r}]).model))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "LC_ALL": "POSIX", "PYTHONUTF8": "0"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.strip() == ascii("/models/Zoë.onnx")
+    config.write_text("model: /models/Zoë.onnx\n", encoding="latin-1")
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--config", str(config)])
+    assert f"--config {config} is not UTF-8 text (byte 17); save it as UTF-8" in capsys.readouterr().err
+
+
 def test_config_file_takes_every_option_not_only_the_batchers(tmp_path, capsys):
     """--config is documented as holding any option: the model, the device, preprocessing, the
     gallery backend and the log format too, each still overridden by the command line."""

@@ -239,9 +239,11 @@ def load_spec(path: str | Path | None, overrides: Iterable[str] = ()) -> Experim
         if not path.is_file():
             raise ConfigError(f"spec file {path} does not exist")
         try:
-            data = load_yaml(path.read_text()) or {}
+            data = load_yaml(path.read_text(encoding="utf-8")) or {}  # YAML is UTF-8, whatever the locale
         except yaml.YAMLError as exc:
             raise ConfigError(f"spec file {path} is not valid YAML: {yaml_problem(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"spec file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
         if not isinstance(data, dict):
             raise ConfigError(f"spec file {path} holds a {type(data).__name__}; a spec is a mapping of sections "
                               "(model:, dataset:, train:, ...)")
