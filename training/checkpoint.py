@@ -6,7 +6,9 @@ full spec, the train-pid mapping, and the optimizer state and epoch for ``resume
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 from training.errors import ConfigError, ReidError
 from training.outputs import replaced_on_success
 
+log = logging.getLogger(__name__)
 # Raised by a version that writes what an older one cannot read, which then refuses the file.
 FORMAT_VERSION = 1
 
@@ -54,6 +57,24 @@ def save_checkpoint(path: str | Path, payload: dict) -> Path:
     except OSError as exc:  # the checkpoint's own name, not the temporary file's (or none)
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     return path
+
+
+def checkpoints_to_come(epoch: int, num_epochs: int, interval: int) -> int:
+    """How many checkpoints a run writes after ``epoch``: every ``interval`` epochs, and the last."""
+    every = num_epochs // interval - epoch // interval
+    return every + (num_epochs % interval != 0 and epoch < num_epochs)
+
+
+def warn_if_disk_runs_short(written: Path, to_come: int) -> None:
+    """Said once the run's first checkpoint is written, when the ones still to come would not fit
+    beside it: each holds the weights and the optimizer's state (Swin-Base: about 1 GB), and a run
+    that checkpoints every epoch filled the disk tens of epochs in, its later epochs lost."""
+    size, free = written.stat().st_size, shutil.disk_usage(written.parent).free
+    if to_come * size > free:
+        log.warning("the %d checkpoint(s) still to come need about %.1f GiB (%.2f GiB each), but %s has %.1f GiB free: "
+                    "free space, raise train.checkpoint_interval, or move older checkpoints away as the run goes; "
+                    "a checkpoint that does not fit stops the run (resumable from the last one written)",
+                    to_come, to_come * size / 2**30, size / 2**30, written.parent, free / 2**30)
 
 
 def _written_by_torch_save(path: Path) -> bool:

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from retrieval.distance import cosine_distance
 from retrieval.metrics import evaluate_rank
 from retrieval.owner_lock import OwnerLock
-from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import checkpoints_to_come, latest_checkpoint, load_checkpoint, save_checkpoint, warn_if_disk_runs_short
 from training.config import ExperimentSpec, spec_to_dict
 from training.data.market1501 import (ImageRecord, load_gallery, load_query, load_train, protocol_ids, require_folder,
                                       require_matches, warn_of_training_images)
@@ -332,8 +332,11 @@ class Trainer:
                 log.info("epoch %d: %s%s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "epoch"),
                          _time_left(time.perf_counter() - run_start, epoch + 1 - self.start_epoch, t.num_epochs - epoch - 1))
                 if (epoch + 1) % t.checkpoint_interval == 0 or epoch + 1 == t.num_epochs:
+                    first = last_ckpt is None
                     last_ckpt = self._save(epoch + 1, metrics)
                     log.info("wrote %s", last_ckpt)
+                    if first:
+                        warn_if_disk_runs_short(last_ckpt, checkpoints_to_come(epoch + 1, t.num_epochs, t.checkpoint_interval))
         return last_ckpt
 
 
