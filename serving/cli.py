@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, Coroutine
 
 import prometheus_client
-import yaml
 
 from retrieval.gallery import FaissGalleryStore, GalleryError
 from retrieval.gallery.milvus_store import CONSISTENCY_LEVELS
@@ -26,7 +25,7 @@ from serving.engines.onnxruntime import GRAPH_OPTIMIZATIONS
 from serving.security import SecurityError, env_tokens, read_tokens_file
 from serving.server import ServerConfig, serve_forever
 from serving.service import Limits
-from serving.strict_yaml import load_yaml, yaml_problem
+from serving.strict_yaml import YamlFileError, load_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +161,11 @@ def parse_serve_args(argv: list[str] | None = None) -> argparse.Namespace:
     values: dict = {}
     if args.config:
         try:
-            loaded = load_yaml(args.config.read_text(encoding="utf-8")) or {}  # YAML is UTF-8, whatever the locale
+            loaded = load_yaml_file(args.config) or {}
         except OSError as exc:
             parser.error(f"cannot read --config {args.config}: {exc.strerror or exc}")
-        except yaml.YAMLError as exc:
-            parser.error(f"--config {args.config} is not valid YAML: {yaml_problem(exc)}")
-        except UnicodeDecodeError as exc:
-            parser.error(f"--config {args.config} is not UTF-8 text (byte {exc.start}); save it as UTF-8")
+        except YamlFileError as exc:
+            parser.error(f"--config {args.config} {exc}")
         if not isinstance(loaded, dict):
             parser.error(f"--config {args.config} must hold a mapping of option: value")
         values = {str(k).replace("-", "_"): v for k, v in loaded.items()}

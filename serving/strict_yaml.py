@@ -9,6 +9,7 @@ allowed. Training imports this from here because serving may not import training
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -39,6 +40,23 @@ class _StrictLoader(yaml.SafeLoader):
 def load_yaml(text: str) -> Any:
     """Like ``yaml.safe_load``, but a key written twice in one mapping is a ``yaml.YAMLError``."""
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class YamlFileError(ValueError):
+    """A YAML file that cannot be read as YAML; the message completes "FILE ..." (the caller names
+    the file as its users know it: a spec file, ``--config``)."""
+
+
+def load_yaml_file(path: Path) -> Any:
+    """``load_yaml`` of a file, read as UTF-8 (YAML's encoding) whatever the locale: under
+    ``LC_ALL=POSIX`` Python reads files as ASCII, and a non-ASCII path or comment ended in a
+    UnicodeDecodeError traceback. OSError (a missing or unreadable file) is left to the caller."""
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise YamlFileError(f"is not valid YAML: {yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise YamlFileError(f"is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from serving.engines.base import pixel_scale_problem, warn_if_wide
-from serving.strict_yaml import load_yaml, yaml_problem
+from serving.strict_yaml import YamlFileError, load_yaml, load_yaml_file, yaml_problem
 from training.config.schema import ExperimentSpec
 from training.errors import ConfigError
 
@@ -239,11 +239,9 @@ def load_spec(path: str | Path | None, overrides: Iterable[str] = ()) -> Experim
         if not path.is_file():
             raise ConfigError(f"spec file {path} does not exist")
         try:
-            data = load_yaml(path.read_text(encoding="utf-8")) or {}  # YAML is UTF-8, whatever the locale
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"spec file {path} is not valid YAML: {yaml_problem(exc)}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"spec file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+            data = load_yaml_file(path) or {}
+        except YamlFileError as exc:
+            raise ConfigError(f"spec file {path} {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"spec file {path} holds a {type(data).__name__}; a spec is a mapping of sections "
                               "(model:, dataset:, train:, ...)")
