@@ -35,7 +35,7 @@ from training.losses import ReIdLoss, loss_from_spec
 from training.models import build_model, model_args_from_spec
 from training.models.build import load_pretrained, model_args_differences
 from training.optim import build_optimizer, lr_factor, set_epoch_lr, warn_of_unreached_schedule
-from training.progress import progress
+from training.progress import progress, time_left
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def _time_left(elapsed: float, done: int, remaining: int) -> str:
     """"; about 25 min left" after an epoch of a long run: its epochs so far (with validation and
     checkpoints) at their mean pace; nothing after the last."""
-    if remaining <= 0:
-        return ""
-    seconds = elapsed / done * remaining
-    return f"; about {seconds / 60:.0f} min left" if seconds >= 90 else f"; about {seconds:.0f} s left"
+    left = time_left(elapsed, done, remaining)
+    return f"; {left}" if left else ""
 
 
 def _is_main(rank: int) -> bool:

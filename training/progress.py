@@ -20,6 +20,15 @@ T = TypeVar("T")
 LOG_INTERVAL_S = 30.0
 
 
+def time_left(elapsed: float, done: int, remaining: int) -> str:
+    """"about 25 min left" (or "about 40 s left", under a minute and a half) for ``remaining`` steps
+    at the mean pace of the ``done`` ones so far; "" when none remain."""
+    if remaining <= 0:
+        return ""
+    seconds = elapsed / done * remaining
+    return f"about {seconds / 60:.0f} min left" if seconds >= 90 else f"about {seconds:.0f} s left"
+
+
 class LoggedProgress:
     """The part of tqdm's interface our loops use (iteration, ``with``, ``set_postfix``), as log lines."""
 
@@ -51,8 +60,8 @@ class LoggedProgress:
         rate = done / seconds if seconds > 0 else 0.0
         units = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")  # batches, calls, ids
         parts = [f"{done}/{self.total} {units}" if self.total is not None else f"{done} {units}", f"{rate:.3g} {self.unit}/s"]
-        if self.total is not None and rate > 0 and done < self.total:
-            parts.append(f"about {(self.total - done) / rate:.0f} s left")
+        if self.total is not None and seconds > 0 and done < self.total:
+            parts.append(time_left(seconds, done, self.total - done))
         parts += [f"{key}={value}" for key, value in self.postfix.items()]
         return f"{self.desc}: " + ", ".join(parts)
 
