@@ -479,6 +479,7 @@ def test_faiss_searches_of_one_gallery_run_side_by_side_and_changes_alone(tmp_pa
     single-query searches a second with two threads on 2 cores once they overlap)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as ResultTimeout  # not the builtin before Python 3.11
 
     vecs, meta = _data(50, 16)
     store = FaissGalleryStore(tmp_path)
@@ -502,7 +503,7 @@ def test_faiss_searches_of_one_gallery_run_side_by_side_and_changes_alone(tmp_pa
     with ThreadPoolExecutor(2) as pool:
         slow = pool.submit(store.search, "g", vecs[:1], 1, [])
         add = pool.submit(store.add, "g", np.array([51]), vecs[:1], meta[:1])
-        with pytest.raises(TimeoutError):
+        with pytest.raises(ResultTimeout):
             add.result(timeout=0.3)
         inside.set()
         assert slow.result()[0][0].id == 1 and add.result().tolist() == [51]
