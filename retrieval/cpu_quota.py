@@ -35,6 +35,6 @@ def cpu_quota_cores() -> int | None:
 
 def usable_cores() -> tuple[int, bool]:
     """(cores this process may use, whether a cgroup quota is what limits it)."""
-    affinity = len(os.sched_getaffinity(0))
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS has none
     quota = cpu_quota_cores()
     return (quota, True) if quota is not None and quota < affinity else (affinity, False)

@@ -896,6 +896,20 @@ def test_a_cgroup_cpu_quota_sizes_onnxruntimes_threads(tiny_onnx, tmp_path, monk
     assert explicit.session.get_session_options().intra_op_num_threads == 3
 
 
+def test_cores_are_counted_where_the_os_has_no_affinity(tmp_path, monkeypatch):
+    """macOS has no os.sched_getaffinity: ONNX Runtime's engine, the galleries and training's data
+    workers all count cores through usable_cores, and each raised AttributeError there."""
+    import retrieval.cpu_quota
+    from retrieval.cpu_quota import usable_cores
+
+    monkeypatch.setattr(retrieval.cpu_quota, "CGROUP_ROOT", tmp_path)  # no quota
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert usable_cores() == (6, False)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "cannot be determined"
+    assert usable_cores() == (1, False)
+
+
 def test_engine_failure_fails_that_batch_only(engine):
     failing = SlowEngine(engine, delay=0.0, fail_on_call=2)  # call 1 is the warm-up
     with ServerThread(failing, ServerConfig(port=0, max_queue_delay_ms=0)) as s, ReidClient(s.target) as client:
