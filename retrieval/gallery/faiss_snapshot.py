@@ -349,8 +349,8 @@ class Persistence:
 
     def _after_change(self, n: int, purge: bool = False) -> None:
         """Under the write lock: start an automatic snapshot every ``snapshot_every`` changes, or at
-        once for a purge, in a thread of its own (one at a time; it runs again for a purge asked
-        for after it froze its rows)."""
+        once for a purge, in a thread of its own (one at a time; it runs again for a purge, or
+        ``snapshot_every`` changes, made after it froze its rows)."""
         self.changes_since_snapshot += n
         self._purge |= purge
         running = self._snapshot_thread is not None and self._snapshot_thread.is_alive()
@@ -376,8 +376,11 @@ class Persistence:
             except Exception:  # noqa: BLE001 - a thread's error would otherwise vanish; the log still holds every change
                 log.exception("gallery %s: automatic snapshot failed", self.dir.name)
                 return
-            with self.lock.write():  # as _after_change decides: a purge asked for from now on starts a thread
-                if not self._purge or self.dropped:
+            # Again while one is due: the changes made as it wrote (a purge, or snapshot_every more)
+            # started none, and would otherwise wait for a change to come. As _after_change decides,
+            # one from now on starts a thread.
+            with self.lock.write():
+                if not (self._purge or self.changes_since_snapshot >= self.snapshot_every) or self.dropped:
                     if self._snapshot_thread is threading.current_thread():
                         self._snapshot_thread = None
                     return
