@@ -2034,3 +2034,33 @@ def test_faiss_threads_follow_a_cpu_quota(tmp_path, monkeypatch, caplog):
     finally:
         faiss.omp_set_num_threads(before)
         _fit_threads_to_quota.cache_clear()
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_a_milvus_lite_that_cannot_be_imported_is_named_with_its_reason(tmp_path, installed):
+    """pymilvus turns any ImportError from Milvus Lite into "milvus-lite is required ... pip install",
+    also when it is installed and one of its own imports failed (seen: pyarrow built for NumPy 2
+    beside NumPy 1.26, which reid's dependencies allow)."""
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs pymilvus and milvus-lite (extra 'milvus')")
+    import os
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "site" / "milvus_lite"  # found before the real one
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "server_manager.py").write_text('raise ImportError("pyarrow requires NumPy 2.0 or newer, found 1.26.4")')
+    hide = "" if installed else "sys.modules['milvus_lite'] = None  # as if not installed\n"
+    code = ("import sys\n" + hide +
+            "from retrieval.gallery.base import GalleryError\n"
+            "from retrieval.gallery.milvus_store import MilvusGalleryStore\n"
+            "try:\n"
+            f"    MilvusGalleryStore({str(tmp_path / 'm.db')!r})\n"
+            "except GalleryError as exc:\n"
+            "    print(exc)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(root)])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("milvus-lite is installed but cannot be imported: pyarrow requires NumPy 2.0 or newer, found 1.26.4"
+                                  if installed else "a Milvus Lite file (.db) needs milvus-lite (pip install '.[milvus]')")

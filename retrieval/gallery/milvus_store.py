@@ -161,6 +161,18 @@ def filter_expression(flt: SearchFilter) -> str:
     return " and ".join(terms)
 
 
+def _require_milvus_lite() -> None:
+    """pymilvus answers any ImportError from Milvus Lite with "milvus-lite is required ... pip install
+    pymilvus[milvus_lite]", also when it is installed but one of its own imports fails (pyarrow
+    built for NumPy 2 beside NumPy 1.26): the user then reinstalls what is there. Say which."""
+    try:
+        import milvus_lite.server_manager  # noqa: F401 - what pymilvus imports for a .db file
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("milvus_lite", "milvus_lite.server_manager"):
+            raise GalleryError("a Milvus Lite file (.db) needs milvus-lite (pip install '.[milvus]')") from None
+        raise GalleryError(f"milvus-lite is installed but cannot be imported: {' '.join(str(exc).split())}") from None
+
+
 class MilvusGalleryStore(GalleryBackend):
     def __init__(self, uri: str, token: str = "", consistency: str = "strong", **client_kwargs):
         if consistency not in CONSISTENCY_LEVELS:
@@ -171,6 +183,8 @@ class MilvusGalleryStore(GalleryBackend):
             from pymilvus import MilvusClient
         except ImportError:
             raise GalleryError("the Milvus backend needs pymilvus (pip install '.[milvus]')") from None
+        if uri.endswith(".db"):  # pymilvus's test for a Milvus Lite file
+            _require_milvus_lite()
         self._connect_args = dict(uri=uri, token=token, **client_kwargs)
         if int(pymilvus.__version__.split(".")[0]) >= 3:
             # pymilvus 3 shares one connection among clients of the same address; a store of its own
