@@ -83,6 +83,22 @@ def _schema_keys(cls, prefix="") -> set[str]:
     return keys
 
 
+def test_every_benchmark_script_answers_help(tmp_path):
+    """The benchmarks are run by hand, so nothing else notices when one rots. make_swin_onnx.py read
+    its output folder from argv[1]: --help wrote a 225 MB model into a folder named '--help'."""
+    import subprocess
+    import sys
+
+    scripts = [f for f in sorted((ROOT / "benchmarks").glob("*.py")) if '__name__ == "__main__"' in f.read_text()]
+    assert len(scripts) >= 8  # all but loadgen.py, the others' shared module
+    runs = {f.name: subprocess.Popen([sys.executable, str(f), "--help"], cwd=tmp_path, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for f in scripts}
+    for name, run in runs.items():
+        out = run.communicate(timeout=120)[0]
+        assert run.returncode == 0 and out.startswith(f"usage: {name}"), f"{name} --help: {out[-2000:]}"
+    assert not list(tmp_path.iterdir()), "a script did some work when asked for --help"
+
+
 def test_training_guide_documents_every_spec_key():
     text = (ROOT / "docs" / "training.md").read_text()
     section, documented = "", set()
