@@ -9,8 +9,8 @@ Usage: python scripts/gen_protos.py [OUT_DIR]
 """
 from __future__ import annotations
 
+import argparse
 import re
-import sys
 import tempfile
 from pathlib import Path
 
@@ -37,7 +37,13 @@ def generate(out_dir: Path) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "serving" / "proto"
-    for path in generate(target):
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Generate the gRPC stubs for protos/ with package-relative imports.")
+    parser.add_argument("out_dir", nargs="?", type=Path, default=ROOT / "serving" / "proto",
+                        help="where to write them (default: serving/proto, where the package imports them from)")
+    for path in generate(parser.parse_args().out_dir):
         print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

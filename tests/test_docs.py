@@ -83,14 +83,16 @@ def _schema_keys(cls, prefix="") -> set[str]:
     return keys
 
 
-def test_every_benchmark_script_answers_help(tmp_path):
-    """The benchmarks are run by hand, so nothing else notices when one rots. make_swin_onnx.py read
-    its output folder from argv[1]: --help wrote a 225 MB model into a folder named '--help'."""
+def test_every_script_answers_help(tmp_path):
+    """The benchmarks and scripts are run by hand, so nothing else notices when one rots.
+    make_swin_onnx.py and gen_protos.py read their output folder from argv[1]: --help wrote a
+    225 MB model, or the gRPC stubs, into a folder named '--help'."""
     import subprocess
     import sys
 
-    scripts = [f for f in sorted((ROOT / "benchmarks").glob("*.py")) if '__name__ == "__main__"' in f.read_text()]
-    assert len(scripts) >= 8  # all but loadgen.py, the others' shared module
+    scripts = [f for folder in ("benchmarks", "scripts") for f in sorted((ROOT / folder).glob("*.py"))
+               if '__name__ == "__main__"' in f.read_text()]
+    assert len(scripts) >= 10  # all but benchmarks/loadgen.py, the benchmarks' shared module
     runs = {f.name: subprocess.Popen([sys.executable, str(f), "--help"], cwd=tmp_path, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for f in scripts}
     for name, run in runs.items():
