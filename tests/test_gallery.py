@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -367,6 +368,20 @@ def test_create_never_deletes_a_folder_it_did_not_write(tmp_path):
         store.create("keep", 8)
     assert (tmp_path / "keep" / "data.txt").read_text() == "precious"
     assert store.create("crashed", 8).dim == 8 and store.info("crashed").size == 0
+
+
+def test_a_name_that_differs_only_in_case_is_refused_naming_the_gallery_it_would_share(tmp_path):
+    """On a file system that ignores case (macOS, Windows) 'Lobby' is the folder of 'lobby': the
+    create was refused as "not a gallery (no gallery.json)", though it held one. Shown here as such a
+    file system would show the folder."""
+    store = FaissGalleryStore(tmp_path)
+    store.create("lobby", 8)
+    (tmp_path / "Lobby").mkdir()
+    shutil.copy(tmp_path / "lobby" / "gallery.json", tmp_path / "Lobby" / "gallery.json")
+    with pytest.raises(GalleryExists, match="gallery 'Lobby' would share its folder with gallery 'lobby': "
+                                            "the file system under .* does not tell names apart by case"):
+        store.create("Lobby", 8)
+    assert store.info("lobby").dim == 8
 
 
 def test_unreadable_gallery_config_refuses_to_start_naming_it(tmp_path):

@@ -554,6 +554,11 @@ class FaissGalleryStore(GalleryBackend):
                 leftover = {p.name for p in directory.iterdir()} if directory.is_dir() else None
                 if leftover is None or leftover - {"gallery.json.tmp"}:
                     # never delete what this store did not write: it may be anything a user put there
+                    twins = [n for n in self.galleries if n.casefold() == name.casefold()]
+                    if twins and "gallery.json" in leftover:  # macOS and Windows file systems ignore case
+                        raise GalleryExists(f"gallery {name!r} would share its folder with gallery {twins[0]!r}: "
+                                            f"the file system under {self.root} does not tell names apart by case; "
+                                            "choose another name")
                     raise GalleryExists(f"{directory} exists but is not a gallery (no gallery.json); "
                                         "move it aside or choose another name")
                 shutil.rmtree(directory)  # the remains of a create that crashed before it finished
