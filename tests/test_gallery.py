@@ -382,6 +382,9 @@ def test_a_name_that_differs_only_in_case_is_refused_naming_the_gallery_it_would
                                             "the file system under .* does not tell names apart by case"):
         store.create("Lobby", 8)
     assert store.info("lobby").dim == 8
+    (tmp_path / "LOBBY").write_text("a file, not a folder")  # no gallery's: the plain refusal
+    with pytest.raises(GalleryExists, match="LOBBY exists but is not a gallery"):
+        store.create("LOBBY", 8)
 
 
 def test_unreadable_gallery_config_refuses_to_start_naming_it(tmp_path):

@@ -555,7 +555,7 @@ class FaissGalleryStore(GalleryBackend):
                 if leftover is None or leftover - {"gallery.json.tmp"}:
                     # never delete what this store did not write: it may be anything a user put there
                     twins = [n for n in self.galleries if n.casefold() == name.casefold()]
-                    if twins and "gallery.json" in leftover:  # macOS and Windows file systems ignore case
+                    if twins and leftover and "gallery.json" in leftover:  # macOS and Windows file systems ignore case
                         raise GalleryExists(f"gallery {name!r} would share its folder with gallery {twins[0]!r}: "
                                             f"the file system under {self.root} does not tell names apart by case; "
                                             "choose another name")
