@@ -41,8 +41,8 @@ def _commands():
 
 
 def _script_flags() -> set[str]:
-    """Flags of the benchmark scripts the docs show."""
-    files = sorted((ROOT / "benchmarks").glob("*.py"))
+    """Flags of the benchmark and maintenance scripts the docs show."""
+    files = sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
     return {flag for f in files for flag in re.findall(r'"(--[a-z][a-z0-9-]*)"', f.read_text())}
 
 
