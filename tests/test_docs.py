@@ -21,7 +21,7 @@ from training.config.schema import ExperimentSpec
 ROOT = Path(__file__).resolve().parents[1]
 # Flags of other programs that the docs show (docker, torchrun, grpcurl, pip, bash).
 EXTERNAL = {"--gpus", "--build-arg", "--nproc_per_node", "--standalone", "--no-deps", "--force-reinstall", "--rm", "--stop-timeout",
-            "--shm-size", "--ipc", "--cpus"}
+            "--shm-size", "--ipc", "--cpus", "--basetemp"}
 
 
 def _parser_flags(parser) -> set[str]:
