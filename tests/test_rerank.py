@@ -18,7 +18,8 @@ def _clustered(rng, nq, ng, dim, ids=20, noise=0.8):
 @pytest.mark.parametrize(
     "nq, ng, dim, k1, k2, lam",
     [(30, 150, 16, 20, 6, 0.3), (40, 260, 32, 10, 3, 0.5), (12, 50, 8, 5, 1, 0.0), (25, 90, 64, 7, 6, 1.0), (5, 12, 4, 20, 6, 0.3),
-     (1, 3, 8, 20, 6, 0.3)],  # fewer items than k1 and k2 (a tiny gallery's pool)
+     (1, 3, 8, 20, 6, 0.3),  # fewer items than k1 and k2 (a tiny gallery's pool)
+     (8, 30, 8, 1, 1, 0.3)],  # the smallest k1 and k2 allowed
 )
 @pytest.mark.parametrize("max_memory", [256 * 2**20, 8 * 1024], ids=["one-matrix", "blocked"])
 def test_matches_dense_oracle(nq, ng, dim, k1, k2, lam, max_memory):
@@ -31,6 +32,19 @@ def test_matches_dense_oracle(nq, ng, dim, k1, k2, lam, max_memory):
     np.testing.assert_allclose(got, expected, atol=1e-4)
     np.testing.assert_array_equal(np.argsort(got, axis=1, kind="stable")[:, :10],
                                   np.argsort(expected, axis=1, kind="stable")[:, :10])
+
+
+@pytest.mark.parametrize("max_memory", [256 * 2**20, 8 * 1024], ids=["one-matrix", "blocked"])
+def test_matches_dense_oracle_where_every_distance_is_below_one(max_memory):
+    """L2-normalized embeddings of a few similar people (a search pool of look-alikes): each row's
+    largest squared distance is below 1, where the scaling by it matters most. The clustered data
+    above never goes there (its rows reach far beyond 1)."""
+    rng = np.random.default_rng(7)
+    q, g = _clustered(rng, 10, 40, 32, ids=3, noise=0.1)
+    q, g = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (q + 4, g + 4))
+    assert (((np.vstack([q, g])[:, None] - np.vstack([q, g])[None]) ** 2).sum(-1).max(1) < 1).all()
+    np.testing.assert_allclose(k_reciprocal_rerank(q, g, 8, 3, 0.3, max_memory=max_memory),
+                               dense_rerank(q, g, 8, 3, 0.3), atol=1e-4)
 
 
 def test_small_memory_budget_gives_the_same_answer():
