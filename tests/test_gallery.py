@@ -337,6 +337,34 @@ print(len(os.listdir("/proc/self/fd")) - before, sum(store.info(f"g{{i}}").size 
     assert opened <= 2 and entries == 200
 
 
+def test_a_log_torn_in_its_first_record_is_emptied_and_takes_new_records(tmp_path, caplog):
+    """A crash during a log's very first append leaves nothing intact: all of it is cut (to 0 bytes,
+    not 1), so that the next record starts the file and is read back; a clean log says nothing."""
+    from retrieval.gallery.wal import WriteAheadLog
+
+    path = tmp_path / "wal.log"
+    wal = WriteAheadLog(path)
+    wal.append(b"one")
+    wal.append(b"two")
+    with caplog.at_level(logging.WARNING):
+        assert list(WriteAheadLog(path).replay()) == [b"one", b"two"]
+    assert not caplog.records  # nothing torn, nothing said
+    path.write_bytes(path.read_bytes()[:7])  # the first record's header cut short
+    wal = WriteAheadLog(path)
+    with caplog.at_level(logging.WARNING):
+        assert list(wal.replay()) == []
+    assert "dropped a torn or corrupt tail of 7 bytes" in caplog.text
+    assert path.stat().st_size == 0
+    wal.append(b"three")
+    assert list(WriteAheadLog(path).replay()) == [b"three"]
+    wal.append(b"four")
+    path.write_bytes(path.read_bytes()[:-3])  # 16 bytes of record four, 13 left
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert list(WriteAheadLog(path).replay()) == [b"three"]
+    assert "dropped a torn or corrupt tail of 13 bytes" in caplog.text
+
+
 def test_a_new_log_file_is_synced_into_its_folder_before_its_first_record(tmp_path, monkeypatch):
     """Each snapshot seals the log, and the next change creates a new one: an fsync of the file
     alone does not make its name durable, so a power loss could take every record in it."""
@@ -344,12 +372,14 @@ def test_a_new_log_file_is_synced_into_its_folder_before_its_first_record(tmp_pa
 
     store = FaissGalleryStore(tmp_path)
     store.create("g", 4)
-    store.add("g", np.array([1]), np.ones((1, 4)), [EntryMetadata()])
-    store.snapshot("g")  # wal.log sealed and deleted
     log = tmp_path / "g" / "wal.log"
-    assert not log.exists()
     synced, real = [], wal.fsync_dir
-    monkeypatch.setattr(wal, "fsync_dir", lambda path: (synced.append((path, log.stat().st_size)), real(path)))
+    monkeypatch.setattr(wal, "fsync_dir", lambda path: (synced.append((path, log.exists() and log.stat().st_size)), real(path)))
+    store.add("g", np.array([1]), np.ones((1, 4)), [EntryMetadata()])
+    assert synced == [(tmp_path / "g", 0)]  # a new gallery's first log: created, its folder synced, then the record
+    store.snapshot("g")  # wal.log sealed and deleted
+    assert not log.exists()
+    synced.clear()
     store.add("g", np.array([2]), np.ones((1, 4)), [EntryMetadata()])
     assert synced == [(tmp_path / "g", 0)]  # created, its folder synced, then the record written
     store.add("g", np.array([3]), np.ones((1, 4)), [EntryMetadata()])
