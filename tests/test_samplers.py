@@ -36,6 +36,14 @@ def test_pk_shards_keep_identities_whole():
             assert set(Counter(LABELS[i] for i in part).values()) == {2}
 
 
+def test_exactly_p_identities_of_exactly_k_images_make_one_batch_of_every_image():
+    """The edges: as many identities as a batch takes (allowed, and one batch, not none), and
+    identities with exactly K images (each image once, not K draws with replacement)."""
+    labels = [pid for pid in range(4) for _ in range(4)]
+    for seed in range(3):
+        assert sorted(b for batch in IdentityBatchSampler(labels, 16, 4, seed=seed) for b in batch) == list(range(16))
+
+
 def test_pk_needs_enough_identities():
     with pytest.raises(ValueError, match="at least 20 identities"):
         IdentityBatchSampler(LABELS, 40, 2)
