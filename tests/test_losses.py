@@ -60,3 +60,22 @@ def test_composition_follows_weights():
     assert parts["center"] == pytest.approx(expected_center, rel=1e-6)
     only_id = ReIdLoss(LossWeights(use_triplet=False), 3, 5)
     assert set(only_id(logits, feats, labels)[1]) == {"id"}
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], "id + triplet(margin 0.3)"),
+    (["dataset.sampler=softmax"], "id"),
+    (["dataset.sampler=triplet"], "triplet(margin 0.3)"),
+    (["model.metric_loss_type=center", "model.with_center_loss=True"], "id + 0.0005 * center"),
+    (["dataset.sampler=triplet", "model.metric_loss_type=triplet_center", "model.with_center_loss=True",
+      "model.no_margin=True"], "triplet(soft margin) + 0.0005 * center"),
+    (["model.label_smooth=True", "train.optim.triplet_loss_margin=0.5"], "id(label smoothing 0.1) + triplet(margin 0.5)"),
+])
+def test_the_spec_selects_the_losses_its_keys_document(overrides, expected):
+    """docs/training.md's table: ``dataset.sampler`` picks the ID and/or metric parts,
+    ``model.metric_loss_type`` which metric parts, ``no_margin`` the soft margin. The description is
+    what the training log shows."""
+    from training.config.load import build_spec
+    from training.losses.compose import loss_from_spec
+
+    assert loss_from_spec(build_spec({}, overrides)).describe() == expected
