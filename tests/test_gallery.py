@@ -1192,6 +1192,13 @@ def test_search_by_person_returns_each_persons_best_entry(store):
         assert [h.id for h in row] == expected[:6]
 
 
+def test_search_by_person_in_a_gallery_of_one_entry_finds_it(store):
+    """The smallest gallery there is: a search by person asks for min(entries, 4 x top_k) hits, 1."""
+    store.create("g", 4)
+    store.add("g", np.array([7]), np.eye(1, 4), [EntryMetadata(person_id="solo")])
+    assert [[h.id for h in row] for row in store.search("g", np.eye(2, 4), 3, [], group_by_person=True)] == [[7], [7]]
+
+
 def test_search_by_person_widens_until_it_has_enough_people():
     from retrieval.gallery import Hit
     from retrieval.gallery.grouping import search_by_person
