@@ -40,10 +40,14 @@ def _commands():
             ("reid-client", client_parser()), ("serving.healthcheck", probe_parser())]
 
 
+def _script_files() -> list[Path]:
+    """The benchmark and maintenance scripts, run by hand."""
+    return [f for folder in ("benchmarks", "scripts") for f in sorted((ROOT / folder).glob("*.py"))]
+
+
 def _script_flags() -> set[str]:
     """Flags of the benchmark and maintenance scripts the docs show."""
-    files = sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "scripts").glob("*.py"))
-    return {flag for f in files for flag in re.findall(r'"(--[a-z][a-z0-9-]*)"', f.read_text())}
+    return {flag for f in _script_files() for flag in re.findall(r'"(--[a-z][a-z0-9-]*)"', f.read_text())}
 
 
 def _doc_texts():
@@ -90,8 +94,7 @@ def test_every_script_answers_help(tmp_path):
     import subprocess
     import sys
 
-    scripts = [f for folder in ("benchmarks", "scripts") for f in sorted((ROOT / folder).glob("*.py"))
-               if '__name__ == "__main__"' in f.read_text()]
+    scripts = [f for f in _script_files() if '__name__ == "__main__"' in f.read_text()]
     assert len(scripts) >= 10  # all but benchmarks/loadgen.py, the benchmarks' shared module
     runs = {f.name: subprocess.Popen([sys.executable, str(f), "--help"], cwd=tmp_path, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for f in scripts}

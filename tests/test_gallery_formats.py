@@ -19,11 +19,11 @@ from retrieval.distance import l2_normalize
 from retrieval.gallery.faiss_snapshot import FORMAT
 from retrieval.gallery.faiss_store import FaissGalleryStore
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import make_gallery_fixture as fx  # noqa: E402
+from formats import fixture_dir, fixture_dirs  # noqa: E402
 
-FOLDERS = sorted(FIXTURES.glob("gallery-format*"))
+FOLDERS = fixture_dirs("gallery")
 
 
 def expected_entries() -> dict[int, tuple[int, dict]]:
@@ -48,7 +48,7 @@ def expected_entries() -> dict[int, tuple[int, dict]]:
 
 def test_the_current_format_has_a_fixture():
     """A new FORMAT comes with its fixture, written by the version that introduces it."""
-    assert (FIXTURES / f"gallery-format{FORMAT}").is_dir(), "run tests/fixtures/make_gallery_fixture.py"
+    assert fixture_dir("gallery", FORMAT).is_dir(), "run tests/fixtures/make_gallery_fixture.py"
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=[f.name for f in FOLDERS])

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from export.onnx import export_onnx
+from export.verify import row_cosines
 from serving.engines import open_engine
 from training.checkpoint import FORMAT_VERSION, load_checkpoint
 from training.config.load import build_spec
@@ -24,16 +25,12 @@ from training.data.synthetic import make_synthetic
 from training.embed import model_from_checkpoint
 from training.engine import Trainer
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-sys.path.insert(0, str(FIXTURES))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import make_model_fixture as fx  # noqa: E402
+from formats import fixture_dir, fixture_dirs  # noqa: E402
 
-FOLDERS = sorted(FIXTURES.glob("model-format*"))
+FOLDERS = fixture_dirs("model")
 ids = [f.name for f in FOLDERS]
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def _expected(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +44,7 @@ def _checkpoint(folder: Path) -> Path:
 
 def test_the_current_format_has_a_fixture():
     """A new FORMAT_VERSION comes with its fixture, written by the version that introduces it."""
-    assert (FIXTURES / f"model-format{FORMAT_VERSION}").is_dir(), "run tests/fixtures/make_model_fixture.py"
+    assert fixture_dir("model", FORMAT_VERSION).is_dir(), "run tests/fixtures/make_model_fixture.py"
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=ids)
@@ -59,20 +56,20 @@ def test_an_earlier_checkpoint_rebuilds_its_model_and_exports(tmp_path, folder):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     report = export_onnx(_checkpoint(folder), tmp_path / "again.onnx")  # checks ONNX Runtime against PyTorch
     engine = open_engine(report["onnx"], device="cpu")
-    assert _cosines(engine.run_pixels(pixels), expected).min() > 0.9999
+    assert row_cosines(engine.run_pixels(pixels), expected).min() > 0.9999
+    # the new export is the same model as the earlier one: galleries that one filled stay searchable
+    assert engine.model_id == open_engine(folder / "model.onnx", device="cpu").model_id
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=ids)
-def test_an_earlier_export_is_served_as_the_same_model(tmp_path, folder):
-    """Its metadata still gives the server its input size and preprocessing, and its model id is
-    the one a new export of the same checkpoint gets: galleries it filled stay searchable."""
+def test_an_earlier_export_is_served_as_the_same_model(folder):
+    """Its metadata still gives the server its input size and preprocessing (its model id, the one a
+    new export of the same checkpoint gets, is checked above)."""
     pixels, expected = _expected(folder)
     engine = open_engine(folder / "model.onnx", device="cpu")
     md = engine.metadata
     assert (md.input_height, md.input_width, md.embedding_dim, engine.uses_fallback) == (fx.HEIGHT, fx.WIDTH, expected.shape[1], False)
-    assert _cosines(engine.run_pixels(pixels), expected).min() > 0.9999
-    export_onnx(_checkpoint(folder), tmp_path / "again.onnx")
-    assert open_engine(tmp_path / "again.onnx", device="cpu").model_id == engine.model_id
+    assert row_cosines(engine.run_pixels(pixels), expected).min() > 0.9999
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=ids)
